@@ -1,0 +1,45 @@
+"""`mixlm <verb>`: one entry point. Each verb lives in mixlm/commands/<verb>.py and defines
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when their verb runs,
+so `mixlm params` does not pay for lm-eval or torch imports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module under mixlm.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("params", "print the exact parameter count of a model config (no allocation)"),
+    "train": ("train", "train a model: mixlm train CONFIG [section.key=value ...]"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="mixlm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_, help_text) in COMMANDS.items():
+        sub.add_parser(verb, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser.print_help()
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nmixlm: unknown verb {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    verb = argv[0]
+    module = importlib.import_module(f"mixlm.commands.{COMMANDS[verb][0]}")
+    verb_parser = argparse.ArgumentParser(prog=f"mixlm {verb}", description=COMMANDS[verb][1])
+    module.add_arguments(verb_parser)
+    args = verb_parser.parse_args(argv[1:])
+    from mixlm.config import ConfigError
+
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:
+        print(f"mixlm {verb}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Typed experiment configuration: YAML files that compose, `key.sub=value` overrides, validation.
+
+An experiment YAML has one mapping per section (model, mesh, optimizer, schedule, data, train,
+checkpoint, eval, logging). Composition:
+
+* `base: [a.yaml, b.yaml]` at the top of any file: those files are loaded first (paths relative to
+  the file) and this file's keys are merged over them (a "recipe" is such a base file).
+* A section given as a string is the path of a YAML file holding that section, e.g.
+  `model: ../models/llama-tiny.yaml`.
+* `data.mixture` given as a string is the path of a mixture YAML (`domain: weight`, or
+  `{weights: ..., stages: [...]}`); it is read into the config so the saved config is self-contained.
+
+Loading reads files and nothing else: no jax, no directories created (STYLE.md: no side effects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file, the key and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "llama"  # llama | gpt2
+    name: str = ""
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (MHA); 1: MQA; else GQA
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_dim: int = 256
+    vocab_size: int = 256  # the tokenizer's vocabulary; the embedding is padded (see vocab_multiple)
+    vocab_multiple: int = 128  # pad the embedding rows to a multiple of this (and of the mesh size)
+    max_seq_len: int = 128
+    tie_embeddings: bool = False
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = False  # per-head RMSNorm on q and k (DCLM / Qwen3 style)
+    init_std: float = 0.02
+    compute_dtype: str = "float32"  # activations / matmuls; params stay float32 (master weights)
+
+    def __post_init__(self):
+        if self.family not in ("llama", "gpt2"):
+            raise ConfigError(f"model.family must be 'llama' or 'gpt2', got {self.family!r}")
+        if self.d_model % self.num_heads and not self.head_dim:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
+                "set model.head_dim explicitly"
+            )
+        if self.kv_heads and self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}"
+            )
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.compute_dtype must be float32|bfloat16|float16, got {self.compute_dtype!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def padded_vocab_size(self, multiple_of: int = 1) -> int:
+        """Embedding rows: vocab_size rounded up to a multiple of lcm(vocab_multiple, multiple_of)."""
+        m = math.lcm(max(self.vocab_multiple, 1), max(multiple_of, 1))
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all devices left over
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases never decay
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | constant | linear | wsd
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # used when warmup_steps == 0
+    min_lr: float = 0.0  # floor of cosine / linear / wsd decay
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying at the end
+
+    def __post_init__(self):
+        if self.kind not in ("cosine", "constant", "linear", "wsd"):
+            raise ConfigError(f"schedule.kind must be cosine|constant|linear|wsd, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # synthetic (in-memory token source) | prepared (ArrayRecord domains)
+    prepared_dir: str = ""  # folder with one sub-folder per prepared domain
+    mixture: dict = field(default_factory=dict)  # {domain: weight} or {weights: {...}, stages: [...]}
+    seq_len: int = 128
+    packing: str = "concat"  # concat (concatenate-then-split) | first_fit (segment ids + positions)
+    max_epochs: float = 0.0  # 0: unlimited; else the per-domain repetition limit (RegMix MAXIMUM_USAGE)
+    seed: int = 0
+    num_workers: int = 0  # grain worker processes per host (0: in the main process)
+    tokenizer: str = ""  # HF tokenizer folder or hub name (for prepare / eval / export)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all hosts
+    grad_accum_steps: int = 1  # micro-batches per step (each global_batch_size / grad_accum_steps)
+    seed: int = 0
+    z_loss: float = 0.0  # weight of log(Z)^2; 0 disables
+    output_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only at the end)
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step permanently (0: none)
+    async_save: bool = True
+    init_from: str = ""  # params-only initialisation from this checkpoint folder (fresh optimizer)
+    save_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # run the eval loop every N steps (0: only at the end)
+    batches: int = 4  # held-out batches per domain
+    tasks: list = field(default_factory=list)  # lm-eval tasks run on the live model
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 10
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from the device table / a matmul probe
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> ExperimentConfig:
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "mesh": MeshConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _closest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.4)
+    return f" Closest valid keys: {', '.join(close)}." if close else f" Valid keys: {', '.join(options)}."
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "mixture":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
+    """Returns (raw nested dict, origin: 'section.key' -> file that set it)."""
+    path = path.resolve()
+    if path in stack:
+        raise ConfigError(f"{path}: circular `base:` include via {' -> '.join(map(str, stack))}")
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    merged: dict = {}
+    origin: dict = {}
+    bases = raw.pop("base", []) or []
+    for b in [bases] if isinstance(bases, str) else bases:
+        sub, sub_origin = _load_tree(path.parent / b, stack + (path,))
+        merged = _deep_merge(merged, sub)
+        origin.update(sub_origin)
+    for section, value in raw.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(f"{path}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
+        if isinstance(value, str):  # the section lives in its own file
+            value = _read_yaml(path.parent / value)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path.parent / raw[section]}: expected a mapping for section {section!r}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping or a file path")
+        if section == "data" and isinstance(value.get("mixture"), str):
+            mix_path = path.parent / value["mixture"]
+            value = dict(value, mixture=_read_yaml(mix_path), )
+            origin["data.mixture"] = str(mix_path)
+        merged[section] = _deep_merge(merged.get(section, {}), value)
+        for key in value:
+            if key != "mixture" or "data.mixture" not in origin or section != "data":
+                origin[f"{section}.{key}"] = str(path)
+    return merged, origin
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks `value` against the dataclass field type `tp` (ints widen to floats)."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict, "list": list}.get(tp, tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build_section(section: str, values: dict, origin: dict) -> Any:
+    cls = _SECTION_TYPES[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{origin.get(f'{section}.{key}', '<defaults>')}: {section}.{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {key!r} in section {section!r}.{_closest(key, fields)}")
+        kwargs[key] = _coerce(value, fields[key].type, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        files = sorted({v for k, v in origin.items() if k.startswith(section + ".")})
+        raise ConfigError(f"{', '.join(files) or '<defaults>'}: {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'optimizer.lr=1e-3' -> ('optimizer', 'lr', 0.001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. optimizer.lr=1e-3")
+    dotted, raw_value = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override {text!r}: expected exactly section.key on the left, e.g. train.steps=100")
+    section, key = parts
+    if section not in _SECTION_TYPES:
+        raise ConfigError(f"override {text!r}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    if isinstance(value, str) and _looks_float(value):  # YAML 1.1 reads "1e-3" as a string
+        value = float(value)
+    return section, key, value
+
+
+def _looks_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _fix_yaml_floats(tree: dict) -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "mixture":
+            out[k] = _fix_yaml_floats(v)
+        elif isinstance(v, str) and _looks_float(v) and not v.strip().isdigit():
+            out[k] = float(v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Loads an experiment YAML (or defaults when `path` is None) and applies `section.key=value` overrides."""
+    tree, origin = _load_tree(Path(path)) if path else ({}, {})
+    tree = {s: _fix_yaml_floats(v) if isinstance(v, dict) else v for s, v in tree.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tree.setdefault(section, {})
+        if key == "mixture" and section == "data" and isinstance(value, str):
+            mix_path = Path(value)
+            value = _read_yaml(mix_path)
+        tree[section] = dict(tree[section], **{key: value})
+        origin[f"{section}.{key}"] = f"override {text!r}"
+    sections = {name: _build_section(name, tree.get(name, {}), origin) for name in _SECTION_TYPES}
+    return ExperimentConfig(**sections)
+
+
+def config_from_dict(tree: dict) -> ExperimentConfig:
+    """Rebuilds a config from `ExperimentConfig.to_dict()` output (e.g. a saved config.yaml)."""
+    origin: dict = {}
+    for s, v in tree.items():
+        if s not in _SECTION_TYPES:
+            raise ConfigError(f"<dict>: unknown section {s!r}.{_closest(s, _SECTION_TYPES)}")
+    return ExperimentConfig(**{n: _build_section(n, tree.get(n, {}), origin) for n in _SECTION_TYPES})
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """A model YAML on its own (configs/models/*.yaml): the fields of the `model` section."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of model fields")
+    if "model" in raw and isinstance(raw["model"], (dict, str)):  # an experiment file
+        return load_config(path).model
+    origin = {f"model.{k}": str(path) for k in raw}
+    return _build_section("model", _fix_yaml_floats(raw), origin)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    """Writes the resolved config (every field, mixture inlined) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_diff(a: ExperimentConfig, b: ExperimentConfig, ignore: tuple = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (for the resume-mismatch refusal)."""
+    da, db = a.to_dict(), b.to_dict()
+    diffs = []
+    for s in _SECTION_TYPES:
+        for k in sorted(set(da[s]) | set(db[s])):
+            key = f"{s}.{k}"
+            if key not in ignore and da[s].get(k) != db[s].get(k):
+                diffs.append(key)
+    return diffs
