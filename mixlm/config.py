@@ -236,20 +236,22 @@ def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
     for section, value in raw.items():
         if section not in _SECTION_TYPES:
             raise ConfigError(f"{path}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
+        section_file = path
         if isinstance(value, str):  # the section lives in its own file
-            value = _read_yaml(path.parent / value)
+            section_file = (path.parent / value).resolve()
+            value = _read_yaml(section_file)
             if not isinstance(value, dict):
-                raise ConfigError(f"{path.parent / raw[section]}: expected a mapping for section {section!r}")
+                raise ConfigError(f"{section_file}: expected a mapping for section {section!r}")
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping or a file path")
         if section == "data" and isinstance(value.get("mixture"), str):
             mix_path = path.parent / value["mixture"]
-            value = dict(value, mixture=_read_yaml(mix_path), )
+            value = dict(value, mixture=_read_yaml(mix_path))
             origin["data.mixture"] = str(mix_path)
         merged[section] = _deep_merge(merged.get(section, {}), value)
         for key in value:
             if key != "mixture" or "data.mixture" not in origin or section != "data":
-                origin[f"{section}.{key}"] = str(path)
+                origin[f"{section}.{key}"] = str(section_file)
     return merged, origin
 
 

@@ -1,0 +1,44 @@
+"""mixlm train CONFIG [section.key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (configs/experiments/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=1e-3 train.steps=200")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)")
+    parser.add_argument("--coordinator", default="", help="host:port of process 0 (multi-process without a cluster)")
+    parser.add_argument("--num-processes", type=int, default=0)
+    parser.add_argument("--process-id", type=int, default=-1)
+
+
+def initialize_distributed(args) -> None:
+    """Must run before anything touches a jax device."""
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def run(args) -> int:
+    from mixlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors surface before any device work
+    initialize_distributed(args)
+    from mixlm.train import NonFiniteLossError, train
+
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"mixlm train: {e}", file=sys.stderr)
+        return 3
+    last = result.history[-1] if result.history else {}
+    print(f"done: step {cfg.train.steps}, loss {last.get('loss', float('nan')):.4f}, outputs in {result.out_dir}")
+    return 0

@@ -1,0 +1,28 @@
+"""Data: sources → prepare (tokenize to ArrayRecord) → mixture (grain) → packing → host batches.
+
+The trainer needs one thing from here: `make_train_source(cfg, process_index, process_count)`, an
+object with `next_batch() -> dict of host-local numpy arrays` ('inputs', 'targets', 'loss_mask' int32/
+float32 [b, L]; optional 'segment_ids', 'positions'), `get_state()/set_state()` (JSON-able, exact
+resume), `tokens_seen() -> {domain: tokens}` and `eval_batches(n) -> {domain: [batch, ...]}`.
+"""
+
+from __future__ import annotations
+
+from mixlm.config import ConfigError, ExperimentConfig
+
+
+def make_train_source(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1):
+    if cfg.train.global_batch_size % process_count:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+            f"{process_count} processes; choose a multiple of {process_count}"
+        )
+    host_batch = cfg.train.global_batch_size // process_count
+    if cfg.data.source == "synthetic":
+        from mixlm.data.synthetic import SyntheticSource
+
+        return SyntheticSource(
+            vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len, batch_size=host_batch,
+            seed=cfg.data.seed, process_index=process_index, process_count=process_count,
+        )
+    raise ConfigError(f"data.source={cfg.data.source!r} is not known; use 'synthetic' or 'prepared'")

@@ -1,0 +1,294 @@
+"""Train state, one jitted train step, the eval step, and the loop.
+
+The state is a pytree of plain arrays (step, params as a nested dict, optax state) so that jit,
+sharding and Orbax see ordinary values; the NNX module is rebuilt from (graphdef, params) inside the
+step. Each parameter is sharded by its logical axes (mixlm.sharding) and the state is initialised
+directly into those shardings (never materialised on one device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mixlm import models
+from mixlm.config import ExperimentConfig, save_config
+from mixlm.optim import make_optimizer
+from mixlm.sharding import param_shardings, replicated, to_global_batch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved after it."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict
+    opt_state: Any
+
+
+def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """(negative log-likelihood, log partition) per token, in float32. Padded vocabulary rows
+    (ids ≥ vocab_size) are excluded from the softmax, so they never receive probability."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    if logits.shape[-1] > vocab_size:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -1e9)
+    log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    return log_z_BxL - target_logit_BxL, log_z_BxL
+
+
+def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float):
+    """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
+    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
+    model = models.merge_params(graphdef, params)
+    logits_BxLxV = model(
+        batch["inputs"], positions_BxL=batch.get("positions"), segment_ids_BxL=batch.get("segment_ids")
+    )
+    nll_BxL, log_z_BxL = token_losses(logits_BxLxV, batch["targets"], vocab_size)
+    mask_BxL = batch["loss_mask"].astype(jnp.float32)
+    nll_sum = jnp.sum(nll_BxL * mask_BxL)
+    z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
+    return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask_BxL))
+
+
+def split_microbatches(batch: dict, k: int) -> dict:
+    """[k*b, ...] → [k, b, ...], micro-batch i = rows i, i+k, i+2k, ...: every device keeps its own rows."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, vocab_size: int, z_loss: float,
+                    grad_accum_steps: int) -> Callable:
+    """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch."""
+    grad_fn = jax.value_and_grad(
+        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss), has_aux=True
+    )
+
+    def train_step(state: TrainState, batch: dict):
+        if grad_accum_steps == 1:
+            (_, (nll_sum, z_sum, tokens)), grad_sums = grad_fn(state.params, batch)
+        else:
+            def micro_step(carry, micro):
+                acc_grads, acc = carry
+                (_, aux), g = grad_fn(state.params, micro)
+                return (jax.tree.map(jnp.add, acc_grads, g), jax.tree.map(jnp.add, acc, aux)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
+            (grad_sums, (nll_sum, z_sum, tokens)), _ = jax.lax.scan(
+                micro_step, init, split_microbatches(batch, grad_accum_steps)
+            )
+        n = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / n, grad_sums)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": nll_sum / n,
+            "z_loss": z_sum / n,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
+            "lr": schedule(state.step),
+            "tokens": tokens,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, *, vocab_size: int) -> Callable:
+    """eval_step(params, batch) -> (nll_sum, tokens)."""
+
+    def eval_step(params, batch):
+        _, (nll_sum, _, tokens) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0)
+        return nll_sum, tokens
+
+    return eval_step
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything derived from a config and a mesh, before any array is allocated."""
+
+    cfg: ExperimentConfig
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    logical_axes: dict
+    tx: optax.GradientTransformation
+    schedule: Callable
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
+    state_shardings: TrainState
+    init_state: Callable  # jitted: key -> TrainState, born sharded
+    train_step: Callable  # jitted, donates the state
+    eval_step: Callable
+
+    @property
+    def flops_per_token(self) -> float:
+        return models.flops_per_token(self.cfg.model, self.cfg.data.seq_len, causal=True)
+
+
+def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
+    vocab_multiple_of = mesh.size
+    graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
+    p_shardings = param_shardings(abstract_params, logical_axes, mesh)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps, logical_axes)
+
+    def init_fn(key) -> TrainState:
+        model = models.build_model(cfg.model, rngs=nnx.Rngs(params=key), vocab_multiple_of=vocab_multiple_of)
+        _, params = models.split_params(model)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: replicated(mesh)
+    )
+    state_shardings = TrainState(step=replicated(mesh), params=p_shardings, opt_state=opt_shardings)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+    )
+    step_fn = make_train_step(
+        graphdef, tx, schedule, vocab_size=cfg.model.vocab_size, z_loss=cfg.train.z_loss,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+    )
+    return TrainSetup(
+        cfg=cfg, mesh=mesh, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
+        abstract_state=abstract_state, state_shardings=state_shardings,
+        init_state=jax.jit(init_fn, out_shardings=state_shardings),
+        train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh))),
+        eval_step=jax.jit(make_eval_step(graphdef, vocab_size=cfg.model.vocab_size)),
+    )
+
+
+def evaluate(setup: TrainSetup, params: dict, eval_batches: dict[str, list[dict]]) -> dict[str, float]:
+    """Mean validation loss per domain (`val_loss/<domain>`) and the token-weighted total (`val_loss`)."""
+    out, total_nll, total_tokens = {}, 0.0, 0.0
+    for domain, batches in eval_batches.items():
+        nll, tokens = 0.0, 0.0
+        for host_batch in batches:
+            s, n = setup.eval_step(params, to_global_batch(host_batch, setup.mesh))
+            nll, tokens = nll + float(s), tokens + float(n)
+        out[f"val_loss/{domain}"] = nll / max(tokens, 1.0)
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+    out["val_loss"] = total_nll / max(total_tokens, 1.0)
+    return out
+
+
+def check_batch_shape(host_batch: dict, cfg: ExperimentConfig) -> None:
+    rows = host_batch["inputs"].shape[0] * jax.process_count()
+    if rows != cfg.train.global_batch_size:
+        raise ValueError(f"data source gave {rows} global rows, expected train.global_batch_size={cfg.train.global_batch_size}")
+    if (host_batch["inputs"].shape[0]) % cfg.train.grad_accum_steps:
+        raise ValueError(
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps} must divide the per-host batch "
+            f"{host_batch['inputs'].shape[0]}"
+        )
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]  # one metrics dict per logged step
+    eval: dict[str, float]
+    out_dir: Path
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
+          log_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Runs `cfg.train.steps` optimizer steps (see the module docstring); writes config.yaml,
+    metrics.jsonl and TensorBoard events under `cfg.train.output_dir`."""
+    from mixlm.data import make_train_source
+    from mixlm.metrics import MetricsLog, peak_flops_per_device
+    from mixlm.sharding import make_mesh
+
+    mesh = mesh or make_mesh(cfg.mesh)
+    out_dir = Path(cfg.train.output_dir)
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    setup = build_setup(cfg, mesh)
+    source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    state = setup.init_state(jax.random.key(cfg.train.seed))
+    start_step = int(state.step)
+
+    peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
+    flops_per_token = setup.flops_per_token
+    log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step, jsonl=cfg.logging.jsonl,
+                     tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    say = log_fn or log.message
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
+    say(
+        f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "
+        f"{dict(mesh.shape)}, {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
+        f"{flops_per_token / 1e6:.1f} MFLOP/token (attention counted causally), peak {peak / 1e9:,.1f} "
+        f"GFLOP/s/device ({peak_source})"
+    )
+
+    eval_batches = None
+    history: list[dict] = []
+    pending = None  # (step, device metrics) of the previous step: read after the next is dispatched
+    window_start, window_tokens = time.perf_counter(), 0.0
+
+    def finish(step: int, metrics_dev) -> None:
+        nonlocal window_start, window_tokens
+        m = host_metrics(metrics_dev)
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {m['loss']} at step {step}: stopping; nothing was saved after the last good "
+                f"checkpoint. Lower optimizer.lr, raise schedule warmup, or set train.z_loss."
+            )
+        if step != start_step + 1:  # the first step's time went to compilation
+            window_tokens += m["tokens"]
+        log.advance()
+        if step % cfg.logging.every == 0 or step == cfg.train.steps:
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            m["tokens_per_s"] = tokens_per_s
+            m["mfu"] = tokens_per_s * flops_per_token / (peak * mesh.size) if peak else 0.0
+            history.append({"step": step, **m})
+            log.write(step, m)
+            window_start, window_tokens = now, 0.0
+
+    try:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            host_batch = source.next_batch()
+            if step == start_step + 1:
+                check_batch_shape(host_batch, cfg)
+            state, metrics = setup.train_step(state, to_global_batch(host_batch, mesh))
+            if pending is not None:
+                finish(*pending)
+            pending = (step, metrics)
+            if step == start_step + 1:  # compile time is not throughput
+                jax.block_until_ready(metrics)
+                window_start, window_tokens = time.perf_counter(), 0.0
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+                finish(*pending)
+                pending = None
+                eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
+                ev = evaluate(setup, state.params, eval_batches)
+                log.write(step, ev)
+                say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        if pending is not None:
+            finish(*pending)
+        eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
+        final_eval = evaluate(setup, state.params, eval_batches) if cfg.eval.batches else {}
+        if final_eval:
+            log.write(cfg.train.steps, final_eval)
+            say("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
+    finally:
+        log.close()
+    return TrainResult(state=state, history=history, eval=final_eval, out_dir=out_dir)
