@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "print the exact parameter count of a model config (no allocation)"),
     "train": ("train", "train a model: mixlm train CONFIG [section.key=value ...]"),
+    "mix": ("mix", "RegMix mixture search: mix sample | fit | predict | optimize"),
 }
 
 

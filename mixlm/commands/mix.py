@@ -1,0 +1,196 @@
+"""`mixlm mix sample|fit|predict|optimize`: RegMix-style mixture search.
+
+  mixlm mix sample   --prior PRIOR -n N --out DIR          N mixture YAMLs + DIR/mixtures.csv
+  mixlm mix fit      --mixtures CSV --results CSV --target COL[,COL] --out DIR
+  mixlm mix predict  --model DIR --mixtures CSV --out CSV
+  mixlm mix optimize --model DIR --prior PRIOR --out YAML
+
+PRIOR is a prepared-data directory (`<dir>/<domain>/manifest.json`) or a YAML {domain: tokens or share}.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _add_prior_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prior",
+        required=True,
+        help="prepared-data dir (<dir>/<domain>/manifest.json) or YAML {domain: tokens or share}",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="Dirichlet base ∝ share**temperature (1: token shares, 0: uniform)",
+    )
+    parser.add_argument("--min-strength", type=float, default=0.1)
+    parser.add_argument("--max-strength", type=float, default=5.0)
+    parser.add_argument("--num-strengths", type=int, default=15, help="log-spaced concentration strengths")
+    parser.add_argument(
+        "--max-usage",
+        type=float,
+        default=15.0,
+        help="epochs a domain may be repeated: weight <= max_usage * tokens / token_budget",
+    )
+    parser.add_argument(
+        "--token-budget",
+        type=float,
+        default=None,
+        help="tokens of the run the mixture is for (default: all tokens of the prior)",
+    )
+
+
+def _prior_settings(args: argparse.Namespace) -> dict:
+    names = ("temperature", "min_strength", "max_strength", "num_strengths", "max_usage", "token_budget")
+    return {name: getattr(args, name) for name in names}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    sample = actions.add_parser("sample", help="sample N random mixtures around a token prior")
+    _add_prior_arguments(sample)
+    sample.add_argument("-n", "--num", type=int, required=True, help="number of mixtures")
+    sample.add_argument("--out", type=Path, required=True, help="directory for the YAMLs and mixtures.csv")
+    sample.add_argument(
+        "--minimum", type=float, default=2e-4, help="weights below it are dropped; rounding step"
+    )
+    sample.add_argument("--oversample", type=int, default=100, help="draw N x this, de-duplicate, keep N")
+
+    fit = actions.add_parser("fit", help="fit a regression from mixture weights to a loss")
+    fit.add_argument("--mixtures", type=Path, required=True, help="CSV: index + one column per domain weight")
+    fit.add_argument(
+        "--results", type=Path, required=True, help="CSV: index + loss columns (metric/..._val_loss)"
+    )
+    fit.add_argument("--target", required=True, help="loss column, or several separated by commas (averaged)")
+    fit.add_argument("--out", type=Path, required=True, help="directory for the model, scores and plots")
+    fit.add_argument("--regressors", default="lightgbm,linear,loglinear")
+    fit.add_argument("--folds", type=int, default=5)
+    fit.add_argument("--seed", type=int, default=0)
+
+    predict = actions.add_parser("predict", help="predict the target for new mixtures")
+    predict.add_argument("--model", type=Path, required=True, help="directory written by `mix fit`")
+    predict.add_argument("--mixtures", type=Path, required=True)
+    predict.add_argument("--out", type=Path, required=True, help="CSV: index, predicted")
+    predict.add_argument("--regressor", default=None, help="default: the model's primary (lightgbm)")
+
+    optimize = actions.add_parser("optimize", help="simulate mixtures, average the top-k predicted")
+    optimize.add_argument("--model", type=Path, required=True, help="directory written by `mix fit`")
+    _add_prior_arguments(optimize)
+    optimize.add_argument("--samples", type=int, default=100_000)
+    optimize.add_argument("--top-k", type=int, default=128)
+    optimize.add_argument("--regressor", default=None, help="default: the model's primary (lightgbm)")
+    optimize.add_argument(
+        "--out", type=Path, required=True, help="mixture YAML for `mixlm train` (data.mixture)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"sample": _sample, "fit": _fit, "predict": _predict, "optimize": _optimize}[args.action](args)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from mixlm.mixing import load_prior, mixtures_table, sample_mixtures, write_csv, write_mixture_yaml
+
+    prior = load_prior(args.prior)
+    mixtures = sample_mixtures(
+        prior, args.num, args.seed, minimum=args.minimum, oversample=args.oversample, **_prior_settings(args)
+    )
+    table = mixtures_table(mixtures, prior.domains)
+    for i, weights in zip(table.index_N, mixtures):
+        write_mixture_yaml(
+            args.out / f"mixture_{i:04d}.yaml",
+            weights,
+            comment=f"mixlm mix sample: run {i} of {args.num}, seed {args.seed}",
+        )
+    write_csv(args.out / "mixtures.csv", table)
+    print(
+        f"wrote {len(mixtures)} mixtures of {len(prior.domains)} domains to {args.out}/mixture_*.yaml "
+        f"and {args.out / 'mixtures.csv'}"
+    )
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from mixlm.mixing import (
+        cv_table,
+        domain_loss_columns,
+        fit,
+        join_runs,
+        plot_loss_vs_weight,
+        read_csv,
+        save_model,
+    )
+
+    mixtures, results = read_csv(args.mixtures), read_csv(args.results)
+    regressors = [r.strip() for r in args.regressors.split(",") if r.strip()]
+    result = fit(mixtures, results, args.target, regressors=regressors, folds=args.folds, seed=args.seed)
+    save_model(result, args.out)
+    per_domain = domain_loss_columns(result.domains, results.columns)
+    if per_domain:
+        # Each domain's own loss against its weight, over the runs that have every such loss.
+        index_N, weights_NxD, _ = join_runs(mixtures, results, list(per_domain.values()))
+        losses = results.rows(index_N)
+        plot_loss_vs_weight(
+            weights_NxD,
+            result.domains,
+            {d: losses.select([c])[:, 0] for d, c in per_domain.items()},
+            args.out / "loss_vs_weight.png",
+        )
+    print(f"target {result.target_label} over {len(result.actual_N)} runs, {len(result.domains)} domains\n")
+    print(cv_table(result))
+    print(f"\nwrote {args.out}/model.json, scatter.png" + (", loss_vs_weight.png" if per_domain else ""))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mixlm.mixing import Table, load_model, read_csv, write_csv
+
+    model = load_model(args.model)
+    mixtures = read_csv(args.mixtures)
+    predicted_N = model.predict(mixtures.select(model.domains, source=str(args.mixtures)), args.regressor)
+    write_csv(args.out, Table(mixtures.index_N, ("predicted",), predicted_N[:, None]))
+    print(f"wrote {len(predicted_N)} predictions of {model.target_label} to {args.out}")
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mixlm.mixing import load_model, load_prior, optimize, plot_mixture, write_mixture_yaml
+
+    model = load_model(args.model)
+    prior = load_prior(args.prior).reorder(model.domains)
+    weights = optimize(
+        model,
+        prior,
+        n_samples=args.samples,
+        top_k=args.top_k,
+        seed=args.seed,
+        regressor=args.regressor,
+        **_prior_settings(args),
+    )
+    predicted = float(model.predict(np.array([[weights[d] for d in model.domains]]), args.regressor)[0])
+    kind = args.regressor or model.primary
+    write_mixture_yaml(
+        args.out,
+        weights,
+        comment=(
+            f"mixlm mix optimize: mean of the top {args.top_k} of {args.samples} simulated mixtures by {kind}\n"
+            f"predicted {model.target_label} = {predicted:.4f}"
+        ),
+    )
+    png = args.out.with_suffix(".png")
+    plot_mixture(
+        {"optimized": weights, "prior (token share)": dict(zip(prior.domains, prior.shares_D))},
+        png,
+        title=f"optimized for {model.target_label}",
+    )
+    for d, w in sorted(weights.items(), key=lambda kv: -kv[1]):
+        print(f"  {d:40s} {w:.4f}")
+    print(f"predicted {model.target_label}: {predicted:.4f}\nwrote {args.out} and {png}")
+    return 0

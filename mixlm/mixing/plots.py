@@ -1,0 +1,98 @@
+"""Figures of a mixture search: a mixture as bars, predicted against actual loss, loss against weight.
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot): no global backend or figure
+state, so plotting from a worker process or a test never needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_mixture(mixtures: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
+    """Horizontal bars of domain weights; several mixtures ({label: {domain: weight}}) are grouped
+    per domain, domains ordered by the first mixture's weight."""
+    from matplotlib.figure import Figure
+
+    labels = list(mixtures)
+    first = mixtures[labels[0]]
+    domains = sorted({d for m in mixtures.values() for d in m}, key=lambda d: first.get(d, 0.0))
+    height = 0.8 / len(labels)
+    fig = Figure(figsize=(8, 1.5 + 0.3 * len(domains) * max(1, len(labels) / 2)))
+    ax = fig.add_subplot()
+    y_D = np.arange(len(domains))
+    for j, label in enumerate(labels):
+        ax.barh(
+            y_D + (j - (len(labels) - 1) / 2) * height,
+            [mixtures[label].get(d, 0.0) for d in domains],
+            height=height,
+            label=label,
+        )
+    ax.set_yticks(y_D, domains, fontsize=8)
+    ax.set_xlabel("weight")
+    ax.set_title(title)
+    if len(labels) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_predictions(
+    actual_N: np.ndarray, predicted: Mapping[str, np.ndarray], path: str | Path, title: str = ""
+) -> Path:
+    """One panel per regressor: predicted (x) against actual (y) loss with the y = x line, the
+    Spearman and Pearson correlations in each panel's title."""
+    from matplotlib.figure import Figure
+
+    from mixlm.mixing.regression import pearson, spearman
+
+    fig = Figure(figsize=(4.2 * len(predicted), 4.2))
+    lo = min(actual_N.min(), *(p.min() for p in predicted.values()))
+    hi = max(actual_N.max(), *(p.max() for p in predicted.values()))
+    for j, (kind, predicted_N) in enumerate(predicted.items()):
+        ax = fig.add_subplot(1, len(predicted), j + 1)
+        ax.scatter(predicted_N, actual_N, s=8, alpha=0.6)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_title(
+            f"{kind}: ρ={spearman(actual_N, predicted_N):.3f}, r={pearson(actual_N, predicted_N):.3f}",
+            fontsize=9,
+        )
+        ax.set_xlabel("predicted loss")
+        ax.set_ylabel("actual loss")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_loss_vs_weight(
+    weights_NxD: np.ndarray, domains: Sequence[str], losses: Mapping[str, np.ndarray], path: str | Path
+) -> Path:
+    """One panel per domain in `losses` ({domain: loss per run [N]}): that domain's weight (x, log
+    scale, zero weights at the left edge) against its loss (y) over the proxy runs."""
+    from matplotlib.figure import Figure
+
+    names = [d for d in domains if d in losses]
+    cols = math.ceil(math.sqrt(len(names)))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    for j, domain in enumerate(names):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        weight_N = weights_NxD[:, list(domains).index(domain)]
+        floor = weight_N[weight_N > 0].min() / 2 if np.any(weight_N > 0) else 1e-4
+        ax.scatter(np.maximum(weight_N, floor), losses[domain], s=5, alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_title(domain, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("domain weight")
+    fig.supylabel("domain validation loss")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

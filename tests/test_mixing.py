@@ -1,0 +1,329 @@
+"""RegMix machinery: the sampler's invariants, RegMix's CSV layout, a fit that recovers a known law,
+and an optimizer that finds that law's optimum. All data is synthetic (no ../shared)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mixlm.cli import main
+from mixlm.config import ConfigError
+from mixlm.mixing import (
+    Table,
+    domain_loss_columns,
+    fit,
+    join_runs,
+    load_model,
+    load_prior,
+    loss_column,
+    mixtures_table,
+    optimize,
+    quantize,
+    read_csv,
+    read_mixture_yaml,
+    sample_mixtures,
+    save_model,
+    write_csv,
+)
+from mixlm.mixing.regression import spearman
+from mixlm.mixing.sample import dirichlet_draws, strength_grid
+
+DOMAINS = ("web", "code", "books", "wiki", "math")
+TOKENS = {"web": 4e9, "code": 3e9, "books": 2e9, "wiki": 1e9, "math": 1e9}
+# The known law: loss = 4 - sum_d c_d log(w_d + eps). Its optimum on the simplex has w_d + eps ∝ c_d.
+LAW_C = np.array([0.30, 0.10, 0.25, 0.05, 0.20])
+LAW_EPS = 1e-2
+LAW_OPTIMUM = LAW_C / LAW_C.sum() * (1 + len(LAW_C) * LAW_EPS) - LAW_EPS
+
+
+def law(weights_NxD):
+    return 4.0 - (LAW_C * np.log(weights_NxD + LAW_EPS)).sum(axis=1)
+
+
+def as_array(mixtures, domains=DOMAINS):
+    return np.array([[m[d] for d in domains] for m in mixtures])
+
+
+# --- sampler ----------------------------------------------------------------------------------------
+
+
+def test_sampler_sums_to_one_respects_bounds_and_minimum():
+    budget, max_usage, minimum = 2e9, 1.0, 0.01
+    mixtures = sample_mixtures(TOKENS, 200, seed=3, token_budget=budget, max_usage=max_usage, minimum=minimum)
+    w_NxD = as_array(mixtures)
+    bound_D = np.array([min(1.0, max_usage * TOKENS[d] / budget) for d in DOMAINS])  # wiki, math <= 0.5
+    assert w_NxD.shape == (200, 5)
+    np.testing.assert_allclose(w_NxD.sum(axis=1), 1.0, atol=1e-12)
+    assert np.all(w_NxD <= bound_D + 1e-12)
+    assert np.all((w_NxD == 0) | (w_NxD >= minimum - 1e-12))
+    np.testing.assert_allclose(w_NxD * 100, np.round(w_NxD * 100), atol=1e-9)  # rounded to the minimum
+    assert (w_NxD == 0).any(), "small strengths should have dropped some domains"
+    assert w_NxD[:, 3].max() > 0.3, "the bound should bind near its value, not far below"
+
+
+def test_sampler_is_deterministic_for_a_seed_and_has_no_duplicates():
+    a = sample_mixtures(TOKENS, 150, seed=7, minimum=0.01)
+    b = sample_mixtures(TOKENS, 150, seed=7, minimum=0.01)
+    c = sample_mixtures(TOKENS, 150, seed=8, minimum=0.01)
+    assert a == b
+    assert a != c
+    assert len({tuple(as_array([m])[0]) for m in a}) == 150
+
+
+def test_sampler_errors_are_actionable():
+    with pytest.raises(ConfigError, match="raise max_usage"):
+        sample_mixtures(TOKENS, 4, token_budget=1e11, max_usage=1.0)  # bounds sum to 0.11
+    with pytest.raises(ConfigError, match="distinct mixtures"):
+        sample_mixtures({"a": 1.0, "b": 1.0}, 50, minimum=0.1, oversample=2)  # 11 distinct exist at most
+    with pytest.raises(ConfigError, match="token counts"):
+        sample_mixtures({"a": 0.5, "b": 0.5}, 4, token_budget=1e9)  # shares cannot give a token bound
+
+
+def test_dirichlet_draws_have_the_base_mean_even_for_tiny_concentrations():
+    base_D = np.array([0.6, 0.3, 0.0999, 1e-4])
+    w_MxD = dirichlet_draws(base_D, strength_grid(0.01, 0.01, 1), 200_000, np.random.default_rng(0))
+    assert np.all(np.isfinite(w_MxD))
+    np.testing.assert_allclose(w_MxD.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(w_MxD.mean(axis=0), base_D, atol=6e-3)
+
+
+def test_quantize_drops_small_weights_and_rounds_to_exact_units():
+    units = quantize(np.array([[0.5049, 0.3049, 0.1852, 0.005], [0.25, 0.25, 0.25, 0.25]]), minimum=0.01)
+    assert units.sum(axis=1).tolist() == [100, 100]
+    assert units[0, 3] == 0  # below the minimum: dropped, the rest renormalised
+    assert units[1].tolist() == [25, 25, 25, 25]
+
+
+def test_strength_grid_is_log_spaced():
+    np.testing.assert_allclose(strength_grid(0.1, 10.0, 3), [0.1, 1.0, 10.0])
+
+
+# --- prior ------------------------------------------------------------------------------------------
+
+
+def test_prior_from_manifests_and_yaml(tmp_path):
+    for domain, tokens in [("web", 300), ("code", {"train": 100, "validation": 5})]:
+        (tmp_path / "prepared" / domain).mkdir(parents=True)
+        (tmp_path / "prepared" / domain / "manifest.json").write_text(json.dumps({"tokens": tokens}))
+    prior = load_prior(tmp_path / "prepared")
+    assert prior.domains == ("code", "web")
+    np.testing.assert_allclose(prior.tokens_D, [100, 300])
+    np.testing.assert_allclose(prior.usage_bounds(2.0, token_budget=400), [0.5, 1.0])
+    np.testing.assert_allclose(prior.tempered(0.0), [0.5, 0.5])
+    np.testing.assert_allclose(prior.tempered(1.0), [0.25, 0.75])
+
+    (tmp_path / "shares.yaml").write_text("train:\n  a: 0.2\n  b: 0.8\nvalid:\n  a: 1.0\n")  # RegMix form
+    shares = load_prior(tmp_path / "shares.yaml")
+    assert shares.tokens_D is None
+    np.testing.assert_allclose(shares.usage_bounds(3.0), [0.6, 1.0])  # RegMix: max_usage x share
+    with pytest.raises(ConfigError, match="run `mixlm prepare`"):
+        load_prior(tmp_path)
+    with pytest.raises(ConfigError, match="missing from the prior"):
+        prior.reorder(("code", "books"))
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+
+def test_reads_regmix_csv_layout_and_joins_on_index(tmp_path):
+    (tmp_path / "mix.csv").write_text("index,train_a,train_b\n1,0.25,0.75\n2,1.0,0.0\n3,0.5,0.5\n4,0.1,0.9\n")
+    (tmp_path / "loss.csv").write_text(  # other order, run 2 missing, run 4 unfinished
+        "index,metric/a_val_loss,metric/b_val_loss\n3,4.5,5.5\n1,4.0,6.0\n4,,\n"
+    )
+    mixtures, results = read_csv(tmp_path / "mix.csv"), read_csv(tmp_path / "loss.csv")
+    assert mixtures.weight_columns() == ("train_a", "train_b")
+    index_N, w_NxD, target_N = join_runs(mixtures, results, "metric/a_val_loss,metric/b_val_loss")
+    assert index_N.tolist() == [1, 3]
+    np.testing.assert_allclose(w_NxD, [[0.25, 0.75], [0.5, 0.5]])
+    np.testing.assert_allclose(target_N, [5.0, 5.0])  # the mean of the two columns
+    assert domain_loss_columns(mixtures.weight_columns(), results.columns) == {
+        "train_a": "metric/a_val_loss",
+        "train_b": "metric/b_val_loss",
+    }
+    with pytest.raises(ConfigError, match="close: \\['metric/a_val_loss'"):
+        join_runs(mixtures, results, "metric/a_val_los")
+
+    # A sweep table with weights and losses in one file: metric/ columns are not weights.
+    sweep = Table(
+        np.array([7, 8]), ("a", "b", loss_column("a")), np.array([[0.5, 0.5, 3.0], [0.2, 0.8, 3.5]])
+    )
+    write_csv(tmp_path / "sweep.csv", sweep)
+    back = read_csv(tmp_path / "sweep.csv")
+    assert back.columns == sweep.columns and back.index_N.tolist() == [7, 8]
+    np.testing.assert_array_equal(back.values_NxC, sweep.values_NxC)
+    assert back.weight_columns() == ("a", "b")
+
+
+# --- fit + optimize on a known law ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def law_fit():
+    mixtures = sample_mixtures(TOKENS, 400, seed=1, minimum=1e-3)
+    table = mixtures_table(mixtures, DOMAINS)
+    results = Table(table.index_N, ("metric/target",), law(table.values_NxC)[:, None])
+    return fit(table, results, "metric/target", folds=5, seed=0)
+
+
+def test_fit_recovers_a_known_law(law_fit):
+    assert law_fit.domains == DOMAINS and law_fit.target == ("metric/target",)
+    assert law_fit.cv["loglinear"].spearman > 0.99
+    assert law_fit.cv["lightgbm"].spearman > 0.97
+    held_out = as_array(sample_mixtures(TOKENS, 200, seed=99, minimum=1e-3))
+    assert spearman(law(held_out), law_fit.predict(held_out, "loglinear")) > 0.99
+    assert spearman(law(held_out), law_fit.predict(held_out, "lightgbm")) > 0.99
+    # The linear baseline cannot bend, so it ranks this law worse: the scores tell them apart.
+    assert law_fit.cv["linear"].spearman < law_fit.cv["loglinear"].spearman
+
+
+def test_optimize_finds_the_laws_optimum(law_fit):
+    exact = as_array([optimize(law_fit, TOKENS, regressor="loglinear", seed=0)])[0]
+    np.testing.assert_allclose(exact, LAW_OPTIMUM, atol=0.02)
+    boosted = as_array([optimize(law_fit, TOKENS, n_samples=30_000, seed=0)])[0]  # lightgbm, the primary
+    np.testing.assert_allclose(boosted, LAW_OPTIMUM, atol=0.05)
+    assert law(boosted[None])[0] - law(LAW_OPTIMUM[None])[0] < 0.01
+
+
+def test_optimize_honours_the_repetition_bound(law_fit):
+    # An 11e9-token run may read each domain 1.5 times: math (optimum 0.22) is capped at 1.5/11 = 0.136.
+    weights = optimize(law_fit, TOKENS, regressor="loglinear", max_usage=1.5, token_budget=11e9, seed=0)
+    assert sum(weights.values()) == pytest.approx(1.0)
+    for d in DOMAINS:
+        assert weights[d] <= 1.5 * TOKENS[d] / 11e9 + 1e-12
+    assert weights["math"] > 0.1
+    with pytest.raises(ConfigError, match="raise max_usage"):
+        optimize(law_fit, TOKENS, max_usage=1.0, token_budget=2e10)
+
+
+def test_model_round_trips_through_a_directory(law_fit, tmp_path):
+    save_model(law_fit, tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    probe = as_array(sample_mixtures(TOKENS, 20, seed=5, minimum=1e-3))
+    for kind in ("lightgbm", "linear", "loglinear"):
+        np.testing.assert_allclose(loaded.predict(probe, kind), law_fit.predict(probe, kind), rtol=1e-12)
+    assert loaded.cv == law_fit.cv and loaded.primary == "lightgbm"
+    assert (tmp_path / "model" / "scatter.png").stat().st_size > 0
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+
+def test_cli_sample_fit_predict_optimize(tmp_path, capsys):
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump(TOKENS, sort_keys=False))
+    assert (
+        main(
+            [
+                "mix",
+                "sample",
+                "--prior",
+                str(tmp_path / "prior.yaml"),
+                "-n",
+                "120",
+                "--seed",
+                "2",
+                "--minimum",
+                "0.001",
+                "--out",
+                str(tmp_path / "mixtures"),
+            ]
+        )
+        == 0
+    )
+    first = read_mixture_yaml(tmp_path / "mixtures" / "mixture_0001.yaml")
+    assert sum(first.values()) == pytest.approx(1.0) and all(w > 0 for w in first.values())
+    table = read_csv(tmp_path / "mixtures" / "mixtures.csv")
+    assert table.columns == DOMAINS and table.index_N.tolist() == list(range(1, 121))
+    # Per-domain losses in RegMix's column names, as `mixlm sweep` would write them.
+    losses_NxD = 5.0 - 0.3 * np.log(table.values_NxC + 1e-2)
+    write_csv(
+        tmp_path / "results.csv", Table(table.index_N, tuple(loss_column(d) for d in DOMAINS), losses_NxD)
+    )
+
+    assert (
+        main(
+            [
+                "mix",
+                "fit",
+                "--mixtures",
+                str(tmp_path / "mixtures" / "mixtures.csv"),
+                "--results",
+                str(tmp_path / "results.csv"),
+                "--target",
+                f"{loss_column('web')},{loss_column('code')}",
+                "--regressors",
+                "lightgbm,loglinear",
+                "--folds",
+                "3",
+                "--out",
+                str(tmp_path / "model"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| loglinear |" in out and "| lightgbm |" in out
+    for name in ("model.json", "lightgbm.txt", "scatter.png", "loss_vs_weight.png", "cv_predictions.csv"):
+        assert (tmp_path / "model" / name).is_file(), name
+
+    assert (
+        main(
+            [
+                "mix",
+                "predict",
+                "--model",
+                str(tmp_path / "model"),
+                "--mixtures",
+                str(tmp_path / "mixtures" / "mixtures.csv"),
+                "--out",
+                str(tmp_path / "pred.csv"),
+            ]
+        )
+        == 0
+    )
+    predicted = read_csv(tmp_path / "pred.csv")
+    assert predicted.columns == ("predicted",) and len(predicted) == 120
+
+    assert (
+        main(
+            [
+                "mix",
+                "optimize",
+                "--model",
+                str(tmp_path / "model"),
+                "--prior",
+                str(tmp_path / "prior.yaml"),
+                "--samples",
+                "5000",
+                "--top-k",
+                "16",
+                "--regressor",
+                "loglinear",
+                "--out",
+                str(tmp_path / "best.yaml"),
+            ]
+        )
+        == 0
+    )
+    best = read_mixture_yaml(tmp_path / "best.yaml")
+    assert set(best) <= set(DOMAINS) and sum(best.values()) == pytest.approx(1.0, abs=1e-8)
+    assert best["web"] + best["code"] > 0.8  # the target is web + code loss
+    assert (tmp_path / "best.png").is_file()
+
+    assert (
+        main(
+            [
+                "mix",
+                "fit",
+                "--mixtures",
+                str(tmp_path / "mixtures" / "mixtures.csv"),
+                "--results",
+                str(tmp_path / "results.csv"),
+                "--target",
+                "nope",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
