@@ -1,0 +1,131 @@
+"""Model families (llama.py, gpt2.py) behind one small API used by training, checkpoints and export.
+
+    model = build_model(cfg, rngs=nnx.Rngs(0), vocab_multiple_of=mesh_size)
+    logits_BxLxV = model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None)   # float32, V padded
+    graphdef, params = split_params(model)          # params: nested dict, str keys ('0', '1' for layers)
+    model = merge_params(graphdef, params)          # fine inside jax.jit / jax.grad
+
+The embedding and LM head have cfg.padded_vocab_size(vocab_multiple_of) rows, so logits are V_pad wide;
+ids >= cfg.vocab_size never occur in data: mask them with `mask_padded_vocab` before a softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixlm.config import ModelConfig
+from mixlm.models import gpt2, llama
+
+FAMILIES = {"llama": llama, "gpt2": gpt2}
+# Top-level params that are embeddings (counted out of "non-embedding"; the optimizer may skip their decay).
+EMBEDDING_PARAMS = ("embed_tokens", "lm_head", "wte", "wpe")
+
+
+def family_module(cfg: ModelConfig):
+    """The module of cfg.family (llama / gpt2): holds the model class and its HF mapping
+    (`to_hf_state_dict`, `from_hf_state_dict`, `hf_config_kwargs`, `hf_name_map`)."""
+    return FAMILIES[cfg.family]
+
+
+def build_model(
+    cfg: ModelConfig, *, rngs: nnx.Rngs, vocab_multiple_of: int = 1, attention_impl: str | None = None
+) -> nnx.Module:
+    """A freshly initialised model (float32 params). `vocab_multiple_of` pads the embedding rows (e.g.
+    to the mesh size); `attention_impl` is passed to jax.nn.dot_product_attention (None/'xla'/'cudnn')."""
+    cls = llama.Llama if cfg.family == "llama" else gpt2.GPT2
+    return cls(cfg, rngs=rngs, vocab_multiple_of=vocab_multiple_of, attention_impl=attention_impl)
+
+
+def _str_keys(tree):
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, params): params is a nested dict of arrays with str keys, e.g.
+    params['layers']['0']['self_attn']['q_proj']['kernel']."""
+    graphdef, state = nnx.split(model)
+    return graphdef, _str_keys(nnx.to_pure_dict(state))
+
+
+def merge_params(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
+    """The model for `params` (the inverse of split_params); traceable under jax.jit / jax.grad."""
+    return nnx.merge(graphdef, params)
+
+
+def abstract_params(cfg: ModelConfig, vocab_multiple_of: int = 1) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, shapes, logical_axes) without allocating: shapes is the split_params tree with
+    jax.ShapeDtypeStruct leaves, logical_axes the same tree with tuple-of-str leaves (one name per
+    dimension; use `is_leaf=lambda x: isinstance(x, tuple)` when mapping over it)."""
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0), vocab_multiple_of=vocab_multiple_of))
+    graphdef, state = nnx.split(model)
+    shapes = _str_keys(nnx.to_pure_dict(state))
+    axes: dict = {}
+    for path, variable in nnx.to_flat_state(state):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = tuple(variable.get_metadata()["logical_axes"])
+    return graphdef, shapes, axes
+
+
+@functools.lru_cache(maxsize=64)
+def _unpadded_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(total, non_embedding, matmul kernels outside the LM head) with the unpadded vocabulary."""
+    _, shapes, _ = abstract_params(dataclasses.replace(cfg, vocab_multiple=1))
+    total = non_embedding = kernels = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        keys = [p.key for p in path]
+        n = int(leaf.size)
+        total += n
+        if keys[0] not in EMBEDDING_PARAMS:
+            non_embedding += n
+            kernels += n if keys[-1] == "kernel" else 0
+    return total, non_embedding, kernels
+
+
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, non_embedding) parameters with the unpadded vocabulary. Tied embeddings count once;
+    non-embedding leaves out the token embedding, the LM head and GPT-2's position table (wpe)."""
+    total, non_embedding, _ = _unpadded_counts(cfg)
+    return total, non_embedding
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add):
+
+        6 * (matmul params of the blocks + d_model * vocab_size for the LM head)
+        + 6 * 2 * seq_len * num_layers * num_heads * head_dim   (q.k and probs.v), halved when causal.
+
+    Embedding lookups, norms, biases, activations and softmax are not counted (MaxText / PaLM style).
+    """
+    _, _, kernels = _unpadded_counts(cfg)
+    matmul_params = kernels + cfg.d_model * cfg.vocab_size
+    attention = 12 * seq_len * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (0.5 if causal else 1.0)
+    return float(6 * matmul_params + attention)
+
+
+def mask_padded_vocab(logits_BxLxV: jax.Array, vocab_size: int) -> jax.Array:
+    """Sets the logits of padded ids (>= vocab_size) to -1e9 so softmax / logsumexp ignore them."""
+    ids_V = jnp.arange(logits_BxLxV.shape[-1])
+    keep_11V = (ids_V < vocab_size).reshape((1,) * (logits_BxLxV.ndim - 1) + (-1,))
+    return jnp.where(keep_11V, logits_BxLxV, jnp.asarray(-1e9, logits_BxLxV.dtype))
+
+
+__all__ = [
+    "EMBEDDING_PARAMS",
+    "abstract_params",
+    "build_model",
+    "family_module",
+    "flops_per_token",
+    "mask_padded_vocab",
+    "merge_params",
+    "param_counts",
+    "split_params",
+]

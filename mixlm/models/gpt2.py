@@ -1,0 +1,196 @@
+"""GPT-2 decoder: learned positions, pre-norm blocks with LayerNorm, GELU (tanh approximation,
+HF "gelu_new"), biases everywhere, final LayerNorm, embeddings tied to the LM head (or not).
+
+Parameter tree (names mirror HF GPT2LMHeadModel; kernels (in, out) exactly like HF's Conv1D):
+
+    wte                            [vocab, embed]
+    wpe                            [position, embed]    (max_seq_len, D)
+    h/{i}/ln_1/scale, bias         [norm]
+    h/{i}/attn/c_attn/kernel       [embed, heads]       (D, 3*H*Dh): q | k | v
+    h/{i}/attn/c_attn/bias         [heads]
+    h/{i}/attn/c_proj/kernel       [heads, embed]       bias [embed]
+    h/{i}/ln_2/scale, bias         [norm]
+    h/{i}/mlp/c_fc/kernel          [embed, mlp]         bias [mlp]
+    h/{i}/mlp/c_proj/kernel        [mlp, embed]         bias [embed]
+    ln_f/scale, bias               [norm]
+    lm_head/kernel                 [embed, vocab]       only when not tied
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixlm.config import ConfigError, ModelConfig
+from mixlm.models import layers
+
+
+def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
+    return layers.Linear(
+        n_in, n_out, logical_axes=axes, init_std=cfg.init_std, use_bias=True, dtype=dtype, rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+        d, h, dh = cfg.d_model, cfg.num_heads, cfg.dim_per_head
+        self.c_attn = _linear(cfg, dtype, rngs, d, 3 * h * dh, ("embed", "heads"))
+        self.c_proj = _linear(cfg, dtype, rngs, h * dh, d, ("heads", "embed"))
+        self.num_heads, self.head_dim = h, dh
+        self.attention_impl = attention_impl
+
+    def __call__(self, x_BxLxD, segment_ids_BxL):
+        b, length, _ = x_BxLxD.shape
+        qkv_BxLx3xHxDh = self.c_attn(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
+        q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = (qkv_BxLx3xHxDh[:, :, i] for i in range(3))
+        out_BxLxHxDh = layers.attention(
+            q_BxLxHxDh,
+            k_BxLxHxDh,
+            v_BxLxHxDh,
+            segment_ids_BxL=segment_ids_BxL,
+            implementation=self.attention_impl,
+        )
+        return self.c_proj(out_BxLxHxDh.reshape(b, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.c_fc = _linear(cfg, dtype, rngs, cfg.d_model, cfg.mlp_dim, ("embed", "mlp"))
+        self.c_proj = _linear(cfg, dtype, rngs, cfg.mlp_dim, cfg.d_model, ("mlp", "embed"))
+
+    def __call__(self, x_BxLxD):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x_BxLxD), approximate=True))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+        self.ln_1 = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, dtype, rngs, attention_impl)
+        self.ln_2 = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x_BxLxD, segment_ids_BxL):
+        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD), segment_ids_BxL)
+        return x_BxLxD + self.mlp(self.ln_2(x_BxLxD))
+
+
+class GPT2(nnx.Module):
+    """`model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> logits_BxLxV` (float32, V padded).
+
+    `positions_BxL` index the learned position table (restart them at 0 per packed document to match
+    running each document alone); they must be < cfg.max_seq_len.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        vocab_multiple_of: int = 1,
+        attention_impl: str | None = None,
+    ):
+        if cfg.kv_heads != cfg.num_heads or cfg.qk_norm:
+            raise ConfigError(
+                "model.family gpt2 has no GQA/MQA or qk-norm: set num_kv_heads: 0 and qk_norm: false"
+            )
+        dtype = jnp.dtype(cfg.compute_dtype)
+        self.cfg = cfg
+        self.padded_vocab = cfg.padded_vocab_size(vocab_multiple_of)
+        self.dtype = dtype
+        self.wte = layers.normal_param(
+            rngs, (self.padded_vocab, cfg.d_model), cfg.init_std, ("vocab", "embed")
+        )
+        self.wpe = layers.normal_param(
+            rngs, (cfg.max_seq_len, cfg.d_model), cfg.init_std, ("position", "embed")
+        )
+        self.h = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
+        self.ln_f = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else layers.Linear(
+                cfg.d_model,
+                self.padded_vocab,
+                logical_axes=("embed", "vocab"),
+                init_std=cfg.init_std,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        )
+
+    def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None):
+        if positions_BxL is None:
+            positions_BxL = layers.default_positions(tokens_BxL)
+        x_BxLxD = layers.embed_lookup(self.wte, tokens_BxL, self.dtype)
+        x_BxLxD = x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype)
+        for block in self.h:
+            x_BxLxD = block(x_BxLxD, segment_ids_BxL)
+        x_BxLxD = self.ln_f(x_BxLxD)
+        kernel_DxV = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return layers.unembed(x_BxLxD, kernel_DxV)
+
+    def flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
+        from mixlm.models import flops_per_token
+
+        return flops_per_token(self.cfg, seq_len, causal=causal)
+
+
+# --- Hugging Face mapping (GPT2LMHeadModel) --------------------------------------------------------
+
+
+def hf_name_map(cfg: ModelConfig) -> layers.HFNameMap:
+    """(our param path, HF name, kind) for every parameter; see layers.params_to_hf for the kinds."""
+    names = [(("wte",), "transformer.wte.weight", "embedding"), (("wpe",), "transformer.wpe.weight", "copy")]
+    for i in range(cfg.num_layers):
+        ours, hf = ("h", str(i)), f"transformer.h.{i}"
+        for mod in (
+            ("ln_1",),
+            ("attn", "c_attn"),
+            ("attn", "c_proj"),
+            ("ln_2",),
+            ("mlp", "c_fc"),
+            ("mlp", "c_proj"),
+        ):
+            weight = "scale" if mod[0].startswith("ln") else "kernel"
+            names.append((ours + mod + (weight,), f"{hf}.{'.'.join(mod)}.weight", "copy"))
+            names.append((ours + mod + ("bias",), f"{hf}.{'.'.join(mod)}.bias", "copy"))
+    names += [
+        (("ln_f", "scale"), "transformer.ln_f.weight", "copy"),
+        (("ln_f", "bias"), "transformer.ln_f.bias", "copy"),
+    ]
+    if not cfg.tie_embeddings:
+        names.append((("lm_head", "kernel"), "lm_head.weight", "lm_head"))
+    return names
+
+
+def to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our params (split_params layout) -> {HF GPT2LMHeadModel name: float32 numpy array}.
+
+    Padded vocabulary rows are cut back to cfg.vocab_size; `lm_head.weight` is omitted when tied.
+    """
+    return layers.params_to_hf(params, hf_name_map(cfg), cfg.vocab_size)
+
+
+def from_hf_state_dict(state_dict: dict, cfg: ModelConfig, *, vocab_multiple_of: int = 1) -> dict:
+    """The inverse of `to_hf_state_dict` (numpy or torch values); padded vocab rows are zeros."""
+    return layers.params_from_hf(state_dict, hf_name_map(cfg), cfg.padded_vocab_size(vocab_multiple_of))
+
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict:
+    """Keyword arguments for transformers.GPT2Config."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_seq_len,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": cfg.mlp_dim,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }

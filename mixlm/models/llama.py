@@ -1,0 +1,196 @@
+"""Llama-family decoder: RMSNorm, RoPE (HF rotate_half), SwiGLU, GQA/MQA, optional tied embeddings
+and optional per-head qk-norm (Qwen3 convention: RMSNorm over head_dim on q and k, before RoPE).
+
+Parameter tree (names mirror HF LlamaForCausalLM / Qwen3ForCausalLM; kernels stored (in, out)):
+
+    embed_tokens                                   [vocab, embed]
+    layers/{i}/input_layernorm/scale               [norm]
+    layers/{i}/self_attn/q_proj/kernel             [embed, heads]      (D, H*Dh)
+    layers/{i}/self_attn/k_proj/kernel, v_proj     [embed, kv_heads]   (D, K*Dh)
+    layers/{i}/self_attn/o_proj/kernel             [heads, embed]      (H*Dh, D)
+    layers/{i}/self_attn/q_norm/scale, k_norm      [norm]              (Dh,)   only with qk_norm
+    layers/{i}/post_attention_layernorm/scale      [norm]
+    layers/{i}/mlp/gate_proj/kernel, up_proj       [embed, mlp]
+    layers/{i}/mlp/down_proj/kernel                [mlp, embed]
+    norm/scale                                     [norm]
+    lm_head/kernel                                 [embed, vocab]      only when not tied
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixlm.config import ModelConfig
+from mixlm.models import layers
+
+
+def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
+    return layers.Linear(n_in, n_out, logical_axes=axes, init_std=cfg.init_std, dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+        d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        self.q_proj = _linear(cfg, dtype, rngs, d, h * dh, ("embed", "heads"))
+        self.k_proj = _linear(cfg, dtype, rngs, d, k * dh, ("embed", "kv_heads"))
+        self.v_proj = _linear(cfg, dtype, rngs, d, k * dh, ("embed", "kv_heads"))
+        self.o_proj = _linear(cfg, dtype, rngs, h * dh, d, ("heads", "embed"))
+        self.q_norm = layers.RMSNorm(dh, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = layers.RMSNorm(dh, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.num_heads, self.kv_heads, self.head_dim, self.rope_base = h, k, dh, cfg.rope_base
+        self.attention_impl = attention_impl
+
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+        b, length, _ = x_BxLxD.shape
+        q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, length, self.num_heads, self.head_dim)
+        k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, length, self.kv_heads, self.head_dim)
+        v_BxLxKxDh = self.v_proj(x_BxLxD).reshape(b, length, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BxLxHxDh = self.q_norm(q_BxLxHxDh)
+            k_BxLxKxDh = self.k_norm(k_BxLxKxDh)
+        q_BxLxHxDh = layers.apply_rope(q_BxLxHxDh, positions_BxL, self.rope_base)
+        k_BxLxKxDh = layers.apply_rope(k_BxLxKxDh, positions_BxL, self.rope_base)
+        out_BxLxHxDh = layers.attention(
+            q_BxLxHxDh,
+            k_BxLxKxDh,
+            v_BxLxKxDh,
+            segment_ids_BxL=segment_ids_BxL,
+            implementation=self.attention_impl,
+        )
+        return self.o_proj(out_BxLxHxDh.reshape(b, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.gate_proj = _linear(cfg, dtype, rngs, d, f, ("embed", "mlp"))
+        self.up_proj = _linear(cfg, dtype, rngs, d, f, ("embed", "mlp"))
+        self.down_proj = _linear(cfg, dtype, rngs, f, d, ("mlp", "embed"))
+
+    def __call__(self, x_BxLxD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+        self.input_layernorm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
+        self.post_attention_layernorm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+        x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, segment_ids_BxL)
+        return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD))
+
+
+class Llama(nnx.Module):
+    """`model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> logits_BxLxV` (float32, V padded)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        vocab_multiple_of: int = 1,
+        attention_impl: str | None = None,
+    ):
+        dtype = jnp.dtype(cfg.compute_dtype)
+        self.cfg = cfg
+        self.padded_vocab = cfg.padded_vocab_size(vocab_multiple_of)
+        self.dtype = dtype
+        self.embed_tokens = layers.normal_param(
+            rngs, (self.padded_vocab, cfg.d_model), cfg.init_std, ("vocab", "embed")
+        )
+        self.layers = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
+        self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else layers.Linear(
+                cfg.d_model,
+                self.padded_vocab,
+                logical_axes=("embed", "vocab"),
+                init_std=cfg.init_std,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        )
+
+    def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None):
+        if positions_BxL is None:
+            positions_BxL = layers.default_positions(tokens_BxL)
+        x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
+        for block in self.layers:
+            x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL)
+        x_BxLxD = self.norm(x_BxLxD)
+        kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return layers.unembed(x_BxLxD, kernel_DxV)
+
+    def flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
+        from mixlm.models import flops_per_token
+
+        return flops_per_token(self.cfg, seq_len, causal=causal)
+
+
+# --- Hugging Face mapping (LlamaForCausalLM; Qwen3ForCausalLM names for q_norm / k_norm) -----------
+
+
+def hf_name_map(cfg: ModelConfig) -> layers.HFNameMap:
+    """(our param path, HF name, kind) for every parameter; see layers.params_to_hf for the kinds."""
+    names = [(("embed_tokens",), "model.embed_tokens.weight", "embedding")]
+    for i in range(cfg.num_layers):
+        ours, hf = ("layers", str(i)), f"model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names.append((ours + ("self_attn", proj, "kernel"), f"{hf}.self_attn.{proj}.weight", "linear"))
+        if cfg.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                names.append((ours + ("self_attn", norm, "scale"), f"{hf}.self_attn.{norm}.weight", "copy"))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names.append((ours + ("mlp", proj, "kernel"), f"{hf}.mlp.{proj}.weight", "linear"))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            names.append((ours + (norm, "scale"), f"{hf}.{norm}.weight", "copy"))
+    names.append((("norm", "scale"), "model.norm.weight", "copy"))
+    if not cfg.tie_embeddings:
+        names.append((("lm_head", "kernel"), "lm_head.weight", "lm_head"))
+    return names
+
+
+def to_hf_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our params (split_params layout) -> {HF LlamaForCausalLM name: float32 numpy array}.
+
+    Padded vocabulary rows are cut back to cfg.vocab_size. `lm_head.weight` is omitted when tied
+    (HF ties it to model.embed_tokens.weight). With qk_norm the names are Qwen3ForCausalLM's.
+    """
+    return layers.params_to_hf(params, hf_name_map(cfg), cfg.vocab_size)
+
+
+def from_hf_state_dict(state_dict: dict, cfg: ModelConfig, *, vocab_multiple_of: int = 1) -> dict:
+    """The inverse of `to_hf_state_dict` (numpy or torch values); padded vocab rows are zeros."""
+    return layers.params_from_hf(state_dict, hf_name_map(cfg), cfg.padded_vocab_size(vocab_multiple_of))
+
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict:
+    """Keyword arguments for transformers.LlamaConfig (Qwen3Config when cfg.qk_norm)."""
+    kwargs = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "attention_bias": False,
+    }
+    if cfg.qk_norm:
+        kwargs["use_sliding_window"] = False
+    else:
+        kwargs["mlp_bias"] = False
+    return kwargs
