@@ -114,17 +114,64 @@ def attention(
     segment_ids_BxL: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Causal scaled dot-product attention (GQA when K < H) through `jax.nn.dot_product_attention`.
+    """Causal scaled dot-product attention (GQA when K < H).
 
     With `segment_ids_BxL`, a token attends only to earlier tokens of the same segment (packed
-    documents). `implementation`: None / 'xla' / 'cudnn' (passed through).
+    documents). `implementation`: 'xla' / 'cudnn' go to `jax.nn.dot_product_attention` (a GPU uses its
+    cuDNN kernel); 'blocked' is our block-causal path; None picks `jax.nn.dot_product_attention` on
+    accelerators and 'blocked' on CPU, where XLA has no fused attention and the full L×L softmax
+    (and its backward) costs several times the matmuls (DESIGN.md).
     """
+    if implementation is None and jax.default_backend() == "cpu":
+        implementation = "blocked"
+    if implementation == "blocked":
+        return blocked_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL)
     mask_Bx1xLxL = None
     if segment_ids_BxL is not None:
         mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
     return jax.nn.dot_product_attention(
         q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask=mask_Bx1xLxL, is_causal=True, implementation=implementation
     )
+
+
+def blocked_causal_attention(
+    q_BxLxHxDh: jax.Array,
+    k_BxLxKxDh: jax.Array,
+    v_BxLxKxDh: jax.Array,
+    *,
+    segment_ids_BxL: jax.Array | None = None,
+    block: int = 64,
+) -> jax.Array:
+    """Exact causal attention computed per block of queries: query block i only scores keys
+    [0, (i+1)·block), so the upper triangle is never computed (≈ half the work and memory of the
+    full L×L path, forward and backward). Softmax in float32."""
+    batch, length, heads, head_dim = q_BxLxHxDh.shape
+    kv_heads = k_BxLxKxDh.shape[2]
+    groups = heads // kv_heads
+    if length % block:
+        block = length
+    scale = 1.0 / float(head_dim) ** 0.5
+    q_BxKxGxLxDh = (q_BxLxHxDh * scale).reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BxKxLxDh = k_BxLxKxDh.transpose(0, 2, 1, 3)
+    v_BxKxLxDh = v_BxLxKxDh.transpose(0, 2, 1, 3)
+    positions = jnp.arange(length)
+    outs = []
+    for start in range(0, length, block):
+        end = start + block
+        scores_BxKxGxQxT = jnp.einsum(
+            "bkgqd,bktd->bkgqt", q_BxKxGxLxDh[:, :, :, start:end], k_BxKxLxDh[:, :, :end],
+            preferred_element_type=jnp.float32,
+        )
+        allowed_QxT = positions[start:end, None] >= positions[None, :end]
+        allowed = allowed_QxT[None, None, None]
+        if segment_ids_BxL is not None:
+            same_BxQxT = segment_ids_BxL[:, start:end, None] == segment_ids_BxL[:, None, :end]
+            allowed = allowed & same_BxQxT[:, None, None]
+        scores_BxKxGxQxT = jnp.where(allowed, scores_BxKxGxQxT, -1e30)
+        probs = jax.nn.softmax(scores_BxKxGxQxT, axis=-1).astype(v_BxKxLxDh.dtype)
+        outs.append(jnp.einsum("bkgqt,bktd->bkgqd", probs, v_BxKxLxDh[:, :, :end]))
+    out_BxKxGxLxDh = jnp.concatenate(outs, axis=3)
+    return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
 def embed_lookup(table_VxD: nnx.Param, tokens_BxL: jax.Array, dtype) -> jax.Array:
@@ -145,42 +192,58 @@ def unembed(x_BxLxD: jax.Array, kernel_DxV: jax.Array) -> jax.Array:
 HFNameMap = list[tuple[tuple[str, ...], str, str]]
 
 
+def hf_shape(shape: tuple[int, ...], kind: str, vocab_size: int) -> tuple[int, ...]:
+    """The HF shape of one of our params of `shape` (see the kinds above)."""
+    if kind == "linear":
+        return tuple(reversed(shape))
+    if kind == "embedding":
+        return (vocab_size,) + tuple(shape[1:])
+    if kind == "lm_head":
+        return (vocab_size, shape[0])
+    return tuple(shape)
+
+
+def param_to_hf(a, kind: str, vocab_size: int, dtype=np.float32) -> np.ndarray:
+    """One of our params in HF layout: a fresh C-contiguous array of `dtype` (the cast and the layout
+    change happen in one copy, so a big tensor costs its input plus its output)."""
+    a = np.asarray(a)
+    if kind == "linear":
+        a = a.T
+    elif kind == "embedding":
+        a = a[:vocab_size]
+    elif kind == "lm_head":
+        a = a[:, :vocab_size].T
+    return np.array(a, dtype, order="C")
+
+
+def param_from_hf(t, kind: str, padded_vocab: int) -> np.ndarray:
+    """One HF tensor (numpy or torch) in our layout, float32; padded vocabulary rows are zeros."""
+    a = np.asarray(t.detach().float().numpy() if hasattr(t, "detach") else t, np.float32)
+    if kind in ("embedding", "lm_head") and padded_vocab > a.shape[0]:
+        a = np.concatenate([a, np.zeros((padded_vocab - a.shape[0],) + a.shape[1:], a.dtype)])
+    if kind in ("linear", "lm_head"):
+        a = a.T
+    return np.ascontiguousarray(a)
+
+
 def params_to_hf(params: dict, name_map: HFNameMap, vocab_size: int):
     out = {}
     for path, hf_name, kind in name_map:
         a = params
         for key in path:
             a = a[key]
-        a = np.asarray(a, np.float32)
-        if kind == "linear":
-            a = a.T
-        elif kind == "embedding":
-            a = a[:vocab_size]
-        elif kind == "lm_head":
-            a = a[:, :vocab_size].T
-        out[hf_name] = np.array(a, np.float32, order="C")  # a writable copy (torch.from_numpy wants one)
+        # float32 first, then a writable copy (torch.from_numpy wants one)
+        out[hf_name] = param_to_hf(np.asarray(a, np.float32), kind, vocab_size)
     return out
 
 
 def params_from_hf(state_dict: dict, name_map: HFNameMap, padded_vocab: int) -> dict:
-    def pad_rows(a):
-        extra = padded_vocab - a.shape[0]
-        return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]) if extra > 0 else a
-
     params: dict = {}
     for path, hf_name, kind in name_map:
         if hf_name not in state_dict:
             raise KeyError(f"HF state dict has no {hf_name!r} (needed for param {'/'.join(path)})")
-        t = state_dict[hf_name]
-        a = np.asarray(t.detach().float().numpy() if hasattr(t, "detach") else t, np.float32)
-        if kind == "linear":
-            a = a.T
-        elif kind == "embedding":
-            a = pad_rows(a)
-        elif kind == "lm_head":
-            a = pad_rows(a).T
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = np.ascontiguousarray(a)
+        node[path[-1]] = param_from_hf(state_dict[hf_name], kind, padded_vocab)
     return params
