@@ -9,6 +9,7 @@ directly into those shardings (never materialised on one device).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -201,35 +202,97 @@ class TrainResult:
     history: list[dict]  # one metrics dict per logged step
     eval: dict[str, float]
     out_dir: Path
+    preempted_at: int | None = None  # the step saved before stopping on SIGTERM/SIGINT, else None
 
 
 def host_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def state_from_params(setup: TrainSetup, params: dict) -> TrainState:
+    """Step 0 and a fresh optimizer state around `params` (checkpoint.init_from)."""
+    fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p)),
+                    out_shardings=setup.state_shardings, donate_argnums=(0,))
+    return fresh(params)
+
+
+def trim_metrics_log(path: Path, last_step: int) -> None:
+    """Keeps the rows of metrics.jsonl up to `last_step` (dropping a torn last line), so that a resumed run
+    continues the file instead of repeating the steps it redoes."""
+    if jax.process_index() != 0 or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change: bool,
+                  say: Callable[[str], None]) -> TrainState:
+    """Resumes from the newest good checkpoint of this output folder (state and data position), else
+    initialises from `checkpoint.init_from` (params only: fresh optimizer, step 0, data from the start),
+    else from `train.seed`."""
+    from mixlm.checkpoint import resolve_step_dir, restore_params
+
+    cfg = setup.cfg
+    resumed = checkpoints.restore_latest(setup.abstract_state, cfg, allow_config_change=allow_config_change)
+    if resumed is not None:
+        source.set_state(resumed.data_state)
+        init_from = cfg.checkpoint.init_from
+        note = f"; checkpoint.init_from={init_from!r} ignored (this folder has its own)" if init_from else ""
+        say(f"resumed from {resumed.path} (step {resumed.step}, "
+            f"{resumed.meta.get('tokens_seen_total', 0):,} tokens seen){note}")
+        return resumed.state
+    if cfg.checkpoint.init_from:
+        step_dir = resolve_step_dir(cfg.checkpoint.init_from)
+        params = restore_params(step_dir, setup.abstract_state.params, cfg.model.vocab_size)
+        say(f"initialised params from {step_dir}; fresh optimizer state, step 0, data from the start")
+        return state_from_params(setup, params)
+    return setup.init_state(jax.random.key(cfg.train.seed))
+
+
 def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
-          log_fn: Callable[[str], None] | None = None) -> TrainResult:
-    """Runs `cfg.train.steps` optimizer steps (see the module docstring); writes config.yaml,
-    metrics.jsonl and TensorBoard events under `cfg.train.output_dir`."""
+          log_fn: Callable[[str], None] | None = None, allow_config_change: bool = False) -> TrainResult:
+    """Runs optimizer steps up to `cfg.train.steps` (see the module docstring); writes config.yaml,
+    metrics.jsonl, TensorBoard events and checkpoints/ under `cfg.train.output_dir`.
+
+    Rerunning with the same output folder resumes from its newest good checkpoint (mixlm.checkpoint);
+    a different config there is refused unless `allow_config_change`. SIGTERM/SIGINT stop the loop after
+    the current step with a checkpoint of it (`TrainResult.preempted_at`)."""
+    from mixlm.checkpoint import PreemptionGuard, RunCheckpoints, checkpoint_dir, run_metadata
     from mixlm.data import make_train_source
     from mixlm.metrics import MetricsLog, peak_flops_per_device
     from mixlm.sharding import make_mesh
 
     mesh = mesh or make_mesh(cfg.mesh)
     out_dir = Path(cfg.train.output_dir)
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     setup = build_setup(cfg, mesh)
     source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    state = setup.init_state(jax.random.key(cfg.train.seed))
+    early_say = log_fn or (lambda text: print(text, flush=True) if jax.process_index() == 0 else None)
+    checkpoints = RunCheckpoints(checkpoint_dir(out_dir), cfg.checkpoint, log=early_say)
+    try:
+        state = initial_state(setup, checkpoints, source, allow_config_change=allow_config_change,
+                              say=early_say)
+    except BaseException:
+        checkpoints.close()
+        raise
     start_step = int(state.step)
+    if jax.process_index() == 0:  # only after the config check: a refused run leaves the folder as it was
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    trim_metrics_log(out_dir / "metrics.jsonl", start_step)
 
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
     flops_per_token = setup.flops_per_token
     log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step, jsonl=cfg.logging.jsonl,
                      tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
     say = log_fn or log.message
+    checkpoints.log = say
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
     say(
         f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "
@@ -263,6 +326,16 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
             log.write(step, m)
             window_start, window_tokens = now, 0.0
 
+    def save_checkpoint(step: int) -> None:
+        nonlocal pending
+        if pending is not None:  # never checkpoint past a non-finite loss
+            finish(*pending)
+            pending = None
+        checkpoints.save(step, state, data_state=source.get_state(),
+                         meta=run_metadata(cfg, step, tokens_seen=source.tokens_seen(), mesh=mesh))
+
+    preempted_at, final_eval = None, {}
+    preemption = PreemptionGuard(checkpoints, log=say).install()
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
             host_batch = source.next_batch()
@@ -282,13 +355,25 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
                 ev = evaluate(setup, state.params, eval_batches)
                 log.write(step, ev)
                 say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            stop = preemption.requested(step)
+            if stop or checkpoints.should_save(step, cfg.train.steps):
+                save_checkpoint(step)
+            if stop:
+                checkpoints.wait()
+                preempted_at = step
+                say(f"stopped by {preemption.signal_name} after step {step}: checkpoint saved in "
+                    f"{checkpoints.directory / str(step)}; rerun the same command to resume")
+                break
         if pending is not None:
             finish(*pending)
-        eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
-        final_eval = evaluate(setup, state.params, eval_batches) if cfg.eval.batches else {}
-        if final_eval:
+        if preempted_at is None and cfg.eval.batches:
+            eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
+            final_eval = evaluate(setup, state.params, eval_batches)
             log.write(cfg.train.steps, final_eval)
             say("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
     finally:
+        preemption.uninstall()
         log.close()
-    return TrainResult(state=state, history=history, eval=final_eval, out_dir=out_dir)
+        checkpoints.close()
+    return TrainResult(state=state, history=history, eval=final_eval, out_dir=out_dir,
+                       preempted_at=preempted_at)

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default="", help="host:port of process 0 (multi-process without a cluster)")
     parser.add_argument("--num-processes", type=int, default=0)
     parser.add_argument("--process-id", type=int, default=-1)
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume an output folder whose checkpoint was written with a different config")
 
 
 def initialize_distributed(args) -> None:
@@ -32,13 +34,23 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before any device work
     initialize_distributed(args)
+    from mixlm.checkpoint import CheckpointError, ConfigMismatchError
     from mixlm.train import NonFiniteLossError, train
 
     try:
-        result = train(cfg)
+        result = train(cfg, allow_config_change=args.allow_config_change)
     except NonFiniteLossError as e:
         print(f"mixlm train: {e}", file=sys.stderr)
         return 3
+    except ConfigMismatchError as e:
+        print(f"mixlm train: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"mixlm train: {e}", file=sys.stderr)
+        return 4
+    if result.preempted_at is not None:  # a clean stop: the scheduler should not count it as a failure
+        print(f"preempted: checkpoint of step {result.preempted_at} saved; rerun the same command to resume")
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"done: step {cfg.train.steps}, loss {last.get('loss', float('nan')):.4f}, outputs in {result.out_dir}")
     return 0

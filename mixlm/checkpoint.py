@@ -1,0 +1,470 @@
+"""Orbax checkpoints of a training run: save, retain, validate, resume, and stop cleanly on preemption.
+
+One Orbax `CheckpointManager` over `<train.output_dir>/checkpoints/`; each step is a Composite:
+
+    checkpoints/<step>/state/            TrainState (step, params, optimizer state): sharded arrays, OCDBT
+    checkpoints/<step>/data/metadata     the data source's `get_state()` (JSON), so batches resume exactly
+    checkpoints/<step>/meta/metadata     JSON: resolved config, mixture, tokens seen per domain, mixlm
+                                         version, git commit, mesh shape, time
+    checkpoints/<step>/mixlm_files.json  size of every file above, written once the step has committed
+
+Guarantees, and who gives them:
+* A save is atomic (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it on commit; leftovers of a
+  killed save are removed on the next start), and retention deletes an old step only after the newer one
+  committed (Orbax's finalize thread: commit, then delete).
+* On resume each step, newest first, is validated: its file list must match `mixlm_files.json` (missing
+  or truncated files) and it must restore without error. A bad step is moved to
+  `checkpoints_corrupt/<step>` with a warning naming it, and the next older step is used. When no step is
+  good nothing is moved and `CheckpointError` is raised: a long run never silently restarts from scratch.
+* Restore targets the *current* mesh (`TrainSetup.abstract_state` carries its shardings), so a run saved
+  on 8 devices resumes on 4 or on 1. Embedding rows are padded to a multiple of the device count; a
+  difference in that padding (and nothing else) is absorbed by truncating/zero-padding the padding rows.
+* Resuming with a different config is refused naming the keys (`config_diff`), except RESUMABLE_KEYS and
+  RESUMABLE_SECTIONS below; `allow_config_change` (CLI: --allow-config-change) resumes anyway.
+* `PreemptionGuard`: SIGTERM/SIGINT end the loop after the current step, which is then saved and waited for.
+
+Multi-process: every process calls the same methods; Orbax coordinates array writes, only the primary
+process writes JSON items, `mixlm_files.json` and moves corrupt steps. The data state is saved once (by
+process 0), so it must be the same on every process (it is for both mixlm sources: the global step and
+global packing cursors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+import mixlm
+from mixlm.config import CheckpointConfig, ExperimentConfig, config_diff, config_from_dict
+
+CHECKPOINT_SUBDIR = "checkpoints"
+CORRUPT_SUBDIR = "checkpoints_corrupt"
+FILE_LIST = "mixlm_files.json"
+
+# Config keys that may change when a run resumes (everything else must match the checkpoint's config):
+# how long to train (the schedule is recomputed for the new total), where and how often to log, eval and
+# save, the device layout, and the loader's worker count (batches do not depend on it).
+RESUMABLE_KEYS = ("train.steps", "train.output_dir", "data.num_workers")
+RESUMABLE_SECTIONS = ("mesh", "checkpoint", "eval", "logging")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint that cannot serve this run; the message says what to do."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """The output folder holds a run with a different config."""
+
+
+class CheckpointCorruptWarning(UserWarning):
+    """A checkpoint step failed validation and was moved aside."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any  # TrainState on the current mesh
+    data_state: dict
+    meta: dict
+    path: str
+
+
+def checkpoint_dir(output_dir: str | Path) -> epath.Path:
+    return epath.Path(output_dir) / CHECKPOINT_SUBDIR
+
+
+# ---- metadata ------------------------------------------------------------------------------------------
+
+_GIT_COMMIT: str | None = None
+
+
+def git_commit() -> str:
+    """`git describe --always --dirty` of the mixlm source tree ('' outside a git checkout); cached."""
+    global _GIT_COMMIT
+    if _GIT_COMMIT is None:
+        try:
+            out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], check=False,
+                                 cwd=Path(mixlm.__file__).parent, capture_output=True, text=True, timeout=10)
+            _GIT_COMMIT = out.stdout.strip() if out.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            _GIT_COMMIT = ""
+    return _GIT_COMMIT
+
+
+def run_metadata(cfg: ExperimentConfig, step: int, *, tokens_seen: dict[str, int], mesh=None) -> dict:
+    """The `meta` item of a checkpoint (JSON)."""
+    return {
+        "step": step,
+        "config": cfg.to_dict(),
+        "mixture": cfg.data.mixture,
+        "tokens_seen": {k: int(v) for k, v in tokens_seen.items()},
+        "tokens_seen_total": int(sum(tokens_seen.values())),
+        "mixlm_version": mixlm.__version__,
+        "git_commit": git_commit(),
+        "mesh": dict(mesh.shape) if mesh is not None else {},
+        "process_count": jax.process_count(),
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def resume_ignored_keys(cfg: ExperimentConfig) -> tuple[str, ...]:
+    d = cfg.to_dict()
+    return RESUMABLE_KEYS + tuple(f"{s}.{k}" for s in RESUMABLE_SECTIONS for k in d[s])
+
+
+def check_resume_config(saved: dict, cfg: ExperimentConfig, *, where: str, allow_change: bool,
+                        log: Callable[[str], None]) -> None:
+    """Raises ConfigMismatchError naming the keys that differ between `saved` (a config dict) and `cfg`,
+    apart from RESUMABLE_KEYS / RESUMABLE_SECTIONS; with `allow_change` it only reports them."""
+    saved_cfg = config_from_dict(saved)
+    if saved_cfg.train.steps != cfg.train.steps and cfg.schedule.kind != "constant":
+        log(f"train.steps changed from {saved_cfg.train.steps} to {cfg.train.steps}: the {cfg.schedule.kind} "
+            "learning-rate schedule is recomputed for the new total from here on")
+    diffs = config_diff(saved_cfg, cfg, ignore=resume_ignored_keys(cfg))
+    if not diffs:
+        return
+    old, new = saved_cfg.to_dict(), cfg.to_dict()
+    listing = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diffs)
+    if allow_change:
+        log(f"resuming {where} with a changed config (--allow-config-change): {listing}")
+        return
+    raise ConfigMismatchError(
+        f"{where} was written by a run with a different config: {listing}. Use another train.output_dir, "
+        "restore the old values, or pass --allow-config-change to resume with the new ones"
+    )
+
+
+def _get(tree: dict, dotted: str):
+    section, key = dotted.split(".", 1)
+    return tree.get(section, {}).get(key)
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+
+def _file_sizes(step_dir: epath.Path) -> dict[str, int]:
+    """{path relative to step_dir: bytes} of every file below it (a walk with iterdir: works on GCS)."""
+    sizes, folders = {}, [step_dir]
+    while folders:
+        for p in folders.pop().iterdir():
+            if p.is_dir():
+                folders.append(p)
+            elif p.name != FILE_LIST:
+                sizes[str(p.relative_to(step_dir))] = p.stat().length
+    return sizes
+
+
+def write_file_list(step_dir: epath.Path) -> None:
+    """Records every file's size in `<step>/mixlm_files.json` (call once the step has committed)."""
+    tmp = step_dir / (FILE_LIST + ".tmp")
+    tmp.write_text(json.dumps({"files": _file_sizes(step_dir)}, sort_keys=True))
+    tmp.rename(step_dir / FILE_LIST)
+
+
+def file_problem(step_dir: epath.Path) -> str:
+    """'' when every file in `mixlm_files.json` is present at its recorded size (or there is no list: a
+    run killed right after the commit), else what is wrong."""
+    listing = step_dir / FILE_LIST
+    if not listing.exists():
+        return ""
+    try:
+        expected = json.loads(listing.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its file list {FILE_LIST} is unreadable"
+    actual = _file_sizes(step_dir)
+    for name, size in sorted(expected.items()):
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != size:
+            return f"{name} is {actual[name]} bytes, expected {size}"
+    return ""
+
+
+def _all_processes(ok: bool) -> bool:
+    """True only if `ok` on every process (so all processes take the same branch)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def restore_args_for(saved_tree, target, vocab_size: int):
+    """Checks a checkpoint's array shapes against the restore target. Returns True (strict restore) when
+    all match, False when some differ only in vocabulary padding (a dimension padded to a multiple of the
+    device count: both sizes ≥ vocab_size); raises CheckpointError for any other difference."""
+    saved = ocp.tree.to_flat_dict(saved_tree, sep=".")
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(target, keep_empty_nodes=True), sep=".")
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    if missing or extra:
+        raise CheckpointError(
+            f"the checkpoint's state has a different structure: missing {missing[:5]}, unexpected "
+            f"{extra[:5]} (was it written with another model or optimizer?)"
+        )
+    strict = True
+    for key, want in wanted.items():
+        have = tuple(getattr(saved[key], "shape", ()) or ())
+        if have == tuple(want.shape):
+            continue
+        differ = [i for i, (a, b) in enumerate(zip(have, want.shape)) if a != b]
+        padding_only = len(differ) == 1 and min(have[differ[0]], want.shape[differ[0]]) >= vocab_size
+        if len(have) == len(want.shape) and padding_only:
+            strict = False  # only the padding rows beyond vocab_size change
+            continue
+        raise CheckpointError(
+            f"the checkpoint's {key} has shape {have}, this run needs {tuple(want.shape)}; the model config "
+            "differs from the one that wrote the checkpoint"
+        )
+    return strict
+
+
+# ---- the manager ---------------------------------------------------------------------------------------
+
+
+def _item_handlers() -> dict:
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
+class RunCheckpoints:
+    """The checkpoints of one run: `save` every `checkpoint.every` steps and at the end, keep the last
+    `keep_last` (0: all) plus every `keep_every`-th step, `restore_latest` the newest good one."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False,
+                 log: Callable[[str], None] = print):
+        self.directory = epath.Path(directory)
+        self.cfg, self.log = cfg, log
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_last or None, keep_period=cfg.keep_every or None,
+            enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        self._unlisted: int | None = None  # a committed (or committing) step without its file list yet
+
+    # ---- saving ----
+    def steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        every = self.cfg.every and step % self.cfg.every == 0
+        return bool(every or (step == last_step and self.cfg.save_at_end))
+
+    def save(self, step: int, state, *, data_state: dict, meta: dict) -> bool:
+        """Starts saving (returns once the arrays are copied off the devices when async_save; the state
+        may then be donated). False when `step` is already saved."""
+        self.wait()  # the previous save must commit first (Orbax would wait here anyway)
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+        self._unlisted = step
+        return True
+
+    def wait(self) -> None:
+        """Blocks until the last save committed, then records its file list. Raises if the save failed
+        (older checkpoints are then untouched)."""
+        self._manager.wait_until_finished()
+        step, self._unlisted = self._unlisted, None
+        if step is not None and jax.process_index() == 0:
+            step_dir = self.directory / str(step)
+            if step_dir.exists():
+                write_file_list(step_dir)
+        if step is not None:
+            _sync("mixlm_checkpoint_file_list")
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-process: JAX's preemption sync point (all processes agree on the step)."""
+        return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+    # ---- restoring ----
+    def read_meta(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _restore(self, step: int, abstract_state, vocab_size: int) -> tuple[Any, dict]:
+        saved_tree = self._manager.item_metadata(step)["state"]
+        strict = restore_args_for(getattr(saved_tree, "tree", saved_tree), abstract_state, vocab_size)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state, strict=strict), data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def restore_latest(self, abstract_state, cfg: ExperimentConfig, *,
+                       allow_config_change: bool = False) -> Restored | None:
+        """The newest step that validates, restored onto `abstract_state`'s shardings (with its data state
+        and meta); None when the folder holds no checkpoint. Newer steps that fail validation are reported
+        and moved to checkpoints_corrupt/, but only once a good step is found (else CheckpointError)."""
+        bad: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            step_dir = self.directory / str(step)
+            problem = file_problem(step_dir)
+            meta = None
+            if not problem:
+                try:
+                    meta = self.read_meta(step)
+                    if "config" not in meta:
+                        problem = "its meta item has no config"
+                except Exception as e:  # noqa: BLE001 - any read failure means an unusable step
+                    problem = f"its metadata is unreadable ({type(e).__name__}: {_short(e)})"
+            if _all_processes(not problem):
+                # A config mismatch is not corruption: refuse before touching anything.
+                where = f"{self.directory.parent} (checkpoint step {step})"
+                check_resume_config(meta["config"], cfg, where=where, allow_change=allow_config_change,
+                                    log=self.log)
+                try:
+                    state, data_state = self._restore(step, abstract_state, cfg.model.vocab_size)
+                except CheckpointError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    problem = f"it does not restore ({type(e).__name__}: {_short(e)})"
+                    state = None
+                if _all_processes(not problem):
+                    self._move_aside(bad, good=step)
+                    return Restored(step=step, state=state, data_state=data_state, meta=meta,
+                                    path=str(step_dir))
+            bad.append((step, problem or "it fails on another process"))
+        if bad:
+            listing = "; ".join(f"step {s} ({self.directory / str(s)}): {p}" for s, p in bad)
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: {listing}. Nothing was moved or deleted; move "
+                "the folder away to start from scratch"
+            )
+        return None
+
+    def _move_aside(self, bad: list[tuple[int, str]], *, good: int) -> None:
+        """Warns about each bad step and moves it to checkpoints_corrupt/ (kept for inspection; out of the way
+        of the step numbers this run will save again)."""
+        if not bad:
+            return
+        corrupt_dir = self.directory.parent / CORRUPT_SUBDIR
+        for step, problem in bad:
+            src = self.directory / str(step)
+            dest = corrupt_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            msg = (f"checkpoint step {step} ({src}) is corrupt: {problem}; moved it to {dest}; using step "
+                   f"{good} ({self.directory / str(good)})")
+            if jax.process_index() == 0:
+                warnings.warn(msg, CheckpointCorruptWarning, stacklevel=3)
+                self.log(f"WARNING: {msg}")
+                corrupt_dir.mkdir(parents=True, exist_ok=True)
+                src.rename(dest)
+        _sync("mixlm_checkpoint_move_aside")
+        self._manager.reload()
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---- params-only initialisation ------------------------------------------------------------------------
+
+
+def resolve_step_dir(path: str | Path) -> epath.Path:
+    """`checkpoint.init_from` may name a step folder (holds state/), a checkpoints/ folder or a run's
+    output folder; for the latter two the newest good step is used (read-only: nothing is moved)."""
+    p = epath.Path(path)
+    if (p / "state").is_dir():
+        return p
+    ckpts = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
+    if not ckpts.is_dir():
+        raise CheckpointError(f"checkpoint.init_from={path!r}: no such folder")
+    reader = RunCheckpoints(ckpts, CheckpointConfig(), read_only=True)
+    for step in reversed(reader.steps()):
+        problem = file_problem(ckpts / str(step))
+        if not problem:
+            return ckpts / str(step)
+        warnings.warn(f"checkpoint.init_from: step {step} ({ckpts / str(step)}) is corrupt: {problem}; "
+                      "trying the one before", CheckpointCorruptWarning, stacklevel=2)
+    raise CheckpointError(f"checkpoint.init_from={path!r}: no usable checkpoint step in {ckpts}")
+
+
+def restore_params(step_dir: str | Path, abstract_params, vocab_size: int):
+    """Only the params of a checkpoint step, restored onto `abstract_params`' shardings."""
+    state_dir = epath.Path(step_dir) / "state"
+    saved = ocp.StandardCheckpointHandler().metadata(state_dir)
+    saved_tree = getattr(saved, "tree", saved)
+    if "params" not in saved_tree:
+        raise CheckpointError(f"{state_dir} holds no params")
+    strict = restore_args_for(saved_tree["params"], abstract_params, vocab_size)
+    target = {"params": abstract_params}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype,
+                                       strict=strict),
+        target)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args,
+                                                                    partial_restore=True))
+    return out["params"]
+
+
+# ---- preemption ----------------------------------------------------------------------------------------
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGINT into "stop after the current step" (`requested(step)`); a second signal of the
+    same kind acts as it did before (e.g. Ctrl-C twice aborts). With several processes, JAX's preemption
+    service decides (SIGTERM on any process; all stop at the same step) and no Python handler is installed,
+    so that JAX's own SIGTERM notifier stays in place."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpoints: RunCheckpoints | None = None, log: Callable[[str], None] = print):
+        self.checkpoints, self.log = checkpoints, log
+        self.signal_name = ""
+        self._previous: dict = {}
+
+    def install(self) -> PreemptionGuard:
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+        self.log(f"received {self.signal_name}: finishing the current step, then saving a checkpoint and "
+                 f"exiting (send {self.signal_name} again to abort without saving)")
+
+    def requested(self, step: int) -> bool:
+        if self.signal_name:
+            return True
+        if self.checkpoints is not None and self.checkpoints.reached_preemption(step):
+            self.signal_name = "preemption notice"
+            return True
+        return False
