@@ -55,8 +55,17 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
 
 
 def merge_params(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
-    """The model for `params` (the inverse of split_params); traceable under jax.jit / jax.grad."""
-    return nnx.merge(graphdef, params)
+    """The model for `params` (the inverse of split_params); traceable under jax.jit / jax.grad.
+
+    Layer keys go back to ints first: nnx.merge pairs leaves in sorted-key order, and as strings
+    '10' sorts before '2', which would silently permute the layers of any model deeper than 10."""
+    return nnx.merge(graphdef, _int_keys(params))
+
+
+def _int_keys(tree):
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
 
 
 def abstract_params(cfg: ModelConfig, vocab_multiple_of: int = 1) -> tuple[nnx.GraphDef, dict, dict]:
