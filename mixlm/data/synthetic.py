@@ -54,6 +54,9 @@ class SyntheticSource:
     def tokens_seen(self) -> dict[str, int]:
         return {self.domain: self.step * self.batch_size * self.process_count * self.seq_len}
 
+    def close(self) -> None:
+        """Nothing to release (the prepared source stops its prefetch threads here)."""
+
     def eval_batches(self, num_batches: int) -> dict[str, list[dict[str, np.ndarray]]]:
         """Held-out batches (steps far beyond any training step), keyed by domain."""
         held_out = 10**9

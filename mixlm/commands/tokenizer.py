@@ -1,0 +1,49 @@
+"""`mixlm tokenizer train`: a byte-level BPE on chosen domains, saved as a HF tokenizer folder.
+
+    mixlm tokenizer train --out data/tokenizer --vocab-size 8192 \
+        --domain arithmetic=data/raw/arithmetic.jsonl --domain prose=data/raw/prose.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mixlm.commands.prepare import parse_domains
+from mixlm.data.sources import PrepareError
+from mixlm.data.tokenizer_train import train_tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = sub.add_parser("train", help="train a byte-level BPE and save a HF tokenizer folder")
+    train.add_argument("--out", required=True, help="tokenizer folder to write")
+    train.add_argument("--vocab-size", type=int, default=8192)
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="training text (same sources as `mixlm prepare`); repeatable",
+    )
+    train.add_argument("--domains-file", help="YAML mapping domain: source(s)")
+    train.add_argument("--text-field", default="text")
+    train.add_argument("--max-docs-per-domain", type=int, default=0, help="0: every document")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = train_tokenizer(
+            parse_domains(args.domain, args.domains_file),
+            args.out,
+            vocab_size=args.vocab_size,
+            min_frequency=args.min_frequency,
+            text_field=args.text_field,
+            max_docs_per_domain=args.max_docs_per_domain,
+        )
+    except PrepareError as e:
+        print(f"mixlm tokenizer train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"tokenizer written to {out}")
+    return 0

@@ -1,0 +1,541 @@
+"""`mixlm prepare`: raw documents per domain -> tokenized, shuffled ArrayRecord shards + manifest.
+
+Per domain, in two resumable phases under `<out>/<domain>/.work/`:
+
+1. Tokenize: the sources' documents are read in a fixed order and tokenized in batches over
+   `workers` processes (results kept in order); every `chunk_docs` documents of a source are saved as a
+   chunk (`tok-<unit>-<chunk>.*`, written to a temp name and renamed). A rerun skips finished chunks.
+2. Shard: a seeded permutation of all documents; the first ones form the held-out validation split,
+   the rest are cut into train shards of about `shard_tokens` tokens. Each shard is written to a temp
+   file and renamed; a rerun skips finished shards. The manifest is written last: its presence means the
+   domain is complete, and a rerun with the same inputs and options does nothing.
+
+The output is a pure function of (inputs, tokenizer, options): running it twice gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mixlm.data.prepared import MANIFEST, DomainManifest, PreparedDomain, ShardError, ShardInfo, SplitInfo
+from mixlm.data.sources import (
+    MALFORMED_KINDS,
+    InputUnit,
+    PrepareError,
+    describe_unit,
+    file_digest,
+    read_documents,
+    resolve_source,
+)
+
+ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
+_WORK = ".work"
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    tokenizer: str  # HF tokenizer folder or hub name
+    text_field: str = "text"
+    append_eos: bool = True
+    prepend_bos: bool = False
+    seed: int = 0
+    validation_fraction: float = 0.01  # share of documents held out (at least 1 when > 0 and >= 2 documents)
+    validation_docs: int = 0  # > 0: exactly this many held-out documents instead
+    shard_tokens: int = 50_000_000  # target train tokens per shard
+    workers: int = 1  # tokenizer processes (1: in this process)
+    batch_docs: int = 256  # documents per tokenizer call
+    chunk_docs: int = 50_000  # documents per resumable tokenization chunk
+    strict: bool = False  # malformed input is an error instead of counted and skipped
+    overwrite: bool = False  # replace a domain prepared with other inputs or options
+    progress: bool = True
+    keep_work: bool = False  # keep the .work folder (tokenized chunks) after success
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A fast tokenizer reduced to what prepare needs; picklable for worker processes."""
+
+    name: str
+    backend_json: str
+    vocab_size: int
+    eos_id: int | None
+    bos_id: int | None
+
+    @property
+    def fingerprint(self) -> str:
+        blob = f"{self.backend_json}\n{self.eos_id}\n{self.bos_id}".encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 1 << 16 else np.uint32)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "bos_id": self.bos_id,
+        }
+
+
+def load_tokenizer_spec(name_or_path: str) -> TokenizerSpec:
+    """Loads any HF tokenizer (folder or hub name) with `AutoTokenizer`; it must have a fast backend."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise PrepareError(f"tokenizer {name_or_path!r}: cannot load it with AutoTokenizer ({e})") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise PrepareError(f"tokenizer {name_or_path!r}: has no fast (tokenizers) backend; convert it first")
+    return TokenizerSpec(str(name_or_path), backend.to_str(), len(tok), tok.eos_token_id, tok.bos_token_id)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(spec: TokenizerSpec, append_eos: bool, prepend_bos: bool) -> None:
+    from tokenizers import Tokenizer
+
+    if _WORKER.get("key") == (spec.fingerprint, append_eos, prepend_bos):
+        return
+    _WORKER.update(
+        key=(spec.fingerprint, append_eos, prepend_bos),
+        tok=Tokenizer.from_str(spec.backend_json),
+        dtype=spec.dtype,
+        eos=[spec.eos_id] if append_eos else [],
+        bos=[spec.bos_id] if prepend_bos else [],
+    )
+
+
+def _tokenize(item):
+    """(unit, chunk, texts, flags...) -> same with texts replaced by (flat tokens, lengths)."""
+    unit, chunk, texts, final, last, counts = item
+    encodings = _WORKER["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
+    ids = [_WORKER["bos"] + e.ids + _WORKER["eos"] for e in encodings]
+    lengths = np.array([len(x) for x in ids], np.int64)
+    flat = np.fromiter((t for x in ids for t in x), dtype=_WORKER["dtype"], count=int(lengths.sum()))
+    return unit, chunk, flat, lengths, final, last, counts
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+class _Progress:
+    """A tqdm bar over documents with tokens/s in the postfix (silent when disabled)."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=desc, unit="doc", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(docs)
+            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- phase 1: tokenize into resumable chunks ----------------------------------------------------
+def _chunk_name(unit: int, chunk: int) -> str:
+    return f"tok-{unit:05d}-{chunk:06d}"
+
+
+def _finished_chunks(work: Path, unit: int) -> list[dict]:
+    metas = []
+    while (work / f"{_chunk_name(unit, len(metas))}.json").is_file():
+        metas.append(json.loads((work / f"{_chunk_name(unit, len(metas))}.json").read_text()))
+        if metas[-1]["last"]:
+            break
+    return metas
+
+
+def _write_chunk(
+    work: Path, unit: int, chunk: int, tokens: np.ndarray, lengths: np.ndarray, counts: dict, last: bool
+) -> dict:
+    name = _chunk_name(unit, chunk)
+    _atomic_save_npy(work / f"{name}.tokens.npy", tokens)
+    _atomic_save_npy(work / f"{name}.lengths.npy", lengths)
+    meta = {
+        "unit": unit,
+        "chunk": chunk,
+        "documents": len(lengths),
+        "tokens": int(lengths.sum()),
+        "malformed": counts,
+        "last": last,
+    }
+    _atomic_write_bytes(
+        work / f"{name}.json", json.dumps(meta).encode()
+    )  # written last: marks the chunk done
+    return meta
+
+
+def _batches(units: list[InputUnit], work: Path, options: PrepareOptions):
+    """Yields (unit, chunk, texts, final_of_chunk, last_of_unit, malformed counts) for unfinished chunks."""
+    for u, unit in enumerate(units):
+        done = _finished_chunks(work, u)
+        if done and done[-1]["last"]:
+            continue
+        skip, chunk = len(done) * options.chunk_docs, len(done)
+        texts_iter, counts = read_documents(unit, options.strict)
+        texts, in_chunk, seen = [], 0, 0
+        for text in texts_iter:
+            seen += 1
+            if seen <= skip:  # finished chunks of an interrupted run: their counts are already saved
+                if seen == skip:
+                    counts.update(dict.fromkeys(counts, 0))
+                continue
+            texts.append(text)
+            in_chunk += 1
+            if in_chunk == options.chunk_docs:
+                yield u, chunk, texts, True, False, dict(counts)
+                counts.update(dict.fromkeys(counts, 0))
+                texts, in_chunk, chunk = [], 0, chunk + 1
+            elif len(texts) == options.batch_docs:
+                yield u, chunk, texts, False, False, None
+                texts = []
+        yield u, chunk, texts, True, True, dict(counts)
+
+
+def _bounded_imap(pool, items, window: int):
+    """pool.imap in order, but reads at most `window` items ahead (imap would read the whole corpus)."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(_tokenize, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+@contextlib.contextmanager
+def tokenizer_pool(spec: TokenizerSpec, options: PrepareOptions):
+    """`options.workers` tokenizer processes (None for 1: tokenize in this process); share one across domains."""
+    if options.workers <= 1:
+        yield None
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax / threads
+    pool = ctx.Pool(options.workers, _init_worker, (spec, options.append_eos, options.prepend_bos))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _tokenize_units(
+    domain: str, units: list[InputUnit], work: Path, spec: TokenizerSpec, options: PrepareOptions, pool
+) -> list[dict]:
+    items = _batches(units, work, options)
+    progress = _Progress(options.progress, f"tokenize {domain}")
+    if pool is not None:
+        results = _bounded_imap(pool, items, 4 * options.workers)
+    else:
+        _init_worker(spec, options.append_eos, options.prepend_bos)
+        results = map(_tokenize, items)
+    try:
+        parts_tokens, parts_lengths = [], []
+        for unit, chunk, flat, lengths, final, last, counts in results:
+            parts_tokens.append(flat)
+            parts_lengths.append(lengths)
+            progress.update(len(lengths), int(lengths.sum()))
+            if final:
+                _write_chunk(
+                    work,
+                    unit,
+                    chunk,
+                    np.concatenate(parts_tokens).astype(spec.dtype, copy=False),
+                    np.concatenate(parts_lengths),
+                    counts,
+                    last,
+                )
+                parts_tokens, parts_lengths = [], []
+    finally:
+        progress.close()
+    return [m for u in range(len(units)) for m in _finished_chunks(work, u)]
+
+
+# ---- phase 2: shuffle, split, write shards ------------------------------------------------------
+class _ChunkStore:
+    """Random access to tokenized documents across the chunk files (memory-mapped)."""
+
+    def __init__(self, work: Path, metas: list[dict]):
+        self.tokens = [
+            np.load(work / f"{_chunk_name(m['unit'], m['chunk'])}.tokens.npy", mmap_mode="r") for m in metas
+        ]
+        lengths = [np.load(work / f"{_chunk_name(m['unit'], m['chunk'])}.lengths.npy") for m in metas]
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        self.chunk_of = np.repeat(np.arange(len(metas)), [len(x) for x in lengths])
+        starts = [np.cumsum(x) - x for x in lengths]
+        self.start_in_chunk = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+
+    def doc(self, i: int) -> np.ndarray:
+        s = self.start_in_chunk[i]
+        return self.tokens[self.chunk_of[i]][s : s + self.lengths[i]]
+
+
+def _shard_name(split: str, i: int, n: int) -> str:
+    return f"{split}-{i:05d}-of-{n:05d}.array_record"
+
+
+def _write_shard(path: Path, store: _ChunkStore, doc_ids: np.ndarray) -> ShardInfo:
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    writer = ArrayRecordWriter(str(tmp), ARRAY_RECORD_OPTIONS)
+    for i in doc_ids.tolist():
+        writer.write(store.doc(i).tobytes())
+    writer.close()
+    os.replace(tmp, path)
+    size, digest = file_digest(path)
+    return ShardInfo(path.name, len(doc_ids), int(store.lengths[doc_ids].sum()), size, digest)
+
+
+def _write_split(
+    dom_dir: Path, work: Path, split: str, groups: list[np.ndarray], store: _ChunkStore, progress: _Progress
+) -> SplitInfo:
+    shards = []
+    for i, ids in enumerate(groups):
+        name = _shard_name(split, i, len(groups))
+        done = work / f"{name}.json"
+        if done.is_file() and (dom_dir / name).is_file():
+            info = ShardInfo(**json.loads(done.read_text()))
+            if (dom_dir / name).stat().st_size == info.bytes:  # finished by an interrupted run
+                shards.append(info)
+                progress.update(info.documents, info.tokens)
+                continue
+        info = _write_shard(dom_dir / name, store, ids)
+        _atomic_write_bytes(done, json.dumps(asdict(info)).encode())
+        shards.append(info)
+        progress.update(info.documents, info.tokens)
+    ids = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(store.lengths[ids])]).astype(np.int64)
+    index = f"{split}.index.npy"
+    _atomic_save_npy(dom_dir / index, offsets)
+    return SplitInfo(len(ids), int(offsets[-1]), index, shards)
+
+
+def _split_documents(n: int, domain: str, options: PrepareOptions) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng([options.seed, _stable_int(domain)]).permutation(n)
+    if options.validation_docs > 0:
+        n_val = options.validation_docs
+    elif options.validation_fraction > 0 and n >= 2:
+        n_val = max(1, round(options.validation_fraction * n))
+    else:
+        n_val = 0
+    n_val = min(n_val, max(n - 1, 0))
+    return order[n_val:], order[:n_val]
+
+
+# ---- a domain, end to end -----------------------------------------------------------------------
+def _clear_outputs(dom_dir: Path) -> None:
+    for p in dom_dir.iterdir() if dom_dir.is_dir() else ():
+        if p.name == MANIFEST or p.name.endswith((".array_record", ".array_record.tmp", ".index.npy")):
+            p.unlink()
+
+
+def prepare_domain(
+    domain: str,
+    sources: Sequence[str] | str,
+    out_dir: str | Path,
+    options: PrepareOptions,
+    tokenizer: TokenizerSpec | None = None,
+    pool=None,
+) -> DomainManifest:
+    """Prepares one domain from its source specs (see mixlm/data/sources.py) into `<out_dir>/<domain>/`.
+    Returns the manifest; a domain already prepared with the same inputs and options is left as is.
+    `tokenizer` / `pool`: a loaded TokenizerSpec and a `tokenizer_pool` to reuse across domains."""
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    if not sources:
+        raise PrepareError(f"domain {domain!r}: no sources given")
+    units = [u for spec in sources for u in resolve_source(domain, spec, options.text_field)]
+    spec = tokenizer or load_tokenizer_spec(options.tokenizer)
+    if options.append_eos and spec.eos_id is None:
+        raise PrepareError(f"tokenizer {spec.name!r} has no eos token; set one or pass --no-eos")
+    if options.prepend_bos and spec.bos_id is None:
+        raise PrepareError(f"tokenizer {spec.name!r} has no bos token; drop --bos")
+    provenance = [describe_unit(u) for u in units]
+    plan_options = {
+        k: v
+        for k, v in asdict(options).items()
+        if k not in ("workers", "batch_docs", "strict", "overwrite", "progress", "keep_work")
+    }
+    plan = {
+        "domain": domain,
+        "sources": provenance,
+        "text_fields": [u.text_field for u in units],
+        "tokenizer": spec.fingerprint,
+        "options": plan_options,
+    }
+    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:20]
+
+    dom_dir = Path(out_dir) / domain
+    work = dom_dir / _WORK
+    if (dom_dir / MANIFEST).is_file():
+        try:
+            existing = DomainManifest.load(dom_dir / MANIFEST)
+        except (ShardError, KeyError, TypeError):  # an unreadable manifest is stale output
+            existing = None
+        if existing is not None and existing.options.get("plan") == plan_id:
+            try:
+                PreparedDomain(out_dir, domain)  # verifies every shard (size, record count)
+                print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
+                return existing
+            except ShardError as e:
+                print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
+                existing = None
+        if existing is not None and not options.overwrite:
+            raise PrepareError(
+                f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options; "
+                "pass --overwrite to replace it, or choose another --out"
+            )
+        _clear_outputs(dom_dir)
+    if (
+        not (work / "plan.json").is_file()
+        or json.loads((work / "plan.json").read_text()).get("plan") != plan_id
+    ):
+        shutil.rmtree(work, ignore_errors=True)  # stale partial work from other inputs or options
+        _clear_outputs(dom_dir)
+        work.mkdir(parents=True)
+        _atomic_write_bytes(work / "plan.json", json.dumps({"plan": plan_id, **plan}, indent=1).encode())
+
+    if pool is None and options.workers > 1:
+        with tokenizer_pool(spec, options) as own_pool:
+            metas = _tokenize_units(domain, units, work, spec, options, own_pool)
+    else:
+        metas = _tokenize_units(domain, units, work, spec, options, pool)
+    per_unit = [{"documents": 0, "malformed": dict.fromkeys(MALFORMED_KINDS, 0)} for _ in units]
+    for m in metas:
+        per_unit[m["unit"]]["documents"] += m["documents"]
+        for k, v in m["malformed"].items():
+            per_unit[m["unit"]]["malformed"][k] += v
+    sources_info = [{**p, **u} for p, u in zip(provenance, per_unit)]
+    malformed = {k: sum(u["malformed"][k] for u in per_unit) for k in MALFORMED_KINDS}
+    store = _ChunkStore(work, metas)
+    if not len(store.lengths):
+        raise PrepareError(
+            f"domain {domain!r}: no usable documents in {', '.join(sources)} "
+            f"(malformed: {malformed}); check the paths and --text-field"
+        )
+
+    train_ids, val_ids = _split_documents(len(store.lengths), domain, options)
+    train_tokens = int(store.lengths[train_ids].sum())
+    num_shards = max(1, min(len(train_ids), math.ceil(train_tokens / options.shard_tokens)))
+    progress = _Progress(options.progress, f"shard {domain}")
+    try:
+        splits = {
+            "train": _write_split(
+                dom_dir, work, "train", np.array_split(train_ids, num_shards), store, progress
+            ),
+            "validation": _write_split(
+                dom_dir, work, "validation", [val_ids] if len(val_ids) else [], store, progress
+            ),
+        }
+    finally:
+        progress.close()
+    manifest = DomainManifest(
+        domain=domain,
+        dtype=spec.dtype.name,
+        tokenizer=spec.describe(),
+        seed=options.seed,
+        splits=splits,
+        sources=sources_info,
+        malformed=malformed,
+        options={
+            "plan": plan_id,
+            **plan_options,
+            "tokenizer": spec.name,
+            "array_record_options": ARRAY_RECORD_OPTIONS,
+        },
+    )
+    _atomic_write_bytes(dom_dir / MANIFEST, manifest.to_json().encode())
+    del store
+    if not options.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def malformed_report(manifest: DomainManifest) -> str:
+    """One line per source file with malformed records (empty string when there are none)."""
+    lines = []
+    for src in manifest.sources:
+        bad = {k: v for k, v in src["malformed"].items() if v}
+        if bad:
+            lines.append(
+                f"  {src['path']}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in bad.items())
+            )
+    return "\n".join(lines)
+
+
+def prepare_domains(
+    domains: Mapping[str, Sequence[str] | str], out_dir: str | Path, options: PrepareOptions
+) -> dict[str, DomainManifest]:
+    """Prepares each domain (name -> source specs) into `<out_dir>/<name>/`; prints a summary per domain."""
+    for name in domains:
+        if not name or "/" in name or name.startswith("."):
+            raise PrepareError(f"domain name {name!r}: use a plain folder name (letters, digits, _ or -)")
+    spec = load_tokenizer_spec(options.tokenizer)
+    out = {}
+    with tokenizer_pool(spec, options) as pool:
+        for name, sources in domains.items():
+            t0 = time.perf_counter()
+            m = prepare_domain(name, sources, out_dir, options, tokenizer=spec, pool=pool)
+            out[name] = m
+            _summary(name, m, time.perf_counter() - t0)
+    return out
+
+
+def _summary(name: str, m: DomainManifest, secs: float) -> None:
+    bad = sum(m.malformed.values())
+    print(
+        f"prepare {name}: {m.documents:,} documents, {m.tokens:,} tokens "
+        f"({m.splits['validation'].documents:,} documents held out), {len(m.splits['train'].shards)} train "
+        f"shards, {bad:,} malformed records, {secs:.1f}s",
+        file=sys.stderr,
+    )
+    if bad:
+        print(malformed_report(m), file=sys.stderr)
