@@ -1,0 +1,286 @@
+"""`mixlm select`: quality signals → weighted percentile score → the best documents up to a budget.
+
+  mixlm select signals DOCS.jsonl.zst ... --out SIG [--tokenizer TOK] [--rating-columns a,b] [--workers N]
+  mixlm select pick --signals SIG [SIG2 ...] --weights W.yaml (--budget 2B | --top-fraction 0.1)
+                    --out SEL [--random-out RND --seed 0] [--plot] [--prepare-out PREP --tokenizer TOK]
+  mixlm select classifier train --pos POS.jsonl --neg NEG.jsonl --out CLF [--backend sklearn|fasttext]
+  mixlm select classifier score DOCS.jsonl.zst ... --model CLF --out SIG2
+  mixlm select weightings --signals a,b,c --n 64 --seed 0 --out WDIR     (Meta-rater rater weightings)
+  mixlm select metarater --signals SIG --raters a,b:low,c --n 64 --budget 2M --base PROXY.yaml
+                    --tokenizer TOK --heldout REF.jsonl --out MDIR      (learned rater weights → MDIR/weights.yaml)
+  mixlm select list                                                       (the rule-based signals)
+
+A weights file is YAML `{signal: weight}` or `{signal: {weight: w, higher_is_better: false}}`; `--weights`
+also takes the mapping inline, e.g. `--weights '{classifier_score: 1}'`. The DCLM filter is
+`classifier score` then `pick --weights '{classifier_score: 1}' --top-fraction 0.1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from mixlm.selection import SelectionError
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_amount(text: str) -> float:
+    """'2B' → 2e9, '500M' → 5e8, '1e6' → 1e6, '12000' → 12000."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbBgGtT]?)\s*", text)
+    try:
+        value = float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1) if m else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount like 12000, 1e9, 500M or 2B")
+    return value
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="document shards: .jsonl, .jsonl.gz or .jsonl.zst")
+    p.add_argument("--out", required=True, help="folder for the per-shard signal tables")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text (a.b for nested)")
+    p.add_argument("--tokenizer", help="HF tokenizer folder or hub name: adds num_tokens for token budgets")
+    p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
+    p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="table format")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting it")
+    p.add_argument("--overwrite", action="store_true", help="recompute shards that already have tables")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n", 2)[2]  # the usage lines above
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = sub.add_parser("signals", help="rule-based signals (+ rating columns, classifier) per document")
+    _add_input_args(p)
+    p.add_argument("--rating-columns", default="",
+                   help="comma-separated numeric fields of the input to keep as signals (PRRC, QuRating ...)")
+    p.add_argument("--classifier", help="also score with this classifier folder")
+    p.add_argument("--no-rules", action="store_true", help="skip the rule-based signals")
+
+    p = sub.add_parser("pick", help="combine signals with weights and keep the best documents")
+    p.add_argument("--signals", nargs="+", required=True, help="signal folders (joined on file and line)")
+    p.add_argument("--weights", required=True, help="weights YAML file, or an inline YAML mapping")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--budget", type=parse_amount, help="keep the best documents up to this many units")
+    group.add_argument("--top-fraction", type=float, help="keep this fraction of the documents")
+    p.add_argument("--budget-unit", choices=("tokens", "words", "chars"),
+                   help="size column for the budget (default tokens; chars for --top-fraction without tokens)")
+    p.add_argument("--out", required=True, help="folder for documents.jsonl.zst and report.json")
+    p.add_argument("--random-out", help="also write a seeded random selection of the same budget here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--plot", action="store_true", help="write signals.png (histograms: all / top / random)")
+    p.add_argument("--prepare-out", help="also run `mixlm prepare` on the selection(s) into this folder; the "
+                   "domain is named after --out (and --random-out)")
+    p.add_argument("--tokenizer", help="with --prepare-out: the HF tokenizer folder or hub name to prepare with")
+
+    p = sub.add_parser("classifier", help="DCLM-style classifier: train | score")
+    csub = p.add_subparsers(dest="classifier_action", required=True, metavar="train|score")
+    t = csub.add_parser("train", help="fit on positive and negative documents")
+    t.add_argument("--pos", nargs="+", required=True, help="positive (high-quality) jsonl files")
+    t.add_argument("--neg", nargs="+", required=True, help="negative jsonl files")
+    t.add_argument("--out", required=True, help="model folder")
+    t.add_argument("--backend", choices=("sklearn", "fasttext"), default="sklearn")
+    t.add_argument("--signal", default="classifier_score", help="name of the score column it produces")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--max-docs", type=int, help="use at most this many documents per class")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="held out per class for the metrics")
+    t.add_argument("--seed", type=int, default=0)
+    s = csub.add_parser("score", help="score documents: one table per shard, like `signals`")
+    _add_input_args(s)
+    s.add_argument("--model", required=True, help="model folder from `classifier train`")
+    s.add_argument("--signal", help="score column name (default: the one saved with the model)")
+
+    p = sub.add_parser("weightings", help="Dirichlet weightings over raters (Meta-rater)")
+    p.add_argument("--signals", required=True, help="comma-separated rater / signal names")
+    p.add_argument("--n", type=int, required=True, help="number of weightings")
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of every rater")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for weighting_NNNN.yaml files and weightings.csv")
+
+    p = sub.add_parser("metarater", help="learn rater weights: a proxy per weighting, fit, optimise (Meta-rater)")
+    p.add_argument("--signals", nargs="+", required=True, help="signal folders of the document pool")
+    p.add_argument("--raters", required=True,
+                   help="comma-separated signal names; suffix :high or :low states a direction (a:high,b:low)")
+    wgroup = p.add_mutually_exclusive_group(required=True)
+    wgroup.add_argument("--n", type=int, help="sample this many weightings (Dirichlet over the raters)")
+    wgroup.add_argument("--weightings", help="a `select weightings` folder or CSV: index + one column per rater")
+    p.add_argument("--budget", type=parse_amount, required=True, help="selection budget of every proxy")
+    p.add_argument("--budget-unit", choices=("tokens", "words", "chars"), default="tokens")
+    p.add_argument("--base", required=True, help="proxy experiment YAML (data.prepared_dir / mixture are set per run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override applied to every proxy (repeatable)")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer folder or hub name to prepare selections with")
+    p.add_argument("--heldout", nargs="+", required=True,
+                   help="document files, disjoint from the pool, every proxy is scored on")
+    p.add_argument("--heldout-name", default="heldout", help="domain name of the held-out set")
+    p.add_argument("--out", required=True, help="folder: selections/, prepared/, runs/, results.csv, fit/, weights.yaml")
+    p.add_argument("--regressors", default="loglinear,linear,lightgbm", help="regressors to fit (best k-fold Spearman is used)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--samples", type=int, default=100_000, help="weightings simulated by the optimiser")
+    p.add_argument("--top-k", type=int, default=128, help="optimum = mean of the top-k simulated weightings")
+    p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of every rater")
+    p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("list", help="print the rule-based signals, their default direction and definition")
+
+
+def _load_weights(text: str) -> dict:
+    path = Path(text)
+    try:
+        spec = yaml.safe_load(path.read_text()) if path.is_file() else yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SelectionError(f"--weights {text!r}: not valid YAML ({e})") from e
+    if not isinstance(spec, dict):
+        raise SelectionError(f"--weights {text!r}: expected a YAML file or inline mapping {{signal: weight}}")
+    return spec
+
+
+def _read_texts(paths: list[str], text_field: str, limit: int | None) -> list[str]:
+    from mixlm.selection.shards import BadLines, iter_documents
+
+    texts: list[str] = []
+    bad = BadLines()
+    for path in paths:
+        if not Path(path).is_file():
+            raise SelectionError(f"{path}: file not found")
+        for _, _, text in iter_documents(path, text_field, bad):
+            texts.append(text)
+            if limit is not None and len(texts) >= limit:
+                return texts
+    if bad.counts:
+        print(f"skipped {sum(bad.counts.values())} bad lines: {dict(bad.counts)}", file=sys.stderr)
+    return texts
+
+
+def _prepare(selection_dirs: list[str], prepare_out: str, tokenizer: str) -> None:
+    """Each selection folder becomes a prepared domain named after it, under `prepare_out`."""
+    from mixlm.data.prepare import PrepareOptions, prepare_domains
+
+    domains = {Path(d).resolve().name: [str(Path(d) / "documents.jsonl.zst")] for d in selection_dirs}
+    prepare_domains(domains, prepare_out, PrepareOptions(tokenizer=tokenizer, progress=False))
+
+
+def _tokenizer_arg(value: str | None) -> str | None:
+    # A local folder is stored resolved (the settings are compared on rerun); a hub name as given.
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
+def _compute(args, settings) -> int:
+    from mixlm.selection.shards import compute_tables
+
+    report = compute_tables(args.inputs, args.out, settings, workers=args.workers, strict=args.strict,
+                            overwrite=args.overwrite)
+    print(f"{report['documents']} documents in {report['shards']} shards → {args.out} "
+          f"({report['seconds']:.1f} s)")
+    if report["malformed_lines"]:
+        print(f"skipped {report['malformed_lines']} bad lines {report['malformed']}; e.g. "
+              f"{report['malformed_examples'][0]}", file=sys.stderr)
+    return 0
+
+
+def _run(args) -> int:
+    from mixlm.selection.shards import TableSettings
+
+    if args.action == "list":
+        from mixlm.selection.signals import SIGNALS
+
+        direction = {True: "higher", False: "lower", None: "(state it)"}
+        for spec in SIGNALS:
+            print(f"{spec.name:26s} {direction[spec.higher_is_better]:10s} {spec.doc}")
+        return 0
+    if args.action == "signals":
+        columns = tuple(c.strip() for c in args.rating_columns.split(",") if c.strip())
+        return _compute(args, TableSettings(
+            text_field=args.text_field, rules=not args.no_rules, rating_columns=columns,
+            classifier=str(Path(args.classifier).resolve()) if args.classifier else None,
+            tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format))
+    if args.action == "classifier" and args.classifier_action == "score":
+        return _compute(args, TableSettings(
+            text_field=args.text_field, rules=False, classifier=str(Path(args.model).resolve()),
+            classifier_signal=args.signal,
+            tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format))
+    if args.action == "classifier":
+        from mixlm.selection.classifier import train_classifier
+
+        pos = _read_texts(args.pos, args.text_field, args.max_docs)
+        neg = _read_texts(args.neg, args.text_field, args.max_docs)
+        meta = train_classifier(pos, neg, args.out, backend=args.backend, signal=args.signal, seed=args.seed,
+                                val_fraction=args.val_fraction)
+        print(f"{args.backend} classifier on {meta['train']} documents → {args.out}; held out "
+              f"{meta['held_out']}: accuracy {meta.get('held_out_accuracy', float('nan')):.3f}")
+        return 0
+    if args.action == "pick":
+        if args.prepare_out and not args.tokenizer:
+            raise SelectionError("--prepare-out needs --tokenizer (the tokenizer to prepare the selection with)")
+        from mixlm.selection.scoring import select_documents
+
+        report = select_documents(args.signals, _load_weights(args.weights), args.out, budget=args.budget,
+                                  top_fraction=args.top_fraction, budget_unit=args.budget_unit,
+                                  random_out=args.random_out, seed=args.seed, plot=args.plot)
+        unit = report["budget_unit"]
+        print(f"kept {report['documents_out']} of {report['documents_in']} documents, "
+              f"{report[unit + '_out']} of {report[unit + '_in']} {unit} → {args.out}")
+        if args.random_out:
+            rnd = report["random_baseline"]
+            print(f"random baseline: {rnd['documents_out']} documents, {rnd[unit + '_out']} {unit} "
+                  f"→ {args.random_out}")
+        if args.prepare_out:
+            _prepare([args.out] + ([args.random_out] if args.random_out else []), args.prepare_out, args.tokenizer)
+        return 0
+    if args.action == "weightings":
+        from mixlm.selection.scoring import sample_rater_weightings
+
+        signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+        weightings = sample_rater_weightings(signals, args.n, args.seed, args.alpha)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "weightings.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", *signals])
+            for i, w in enumerate(weightings):
+                writer.writerow([i, *(w[s] for s in signals)])
+                (out / f"weighting_{i:04d}.yaml").write_text(yaml.safe_dump(w, sort_keys=False))
+        print(f"{args.n} weightings of {len(signals)} raters → {out}")
+        return 0
+    if args.action == "metarater":
+        from mixlm.selection.metarater import learn_rater_weights, parse_raters
+
+        raters = [r.strip() for r in args.raters.split(",") if r.strip()]
+        names, _ = parse_raters(raters)
+        if args.n is not None:
+            from mixlm.selection.scoring import sample_rater_weightings
+
+            weightings = sample_rater_weightings(names, args.n, args.seed, args.alpha)
+        else:
+            from mixlm.mixing.tables import read_csv
+
+            path = Path(args.weightings)
+            table = read_csv(path / "weightings.csv" if path.is_dir() else path)
+            weightings = {int(i): dict(zip(names, map(float, row)))
+                          for i, row in zip(table.index_N, table.select(names, source=str(path)))}
+        result = learn_rater_weights(
+            args.signals, raters, weightings, args.out, budget=args.budget, budget_unit=args.budget_unit,
+            base_config=args.base, overrides=args.overrides, tokenizer=args.tokenizer, heldout=args.heldout,
+            heldout_name=args.heldout_name, regressors=[r.strip() for r in args.regressors.split(",") if r.strip()],
+            folds=args.folds, n_samples=args.samples, top_k=args.top_k, alpha=args.alpha, seed=args.seed)
+        print(f"{len(result.losses)} proxies → {result.results_csv}; weights → {result.weights_yaml}")
+        return 0
+    raise AssertionError(args.action)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixlm.data.sources import PrepareError
+
+    try:
+        return _run(args)
+    except (SelectionError, PrepareError) as e:
+        print(f"mixlm select: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,162 @@
+"""DCLM-style quality classifier: positive (reference-like) against negative (raw web) documents.
+
+Two backends, one interface (`TextClassifier.score(texts) -> P(positive)`):
+
+* `sklearn` (default, dependable): hashed word uni+bigram counts (`HashingVectorizer`, 2**20
+  features, l2-normalised) and `LogisticRegression`; saved as `model.joblib`.
+* `fasttext` (DCLM's choice; `pip install fasttext-numpy2-wheel`): supervised fastText with word
+  bigrams on a shuffled training file; saved as `model.bin`. On tiny or one-sided data fastText can
+  return NaN or a one-label model; training checks for both and says so.
+
+A model folder holds the model and `classifier.json` (backend, signal column name, held-out metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mixlm.selection import SelectionError
+
+BACKENDS = ("sklearn", "fasttext")
+_POS, _NEG = "__label__pos", "__label__neg"
+
+
+class TextClassifier:
+    """A trained classifier; `score` returns float64 [n] probabilities of the positive class."""
+
+    def __init__(self, backend: str, model, signal: str):
+        self.backend, self.model, self.signal = backend, model, signal
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros(0)
+        if self.backend == "sklearn":
+            return self.model.predict_proba(list(texts))[:, 1].astype(np.float64)
+        labels, probs = self.model.predict([_one_line(t) for t in texts], k=2)
+        return np.array([dict(zip(ls, ps)).get(_POS, 0.0) for ls, ps in zip(labels, probs)], np.float64)
+
+
+def _one_line(text: str) -> str:
+    # fastText reads one example per line.
+    return " ".join(text.split())
+
+
+def _sklearn_model(seed: int, c: float):
+    from sklearn.feature_extraction.text import HashingVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(
+        HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm="l2",
+                          token_pattern=r"(?u)\b\w+\b", dtype=np.float32),
+        LogisticRegression(C=c, max_iter=1000, random_state=seed),
+    )
+
+
+# Our fastText defaults; `fasttext_options` overrides any of them (e.g. a bigger `dim` on real data).
+# 2**20 hash buckets x dim 64 x 4 bytes: a 256 MiB model.bin.
+FASTTEXT_DEFAULTS = {"epoch": 5, "lr": 0.1, "wordNgrams": 2, "dim": 64, "bucket": 2**20, "minCount": 1}
+
+
+def _train_fasttext(texts: list[str], labels: np.ndarray, seed: int, options: dict, work_dir: Path):
+    try:
+        import fasttext
+    except ImportError as e:
+        raise SelectionError("backend 'fasttext' needs `pip install fasttext-numpy2-wheel`; "
+                             "or use --backend sklearn") from e
+    # Shuffled already by the caller; fastText learns badly from a file sorted by label.
+    train_file = work_dir / "train.txt"
+    with open(train_file, "w") as f:
+        f.writelines(f"{_POS if label else _NEG} {_one_line(text)}\n" for text, label in zip(texts, labels))
+    # One thread: fastText is only reproducible for a seed when single-threaded.
+    model = fasttext.train_supervised(input=str(train_file), thread=1, seed=seed, verbose=0,
+                                      **{**FASTTEXT_DEFAULTS, **options})
+    train_file.unlink()
+    if sorted(model.labels) != sorted([_POS, _NEG]):
+        raise SelectionError(f"fastText learned labels {model.labels}, not both classes; give it more "
+                             "(and balanced) data or use --backend sklearn")
+    return model
+
+
+def train_classifier(pos_texts: Sequence[str], neg_texts: Sequence[str], out_dir: str | Path, *,
+                     backend: str = "sklearn", signal: str = "classifier_score", seed: int = 0,
+                     val_fraction: float = 0.1, c: float = 1.0,
+                     fasttext_options: Mapping | None = None) -> dict:
+    """Fit on a shuffled split, measure on the held-out `val_fraction` (per class), save to `out_dir`.
+
+    `c` is the inverse L2 strength of the logistic regression; `fasttext_options` override
+    `FASTTEXT_DEFAULTS`. Returns the metadata written to `classifier.json`: backend, signal, counts,
+    held-out accuracy and ROC AUC.
+    """
+    if backend not in BACKENDS:
+        raise SelectionError(f"classifier backend {backend!r}: use one of {BACKENDS}")
+    if len(pos_texts) < 2 or len(neg_texts) < 2:
+        raise SelectionError(f"need at least 2 positive and 2 negative documents, got {len(pos_texts)} "
+                             f"and {len(neg_texts)}")
+    if not 0 <= val_fraction < 1:
+        raise SelectionError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    texts = list(pos_texts) + list(neg_texts)
+    labels = np.array([1] * len(pos_texts) + [0] * len(neg_texts))
+    val = np.zeros(len(texts), bool)
+    for cls in (0, 1):  # stratified hold-out: the same fraction of each class
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        val[idx[: round(val_fraction * idx.size)]] = True
+    train_idx = rng.permutation(np.flatnonzero(~val))
+    train_texts, train_labels = [texts[i] for i in train_idx], labels[train_idx]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if backend == "sklearn":
+        import joblib
+
+        model = _sklearn_model(seed, c).fit(train_texts, train_labels)
+        joblib.dump(model, out / "model.joblib")
+    else:
+        with tempfile.TemporaryDirectory(dir=out) as work:
+            model = _train_fasttext(train_texts, train_labels, seed, dict(fasttext_options or {}), Path(work))
+        model.save_model(str(out / "model.bin"))
+    classifier = TextClassifier(backend, model, signal)
+
+    meta = {"backend": backend, "signal": signal, "seed": seed, "positives": len(pos_texts),
+            "negatives": len(neg_texts), "train": int(train_idx.size), "held_out": int(val.sum())}
+    if val.any():
+        val_texts = [texts[i] for i in np.flatnonzero(val)]
+        probs = classifier.score(val_texts)
+        if np.isnan(probs).any():
+            raise SelectionError(f"{backend} gave NaN scores on held-out documents; use more data "
+                                 "or --backend sklearn")
+        meta["held_out_accuracy"] = float(np.mean((probs >= 0.5) == (labels[val] == 1)))
+        if len(set(labels[val].tolist())) == 2:
+            meta["held_out_auc"] = float(roc_auc_score(labels[val], probs))
+    tmp = out / "classifier.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "classifier.json")
+    return meta
+
+
+def load_classifier(model_dir: str | Path, signal: str | None = None) -> TextClassifier:
+    """The classifier saved in `model_dir`; `signal` renames its score column."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "classifier.json"
+    if not meta_path.is_file():
+        raise SelectionError(f"{model_dir}: no classifier.json; train one with `mixlm select classifier train`")
+    meta = json.loads(meta_path.read_text())
+    if meta["backend"] == "sklearn":
+        import joblib
+
+        model = joblib.load(model_dir / "model.joblib")
+    else:
+        import fasttext
+
+        model = fasttext.load_model(str(model_dir / "model.bin"))
+    return TextClassifier(meta["backend"], model, signal or meta["signal"])
+

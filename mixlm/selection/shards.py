@@ -1,0 +1,399 @@
+"""Signal tables over document shards, and writing a selection back out as documents.
+
+Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line with a text field.
+`compute_tables` writes, per input shard, `OUT/<index>-<name>.signals.parquet` (or `.signals.jsonl`)
+with one row per readable document: `file` (absolute path), `line` (1-based), `num_chars`, then
+`num_tokens` (with a tokenizer), the rule-based signals, the requested rating columns of the input and
+the classifier score; beside it `<index>-<name>.report.json` (documents, malformed lines, settings)
+so an interrupted run redoes only unfinished shards. `OUT/signals_report.json`, written last, sums
+the shard reports and lists the run's tables; `load_tables` reads those back as a `SignalTable`.
+
+A malformed line (invalid UTF-8 or JSON, text field missing or not a string, blank text) is skipped
+and counted by kind, as `mixlm prepare` counts them, with the first few locations; `strict=True`
+raises instead. `num_tokens` counts the text's tokens without special tokens (prepare adds an EOS).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixlm.data.sources import MALFORMED_KINDS
+from mixlm.data.sources import _open_binary as open_binary  # one reader of jsonl(.gz/.zst) for all verbs
+from mixlm.selection import SelectionError
+from mixlm.selection.signals import SIGNAL_NAMES, compute_signals
+
+TABLE_FORMATS = ("parquet", "jsonl")
+_BATCH = 512  # documents per classifier / tokenizer call
+_MAX_EXAMPLES = 5
+
+
+def _field(obj: dict, dotted: str):
+    """obj['a']['b'] for 'a.b'; KeyError when any step is missing."""
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            raise KeyError(dotted)
+        obj = obj[part]
+    return obj
+
+
+@dataclass
+class BadLines:
+    """Counts of skipped lines by kind (`MALFORMED_KINDS`, as `mixlm prepare` counts them), with the
+    first few `file:line: kind: detail` examples."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, path: str, line: int, kind: str, detail: str, strict: bool) -> None:
+        where = f"{path}:{line}: {kind.replace('_', ' ')}: {detail}"
+        if strict:
+            raise SelectionError(f"{where}; fix or drop that line, or run without --strict to skip and count it")
+        self.counts[kind] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(where)
+
+
+def iter_documents(path: str | Path, text_field: str, bad: BadLines, strict: bool = False
+                   ) -> Iterator[tuple[int, dict, str]]:
+    """(line number from 1, the parsed object, its text) for each good line; blank lines are ignored.
+
+    Malformed lines (invalid UTF-8 or JSON, no object with a string text field, empty text) go to `bad`.
+    """
+    with open_binary(str(path)) as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad.add(str(path), number, "invalid_utf8", str(e), strict)
+                continue
+            except json.JSONDecodeError as e:
+                bad.add(str(path), number, "invalid_json", e.msg, strict)
+                continue
+            try:
+                text = _field(obj, text_field)
+            except KeyError:
+                bad.add(str(path), number, "missing_field", f"no field {text_field!r}", strict)
+                continue
+            if not isinstance(text, str):
+                bad.add(str(path), number, "missing_field",
+                        f"field {text_field!r} is {type(text).__name__}, not text", strict)
+                continue
+            if not text.strip():
+                bad.add(str(path), number, "empty", f"field {text_field!r} is blank", strict)
+                continue
+            yield number, obj, text
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """What a signal table holds; a shard whose saved settings differ is recomputed."""
+
+    text_field: str = "text"
+    rules: bool = True
+    rating_columns: tuple[str, ...] = ()
+    classifier: str | None = None  # model directory
+    classifier_signal: str | None = None  # column name; default: the one saved with the classifier
+    tokenizer: str | None = None  # HF tokenizer folder or hub name, loaded as `mixlm prepare` loads it
+    table_format: str = "parquet"
+
+
+def _shard_name(index: int, path: Path) -> str:
+    stem = re.sub(r"\.jsonl?(\.gz|\.zst)?$", "", path.name)
+    return f"{index:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_classifier(model_dir: str, signal: str | None):
+    # Once per worker process, not once per shard (a fastText model is hundreds of MiB).
+    from mixlm.selection.classifier import load_classifier
+
+    return load_classifier(model_dir, signal)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool]) -> dict:
+    """Worker: one input shard → one table + its report. Returns the report."""
+    index, path, out_dir, settings_dict, tokenizer_json, strict, overwrite = job
+    settings = TableSettings(**{**settings_dict, "rating_columns": tuple(settings_dict["rating_columns"])})
+    name = _shard_name(index, Path(path))
+    table_path = Path(out_dir) / f"{name}.signals.{settings.table_format}"
+    report_path = Path(out_dir) / f"{name}.report.json"
+    input_bytes = Path(path).stat().st_size
+    if not overwrite and table_path.exists() and report_path.exists():
+        old = json.loads(report_path.read_text())
+        if (old.get("settings"), old.get("input"), old.get("input_bytes")) == (settings_dict, path, input_bytes):
+            return old
+
+    start = time.time()
+    classifier = _load_classifier(settings.classifier, settings.classifier_signal) if settings.classifier else None
+    tokenizer = _load_tokenizer(tokenizer_json) if tokenizer_json else None
+    # Compact typed arrays, not lists of Python floats: a shard may hold millions of documents.
+    columns: dict[str, array] = {"line": array("q"), "num_chars": array("q")}
+    if tokenizer is not None:
+        columns["num_tokens"] = array("q")
+    if settings.rules:
+        columns.update({key: array("d") for key in SIGNAL_NAMES if key != "num_chars"})
+    columns.update({col: array("d") for col in settings.rating_columns})
+    if classifier is not None:
+        columns[classifier.signal] = array("d")
+
+    bad = BadLines()
+    missing_ratings: Counter = Counter()
+    pending: list[str] = []
+
+    def flush() -> None:
+        if tokenizer is not None:
+            columns["num_tokens"].extend(len(e.ids) for e in tokenizer.encode_batch(pending, add_special_tokens=False))
+        if classifier is not None:
+            columns[classifier.signal].extend(classifier.score(pending).tolist())
+        pending.clear()
+
+    for number, obj, text in iter_documents(path, settings.text_field, bad, strict):
+        columns["line"].append(number)
+        columns["num_chars"].append(len(text))
+        if settings.rules:
+            for key, value in compute_signals(text).items():
+                if key != "num_chars":
+                    columns[key].append(value)
+        for col in settings.rating_columns:
+            try:
+                value = _field(obj, col)
+            except KeyError:
+                value = None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                missing_ratings[col] += 1  # missing or not a number
+                value = math.nan
+            columns[col].append(float(value))
+        pending.append(text)
+        if len(pending) >= _BATCH:
+            flush()
+    flush()
+
+    _write_table(path, columns, table_path)
+    report = {
+        "input": path,
+        "input_bytes": input_bytes,
+        "table": table_path.name,
+        "documents": len(columns["line"]),
+        "malformed_lines": sum(bad.counts.values()),
+        "malformed": {k: bad.counts[k] for k in MALFORMED_KINDS if bad.counts[k]},
+        "malformed_examples": bad.examples,
+        "missing_ratings": dict(missing_ratings),
+        "seconds": round(time.time() - start, 3),
+        "settings": settings_dict,
+    }
+    _atomic_write_text(report_path, json.dumps(report, indent=1))
+    return report
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_table(path: str, columns: dict[str, array], out: Path) -> None:
+    """One row per document: file, then `columns` (int64 'q' / float64 'd' arrays of equal length)."""
+    tmp = out.with_name(out.name + ".tmp")
+    rows = len(columns["line"])
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({
+            "file": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([path])),
+            **{k: pa.array(np.frombuffer(v, np.int64 if v.typecode == "q" else np.float64))
+               for k, v in columns.items()},
+        })
+        pq.write_table(table, tmp)
+    else:
+        names = list(columns)
+        with open(tmp, "w") as f:
+            for row in zip(*(columns[k] for k in names)):
+                clean = [None if isinstance(v, float) and math.isnan(v) else v for v in row]
+                f.write(json.dumps({"file": path, **dict(zip(names, clean))}) + "\n")
+    os.replace(tmp, out)
+
+
+def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: TableSettings = TableSettings(),
+                   *, workers: int = 1, strict: bool = False, overwrite: bool = False) -> dict:
+    """Signal tables for every input shard (see the module docstring); returns the summed report.
+
+    `workers` > 1 runs shards in that many processes (spawned, so safe beside jax / tokenizers threads).
+    """
+    if settings.table_format not in TABLE_FORMATS:
+        raise SelectionError(f"table format {settings.table_format!r}: use one of {TABLE_FORMATS}")
+    if not (settings.rules or settings.rating_columns or settings.classifier):
+        raise SelectionError("nothing to compute: enable the rule signals, a rating column or a classifier")
+    paths = [Path(p).resolve() for p in inputs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SelectionError(f"input files not found: {', '.join(missing)}")
+    if len(set(paths)) != len(paths):
+        raise SelectionError("an input file is given twice; each shard must appear once")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_dict = asdict(settings)
+    settings_dict["rating_columns"] = list(settings.rating_columns)
+    tokenizer_json = None
+    if settings.tokenizer:
+        from mixlm.data.prepare import load_tokenizer_spec
+
+        tokenizer_json = load_tokenizer_spec(settings.tokenizer).backend_json
+    jobs = [(i, str(p), str(out), settings_dict, tokenizer_json, strict, overwrite) for i, p in enumerate(paths)]
+    start = time.time()
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            reports = list(pool.imap(_score_shard, jobs))
+    else:
+        reports = [_score_shard(job) for job in jobs]
+
+    reasons: Counter = Counter()
+    missing_ratings: Counter = Counter()
+    for r in reports:
+        reasons.update(r["malformed"])
+        missing_ratings.update(r["missing_ratings"])
+    summary = {
+        "shards": len(reports),
+        "documents": sum(r["documents"] for r in reports),
+        "malformed_lines": sum(r["malformed_lines"] for r in reports),
+        "malformed": dict(reasons),
+        "malformed_examples": [e for r in reports for e in r["malformed_examples"]][:_MAX_EXAMPLES],
+        "missing_ratings": dict(missing_ratings),
+        "seconds": round(time.time() - start, 3),
+        "settings": settings_dict,
+        # The tables of this run: `load_tables` reads these and no stale file of an earlier run.
+        "tables": [{k: r[k] for k in ("table", "input", "input_bytes")} for r in reports],
+    }
+    _atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _read_columns(path: Path) -> dict[str, np.ndarray]:
+    """A table's columns except `file`, as numpy: line int64, every other column float64 (NaN = null)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        raw = {k: table[k].to_numpy() for k in table.column_names if k != "file"}
+    else:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        names = [k for k in rows[0] if k != "file"] if rows else ["line"]
+        raw = {k: np.array([np.nan if r[k] is None else r[k] for r in rows]) for k in names}
+    return {k: v.astype(np.int64 if k == "line" else np.float64) for k, v in raw.items()}
+
+
+@dataclass
+class SignalTable:
+    """Signals of n documents, sorted by (file path, line). `files[file_id[i]]` is document i's shard."""
+
+    files: list[str]
+    file_id: np.ndarray  # int64 [n]
+    line: np.ndarray  # int64 [n]
+    columns: dict[str, np.ndarray]  # float64 [n] each: num_chars, signals, ratings, scores ...
+
+    def __len__(self) -> int:
+        return int(self.line.size)
+
+
+def _load_dir(d: Path) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    report_path = d / "signals_report.json"
+    if not report_path.is_file():
+        raise SelectionError(f"{d}: no signals_report.json; run (or finish) `mixlm select signals` there")
+    parts: dict[str, list] = {}
+    for entry in json.loads(report_path.read_text())["tables"]:
+        source = Path(entry["input"])
+        if not source.is_file():
+            raise SelectionError(f"{source} (signals in {d}) no longer exists; restore it or recompute")
+        if source.stat().st_size != entry["input_bytes"]:
+            raise SelectionError(f"{source} changed since its signals in {d} were computed; "
+                                 "rerun `mixlm select signals` on it")
+        cols = _read_columns(d / entry["table"])
+        parts.setdefault(str(source), []).append(cols)
+    return parts
+
+
+def load_tables(dirs: Sequence[str | Path]) -> SignalTable:
+    """The signal tables of the last `compute_tables` run in each of `dirs`, joined on (file, line).
+
+    Only documents present in every dir are kept. A column found in several dirs (num_chars, say) is
+    kept once when the values agree and is an error when they do not. Raises when an input shard is
+    gone or changed size since its signals were computed (lines would no longer match).
+    """
+    loaded = [_load_dir(Path(d)) for d in dirs]
+    files = sorted({f for parts in loaded for f in parts})
+    file_index = {f: i for i, f in enumerate(files)}
+    joined: SignalTable | None = None
+    for d, parts in zip(dirs, loaded):
+        chunks = [(file_index[f], cols) for f, tables in parts.items() for cols in tables]
+        names = sorted({k for _, cols in chunks for k in cols}, key=lambda k: (k != "line", k))
+        missing = [k for k in names if any(k not in cols for _, cols in chunks)]
+        if missing:
+            raise SelectionError(f"{d}: tables disagree on columns {missing}; recompute with --overwrite")
+        file_id = np.concatenate([np.full(cols["line"].size, i, np.int64) for i, cols in chunks]) \
+            if chunks else np.zeros(0, np.int64)
+        merged = {k: np.concatenate([cols[k] for _, cols in chunks]) if chunks else np.zeros(0) for k in names}
+        order = np.lexsort((merged["line"], file_id))
+        table = SignalTable(files, file_id[order], merged.pop("line")[order],
+                            {k: v[order] for k, v in merged.items()})
+        if joined is None:
+            joined = table
+            continue
+        key_a, key_b = (t.file_id * 2**32 + t.line for t in (joined, table))
+        _, ia, ib = np.intersect1d(key_a, key_b, assume_unique=True, return_indices=True)
+        columns = {k: v[ia] for k, v in joined.columns.items()}
+        for k, v in table.columns.items():
+            if k in columns and not np.array_equal(columns[k], v[ib], equal_nan=True):
+                raise SelectionError(f"column {k!r} differs between {d} and an earlier signals folder; "
+                                     "were they computed with different settings (tokenizer, say)?")
+            columns[k] = v[ib]
+        joined = SignalTable(files, joined.file_id[ia], joined.line[ia], columns)
+    if joined is None or not len(joined):
+        raise SelectionError(f"no documents in the signal tables of {', '.join(map(str, dirs))}")
+    return joined
+
+
+def write_selected(table: SignalTable, chosen: np.ndarray, out_path: str | Path, level: int = 3) -> int:
+    """Copy the input lines of documents `chosen` (indices into `table`) verbatim into one jsonl.zst,
+    in (file, line) order. Returns the number of documents written."""
+    import zstandard
+
+    wanted: dict[str, set[int]] = {}
+    for f, line in zip(table.file_id[chosen].tolist(), table.line[chosen].tolist()):
+        wanted.setdefault(table.files[f], set()).add(line)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    written = 0
+    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=level).stream_writer(raw) as out:
+        for path in sorted(wanted):
+            lines_wanted = wanted[path]
+            with open_binary(path) as f:
+                for number, line in enumerate(f, start=1):
+                    if number in lines_wanted:
+                        out.write(line if line.endswith(b"\n") else line + b"\n")
+                        written += 1
+    os.replace(tmp, out_path)
+    return written
