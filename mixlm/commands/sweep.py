@@ -1,0 +1,32 @@
+"""mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N] [section.key=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="base experiment YAML of the proxy runs (data.source: prepared)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    parser.add_argument("--mixtures", required=True,
+                        help="a `mixlm mix sample` folder (its mixtures.csv) or a CSV: index + one column per domain")
+    parser.add_argument("--out", required=True, help="sweep folder: runs/<index>/ and results.csv")
+    parser.add_argument("--parallel", type=int, default=1, help="proxy runs at once as separate processes (0: in this process, sequentially)")
+    parser.add_argument("--limit", type=int, default=0, help="run only the first N mixtures")
+
+
+def run(args) -> int:
+    from mixlm.config import load_config
+    from mixlm.mixing.sweep import plan_sweep, run_sweep
+    from mixlm.mixing.tables import read_csv
+
+    path = Path(args.mixtures)
+    table = read_csv(path / "mixtures.csv" if path.is_dir() else path)
+    if args.limit:
+        table = table.rows(table.index_N[: args.limit])
+    cfg = load_config(args.config, args.overrides)
+    runs = plan_sweep(args.config, table, args.out, args.overrides)
+    results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel)
+    print(f"results: {results}")
+    return 0
