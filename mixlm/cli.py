@@ -12,7 +12,15 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "print the exact parameter count of a model config (no allocation)"),
     "train": ("train", "train a model: mixlm train CONFIG [section.key=value ...]"),
+    "prepare": ("prepare", "tokenize raw documents per domain into shuffled ArrayRecord shards + manifests"),
+    "tokenizer": ("tokenizer", "tokenizer train: a byte-level BPE saved as a HF tokenizer folder"),
+    "sweep": ("sweep", "RegMix proxy sweep: one base config x N mixtures -> results.csv"),
     "mix": ("mix", "RegMix mixture search: mix sample | fit | predict | optimize"),
+    "select": ("select", "data selection: quality signals, weighted top-k to a budget, classifier filter"),
+    "export": ("export", "Orbax checkpoint -> transformers folder (+ tokenizer, model card); --verify logits"),
+    "import": ("import_hf", "transformers Llama/Qwen3/GPT-2 folder -> mixlm checkpoint + model config"),
+    "release": ("release", "upload an exported folder to the Hugging Face Hub (--dry-run lists the files)"),
+    "eval": ("eval", "lm-evaluation-harness suites on an exported folder -> JSON + table; eval compare RUNS ..."),
 }
 
 

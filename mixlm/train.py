@@ -334,6 +334,22 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
         checkpoints.save(step, state, data_state=source.get_state(),
                          meta=run_metadata(cfg, step, tokens_seen=source.tokens_seen(), mesh=mesh))
 
+    def run_eval(step: int, label: str) -> dict[str, float]:
+        """Per-domain validation loss, plus lm-eval tasks on the live model when eval.tasks is set."""
+        nonlocal eval_batches
+        ev = {}
+        if cfg.eval.batches:
+            eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
+            ev.update(evaluate(setup, state.params, eval_batches))
+        if cfg.eval.tasks:
+            from mixlm.evaluate import run_tasks_on_live_model
+
+            ev.update(run_tasks_on_live_model(cfg, setup.graphdef, state.params))
+        if ev:
+            log.write(step, ev)
+            say(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        return ev
+
     preempted_at, final_eval = None, {}
     preemption = PreemptionGuard(checkpoints, log=say).install()
     try:
@@ -351,10 +367,7 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
                 finish(*pending)
                 pending = None
-                eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
-                ev = evaluate(setup, state.params, eval_batches)
-                log.write(step, ev)
-                say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                run_eval(step, f"step {step}")
             stop = preemption.requested(step)
             if stop or checkpoints.should_save(step, cfg.train.steps):
                 save_checkpoint(step)
@@ -366,14 +379,12 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
                 break
         if pending is not None:
             finish(*pending)
-        if preempted_at is None and cfg.eval.batches:
-            eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
-            final_eval = evaluate(setup, state.params, eval_batches)
-            log.write(cfg.train.steps, final_eval)
-            say("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
+        if preempted_at is None:
+            final_eval = run_eval(cfg.train.steps, "final eval")
     finally:
         preemption.uninstall()
         log.close()
         checkpoints.close()
+        source.close()
     return TrainResult(state=state, history=history, eval=final_eval, out_dir=out_dir,
                        preempted_at=preempted_at)
