@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# 8 fake CPU devices; generous collective timeouts so a loaded 2-core host never aborts a step.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_timeout_seconds=1800
 export JAX_PLATFORMS ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

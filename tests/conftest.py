@@ -2,10 +2,20 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    + " --xla_force_host_platform_device_count=8"
-).strip()
+# XLA:CPU aborts a collective whose 8 device threads do not all arrive within 40 s; on a loaded
+# 2-core machine they can be starved that long, so tests allow much longer.
+COLLECTIVE_TIMEOUTS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_timeout_seconds=1800 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+)
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process (or subprocess) with `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_TIMEOUTS}"
+
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

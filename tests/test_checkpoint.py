@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
+from conftest import xla_flags
 from mixlm.checkpoint import (
     CheckpointCorruptWarning,
     CheckpointError,
@@ -253,7 +254,7 @@ class Cli:
     """`mixlm train CONFIG train.output_dir=OUT` in a subprocess on 8 fake CPU devices; output to a file."""
 
     def __init__(self, out_dir, config_file, tag):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8),
                    PYTHONUNBUFFERED="1")
         self.log_path = Path(config_file).parent / f"{tag}.log"
         with open(self.log_path, "w") as log:
@@ -348,7 +349,7 @@ def test_two_processes_save_and_skip_a_corrupt_step_together(tmp_path):
     config_file = write_config(tmp_path / "tiny.yaml", "train.steps=4", "checkpoint.every=2")
 
     def run_pair() -> list[str]:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
         port, procs = free_port(), []
         for i in range(2):
             with open(tmp_path / f"p{i}.log", "w") as log:  # the child keeps its own copy of the file

@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from mixlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mixlm.data import make_train_source
 from mixlm.data.demo_corpus import prepare_demo_data
@@ -76,7 +77,7 @@ def test_two_processes_build_the_same_global_batches(tmp_path):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags(4),
         PYTHONPATH=os.getcwd(),
     )
     port = str(_free_port())
