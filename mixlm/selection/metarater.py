@@ -1,9 +1,9 @@
 """Meta-rater's learned rater weights: proxies trained on selections made with random rater weightings,
 a regression from the weighting to the proxy's held-out loss, and the weighting it predicts best.
 
+    raters = ["stop_word_frac", "frac_no_alpha_words", "qurating:high"]   # :high / :low state a direction
     result = learn_rater_weights(
-        ["runs/sig"], ["stop_word_frac", "frac_no_alpha_words", "qurating"],
-        sample_rater_weightings(raters, 64, seed=0), "runs/metarater",
+        ["runs/sig"], raters, sample_rater_weightings(parse_raters(raters)[0], 64, seed=0), "runs/metarater",
         budget=2e6, base_config="configs/experiments/proxy.yaml", tokenizer="runs/tok",
         heldout=["data/reference.jsonl"])
     result.weights_yaml          # -> mixlm select pick --weights runs/metarater/weights.yaml ...
