@@ -139,6 +139,17 @@ class TrainSetup:
         return models.flops_per_token(self.cfg.model, self.cfg.data.seq_len, causal=True)
 
 
+def under_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+    """Calls (and so traces) `fn` with `mesh` set, so the model's activation constraints
+    (mixlm.models.layers.constrain_batch) know the batch axes."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    return call
+
+
 def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
     vocab_multiple_of = mesh.size
     graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
@@ -166,8 +177,10 @@ def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
         cfg=cfg, mesh=mesh, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
         abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_fn, out_shardings=state_shardings),
-        train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh))),
-        eval_step=jax.jit(make_eval_step(graphdef, vocab_size=cfg.model.vocab_size)),
+        train_step=under_mesh(
+            mesh, jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
+        ),
+        eval_step=under_mesh(mesh, jax.jit(make_eval_step(graphdef, vocab_size=cfg.model.vocab_size))),
     )
 
 

@@ -124,9 +124,9 @@ class GPT2(nnx.Module):
         if positions_BxL is None:
             positions_BxL = layers.default_positions(tokens_BxL)
         x_BxLxD = layers.embed_lookup(self.wte, tokens_BxL, self.dtype)
-        x_BxLxD = x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype)
+        x_BxLxD = layers.constrain_batch(x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype))
         for block in self.h:
-            x_BxLxD = block(x_BxLxD, segment_ids_BxL)
+            x_BxLxD = layers.constrain_batch(block(x_BxLxD, segment_ids_BxL))
         x_BxLxD = self.ln_f(x_BxLxD)
         kernel_DxV = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)

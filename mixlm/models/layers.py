@@ -174,6 +174,19 @@ def blocked_causal_attention(
     return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
+def constrain_batch(x_BxLxD: jax.Array) -> jax.Array:
+    """Keeps activations split over the batch axes ('data', 'fsdp') when a mesh is set (the trainer
+    sets one): with FSDP the weights are gathered for each layer, the activations never are. Without
+    a mesh, or when the rows do not divide the batch axes, x is returned unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x_BxLxD
+    if x_BxLxD.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x_BxLxD
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (x_BxLxD.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x_BxLxD, spec)
+
+
 def embed_lookup(table_VxD: nnx.Param, tokens_BxL: jax.Array, dtype) -> jax.Array:
     return jnp.take(table_VxD[...], tokens_BxL, axis=0).astype(dtype)
 

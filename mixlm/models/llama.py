@@ -122,9 +122,9 @@ class Llama(nnx.Module):
     def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None):
         if positions_BxL is None:
             positions_BxL = layers.default_positions(tokens_BxL)
-        x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
+        x_BxLxD = layers.constrain_batch(layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype))
         for block in self.layers:
-            x_BxLxD = block(x_BxLxD, positions_BxL, segment_ids_BxL)
+            x_BxLxD = layers.constrain_batch(block(x_BxLxD, positions_BxL, segment_ids_BxL))
         x_BxLxD = self.norm(x_BxLxD)
         kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)
