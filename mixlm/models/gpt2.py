@@ -42,6 +42,14 @@ class Attention(nnx.Module):
         self.attention_impl = attention_impl
 
     def __call__(self, x_BxLxD, segment_ids_BxL):
+        if layers.resolve_attention_impl(self.attention_impl) == "blocked":
+            # CPU: q, k, v straight into [B, H, L, Dh], no layout copies (see llama.Attention).
+            qkv_3xBxHxLxDh = layers.project_heads(x_BxLxD, self.c_attn, 3 * self.num_heads)
+            qkv_3xBxHxLxDh = jnp.moveaxis(
+                qkv_3xBxHxLxDh.reshape(x_BxLxD.shape[0], 3, self.num_heads, x_BxLxD.shape[1], self.head_dim), 1, 0
+            )
+            out_BxHxLxDh = layers.blocked_causal_attention_heads(*qkv_3xBxHxLxDh, segment_ids_BxL=segment_ids_BxL)
+            return layers.merge_heads(out_BxHxLxDh, self.c_proj)
         b, length, _ = x_BxLxD.shape
         qkv_BxLx3xHxDh = self.c_attn(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
         q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = (qkv_BxLx3xHxDh[:, :, i] for i in range(3))

@@ -89,21 +89,28 @@ def default_positions(tokens_BxL: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :], (batch, length))
 
 
-def apply_rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, base: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions_BxL: jax.Array, base: float, *, heads_axis: int = 2) -> jax.Array:
     """Rotary embedding in the HF `rotate_half` convention: dim i pairs with dim i + Dh/2.
 
-    The frequencies are base^(-2i/Dh) for i < Dh/2, repeated for both halves (HF
-    LlamaRotaryEmbedding), so HF checkpoints map onto ours with no q/k permutation.
+    The frequencies are base^(-2i/Dh) for i < Dh/2 (HF LlamaRotaryEmbedding), so HF checkpoints map
+    onto ours with no q/k permutation. x is [B, L, H, Dh] (heads_axis=2) or [B, H, L, Dh] (heads_axis=1).
+    Written on the two halves (x1·cos − x2·sin, x2·cos + x1·sin): one concatenation, cheap backward.
     """
-    head_dim = x_BxLxHxDh.shape[-1]
+    head_dim = x.shape[-1]
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BxLxDh2 = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-    angles_BxLx1xDh = jnp.concatenate([angles_BxLxDh2, angles_BxLxDh2], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BxLx1xDh), jnp.sin(angles_BxLx1xDh)
-    x32 = x_BxLxHxDh.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x_BxLxHxDh.dtype)
+    angles_BxLxHalf = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    angles = jnp.expand_dims(angles_BxLxHalf, heads_axis)  # broadcast over the heads
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def resolve_attention_impl(implementation: str | None) -> str | None:
+    """None → 'blocked' on CPU (no fused attention in XLA:CPU), else left to jax.nn.dot_product_attention."""
+    if implementation is None and jax.default_backend() == "cpu":
+        return "blocked"
+    return implementation
 
 
 def attention(
@@ -122,8 +129,7 @@ def attention(
     accelerators and 'blocked' on CPU, where XLA has no fused attention and the full L×L softmax
     (and its backward) costs several times the matmuls (DESIGN.md).
     """
-    if implementation is None and jax.default_backend() == "cpu":
-        implementation = "blocked"
+    implementation = resolve_attention_impl(implementation)
     if implementation == "blocked":
         return blocked_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL)
     mask_Bx1xLxL = None
@@ -140,20 +146,35 @@ def blocked_causal_attention(
     v_BxLxKxDh: jax.Array,
     *,
     segment_ids_BxL: jax.Array | None = None,
-    block: int = 64,
+    block: int = 128,
 ) -> jax.Array:
-    """Exact causal attention computed per block of queries: query block i only scores keys
-    [0, (i+1)·block), so the upper triangle is never computed (≈ half the work and memory of the
-    full L×L path, forward and backward). Softmax in float32."""
-    batch, length, heads, head_dim = q_BxLxHxDh.shape
-    kv_heads = k_BxLxKxDh.shape[2]
+    """`blocked_causal_attention_heads` for [B, L, H, Dh] inputs (transposes in and out)."""
+    out_BxHxLxDh = blocked_causal_attention_heads(
+        q_BxLxHxDh.transpose(0, 2, 1, 3), k_BxLxKxDh.transpose(0, 2, 1, 3), v_BxLxKxDh.transpose(0, 2, 1, 3),
+        segment_ids_BxL=segment_ids_BxL, block=block,
+    )
+    return out_BxHxLxDh.transpose(0, 2, 1, 3)
+
+
+def blocked_causal_attention_heads(
+    q_BxHxLxDh: jax.Array,
+    k_BxKxLxDh: jax.Array,
+    v_BxKxLxDh: jax.Array,
+    *,
+    segment_ids_BxL: jax.Array | None = None,
+    block: int = 128,
+) -> jax.Array:
+    """Exact causal attention on head-major tensors, computed per block of queries: query block i
+    only scores keys [0, (i+1)·block), so the upper triangle is never computed (≈ half the work and
+    memory of the full L×L path, forward and backward). GQA when K < H. Softmax in float32.
+    Returns [B, H, L, Dh]."""
+    batch, heads, length, head_dim = q_BxHxLxDh.shape
+    kv_heads = k_BxKxLxDh.shape[1]
     groups = heads // kv_heads
     if length % block:
         block = length
     scale = 1.0 / float(head_dim) ** 0.5
-    q_BxKxGxLxDh = (q_BxLxHxDh * scale).reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    k_BxKxLxDh = k_BxLxKxDh.transpose(0, 2, 1, 3)
-    v_BxKxLxDh = v_BxLxKxDh.transpose(0, 2, 1, 3)
+    q_BxKxGxLxDh = (q_BxHxLxDh * scale).reshape(batch, kv_heads, groups, length, head_dim)
     positions = jnp.arange(length)
     outs = []
     for start in range(0, length, block):
@@ -162,16 +183,34 @@ def blocked_causal_attention(
             "bkgqd,bktd->bkgqt", q_BxKxGxLxDh[:, :, :, start:end], k_BxKxLxDh[:, :, :end],
             preferred_element_type=jnp.float32,
         )
-        allowed_QxT = positions[start:end, None] >= positions[None, :end]
-        allowed = allowed_QxT[None, None, None]
+        allowed = (positions[start:end, None] >= positions[None, :end])[None, None, None]
         if segment_ids_BxL is not None:
             same_BxQxT = segment_ids_BxL[:, start:end, None] == segment_ids_BxL[:, None, :end]
             allowed = allowed & same_BxQxT[:, None, None]
         scores_BxKxGxQxT = jnp.where(allowed, scores_BxKxGxQxT, -1e30)
         probs = jax.nn.softmax(scores_BxKxGxQxT, axis=-1).astype(v_BxKxLxDh.dtype)
         outs.append(jnp.einsum("bkgqt,bktd->bkgqd", probs, v_BxKxLxDh[:, :, :end]))
-    out_BxKxGxLxDh = jnp.concatenate(outs, axis=3)
-    return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+    return jnp.concatenate(outs, axis=3).reshape(batch, heads, length, head_dim)
+
+
+def project_heads(x_BxLxD: jax.Array, proj: "Linear", heads: int) -> jax.Array:
+    """x @ kernel straight into head-major [B, heads, L, Dh] (XLA picks the dot's output layout,
+    so no separate transpose is materialised)."""
+    kernel_DxHxDh = proj.kernel[...].astype(proj.dtype).reshape(x_BxLxD.shape[-1], heads, -1)
+    y_BxHxLxDh = jnp.einsum("bld,dhe->bhle", x_BxLxD.astype(proj.dtype), kernel_DxHxDh)
+    if proj.bias is not None:
+        y_BxHxLxDh = y_BxHxLxDh + proj.bias[...].astype(proj.dtype).reshape(1, heads, 1, -1)
+    return y_BxHxLxDh
+
+
+def merge_heads(out_BxHxLxDh: jax.Array, proj: "Linear") -> jax.Array:
+    """The output projection from head-major [B, H, L, Dh]: contracts (H, Dh) in one dot."""
+    heads, head_dim = out_BxHxLxDh.shape[1], out_BxHxLxDh.shape[3]
+    kernel_HxDhxD = proj.kernel[...].astype(proj.dtype).reshape(heads, head_dim, -1)
+    y_BxLxD = jnp.einsum("bhle,hed->bld", out_BxHxLxDh.astype(proj.dtype), kernel_HxDhxD)
+    if proj.bias is not None:
+        y_BxLxD = y_BxLxD + proj.bias[...].astype(proj.dtype)[None, None, :]
+    return y_BxLxD
 
 
 def constrain_batch(x_BxLxD: jax.Array) -> jax.Array:

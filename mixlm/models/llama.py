@@ -44,6 +44,8 @@ class Attention(nnx.Module):
         self.attention_impl = attention_impl
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+        if layers.resolve_attention_impl(self.attention_impl) == "blocked":
+            return self._head_major(x_BxLxD, positions_BxL, segment_ids_BxL)
         b, length, _ = x_BxLxD.shape
         q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, length, self.num_heads, self.head_dim)
         k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, length, self.kv_heads, self.head_dim)
@@ -61,6 +63,22 @@ class Attention(nnx.Module):
             implementation=self.attention_impl,
         )
         return self.o_proj(out_BxLxHxDh.reshape(b, length, self.num_heads * self.head_dim))
+
+    def _head_major(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+        """The same attention with q, k, v computed straight into [B, heads, L, Dh]: on CPU (the
+        blocked path) this saves the layout copies that cost about as much as the attention itself."""
+        q_BxHxLxDh = layers.project_heads(x_BxLxD, self.q_proj, self.num_heads)
+        k_BxKxLxDh = layers.project_heads(x_BxLxD, self.k_proj, self.kv_heads)
+        v_BxKxLxDh = layers.project_heads(x_BxLxD, self.v_proj, self.kv_heads)
+        if self.q_norm is not None:
+            q_BxHxLxDh = self.q_norm(q_BxHxLxDh)
+            k_BxKxLxDh = self.k_norm(k_BxKxLxDh)
+        q_BxHxLxDh = layers.apply_rope(q_BxHxLxDh, positions_BxL, self.rope_base, heads_axis=1)
+        k_BxKxLxDh = layers.apply_rope(k_BxKxLxDh, positions_BxL, self.rope_base, heads_axis=1)
+        out_BxHxLxDh = layers.blocked_causal_attention_heads(
+            q_BxHxLxDh, k_BxKxLxDh, v_BxKxLxDh, segment_ids_BxL=segment_ids_BxL
+        )
+        return layers.merge_heads(out_BxHxLxDh, self.o_proj)
 
 
 class MLP(nnx.Module):
