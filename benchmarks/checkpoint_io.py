@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,17 +26,7 @@ MODEL = ["model.family=llama", "model.num_layers=10", "model.d_model=768", "mode
          "model.mlp_dim=2048", "model.vocab_size=16384", "model.max_seq_len=512"]
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), {mem:.0f} GiB, no GPU"
+from machine import describe_machine as machine  # benchmarks/machine.py
 
 
 def disk_bytes(path: Path) -> int:

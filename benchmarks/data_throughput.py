@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -36,22 +35,7 @@ FUNCTION_WORDS = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it"
                   "on", "not", "this", "are", "or", "from", "at", "which"]  # fmt: skip
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    except ImportError:
-        mem = "RAM unknown"
-    return f"{cpu}, {os.cpu_count()} cores, {mem}, Python {platform.python_version()}, {platform.system()}"
+from machine import describe_machine as machine  # benchmarks/machine.py
 
 
 def write_corpus(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -19,16 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}"
+from machine import describe_machine as machine  # benchmarks/machine.py
 
 
 def bench_mixlm(model_cfg, seq_len: int, batch: int, steps: int) -> float:
@@ -122,10 +112,10 @@ def main() -> None:
     lines = [
         f"# Training throughput — {Path(args.model).stem}",
         "",
-        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Command: "
-        f"`.venv/bin/python benchmarks/train_throughput.py --steps {args.steps}`.",
-        f"Model: {total:,} params ({non_emb:,} non-embedding), seq {args.seq_len}, batch {args.batch}, "
-        f"{fpt / 1e6:.1f} MFLOP/token for training (6 x matmul params + causal attention).",
+        (f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Command: "
+         f"`.venv/bin/python benchmarks/train_throughput.py --steps {args.steps}`."),
+        (f"Model: {total:,} params ({non_emb:,} non-embedding), seq {args.seq_len}, batch {args.batch}, "
+         f"{fpt / 1e6:.1f} MFLOP/token for training (6 x matmul params + causal attention)."),
         f"Peak: jitted fp32 2048x2048 matmul measured in this process: {peak / 1e9:.1f} GFLOP/s.",
         "",
         "| run | tokens/s | MFU (vs measured peak) | ratio vs PyTorch |",

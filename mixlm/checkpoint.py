@@ -84,7 +84,14 @@ class Restored:
 
 
 def checkpoint_dir(output_dir: str | Path) -> epath.Path:
-    return epath.Path(output_dir) / CHECKPOINT_SUBDIR
+    return _absolute(epath.Path(output_dir)) / CHECKPOINT_SUBDIR
+
+
+def _absolute(path: epath.Path) -> epath.Path:
+    """Orbax refuses relative paths; a local relative folder (train.output_dir=runs/x) is made absolute,
+    a remote one (gs://...) is left as it is."""
+    text = str(path)
+    return path if "://" in text or text.startswith("/") else epath.Path(Path(text).absolute())
 
 
 # ---- metadata ------------------------------------------------------------------------------------------
@@ -253,7 +260,7 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False,
                  log: Callable[[str], None] = print):
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(epath.Path(directory))
         self.cfg, self.log = cfg, log
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last or None, keep_period=cfg.keep_every or None,

@@ -158,7 +158,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> OrbaxSource:
     missing or truncated files is skipped with a warning naming it)."""
     from mixlm import checkpoint
 
-    p = Path(path)
+    p = Path(path).absolute()  # Orbax reads absolute paths only
     if not p.is_dir():
         raise ExportError(f"{path}: no such folder; pass a run's output folder (train.output_dir), its "
                           "checkpoints/ folder, or one checkpoint step folder")

@@ -18,8 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
-
 from conftest import xla_flags
+
 from mixlm.checkpoint import (
     CheckpointCorruptWarning,
     CheckpointError,

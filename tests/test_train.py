@@ -112,3 +112,17 @@ def test_train_writes_outputs_and_stops_on_nonfinite(tmp_path):
     bad = bad.replace(optimizer=bad.optimizer.__class__(lr=1e30, clip_norm=0.0))
     with pytest.raises(NonFiniteLossError, match="loss is"):
         train(bad)
+
+
+def test_relative_output_dir_checkpoints_and_exports(tmp_path, monkeypatch):
+    """`train.output_dir=runs/x` (relative, as in the demo) must checkpoint, resume and export:
+    Orbax itself only accepts absolute paths."""
+    from mixlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(steps=2, output_dir="runs/rel")
+    cfg = cfg.replace(checkpoint=cfg.checkpoint.__class__(every=1, keep_last=2, async_save=False))
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert main(["export", "runs/rel", "hf_rel"]) == 0
+    assert (tmp_path / "hf_rel" / "config.json").is_file()

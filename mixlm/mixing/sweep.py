@@ -111,7 +111,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {out_dir / RESULTS}, {len(todo)} to run")
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / ".jax_cache"))  # proxies share one shape
-    running: list[tuple[ProxyRun, subprocess.Popen, float]] = []
+    running: list[tuple[ProxyRun, subprocess.Popen, float]] = []  # each Popen owns its log file
     failures = []
 
     def reap(block: bool) -> None:
@@ -120,6 +120,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
             if proc.poll() is None and not block:
                 continue
             proc.wait()
+            proc.log_file.close()
             running.remove(item)
             losses = final_losses(run.run_dir, steps)
             if proc.returncode != 0 or losses is None:
@@ -144,8 +145,9 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
             continue
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted run starts over
-        log_file = open(run.run_dir / "train.log", "w")
+        log_file = open(run.run_dir / "train.log", "w")  # noqa: SIM115 - closed in reap() when the run ends
         proc = subprocess.Popen(run.command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        proc.log_file = log_file
         running.append((run, proc, time.time()))
     while running:
         reap(block=True)

@@ -193,7 +193,7 @@ def blocked_causal_attention_heads(
     return jnp.concatenate(outs, axis=3).reshape(batch, heads, length, head_dim)
 
 
-def project_heads(x_BxLxD: jax.Array, proj: "Linear", heads: int) -> jax.Array:
+def project_heads(x_BxLxD: jax.Array, proj: Linear, heads: int) -> jax.Array:
     """x @ kernel straight into head-major [B, heads, L, Dh] (XLA picks the dot's output layout,
     so no separate transpose is materialised)."""
     kernel_DxHxDh = proj.kernel[...].astype(proj.dtype).reshape(x_BxLxD.shape[-1], heads, -1)
@@ -203,7 +203,7 @@ def project_heads(x_BxLxD: jax.Array, proj: "Linear", heads: int) -> jax.Array:
     return y_BxHxLxDh
 
 
-def merge_heads(out_BxHxLxDh: jax.Array, proj: "Linear") -> jax.Array:
+def merge_heads(out_BxHxLxDh: jax.Array, proj: Linear) -> jax.Array:
     """The output projection from head-major [B, H, L, Dh]: contracts (H, Dh) in one dot."""
     heads, head_dim = out_BxHxLxDh.shape[1], out_BxHxLxDh.shape[3]
     kernel_HxDhxD = proj.kernel[...].astype(proj.dtype).reshape(heads, head_dim, -1)
