@@ -115,18 +115,7 @@ class GPT2(nnx.Module):
         )
         self.h = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
         self.ln_f = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else layers.Linear(
-                cfg.d_model,
-                self.padded_vocab,
-                logical_axes=("embed", "vocab"),
-                init_std=cfg.init_std,
-                dtype=dtype,
-                rngs=rngs,
-            )
-        )
+        self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
     def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None):
         if positions_BxL is None:

@@ -230,6 +230,14 @@ def embed_lookup(table_VxD: nnx.Param, tokens_BxL: jax.Array, dtype) -> jax.Arra
     return jnp.take(table_VxD[...], tokens_BxL, axis=0).astype(dtype)
 
 
+def make_lm_head(cfg, padded_vocab: int, dtype, rngs: nnx.Rngs) -> Linear | None:
+    """The untied output projection [embed, vocab]; None when the embeddings are tied."""
+    if cfg.tie_embeddings:
+        return None
+    return Linear(cfg.d_model, padded_vocab, logical_axes=("embed", "vocab"), init_std=cfg.init_std, dtype=dtype,
+                  rngs=rngs)
+
+
 def unembed(x_BxLxD: jax.Array, kernel_DxV: jax.Array) -> jax.Array:
     """Logits in float32 (the matmul runs in x's dtype, accumulating in float32)."""
     return jnp.dot(x_BxLxD, kernel_DxV.astype(x_BxLxD.dtype), preferred_element_type=jnp.float32)
