@@ -327,3 +327,19 @@ def test_cli_sample_fit_predict_optimize(tmp_path, capsys):
         )
         == 2
     )
+
+
+def test_lightgbm_learns_from_a_small_sweep():
+    """With 40 runs, LightGBM's default 20 rows per leaf allowed one split per tree and the model
+    predicted a constant (NaN Spearman); leaves now scale down below 200 rows."""
+    import numpy as np
+
+    from mixlm.mixing import fit, mixtures_table, prior_from_mapping, sample_mixtures
+    from mixlm.mixing.tables import Table
+
+    prior = prior_from_mapping({"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1})
+    table = mixtures_table(sample_mixtures(prior, 40, seed=1), prior.domains)
+    y_N = 4 - (np.log(table.values_NxC + 0.01) * np.array([0.5, 0.3, 0.8, 0.2])).sum(1)
+    result = fit(table, Table(table.index_N, ("metric/x_val_loss",), y_N[:, None]), "metric/x_val_loss",
+                 regressors=("lightgbm",), folds=5)
+    assert result.cv["lightgbm"].spearman > 0.5

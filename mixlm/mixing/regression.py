@@ -47,6 +47,7 @@ class LightGBMRegression:
         self.seed = seed
         self.num_threads = num_threads
         self.booster = None
+        self.min_data_in_leaf = 20  # LightGBM's (and RegMix's) default; lowered for tiny sweeps in fit()
 
     def params(self) -> dict:
         return {
@@ -57,6 +58,7 @@ class LightGBMRegression:
             "num_threads": self.num_threads,
             "seed": self.seed,
             "deterministic": True,
+            "min_data_in_leaf": self.min_data_in_leaf,
             "verbosity": -1,
         }
 
@@ -66,7 +68,12 @@ class LightGBMRegression:
         order_N = np.random.default_rng(self.seed).permutation(len(y_N))
         n_valid = max(1, round(self.valid_fraction * len(y_N)))
         valid, train = order_N[:n_valid], order_N[n_valid:]
-        train_set = lgb.Dataset(x_NxD[train], y_N[train], free_raw_data=False)
+        # RegMix fits hundreds of runs; with a few dozen, 20 rows per leaf allows one split per tree and the
+        # model predicts a constant. Keep 20 from 200 rows up, scale down below that.
+        self.min_data_in_leaf = int(min(20, max(2, len(train) // 10)))
+        train_set = lgb.Dataset(
+            x_NxD[train], y_N[train], free_raw_data=False, params={"min_data_in_leaf": self.min_data_in_leaf}
+        )
         valid_set = lgb.Dataset(x_NxD[valid], y_N[valid], reference=train_set)
         self.booster = lgb.train(
             self.params(),
