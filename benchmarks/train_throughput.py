@@ -75,14 +75,15 @@ def bench_torch(model_cfg, seq_len: int, batch: int, steps: int) -> float:
     return steps * batch * seq_len / (time.perf_counter() - t)
 
 
-NOTES = """Where the time goes (jax.profiler trace of one fwd+bwd on this CPU, 2026-11-26): matmuls (XLA:CPU's
-YNNPACK fusions) ≈ 4.4 s of ≈ 6.3 s, i.e. near the measured peak; layout copies ≈ 1.4 s, the largest
-being the SwiGLU backward written out transposed ([1408, 4096] per layer, ≈ 0.11 s each) for the weight
-gradient's dot; the rest is elementwise work. Attention runs as exact block-causal attention on
-head-major q/k/v (mixlm/models/layers.py): the upper triangle is never computed and q/k/v are projected
-straight into [B, H, L, Dh], which removed ≈ 1.2 s of copies per step against the [B, L, H, Dh] path.
-PyTorch's oneDNN kernels and fused SDPA reach ≈ 77% of the measured peak here; closing the rest of the
-gap needs the backward's layout copies gone (a custom VJP for the MLP, or XLA:CPU layout changes)."""
+NOTES = """Where the time goes (jax.profiler trace of one fwd+bwd on this CPU, 2026-11-26): before the two
+changes below, matmuls (XLA:CPU's YNNPACK fusions) took ≈ 4.4 s of ≈ 7.4 s and layout copies ≈ 2.5 s.
+(1) Attention runs as exact block-causal attention on head-major q/k/v (mixlm/models/layers.py): the
+upper triangle is never computed and q/k/v are projected straight into [B, H, L, Dh] (7.4 → 6.2 s).
+(2) SwiGLU has a hand-written backward of plain 2-D dots, so XLA no longer writes the [F, tokens]
+activations out transposed per weight gradient (6.2 → 4.9 s per fwd+bwd). What is left beyond the
+matmuls is mostly elementwise work and the remaining copies around attention. PyTorch's oneDNN kernels
+and fused SDPA reach 60-77% of the measured peak here; its tokens/s varies ±25% between runs on this
+shared host, so compare ratios over several runs."""
 
 
 def main() -> None:

@@ -311,3 +311,21 @@ def test_blocked_attention_equals_dot_product_attention():
         np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
         for g0, g1 in zip(grads[0], grads[1]):
             np.testing.assert_allclose(g0, g1, atol=1e-4)
+
+
+def test_swiglu_custom_backward_equals_autodiff():
+    from mixlm.models.layers import swiglu
+
+    keys = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(keys[0], (2, 6, 8))
+    gate, up = jax.random.normal(keys[1], (8, 12)), jax.random.normal(keys[2], (8, 12))
+    down = jax.random.normal(keys[3], (12, 8))
+
+    def reference(x, gate, up, down):
+        return jnp.dot(jax.nn.silu(jnp.dot(x, gate)) * jnp.dot(x, up), down)
+
+    np.testing.assert_allclose(swiglu(x, gate, up, down), reference(x, gate, up, down), rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda *a: jnp.sum(jnp.sin(swiglu(*a))), argnums=(0, 1, 2, 3))(x, gate, up, down)
+    theirs = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), argnums=(0, 1, 2, 3))(x, gate, up, down)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

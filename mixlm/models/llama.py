@@ -89,7 +89,11 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg, dtype, rngs, f, d, ("mlp", "embed"))
 
     def __call__(self, x_BxLxD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+        dtype = self.gate_proj.dtype
+        return layers.swiglu(
+            x_BxLxD.astype(dtype), self.gate_proj.kernel[...].astype(dtype), self.up_proj.kernel[...].astype(dtype),
+            self.down_proj.kernel[...].astype(dtype),
+        )
 
 
 class Block(nnx.Module):
