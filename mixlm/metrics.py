@@ -69,7 +69,8 @@ class MetricsLog:
     def __init__(self, out_dir: Path, *, total_steps: int, start_step: int, jsonl: bool, tensorboard: bool,
                  progress: bool):
         self.is_main = jax.process_index() == 0
-        self._jsonl = open(out_dir / "metrics.jsonl", "a") if (jsonl and self.is_main) else None
+        # Kept open for the run (closed in close()): one line per logged step.
+        self._jsonl = open(out_dir / "metrics.jsonl", "a") if (jsonl and self.is_main) else None  # noqa: SIM115
         self._tb = None
         if tensorboard and self.is_main:
             from tensorboardX import SummaryWriter

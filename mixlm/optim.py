@@ -18,7 +18,7 @@ from mixlm.config import OptimizerConfig, ScheduleConfig
 
 
 def warmup_steps(sched: ScheduleConfig, total_steps: int) -> int:
-    return sched.warmup_steps or int(round(sched.warmup_fraction * total_steps))
+    return sched.warmup_steps or round(sched.warmup_fraction * total_steps)
 
 
 def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int) -> optax.Schedule:
@@ -26,7 +26,7 @@ def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int)
     lr, floor = opt.lr, sched.min_lr
     warm = warmup_steps(sched, total_steps)
     decay_len = max(total_steps - warm, 1)
-    wsd_decay = max(int(round(sched.decay_fraction * total_steps)), 1)
+    wsd_decay = max(round(sched.decay_fraction * total_steps), 1)
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)

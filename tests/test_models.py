@@ -303,7 +303,7 @@ def test_blocked_attention_equals_dot_product_attention():
     for segments in (None, seg):
         outs, grads = [], []
         for impl in ("xla", "blocked"):
-            def f(q, kk, v, impl=impl):
+            def f(q, kk, v, impl=impl, segments=segments):
                 return attention(q, kk, v, segment_ids_BxL=segments, implementation=impl)
 
             outs.append(f(q, kk, v))

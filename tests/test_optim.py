@@ -17,7 +17,7 @@ def lr_at(kind, step, total=100, **kw):
 
 
 def test_cosine_schedule_hand_values():
-    kw = dict(warmup_steps=10, min_lr=1e-4)
+    kw = {"warmup_steps": 10, "min_lr": 1e-4}
     assert lr_at("cosine", 0, **kw) == pytest.approx(1e-4)  # 1e-3 * 1/10
     assert lr_at("cosine", 4, **kw) == pytest.approx(5e-4)  # 1e-3 * 5/10
     assert lr_at("cosine", 10, **kw) == pytest.approx(1e-3)  # p = 0
@@ -36,7 +36,7 @@ def test_linear_constant_wsd_hand_values():
     # linear: p = (60 - 20) / 80 = 0.5 -> 1e-3 + (0 - 1e-3) * 0.5
     assert lr_at("linear", 60, warmup_steps=20) == pytest.approx(5e-4)
     # wsd, 100 steps, decay over the last 20: stable until 80, half way at 90, floor at 100
-    kw = dict(warmup_steps=10, decay_fraction=0.2, min_lr=0.0)
+    kw = {"warmup_steps": 10, "decay_fraction": 0.2, "min_lr": 0.0}
     assert lr_at("wsd", 50, **kw) == pytest.approx(1e-3)
     assert lr_at("wsd", 80, **kw) == pytest.approx(1e-3)
     assert lr_at("wsd", 90, **kw) == pytest.approx(5e-4)

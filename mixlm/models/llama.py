@@ -18,7 +18,6 @@ Parameter tree (names mirror HF LlamaForCausalLM / Qwen3ForCausalLM; kernels sto
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
