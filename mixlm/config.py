@@ -149,6 +149,7 @@ class EvalConfig:
     every: int = 0  # run the eval loop every N steps (0: only at the end)
     batches: int = 4  # held-out batches per domain
     tasks: list = field(default_factory=list)  # lm-eval tasks run on the live model
+    domains: list = field(default_factory=list)  # prepared domains evaluated but never trained on (a target)
     limit: int = 0
 
 
@@ -373,7 +374,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
 def config_from_dict(tree: dict) -> ExperimentConfig:
     """Rebuilds a config from `ExperimentConfig.to_dict()` output (e.g. a saved config.yaml)."""
     origin: dict = {}
-    for s, v in tree.items():
+    for s in tree:
         if s not in _SECTION_TYPES:
             raise ConfigError(f"<dict>: unknown section {s!r}.{_closest(s, _SECTION_TYPES)}")
     return ExperimentConfig(**{n: _build_section(n, tree.get(n, {}), origin) for n in _SECTION_TYPES})

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +184,11 @@ def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
     )
 
 
-def evaluate(setup: TrainSetup, params: dict, eval_batches: dict[str, list[dict]]) -> dict[str, float]:
-    """Mean validation loss per domain (`val_loss/<domain>`) and the token-weighted total (`val_loss`)."""
+def evaluate(
+    setup: TrainSetup, params: dict, eval_batches: dict[str, list[dict]], eval_only: Collection[str] = ()
+) -> dict[str, float]:
+    """Mean validation loss per domain (`val_loss/<domain>`) and the token-weighted total (`val_loss`)
+    over the trained domains: `eval_only` ones (eval.domains, e.g. a target) are reported, not totalled."""
     out, total_nll, total_tokens = {}, 0.0, 0.0
     for domain, batches in eval_batches.items():
         nll, tokens = 0.0, 0.0
@@ -193,7 +196,8 @@ def evaluate(setup: TrainSetup, params: dict, eval_batches: dict[str, list[dict]
             s, n = setup.eval_step(params, to_global_batch(host_batch, setup.mesh))
             nll, tokens = nll + float(s), tokens + float(n)
         out[f"val_loss/{domain}"] = nll / max(tokens, 1.0)
-        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+        if domain not in eval_only:
+            total_nll, total_tokens = total_nll + nll, total_tokens + tokens
     out["val_loss"] = total_nll / max(total_tokens, 1.0)
     return out
 
@@ -353,7 +357,8 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
         ev = {}
         if cfg.eval.batches:
             eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
-            ev.update(evaluate(setup, state.params, eval_batches))
+            eval_only = [d.name for d in getattr(source, "eval_only", ())]
+            ev.update(evaluate(setup, state.params, eval_batches, eval_only))
         if cfg.eval.tasks:
             from mixlm.evaluate import run_tasks_on_live_model
 

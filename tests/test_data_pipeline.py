@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mixlm.config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from mixlm.config import ConfigError, DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mixlm.data import make_train_source
 from mixlm.data.pipeline import DataExhaustedError, RepetitionWarning
 from mixlm.data.prepare import PrepareOptions, prepare_domains
@@ -229,6 +229,26 @@ def test_eval_batches_cover_every_mixture_domain_also_weight_zero(data, packing)
     assert len(one.eval_batches(2)["alpha"]) == 2
     for s in [one] + two:
         s.close()
+
+
+def test_eval_only_domains_are_evaluated_and_never_trained_on(data):
+    cfg = _cfg(data, {"alpha": 0.5, "digits": 0.5}, batch=8)
+    cfg = cfg.replace(eval=EvalConfig(domains=["symbols"]))
+    source = make_train_source(cfg)
+    names = sorted(ALPHABETS)
+    evals = source.eval_batches(2)
+    assert list(evals) == ["alpha", "digits", "symbols"]
+    for batch in evals["symbols"]:  # the held-out rows are the symbols domain's own
+        real = batch["loss_mask"].sum(axis=1) > 0
+        assert set(_row_domains(data, {k: v[real] for k, v in batch.items()})) == {names.index("symbols")}
+    trained = set(np.concatenate([_row_domains(data, b) for b in _take(source, 25)]).tolist())
+    assert trained == {names.index("alpha"), names.index("digits")}
+    source.close()
+    with pytest.raises(ConfigError, match=r"eval.domains\[0\]: 'symbol' is not a prepared domain .*symbols"):
+        make_train_source(cfg.replace(eval=EvalConfig(domains=["symbol"])))
+    synthetic = cfg.replace(data=DataConfig(source="synthetic"))
+    with pytest.raises(ConfigError, match="eval.domains=.*needs data.source='prepared'"):
+        make_train_source(synthetic)
 
 
 def test_repetition_limit_warns_then_stops(data):

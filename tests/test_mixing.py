@@ -121,6 +121,15 @@ def test_prior_from_manifests_and_yaml(tmp_path):
         load_prior(tmp_path)
     with pytest.raises(ConfigError, match="missing from the prior"):
         prior.reorder(("code", "books"))
+    # a subset (the training domains of a folder that also holds an eval-only target): shares renormalised
+    (tmp_path / "prepared" / "target").mkdir()
+    (tmp_path / "prepared" / "target" / "manifest.json").write_text(json.dumps({"tokens": 600}))
+    sub = load_prior(tmp_path / "prepared", domains=["web", "code"])
+    assert sub.domains == ("web", "code")
+    np.testing.assert_allclose(sub.shares_D, [0.75, 0.25])
+    np.testing.assert_allclose(sub.tokens_D, [300, 100])
+    with pytest.raises(ConfigError, match=r"not in the prior: \['books'\]"):
+        load_prior(tmp_path / "prepared", domains=["web", "books"])
 
 
 # --- tables -----------------------------------------------------------------------------------------

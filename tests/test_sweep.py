@@ -1,5 +1,6 @@
 """End to end on the demo corpus: sample 8 mixtures → 8 short proxy runs → fit → optimize → a mixture
-YAML that trains. Also: a rerun of the sweep skips finished runs."""
+YAML that trains. The target is an eval-only domain (`eval.domains`) that no run trains on, as in RegMix.
+Also: a rerun of the sweep skips finished runs."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from mixlm.cli import main
-from mixlm.data.demo_corpus import prepare_demo_data
+from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
 from mixlm.data.prepare import load_tokenizer_spec
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
 
@@ -15,7 +16,7 @@ from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    data = prepare_demo_data(root / "data", docs_per_domain=150, vocab_size=320)
+    data = prepare_demo_data(root / "data", docs_per_domain=150, vocab_size=320, target_domains=("office",))
     vocab = load_tokenizer_spec(str(data["tokenizer"])).vocab_size
     base = root / "proxy.yaml"
     base.write_text(yaml.safe_dump({
@@ -26,7 +27,7 @@ def demo(tmp_path_factory):
         "optimizer": {"lr": 1e-2},
         "schedule": {"kind": "constant", "warmup_steps": 2},
         "train": {"steps": 6, "global_batch_size": 8},
-        "eval": {"batches": 1},
+        "eval": {"batches": 1, "domains": ["office"]},
         "logging": {"every": 3, "tensorboard": False, "progress": False},
         "checkpoint": {"every": 0, "save_at_end": False},
     }))
@@ -35,7 +36,8 @@ def demo(tmp_path_factory):
 
 def test_sweep_fit_optimize_train(demo):
     root, data, base = demo
-    prior = load_prior(data["prepared"])
+    prior = load_prior(data["prepared"], domains=sorted(GENERATORS))  # the target is never mixed in
+    assert "office" in load_prior(data["prepared"]).domains and "office" not in prior.domains
     mixtures = sample_mixtures(prior, 8, seed=0)
     write_csv(root / "mixtures.csv", mixtures_table(mixtures, prior.domains))
 
@@ -44,7 +46,8 @@ def test_sweep_fit_optimize_train(demo):
                  "--parallel", "0"]) == 0
     results = read_csv(sweep / "results.csv")
     assert sorted(results.index_N.tolist()) == list(range(1, 9))
-    losses = results.select([f"metric/{d}_val_loss" for d in prior.domains])
+    assert "office" not in results.weight_columns()
+    losses = results.select([f"metric/{d}_val_loss" for d in [*prior.domains, "office"]])
     assert all(math.isfinite(x) and x > 0 for x in losses.ravel())
     # each run trained on its own mixture: the weights in the results are the sampled ones
     row = results.rows(results.index_N[:1]).select(list(prior.domains))[0]
@@ -56,12 +59,13 @@ def test_sweep_fit_optimize_train(demo):
     assert len(read_csv(sweep / "results.csv")) == 8
 
     assert main(["mix", "fit", "--mixtures", str(root / "mixtures.csv"), "--results", str(sweep / "results.csv"),
-                 "--target", "metric/prose_val_loss", "--out", str(root / "fit"),
+                 "--target", "metric/office_val_loss", "--out", str(root / "fit"),
                  "--regressors", "linear,loglinear", "--folds", "4"]) == 0
     best = root / "best.yaml"
     assert main(["mix", "optimize", "--model", str(root / "fit"), "--prior", str(data["prepared"]),
                  "--out", str(best), "--samples", "2000", "--top-k", "16"]) == 0
     weights = yaml.safe_load(best.read_text())
+    # the prepared folder's prior also holds the target: optimize narrows it to the model's domains
     assert set(weights) <= set(prior.domains) and sum(weights.values()) == pytest.approx(1.0, abs=1e-6)
 
     assert main(["train", str(base), f"data.mixture={best}", "train.steps=2",

@@ -11,7 +11,7 @@ import pytest
 from mixlm.config import ExperimentConfig, MeshConfig, ModelConfig, load_config
 from mixlm.data.synthetic import SyntheticSource
 from mixlm.sharding import make_mesh, to_global_batch
-from mixlm.train import NonFiniteLossError, batch_sums, build_setup, token_losses, train
+from mixlm.train import NonFiniteLossError, batch_sums, build_setup, evaluate, token_losses, train
 
 TINY = ModelConfig(family="llama", num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
                    vocab_size=200, max_seq_len=16, vocab_multiple=8)
@@ -126,3 +126,22 @@ def test_relative_output_dir_checkpoints_and_exports(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "runs/rel/checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
     assert main(["export", "runs/rel", "hf_rel"]) == 0
     assert (tmp_path / "hf_rel" / "config.json").is_file()
+
+
+def test_evaluate_reports_eval_only_domains_but_leaves_them_out_of_the_total():
+    cfg = make_cfg()
+    setup = build_setup(cfg, make_mesh(cfg.mesh))
+    params = setup.init_state(jax.random.key(0)).params
+    src = SyntheticSource(vocab_size=200, seq_len=16, batch_size=8, seed=1)
+    one = src.next_batch()
+    half = {**one, "loss_mask": np.concatenate([np.ones((4, 16), np.float32), np.zeros((4, 16), np.float32)])}
+    evals = {"a": [one, one], "b": [half], "target": [src.next_batch()]}
+    every = evaluate(setup, params, evals)
+    some = evaluate(setup, params, evals, eval_only=["target"])
+    assert {k: v for k, v in some.items() if k != "val_loss"} == {k: v for k, v in every.items() if k != "val_loss"}
+    # token-weighted over a (2 x 128 target tokens) and b (64): the target's own loss is not in it
+    expected = (2 * 128 * some["val_loss/a"] + 64 * some["val_loss/b"]) / (2 * 128 + 64)
+    assert some["val_loss"] == pytest.approx(expected, rel=1e-6)
+    assert every["val_loss"] == pytest.approx((2 * 128 * every["val_loss/a"] + 64 * every["val_loss/b"]
+                                               + 128 * every["val_loss/target"]) / (3 * 128 + 64), rel=1e-6)
+    assert some["val_loss"] != pytest.approx(every["val_loss"], rel=1e-6)

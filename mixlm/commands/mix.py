@@ -20,6 +20,11 @@ def _add_prior_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="prepared-data dir (<dir>/<domain>/manifest.json) or YAML {domain: tokens or share}",
     )
+    parser.add_argument(
+        "--domains",
+        default=None,
+        help="comma-separated training domains to mix (default: all of the prior's; leave out eval-only ones)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--temperature",
@@ -42,6 +47,10 @@ def _add_prior_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens of the run the mixture is for (default: all tokens of the prior)",
     )
+
+
+def _domains(args: argparse.Namespace) -> list[str] | None:
+    return None if not args.domains else [d.strip() for d in args.domains.split(",") if d.strip()]
 
 
 def _prior_settings(args: argparse.Namespace) -> dict:
@@ -96,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from mixlm.mixing import load_prior, mixtures_table, sample_mixtures, write_csv, write_mixture_yaml
 
-    prior = load_prior(args.prior)
+    prior = load_prior(args.prior, _domains(args))
     mixtures = sample_mixtures(
         prior, args.num, args.seed, minimum=args.minimum, oversample=args.oversample, **_prior_settings(args)
     )
@@ -164,7 +173,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from mixlm.mixing import load_model, load_prior, optimize, plot_mixture, write_mixture_yaml
 
     model = load_model(args.model)
-    prior = load_prior(args.prior).reorder(model.domains)
+    prior = load_prior(args.prior, _domains(args) or model.domains).reorder(model.domains)
     weights = optimize(
         model,
         prior,

@@ -22,6 +22,10 @@ def make_train_source(cfg: ExperimentConfig, *, process_index: int = 0, process_
         )
     host_batch = cfg.train.global_batch_size // process_count
     if cfg.data.source == "synthetic":
+        if cfg.eval.domains:
+            raise ConfigError(
+                f"eval.domains={cfg.eval.domains} needs data.source='prepared' (the synthetic source has one domain)"
+            )
         from mixlm.data.synthetic import SyntheticSource
 
         return SyntheticSource(

@@ -64,33 +64,43 @@ IDENTS = [
 ]
 
 
+def _equation(rng: np.random.Generator) -> str:
+    a, b = (int(x) for x in rng.integers(0, 100, size=2))
+    op = ["+", "-", "*"][int(rng.integers(0, 3))]
+    return f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}"
+
+
+def _record(rng: np.random.Generator) -> str:
+    return (
+        f"id: {int(rng.integers(1000, 9999))} | name: {rng.choice(NAMES)} {rng.choice(SURNAMES)} | "
+        f"city: {rng.choice(CITIES)} | age: {int(rng.integers(18, 90))} | score: {rng.integers(0, 1000) / 10:.1f}"
+    )
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    subject = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    obj = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    tail = f" near the {rng.choice(PLACES)}" if rng.random() < 0.5 else ""
+    return f"The {subject} {rng.choice(VERBS)} the {obj}{tail}."
+
+
 def _arithmetic(rng: np.random.Generator) -> str:
-    lines = []
-    for _ in range(int(rng.integers(4, 16))):
-        a, b = (int(x) for x in rng.integers(0, 100, size=2))
-        op = ["+", "-", "*"][int(rng.integers(0, 3))]
-        lines.append(f"{a} {op} {b} = {a + b if op == '+' else a - b if op == '-' else a * b}")
-    return "\n".join(lines)
+    return "\n".join(_equation(rng) for _ in range(int(rng.integers(4, 16))))
 
 
 def _records(rng: np.random.Generator) -> str:
-    lines = []
-    for _ in range(int(rng.integers(3, 10))):
-        lines.append(
-            f"id: {int(rng.integers(1000, 9999))} | name: {rng.choice(NAMES)} {rng.choice(SURNAMES)} | "
-            f"city: {rng.choice(CITIES)} | age: {int(rng.integers(18, 90))} | score: {rng.integers(0, 1000) / 10:.1f}"
-        )
-    return "\n".join(lines)
+    return "\n".join(_record(rng) for _ in range(int(rng.integers(3, 10))))
 
 
 def _prose(rng: np.random.Generator) -> str:
-    sentences = []
-    for _ in range(int(rng.integers(3, 9))):
-        subject = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-        obj = f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-        tail = f" near the {rng.choice(PLACES)}" if rng.random() < 0.5 else ""
-        sentences.append(f"The {subject} {rng.choice(VERBS)} the {obj}{tail}.")
-    return " ".join(sentences)
+    return " ".join(_sentence(rng) for _ in range(int(rng.integers(3, 9))))
+
+
+def _office(rng: np.random.Generator) -> str:
+    """The eval-only target: an office's documents, each a records sheet (1/2), a page of sums (3/10)
+    or prose (1/5), never code — a distribution the training domains make up in unequal parts."""
+    u = rng.random()
+    return _records(rng) if u < 0.5 else _arithmetic(rng) if u < 0.8 else _prose(rng)
 
 
 def _code(rng: np.random.Generator) -> str:
@@ -116,6 +126,8 @@ GENERATORS: dict[str, Callable[[np.random.Generator], str]] = {
     "prose": _prose,
     "code": _code,
 }
+# Domains to evaluate on, never to train on: the target of a mixture search (`eval.domains`).
+TARGET_GENERATORS: dict[str, Callable[[np.random.Generator], str]] = {"office": _office}
 
 
 def generate_demo_corpus(
@@ -124,16 +136,23 @@ def generate_demo_corpus(
     docs_per_domain: int = 2000,
     seed: int = 0,
     domains: tuple[str, ...] = tuple(GENERATORS),
+    target_domains: tuple[str, ...] = (),
 ) -> dict[str, Path]:
-    """Writes `<out_dir>/<domain>.jsonl` ({"text": ...} per line) for each domain; returns domain -> path."""
+    """Writes `<out_dir>/<domain>.jsonl` ({"text": ...} per line) for each domain of `domains`
+    (GENERATORS) and `target_domains` (TARGET_GENERATORS); returns domain -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    unknown = [d for d in domains if d not in GENERATORS] + [d for d in target_domains if d not in TARGET_GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown demo domains {unknown}; training: {list(GENERATORS)}, target: {list(TARGET_GENERATORS)}")
+    jobs = [(name, GENERATORS[name], [seed, i]) for i, name in enumerate(domains)]
+    jobs += [(name, TARGET_GENERATORS[name], [seed, 100 + j]) for j, name in enumerate(target_domains)]
     paths = {}
-    for i, name in enumerate(domains):
-        rng = np.random.default_rng([seed, i])
+    for name, generate, rng_seed in jobs:
+        rng = np.random.default_rng(rng_seed)
         path = out / f"{name}.jsonl"
         with open(path, "w") as f:
-            f.writelines(json.dumps({"text": GENERATORS[name](rng)}) + "\n" for _ in range(docs_per_domain))
+            f.writelines(json.dumps({"text": generate(rng)}) + "\n" for _ in range(docs_per_domain))
         paths[name] = path
     return paths
 
@@ -146,16 +165,22 @@ def prepare_demo_data(
     seed: int = 0,
     workers: int = 1,
     progress: bool = False,
+    target_domains: tuple[str, ...] = (),
 ) -> dict[str, Path]:
     """The demo's data steps in one call: corpus -> tokenizer -> prepared domains under `out_dir`.
-    Returns {'raw': folder of jsonl, 'tokenizer': HF tokenizer folder, 'prepared': data.prepared_dir}."""
+    target_domains (e.g. ('office',)) are prepared too, with the tokenizer trained on the training
+    domains only, for `eval.domains`. Returns {'raw': folder of jsonl, 'tokenizer': HF tokenizer
+    folder, 'prepared': data.prepared_dir}."""
     from mixlm.data.prepare import PrepareOptions, prepare_domains
     from mixlm.data.tokenizer_train import train_tokenizer
 
     out = Path(out_dir)
-    raw = generate_demo_corpus(out / "raw", docs_per_domain=docs_per_domain, seed=seed)
+    raw = generate_demo_corpus(
+        out / "raw", docs_per_domain=docs_per_domain, seed=seed, target_domains=target_domains
+    )
     sources = {name: str(path) for name, path in raw.items()}
-    tokenizer = train_tokenizer(sources, out / "tokenizer", vocab_size=vocab_size)
+    training = {name: path for name, path in sources.items() if name not in target_domains}
+    tokenizer = train_tokenizer(training, out / "tokenizer", vocab_size=vocab_size)
     prepare_domains(
         sources,
         out / "prepared",

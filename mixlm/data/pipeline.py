@@ -137,6 +137,7 @@ class PreparedMixtureSource:
         if data.packing not in ("concat", "first_fit"):
             raise ConfigError(f"data.packing={data.packing!r}: expected 'concat' or 'first_fit'")
         known = list_domains(data.prepared_dir)
+        self.cfg_prepared_dir = data.prepared_dir
         self.mixture = parse_mixture(data.mixture, known_domains=known or None)
         self.cfg, self.packing, self.seq_len = cfg, data.packing, data.seq_len
         self.global_batch = cfg.train.global_batch_size
@@ -144,6 +145,7 @@ class PreparedMixtureSource:
         self.process_index, self.process_count = process_index, process_count
         self.read_threads, self.prefetch = read_threads, prefetch
         self.domains = [PreparedDomain(data.prepared_dir, d) for d in self.mixture.domains]
+        self.eval_only = self._eval_only_domains(cfg.eval.domains, known)
         self._check_tokenizers(cfg)
         self.schedule = MixtureSchedule(self.mixture, self.global_batch, seed=data.seed)
         self.train_rows = [
@@ -173,9 +175,24 @@ class PreparedMixtureSource:
             print(self.describe(), flush=True)
 
     # ---- checks ----------------------------------------------------------------------------------
+    def _eval_only_domains(self, names: list, known: list[str]) -> list[PreparedDomain]:
+        """eval.domains not in the mixture: validated like mixture domains, evaluated, never trained on."""
+        out = []
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"eval.domains[{i}]: expected a prepared domain name, got {name!r}")
+            if known and name not in known:
+                raise ConfigError(
+                    f"eval.domains[{i}]: {name!r} is not a prepared domain in {self.cfg_prepared_dir}; "
+                    f"prepared domains: {', '.join(known)}"
+                )
+            if name not in self.mixture.domains and name not in [d.name for d in out]:
+                out.append(PreparedDomain(self.cfg_prepared_dir, name))
+        return out
+
     def _check_tokenizers(self, cfg: ExperimentConfig) -> None:
         first = self.domains[0]
-        for dom in self.domains[1:]:
+        for dom in [*self.domains[1:], *self.eval_only]:
             if dom.manifest.tokenizer["fingerprint"] != first.manifest.tokenizer["fingerprint"]:
                 raise ConfigError(
                     f"domains {first.name!r} and {dom.name!r} were prepared with different tokenizers "
@@ -255,6 +272,8 @@ class PreparedMixtureSource:
             lines.append(
                 f"{table[d + 1]}  {dom.train.num_tokens:>13,}  {dom.validation.num_tokens:>11,}  {epochs:>12}"
             )
+        for dom in self.eval_only:
+            lines.append(f"{dom.name} (eval only)  validation tokens {dom.validation.num_tokens:,}")
         return "\n".join(lines)
 
     # ---- the contract ----------------------------------------------------------------------------
@@ -335,12 +354,13 @@ class PreparedMixtureSource:
         }
 
     def eval_batches(self, num_batches: int) -> dict[str, list[dict[str, np.ndarray]]]:
-        """Up to `num_batches` held-out batches per domain of the mixture (also weight-0 domains): this host's
+        """Up to `num_batches` held-out batches per domain of the mixture (also weight-0 domains) and of
+        eval.domains: this host's
         rows of global batches over the domain's validation split, in order; the last may be padded
         (loss_mask 0). Every host gets the same number of batches per domain."""
         if num_batches not in self._eval_cache:
             out = {}
-            for dom in self.domains:
+            for dom in [*self.domains, *self.eval_only]:
                 rows = _rows_dataset(
                     dom.validation, self.packing, self.seq_len, self.cfg.data.seed, train=False
                 )

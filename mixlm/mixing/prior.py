@@ -7,7 +7,7 @@ reject any mixture that would repeat a domain more than `max_usage` times in a r
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,21 @@ class DomainPrior:
             raise ConfigError(f"token_budget={token_budget} must be > 0")
         return _feasible(np.minimum(max_usage * self.tokens_D / token_budget, 1.0))
 
+    def subset(self, domains: tuple[str, ...] | list[str]) -> DomainPrior:
+        """The prior over some of its domains, in the given order, shares renormalised over them (a
+        search over the training domains of a prepared folder that also holds eval-only ones)."""
+        domains = tuple(domains)
+        missing = [d for d in domains if d not in self.domains]
+        if missing or not domains or len(set(domains)) != len(domains):
+            raise ConfigError(
+                f"domains {list(domains)}: {'not in the prior: ' + str(missing) if missing else 'empty or repeated'}; "
+                f"the prior has {list(self.domains)}"
+            )
+        order = [self.domains.index(d) for d in domains]
+        shares_D = self.shares_D[order]
+        tokens_D = None if self.tokens_D is None else self.tokens_D[order]
+        return DomainPrior(domains, shares_D / shares_D.sum(), tokens_D)
+
     def reorder(self, domains: tuple[str, ...] | list[str]) -> DomainPrior:
         """The same prior with its domains in the given order; raises if the sets differ."""
         domains = tuple(domains)
@@ -98,10 +113,16 @@ def prior_from_mapping(values: Mapping[str, float]) -> DomainPrior:
     return DomainPrior(domains, shares_D, None if is_share else raw_D)
 
 
-def load_prior(source: str | Path) -> DomainPrior:
+def load_prior(source: str | Path, domains: Sequence[str] | None = None) -> DomainPrior:
     """A prior from a prepared-data directory (`<dir>/<domain>/manifest.json`, field `tokens`: the
     train split's count, or a mapping with a `train` entry) or from a YAML file `{domain: tokens or
-    share}` (a RegMix mixture YAML with a top-level `train:` mapping also works)."""
+    share}` (a RegMix mixture YAML with a top-level `train:` mapping also works). `domains`: keep only
+    these (e.g. leave out an eval-only target domain), shares renormalised over them."""
+    prior = _load_prior(source)
+    return prior if domains is None else prior.subset(domains)
+
+
+def _load_prior(source: str | Path) -> DomainPrior:
     path = Path(source)
     if path.is_dir():
         manifests = sorted(path.glob("*/manifest.json"))

@@ -72,17 +72,24 @@ def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides
 
 
 def append_result(out_dir: Path, run: ProxyRun, domains: list[str], losses: dict[str, float]) -> None:
-    """One row per run: index, the weights of every domain, each domain's loss and the total."""
+    """One row per run: index, the weights of every domain, each domain's loss, the loss of every other
+    evaluated domain (eval.domains: a target trained on by no run) and the total. The first row fixes
+    the columns; later rows follow them (a loss a run lacks is NaN)."""
     path = out_dir / RESULTS
-    columns = [*domains, *(loss_column(d) for d in domains), f"{METRIC_PREFIX}val_loss"]
-    values = [run.weights.get(d, 0.0) for d in domains]
-    values += [losses.get(f"val_loss/{d}", float("nan")) for d in domains]
-    values.append(losses["val_loss"])
+    extra = sorted(k.split("/", 1)[1] for k in losses if k.startswith("val_loss/") and k.split("/", 1)[1] not in domains)
+    value = {d: run.weights.get(d, 0.0) for d in domains}
+    value.update({loss_column(d): losses.get(f"val_loss/{d}", float("nan")) for d in [*domains, *extra]})
+    value[f"{METRIC_PREFIX}val_loss"] = losses["val_loss"]
     new = not path.exists()
+    if new:
+        columns = [*domains, *(loss_column(d) for d in [*domains, *extra]), f"{METRIC_PREFIX}val_loss"]
+    else:
+        with path.open() as f:
+            columns = f.readline().strip().split(",")[1:]
     with path.open("a") as f:
         if new:
             f.write(",".join([INDEX, *columns]) + "\n")
-        f.write(",".join([str(run.index), *(repr(float(v)) for v in values)]) + "\n")
+        f.write(",".join([str(run.index), *(repr(float(value.get(c, float("nan")))) for c in columns)]) + "\n")
 
 
 def train_in_process(run: ProxyRun) -> dict[str, float]:
