@@ -10,6 +10,9 @@ TPU pod slice, or as a SLURM job on a GPU cluster.
            SLURM_LOCALID, so one task per node would use one GPU of each node), `srun ... --distributed`,
            SIGTERM two minutes before the time limit so the run saves a checkpoint and can be requeued.
 
+A proxy sweep fans out as a SLURM job array instead (`sweep_array_script`): task I of K trains
+`mixlm sweep ... --shard I/K`; one plain `mixlm sweep` afterwards records every finished run.
+
 Each returns or prints exact commands, so `--dry-run` shows what would run.
 """
 
@@ -30,6 +33,8 @@ from mixlm.config import ConfigError
 
 # Verbs that take --coordinator/--num-processes/--process-id (or --distributed).
 MULTI_PROCESS_VERBS = ("train",)
+# The mixlm command on the cluster's machines, relative to the repo folder (`make install` creates it).
+DEFAULT_EXECUTABLE = ".venv/bin/mixlm"
 # How long processes get to finish a checkpoint after SIGTERM before they are killed.
 STOP_GRACE_S = 60.0
 
@@ -163,6 +168,7 @@ def tpu_commands(
     workdir: str = "~/mixlm",
     setup: bool = False,
     log: str | None = None,
+    executable: str = DEFAULT_EXECUTABLE,
 ) -> list[list[str]]:
     """The gcloud commands that run `mixlm <argv> --distributed` on every worker of a TPU VM slice.
 
@@ -179,11 +185,71 @@ def tpu_commands(
     commands = []
     if setup:
         commands.append([*base, "--command", f"{cd} && make install && .venv/bin/pip install -e '.[tpu]'"])
-    run = shlex.join([".venv/bin/mixlm", *argv, "--distributed"])
+    run = shlex.join([*shlex.split(executable), *argv, "--distributed"])
     if log:
         run = f"nohup {run} > {shlex.quote(log)}.$(hostname) 2>&1 &"
     commands.append([*base, "--command", f"{cd} && {run}"])
     return commands
+
+
+def _sbatch_header(job_name: str, time_limit: str, output: str, partition: str | None,
+                   account: str | None) -> list[str]:
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --time={time_limit}",
+        f"#SBATCH --output={output}",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    return lines
+
+
+def sweep_array_script(
+    argv: Sequence[str],
+    *,
+    shards: int,
+    workdir: str,
+    gpus_per_task: int = 1,
+    parallel: int = 1,
+    job_name: str = "mixlm-sweep",
+    time_limit: str = "04:00:00",
+    partition: str | None = None,
+    account: str | None = None,
+    cpus_per_task: int = 8,
+    executable: str = DEFAULT_EXECUTABLE,
+) -> str:
+    """An sbatch job array of `shards` tasks, task I running `mixlm <argv> --shard I/shards` (argv: a
+    `sweep BASE --mixtures M --out O ...` command line). Proxies are one process each; `parallel` of
+    them share a task's GPUs. Afterwards, `mixlm <argv>` once records every run in results.csv."""
+    argv = list(argv[1:] if argv and argv[0] == "--" else argv)
+    if not argv or argv[0] != "sweep":
+        raise ConfigError(f"a job array runs `sweep BASE --mixtures M --out O`, got {shlex.join(argv) or 'nothing'}")
+    if any(a == "--shard" or a.startswith("--shard=") for a in argv):
+        raise ConfigError("--shard is set by the job array; leave it out of the command")
+    if shards < 1:
+        raise ConfigError(f"shards={shards} must be >= 1")
+    lines = _sbatch_header(job_name, time_limit, "slurm-%A_%a.out", partition, account)
+    lines += [
+        f"#SBATCH --array=0-{shards - 1}",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+    ]
+    if gpus_per_task:
+        lines.append(f"#SBATCH --gpus-per-task={gpus_per_task}")
+    has_parallel = any(a == "--parallel" or a.startswith("--parallel=") for a in argv)
+    run = shlex.join([*shlex.split(executable), *argv, *([] if has_parallel else ["--parallel", str(parallel)])])
+    lines += [
+        "",
+        "set -euo pipefail",
+        f"cd {shlex.quote(workdir)}",
+        f'{run} --shard "$SLURM_ARRAY_TASK_ID/{shards}"',
+        f"# when every task has finished, record the runs once: {shlex.join([*shlex.split(executable), *argv])}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def slurm_script(
@@ -199,26 +265,20 @@ def slurm_script(
     cpus_per_task: int = 8,
     output: str = "slurm-%j.out",
     requeue: bool = True,
+    executable: str = DEFAULT_EXECUTABLE,
 ) -> str:
     """An sbatch script running `mixlm <argv> --distributed` as nodes x gpus_per_node tasks."""
     argv = check_command(argv)
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"nodes={nodes} and gpus_per_node={gpus_per_node} must both be >= 1")
-    lines = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
+    lines = _sbatch_header(job_name, time_limit, output, partition, account)
+    lines += [
         f"#SBATCH --nodes={nodes}",
         f"#SBATCH --ntasks-per-node={gpus_per_node}",  # one jax process per GPU (SLURM_LOCALID -> its GPU)
         f"#SBATCH --gpus-per-node={gpus_per_node}",
         f"#SBATCH --cpus-per-task={cpus_per_task}",
-        f"#SBATCH --time={time_limit}",
-        f"#SBATCH --output={output}",
         "#SBATCH --signal=TERM@120",  # SIGTERM to every task 2 min before the limit: mixlm saves and exits 0
     ]
-    if partition:
-        lines.append(f"#SBATCH --partition={partition}")
-    if account:
-        lines.append(f"#SBATCH --account={account}")
     if requeue:
         lines.append("#SBATCH --requeue")
     lines += [
@@ -226,7 +286,7 @@ def slurm_script(
         "set -euo pipefail",
         f"cd {shlex.quote(workdir)}",
         "# jax.distributed finds the coordinator, process count and id in SLURM's environment.",
-        "srun --kill-on-bad-exit=1 " + shlex.join([".venv/bin/mixlm", *argv, "--distributed"]),
+        "srun --kill-on-bad-exit=1 " + shlex.join([*shlex.split(executable), *argv, "--distributed"]),
         "",
     ]
     return "\n".join(lines)

@@ -12,7 +12,15 @@ import yaml
 from conftest import xla_flags
 
 from mixlm.config import ConfigError, load_config
-from mixlm.launch import check_command, free_port, launch_local, local_env, slurm_script, tpu_commands
+from mixlm.launch import (
+    check_command,
+    free_port,
+    launch_local,
+    local_env,
+    slurm_script,
+    sweep_array_script,
+    tpu_commands,
+)
 from mixlm.train import train
 
 STEPS = 3
@@ -101,8 +109,8 @@ def test_slurm_script_has_one_task_per_gpu_and_is_valid_bash(tmp_path):
                           partition="gpu", time_limit="02:00:00")
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00", "#SBATCH --signal=TERM@120",
-                 "#SBATCH --requeue", "srun --kill-on-bad-exit=1 .venv/bin/mixlm train 'cfg with space.yaml' "
-                 "--distributed"):
+                 "#SBATCH --requeue",
+                 "srun --kill-on-bad-exit=1 .venv/bin/mixlm train 'cfg with space.yaml' --distributed"):
         assert line in script.splitlines()
     (tmp_path / "job.sbatch").write_text(script)
     subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
@@ -115,3 +123,7 @@ def test_launch_refuses_flags_it_sets_and_verbs_that_are_single_process():
         check_command(["eval", "hf/model"])
     with pytest.raises(ConfigError, match="nodes=0"):
         slurm_script(["train", "c.yaml"], nodes=0, gpus_per_node=8, workdir="/w")
+    with pytest.raises(ConfigError, match="a job array runs `sweep"):
+        sweep_array_script(["train", "c.yaml"], shards=2, workdir="/w")
+    with pytest.raises(ConfigError, match="--shard is set by the job array"):
+        sweep_array_script(["sweep", "b.yaml", "--shard", "0/2"], shards=2, workdir="/w")

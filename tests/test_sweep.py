@@ -3,14 +3,20 @@ YAML that trains. The target is an eval-only domain (`eval.domains`) that no run
 Also: a rerun of the sweep skips finished runs."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from mixlm.cli import main
+from mixlm.config import ConfigError
 from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
 from mixlm.data.prepare import load_tokenizer_spec
+from mixlm.launch import sweep_array_script
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
+from mixlm.mixing.sweep import shard_of
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +77,31 @@ def test_sweep_fit_optimize_train(demo):
     assert main(["train", str(base), f"data.mixture={best}", "train.steps=2",
                  f"train.output_dir={root / 'best_run'}"]) == 0
     assert (root / "best_run" / "metrics.jsonl").is_file()
+
+
+def test_a_slurm_array_sweep_trains_shards_then_one_pass_records_them(demo, tmp_path):
+    """The job-array script run as its two tasks would run (SLURM_ARRAY_TASK_ID 0 and 1): each trains its
+    shard and leaves results.csv alone; the plain sweep afterwards records all without training again."""
+    _, data, base = demo
+    prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
+    write_csv(tmp_path / "mixtures.csv", mixtures_table(sample_mixtures(prior, 4, seed=1), prior.domains))
+    sweep = tmp_path / "sweep"
+    command = ["sweep", str(base), "--mixtures", str(tmp_path / "mixtures.csv"), "--out", str(sweep),
+               "--parallel", "0"]
+    script = tmp_path / "array.sbatch"
+    script.write_text(sweep_array_script(command, shards=2, workdir=os.getcwd(), gpus_per_task=0,
+                                         executable=f"{sys.executable} -m mixlm.cli"))
+    assert "#SBATCH --array=0-1" in script.read_text()
+    for task in range(2):
+        done = subprocess.run(["bash", str(script)], env=dict(os.environ, SLURM_ARRAY_TASK_ID=str(task)),
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert f"shard {task}/2: 2 runs trained" in done.stdout
+        assert not (sweep / "results.csv").exists()
+    trained = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in (sweep / "runs").iterdir()}
+    assert sorted(trained) == ["0001", "0002", "0003", "0004"]
+    assert main(command) == 0
+    assert sorted(read_csv(sweep / "results.csv").index_N.tolist()) == [1, 2, 3, 4]
+    assert {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in (sweep / "runs").iterdir()} == trained
+    with pytest.raises(ConfigError, match="--shard '2/2'"):
+        shard_of(read_csv(tmp_path / "mixtures.csv"), "2/2")

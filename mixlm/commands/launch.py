@@ -1,9 +1,12 @@
-"""`mixlm launch local|tpu|slurm [options] -- train CONFIG [overrides]`: one training on many processes.
+"""`mixlm launch local|tpu|slurm [options] -- train CONFIG [overrides]`: one training on many processes;
+`mixlm launch slurm-sweep [options] -- sweep BASE --mixtures M --out O`: a proxy sweep as a job array.
 
   mixlm launch local -n 2 --cpu-devices 4 -- train configs/experiments/demo.yaml   # 2 processes here
   mixlm launch tpu --tpu my-v4-32 --zone us-central2-b -- train configs/experiments/regmix-1b.yaml
   mixlm launch slurm --nodes 2 --gpus-per-node 8 --workdir /shared/mixlm --out job.sbatch \\
       -- train configs/experiments/regmix-1b.yaml          # writes the script; --submit runs sbatch
+  mixlm launch slurm-sweep --shards 16 --workdir /shared/mixlm -- sweep configs/experiments/regmix-proxy.yaml \\
+      --mixtures mixtures/ --out sweep/                    # then `mixlm sweep ...` once records the runs
 """
 
 from __future__ import annotations
@@ -50,7 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--out", type=Path, default=None, help="write the script here (default: print it)")
     slurm.add_argument("--submit", action="store_true", help="sbatch the script written to --out")
 
-    for p in (local, tpu, slurm):
+    array = where.add_parser("slurm-sweep", help="a proxy sweep as a SLURM job array: task I runs --shard I/K")
+    array.add_argument("--shards", type=int, required=True, help="array tasks (K)")
+    array.add_argument("--workdir", required=True, help="the repo's folder on the shared file system")
+    array.add_argument("--gpus-per-task", type=int, default=1, help="0 for CPU-only tasks")
+    array.add_argument("--parallel", type=int, default=1, help="proxy runs at once within a task")
+    array.add_argument("--job-name", default="mixlm-sweep")
+    array.add_argument("--time", default="04:00:00")
+    array.add_argument("--partition", default=None)
+    array.add_argument("--account", default=None)
+    array.add_argument("--cpus-per-task", type=int, default=8)
+    array.add_argument("--out", type=Path, default=None, help="write the script here (default: print it)")
+    array.add_argument("--submit", action="store_true", help="sbatch the script written to --out")
+
+    for p in (tpu, slurm, array):
+        p.add_argument("--mixlm", default=".venv/bin/mixlm", help="the mixlm command there, from --workdir")
+    for p in (local, tpu, slurm, array):
         p.add_argument("command", nargs=argparse.REMAINDER, help="-- train CONFIG [section.key=value ...]")
 
 
@@ -73,7 +91,8 @@ def run(args) -> int:
                                    cpu_devices=args.cpu_devices, log_dir=args.log_dir)
     if args.where == "tpu":
         commands = launch.tpu_commands(args.command, tpu=args.tpu, zone=args.zone, project=args.project,
-                                       workdir=args.workdir, setup=args.setup, log=args.log)
+                                       workdir=args.workdir, setup=args.setup, log=args.log,
+                                       executable=args.mixlm)
         if args.dry_run:
             for cmd in commands:
                 print(shlex.join(cmd))
@@ -85,11 +104,18 @@ def run(args) -> int:
             if code:
                 return code
         return 0
-    script = launch.slurm_script(
-        args.command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, workdir=args.workdir,
-        job_name=args.job_name, time_limit=args.time, partition=args.partition, account=args.account,
-        cpus_per_task=args.cpus_per_task, requeue=not args.no_requeue,
-    )
+    if args.where == "slurm-sweep":
+        script = launch.sweep_array_script(
+            args.command, shards=args.shards, workdir=args.workdir, gpus_per_task=args.gpus_per_task,
+            parallel=args.parallel, job_name=args.job_name, time_limit=args.time, partition=args.partition,
+            account=args.account, cpus_per_task=args.cpus_per_task, executable=args.mixlm,
+        )
+    else:
+        script = launch.slurm_script(
+            args.command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, workdir=args.workdir,
+            job_name=args.job_name, time_limit=args.time, partition=args.partition, account=args.account,
+            cpus_per_task=args.cpus_per_task, requeue=not args.no_requeue, executable=args.mixlm,
+        )
     if args.out is None:
         if args.submit:
             print("mixlm launch slurm: --submit needs --out (the script file to submit)", file=sys.stderr)

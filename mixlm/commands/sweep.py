@@ -14,11 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="sweep folder: runs/<index>/ and results.csv")
     parser.add_argument("--parallel", type=int, default=1, help="proxy runs at once as separate processes (0: in this process, sequentially)")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N mixtures")
+    parser.add_argument("--shard", default="",
+                        help="I/K: train every K-th mixture from the I-th and leave results.csv alone (one "
+                             "shard per machine or array task); then run once without --shard to record them")
 
 
 def run(args) -> int:
     from mixlm.config import load_config
-    from mixlm.mixing.sweep import plan_sweep, run_sweep
+    from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
 
     path = Path(args.mixtures)
@@ -26,7 +29,11 @@ def run(args) -> int:
     if args.limit:
         table = table.rows(table.index_N[: args.limit])
     cfg = load_config(args.config, args.overrides)
-    runs = plan_sweep(args.config, table, args.out, args.overrides)
-    results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel)
-    print(f"results: {results}")
+    runs = plan_sweep(args.config, shard_of(table, args.shard), args.out, args.overrides)
+    results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel,
+                        record=not args.shard)
+    if args.shard:
+        print(f"shard {args.shard}: {len(runs)} runs trained; record them with the same command without --shard")
+    else:
+        print(f"results: {results}")
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from mixlm.config import load_config
+from mixlm.config import ConfigError, load_config
 from mixlm.mixing.tables import INDEX, METRIC_PREFIX, Table, loss_column, read_csv
 
 RESULTS = "results.csv"
@@ -103,18 +103,41 @@ def train_in_process(run: ProxyRun) -> dict[str, float]:
     return {k: v for k, v in train(cfg).eval.items() if k.startswith("val_loss")}
 
 
+def _no_record(*_args) -> None:
+    """A shard's runs are recorded later, by one process (see run_sweep's record)."""
+
+
+def shard_of(table: Table, shard: str) -> Table:
+    """The rows of shard 'I/K' (0 <= I < K): every K-th mixture from the I-th, so shards take similar
+    numbers of runs. '' is every row."""
+    if not shard:
+        return table
+    try:
+        i, k = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {shard!r}: expected I/K with 0 <= I < K, e.g. 0/4") from None
+    if not 0 <= i < k:
+        raise ConfigError(f"--shard {shard!r}: expected I/K with 0 <= I < K, e.g. 0/4")
+    return table.rows(table.index_N[i::k])
+
+
 def done_indices(out_dir: Path) -> set[int]:
     path = Path(out_dir) / RESULTS
     return set(read_csv(path).index_N.tolist()) if path.is_file() else set()
 
 
 def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, parallel: int = 1,
-              log=print) -> Path:
+              record: bool = True, log=print) -> Path:
     """Runs every unfinished proxy (up to `parallel` processes at once; 0: in this process, one after
-    another) and appends its losses."""
+    another) and appends its losses. record=False (one shard of a sweep spread over machines, which
+    must not write one shared file at once): train only; a later run with record=True writes the
+    finished runs' losses to results.csv without training them again."""
     out_dir = Path(out_dir)
     finished = done_indices(out_dir)
+    if not record:
+        finished |= {r.index for r in runs if final_losses(r.run_dir, steps) is not None}
     todo = [r for r in runs if r.index not in finished]
+    record_result = append_result if record else _no_record
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {out_dir / RESULTS}, {len(todo)} to run")
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / ".jax_cache"))  # proxies share one shape
@@ -134,13 +157,13 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
                 failures.append(run.index)
                 log(f"sweep: run {run.index} failed (exit {proc.returncode}); see {run.run_dir / 'train.log'}")
                 continue
-            append_result(out_dir, run, domains, losses)
+            record_result(out_dir, run, domains, losses)
             log(f"sweep: run {run.index} done in {time.time() - started:.0f}s, val_loss {losses['val_loss']:.4f}")
 
     for run in todo:
         if parallel == 0:  # in this process, one after another (no per-run start-up cost)
             losses = final_losses(run.run_dir, steps) or train_in_process(run)
-            append_result(out_dir, run, domains, losses)
+            record_result(out_dir, run, domains, losses)
             log(f"sweep: run {run.index} done, val_loss {losses['val_loss']:.4f}")
             continue
         while len(running) >= parallel:
@@ -148,7 +171,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
             time.sleep(0.2)
         losses = final_losses(run.run_dir, steps)
         if losses is not None:  # trained but not recorded (the sweep was stopped in between)
-            append_result(out_dir, run, domains, losses)
+            record_result(out_dir, run, domains, losses)
             continue
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted run starts over
