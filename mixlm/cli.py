@@ -12,7 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "print the exact parameter count of a model config (no allocation)"),
     "train": ("train", "train a model: mixlm train CONFIG [section.key=value ...]"),
-    "launch": ("launch", "run train as many jax.distributed processes: launch local | tpu | slurm -- train CONFIG"),
+    "launch": ("launch", "train on many processes (local | tpu | slurm) or a sweep as a SLURM job array (slurm-sweep)"),
     "prepare": ("prepare", "tokenize raw documents per domain into shuffled ArrayRecord shards + manifests"),
     "tokenizer": ("tokenizer", "tokenizer train: a byte-level BPE saved as a HF tokenizer folder"),
     "sweep": ("sweep", "RegMix proxy sweep: one base config x N mixtures -> results.csv"),
