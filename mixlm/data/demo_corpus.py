@@ -6,7 +6,11 @@
     code         Python-like functions: indentation, identifiers, brackets
 
 Training on more of a domain measurably lowers its validation loss and barely moves the others, which
-is what a mixture experiment needs to show. Deterministic for a seed; ~2,000 documents per domain take
+is what a mixture experiment needs to show.
+
+Two eval-only target domains (TARGET_GENERATORS, for `eval.domains`) are fresh documents of those kinds
+in unequal parts, never trained on: `office` (records 1/2, sums 3/10, prose 1/5 of the documents) and
+`homework` (sums 1/2, prose 1/2). Deterministic for a seed; ~2,000 documents per domain take
 well under a second. `python -m mixlm.data.demo_corpus OUT_DIR` writes OUT_DIR/<domain>.jsonl.
 """
 
@@ -103,6 +107,11 @@ def _office(rng: np.random.Generator) -> str:
     return _records(rng) if u < 0.5 else _arithmetic(rng) if u < 0.8 else _prose(rng)
 
 
+def _homework(rng: np.random.Generator) -> str:
+    """The second eval-only target: a page of sums (1/2) or prose (1/2); no records, no code."""
+    return _arithmetic(rng) if rng.random() < 0.5 else _prose(rng)
+
+
 def _code(rng: np.random.Generator) -> str:
     funcs = []
     for _ in range(int(rng.integers(1, 4))):
@@ -127,7 +136,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator], str]] = {
     "code": _code,
 }
 # Domains to evaluate on, never to train on: the target of a mixture search (`eval.domains`).
-TARGET_GENERATORS: dict[str, Callable[[np.random.Generator], str]] = {"office": _office}
+TARGET_GENERATORS: dict[str, Callable[[np.random.Generator], str]] = {"office": _office, "homework": _homework}
 
 
 def generate_demo_corpus(
