@@ -117,6 +117,11 @@ def test_prior_from_manifests_and_yaml(tmp_path):
     shares = load_prior(tmp_path / "shares.yaml")
     assert shares.tokens_D is None
     np.testing.assert_allclose(shares.usage_bounds(3.0), [0.6, 1.0])  # RegMix: max_usage x share
+    (tmp_path / "counts.yaml").write_text("web: 3e9\ncode: 1e9\n")  # YAML reads 3e9 as a string
+    np.testing.assert_allclose(load_prior(tmp_path / "counts.yaml").tokens_D, [3e9, 1e9])
+    (tmp_path / "bad.yaml").write_text("web: lots\ncode: 1e9\n")
+    with pytest.raises(ConfigError, match="web: 'lots' is not a number of tokens or a share"):
+        load_prior(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="run `mixlm prepare`"):
         load_prior(tmp_path)
     with pytest.raises(ConfigError, match="missing from the prior"):
@@ -352,3 +357,11 @@ def test_lightgbm_learns_from_a_small_sweep():
     result = fit(table, Table(table.index_N, ("metric/x_val_loss",), y_N[:, None]), "metric/x_val_loss",
                  regressors=("lightgbm",), folds=5)
     assert result.cv["lightgbm"].spearman > 0.5
+
+
+def test_cli_sample_domains_leaves_an_eval_only_domain_out(tmp_path):
+    (tmp_path / "prior.yaml").write_text(yaml.safe_dump({**TOKENS, "target": 5e9}, sort_keys=False))
+    args = ["mix", "sample", "--prior", str(tmp_path / "prior.yaml"), "-n", "10", "--out"]
+    assert main([*args, str(tmp_path / "m"), "--domains", ",".join(DOMAINS)]) == 0
+    assert read_csv(tmp_path / "m" / "mixtures.csv").columns == DOMAINS
+    assert main([*args, str(tmp_path / "bad"), "--domains", "web,cod"]) == 2  # names the missing domain

@@ -134,11 +134,18 @@ def _load_prior(source: str | Path) -> DomainPrior:
     data = yaml.safe_load(path.read_text())
     if isinstance(data, dict) and isinstance(data.get("train"), dict):
         data = data["train"]
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
-        raise ConfigError(
-            f"{path}: expected a mapping {{domain: tokens or share}}, got {type(data).__name__}"
-        )
-    return prior_from_mapping(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping {{domain: tokens or share}}, got {type(data).__name__}")
+    values = {}
+    for domain, value in data.items():
+        # YAML reads 4e9 (no dot) as a string; token counts are often written that way.
+        try:
+            values[str(domain)] = float(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            values[str(domain)] = None
+        if values[str(domain)] is None or isinstance(value, bool):
+            raise ConfigError(f"{path}: {domain}: {value!r} is not a number of tokens or a share")
+    return prior_from_mapping(values)
 
 
 def _manifest_tokens(path: Path) -> float:
