@@ -194,7 +194,9 @@ def main() -> None:
         return
 
     # 3. per target: fit on the first N - held_out proxies, score on the held-out ones, optimise
-    targets = {"mean": [loss_column(d) for d in domains], **{t: [loss_column(t)] for t in TARGET_DOMAINS}}
+    # target -> the domains whose validation losses it averages
+    target_domains = {"mean": domains, **{t: [t] for t in TARGET_DOMAINS}}
+    targets = {t: [loss_column(d) for d in ds] for t, ds in target_domains.items()}
     held = table.index_N[-args.held_out:]
     fit_rows = table.rows(table.index_N[:-args.held_out])
     held_weights = table.rows(held).select(domains)
@@ -230,7 +232,7 @@ def main() -> None:
     final: dict[tuple[str, str], list[dict]] = {}
 
     def target_of(losses: dict, t: str) -> float:
-        return float(np.mean([losses[f"val_loss/{c[len('metric/'):-len('_val_loss')]}"] for c in targets[t]]))
+        return float(np.mean([losses[f"val_loss/{d}"] for d in target_domains[t]]))
 
     for size, (overrides, steps, seeds) in sizes.items():
         for name, weights in candidates.items():

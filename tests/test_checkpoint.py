@@ -31,6 +31,7 @@ from mixlm.checkpoint import (
 )
 from mixlm.config import CheckpointConfig, MeshConfig, load_config
 from mixlm.data.synthetic import SyntheticSource
+from mixlm.launch import free_port
 from mixlm.sharding import make_mesh, to_global_batch
 from mixlm.train import build_setup, initial_state, train
 
@@ -331,14 +332,6 @@ def test_sigkill_then_sigterm_then_rerun_is_bitwise_identical(tmp_path):
     assert [r["step"] for r in run_rows] == list(range(1, STEPS + 1))
     assert [[r[k] for k in keys] for r in run_rows] == [[r[k] for k in keys] for r in ref_rows], f"seed {seed}"
     assert leaves_equal(final_params(ref), final_params(run)), f"seed {seed}"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from conftest import xla_flags
 from mixlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mixlm.data import make_train_source
 from mixlm.data.demo_corpus import prepare_demo_data
+from mixlm.launch import free_port
 
 STEPS = 4
 
@@ -48,12 +48,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_build_the_same_global_batches(tmp_path):
     paths = prepare_demo_data(tmp_path / "demo", docs_per_domain=150, vocab_size=300)
@@ -80,7 +74,7 @@ def test_two_processes_build_the_same_global_batches(tmp_path):
         XLA_FLAGS=xla_flags(4),
         PYTHONPATH=os.getcwd(),
     )
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [

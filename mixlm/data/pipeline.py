@@ -137,7 +137,6 @@ class PreparedMixtureSource:
         if data.packing not in ("concat", "first_fit"):
             raise ConfigError(f"data.packing={data.packing!r}: expected 'concat' or 'first_fit'")
         known = list_domains(data.prepared_dir)
-        self.cfg_prepared_dir = data.prepared_dir
         self.mixture = parse_mixture(data.mixture, known_domains=known or None)
         self.cfg, self.packing, self.seq_len = cfg, data.packing, data.seq_len
         self.global_batch = cfg.train.global_batch_size
@@ -145,7 +144,7 @@ class PreparedMixtureSource:
         self.process_index, self.process_count = process_index, process_count
         self.read_threads, self.prefetch = read_threads, prefetch
         self.domains = [PreparedDomain(data.prepared_dir, d) for d in self.mixture.domains]
-        self.eval_only = self._eval_only_domains(cfg.eval.domains, known)
+        self.eval_only = self._eval_only_domains(data.prepared_dir, cfg.eval.domains, known)
         self._check_tokenizers(cfg)
         self.schedule = MixtureSchedule(self.mixture, self.global_batch, seed=data.seed)
         self.train_rows = [
@@ -175,7 +174,7 @@ class PreparedMixtureSource:
             print(self.describe(), flush=True)
 
     # ---- checks ----------------------------------------------------------------------------------
-    def _eval_only_domains(self, names: list, known: list[str]) -> list[PreparedDomain]:
+    def _eval_only_domains(self, prepared_dir: str, names: list, known: list[str]) -> list[PreparedDomain]:
         """eval.domains not in the mixture: validated like mixture domains, evaluated, never trained on."""
         out = []
         for i, name in enumerate(names):
@@ -183,11 +182,11 @@ class PreparedMixtureSource:
                 raise ConfigError(f"eval.domains[{i}]: expected a prepared domain name, got {name!r}")
             if known and name not in known:
                 raise ConfigError(
-                    f"eval.domains[{i}]: {name!r} is not a prepared domain in {self.cfg_prepared_dir}; "
+                    f"eval.domains[{i}]: {name!r} is not a prepared domain in {prepared_dir}; "
                     f"prepared domains: {', '.join(known)}"
                 )
             if name not in self.mixture.domains and name not in [d.name for d in out]:
-                out.append(PreparedDomain(self.cfg_prepared_dir, name))
+                out.append(PreparedDomain(prepared_dir, name))
         return out
 
     def _check_tokenizers(self, cfg: ExperimentConfig) -> None:

@@ -36,9 +36,8 @@ def optimize(
     model's `regressor` (default: its primary one) and returns the mean of the top_k lowest. A mean
     of mixtures within the bound is within it too, so the result honours the bound.
     """
-    prior = as_prior(prior)
-    # A prior over more domains (a prepared folder with eval-only domains) is narrowed to the model's.
-    prior = prior.subset(model.domains) if set(model.domains) < set(prior.domains) else prior.reorder(model.domains)
+    # In the model's order; a prior over more domains (a prepared folder with eval-only ones) is narrowed.
+    prior = as_prior(prior).subset(model.domains)
     if n_samples < 1 or top_k < 1:
         raise ConfigError(f"n_samples={n_samples} and top_k={top_k} must both be >= 1")
     rng = np.random.default_rng(seed)
