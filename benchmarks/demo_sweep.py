@@ -151,7 +151,7 @@ def main() -> None:
         write_csv,
         write_mixture_yaml,
     )
-    from mixlm.mixing.regression import pearson, spearman
+    from mixlm.mixing.stats import pearson, spearman
     from mixlm.mixing.sweep import done_indices, plan_sweep, run_sweep
 
     out = args.out

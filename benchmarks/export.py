@@ -52,8 +52,8 @@ def create_checkpoint(model_path: str, run_dir: Path) -> dict:
     import numpy as np
 
     from mixlm import checkpoint
+    from mixlm.checkpoint import flatten_params, unflatten_params
     from mixlm.config import CheckpointConfig, ExperimentConfig, TrainConfig, load_model_config
-    from mixlm.export import flatten_params, unflatten_params
     from mixlm.models import abstract_params
 
     model = load_model_config(model_path)
@@ -84,7 +84,9 @@ def run_export(run_dir: Path, out_dir: Path, dtype: str, verify: bool) -> dict:
     import transformers  # noqa: F401
     from transformers import GenerationConfig, GPT2Config, LlamaConfig, Qwen3Config  # noqa: F401 (pulls in torch)
 
-    from mixlm.export import export_hf, open_checkpoint, verify_export
+    from mixlm.checkpoint import open_checkpoint
+    from mixlm.hf.export import export_hf
+    from mixlm.hf.verify import verify_export
 
     exact = reset_peak()
     baseline = status_mb("VmRSS")
@@ -181,7 +183,7 @@ def main() -> int:
         f"Checkpoint: `{model.name}` initialised at random, {total:,} params ({non_embedding:,} non-embedding), "
         f"params only, float32, {ckpt_bytes / 2**30:.2f} GiB on disk (Orbax OCDBT, mixlm.checkpoint layout). "
         "Each export runs in a fresh process: baseline = RSS after importing jax, orbax, transformers' config "
-        "classes (which import torch) and mixlm.export; peak = VmHWM after the export, counted from the "
+        "classes (which import torch) and mixlm.hf; peak = VmHWM after the export, counted from the "
         "baseline (/proc/self/clear_refs). Export = open the checkpoint, restore each array alone, write "
         "safetensors (+ config, generation config, model card)."
     )

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mixlm.mixing import fit, load_prior, optimize, read_csv, read_mixture_yaml
-from mixlm.mixing.regression import spearman
+from mixlm.mixing.stats import spearman
 
 PUBLISHED = ("regmix", "human", "doremi", "pile_cc_only")
 

@@ -22,6 +22,8 @@ Guarantees, and who gives them:
 * Resuming with a different config is refused naming the keys (`config_diff`), except RESUMABLE_KEYS and
   RESUMABLE_SECTIONS below; `allow_config_change` (CLI: --allow-config-change) resumes anyway.
 * `PreemptionGuard`: SIGTERM/SIGINT end the loop after the current step, which is then saved and waited for.
+* Reading for export (the last section): `open_checkpoint(path, step=None)` is the newest complete step
+  as an `OrbaxSource` that restores one param at a time; `MemorySource` wraps params already in memory.
 
 Multi-process: every process calls the same methods; Orbax coordinates array writes, only the primary
 process writes JSON items, `mixlm_files.json` and moves corrupt steps. The data state is saved once (by
@@ -41,7 +43,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -49,7 +51,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import mixlm
-from mixlm.config import CheckpointConfig, ExperimentConfig, config_diff, config_from_dict
+from mixlm.config import (
+    CheckpointConfig,
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    config_diff,
+    config_from_dict,
+)
+from mixlm.hf.errors import ExportError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints_corrupt"
@@ -397,24 +407,48 @@ def resolve_step_dir(path: str | Path) -> epath.Path:
     p = epath.Path(path)
     if (p / "state").is_dir():
         return p
-    ckpts = p / CHECKPOINT_SUBDIR if (p / CHECKPOINT_SUBDIR).is_dir() else p
+    ckpts = _checkpoints_folder(p)
     if not ckpts.is_dir():
         raise CheckpointError(f"checkpoint.init_from={path!r}: no such folder")
     reader = RunCheckpoints(ckpts, CheckpointConfig(), read_only=True)
-    for step in reversed(reader.steps()):
-        problem = file_problem(ckpts / str(step))
-        if not problem:
-            return ckpts / str(step)
-        warnings.warn(f"checkpoint.init_from: step {step} ({ckpts / str(step)}) is corrupt: {problem}; "
-                      "trying the one before", CheckpointCorruptWarning, stacklevel=2)
+    steps = {step: ckpts / str(step) for step in reader.steps()}
+
+    def skip(step: int, step_dir, problem: str) -> None:
+        warnings.warn(f"checkpoint.init_from: step {step} ({step_dir}) is corrupt: {problem}; "
+                      "trying the one before", CheckpointCorruptWarning, stacklevel=4)
+
+    chosen = newest_complete_step(steps, skip)
+    if chosen is not None:
+        return steps[chosen]
     raise CheckpointError(f"checkpoint.init_from={path!r}: no usable checkpoint step in {ckpts}")
+
+
+def _checkpoints_folder(path):
+    """The folder holding the step folders: `path`/checkpoints/ of a run's output folder, else `path`."""
+    return path / CHECKPOINT_SUBDIR if (path / CHECKPOINT_SUBDIR).is_dir() else path
+
+
+def newest_complete_step(steps: dict, on_skip: Callable[[int, Any, str], None]) -> int | None:
+    """The newest of `steps` ({step: step folder}) whose files are complete (file_problem); each newer one
+    that is not is reported to `on_skip(step, folder, problem)`. None when no step is complete."""
+    for step in sorted(steps, reverse=True):
+        problem = file_problem(epath.Path(steps[step]))
+        if not problem:
+            return step
+        on_skip(step, steps[step], problem)
+    return None
+
+
+def _saved_state_tree(state_dir: epath.Path) -> dict:
+    """The array metadata tree of a checkpoint's state item (shapes and dtypes; nothing is restored)."""
+    saved = ocp.StandardCheckpointHandler().metadata(state_dir)
+    return getattr(saved, "tree", saved)
 
 
 def restore_params(step_dir: str | Path, abstract_params, vocab_size: int):
     """Only the params of a checkpoint step, restored onto `abstract_params`' shardings."""
     state_dir = epath.Path(step_dir) / "state"
-    saved = ocp.StandardCheckpointHandler().metadata(state_dir)
-    saved_tree = getattr(saved, "tree", saved)
+    saved_tree = _saved_state_tree(state_dir)
     if "params" not in saved_tree:
         raise CheckpointError(f"{state_dir} holds no params")
     strict = restore_args_for(saved_tree["params"], abstract_params, vocab_size)
@@ -475,3 +509,163 @@ class PreemptionGuard:
             self.signal_name = "preemption notice"
             return True
         return False
+
+
+# ---- reading params for export: one array at a time ----------------------------------------------------
+# What mixlm.hf.export reads: a ParamSource hands out one float32 numpy array at a time in our layout
+# (mixlm.models), from a checkpoint step (OrbaxSource: a partial restore of that one array) or from
+# memory (MemorySource), so exporting a model needs about two copies of its largest tensor, not of it all.
+
+ParamPath = tuple[str, ...]
+
+
+class ParamSource(Protocol):
+    """Where export reads our params: one array at a time, float32, in our layout (mixlm.models)."""
+
+    cfg: ExperimentConfig
+    step: int | None
+    meta: dict  # the checkpoint's metadata (tokens seen per domain, versions, ...); {} when unknown
+    description: str  # for messages and the model card, e.g. the checkpoint step folder
+
+    def shapes(self) -> dict[ParamPath, tuple[int, ...]]: ...
+
+    def read(self, path: ParamPath) -> np.ndarray: ...
+
+
+def flatten_params(params: dict, prefix: ParamPath = ()) -> dict[ParamPath, object]:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(flatten_params(value, prefix + (str(key),)))
+        else:
+            out[prefix + (str(key),)] = value
+    return out
+
+
+def unflatten_params(flat: dict[ParamPath, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+@dataclasses.dataclass
+class MemorySource:
+    """Params already in memory (split_params layout; jax or numpy arrays), e.g. `train(cfg).state.params`."""
+
+    cfg: ExperimentConfig
+    params: dict
+    step: int | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+    description: str = "params in memory"
+
+    def __post_init__(self):
+        if isinstance(self.cfg, ModelConfig):
+            self.cfg = ExperimentConfig(model=self.cfg)
+        self._flat = flatten_params(self.params)
+
+    def shapes(self) -> dict[ParamPath, tuple[int, ...]]:
+        return {p: tuple(np.shape(a)) for p, a in self._flat.items()}
+
+    def read(self, path: ParamPath) -> np.ndarray:
+        return np.asarray(self._flat[path], np.float32)
+
+
+class OrbaxSource:
+    """The params of one checkpoint step (<step>/state, <step>/meta), restored array by array as host
+    numpy arrays, so only the array being read is in memory."""
+
+    def __init__(self, step_dir: Path, cfg: ExperimentConfig, meta: dict, step: int):
+        self.step_dir, self.cfg, self.meta, self.step = Path(step_dir), cfg, meta, step
+        self.description = str(self.step_dir)
+        self._state_dir = epath.Path(self.step_dir) / "state"
+        tree = _saved_state_tree(self._state_dir)
+        if "params" not in tree:
+            raise ExportError(f"{self._state_dir} holds no params (keys: {sorted(tree)})")
+        self._shapes = {p: tuple(m.shape) for p, m in flatten_params(dict(tree["params"])).items()}
+        self._checkpointer = ocp.PyTreeCheckpointer()
+
+    def shapes(self) -> dict[ParamPath, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def read(self, path: ParamPath) -> np.ndarray:
+        if path not in self._shapes:
+            raise KeyError(f"{self._state_dir} has no param {'/'.join(path)}")
+        item = {"params": unflatten_params({path: 0})}
+        restore_args = {"params": unflatten_params({path: ocp.RestoreArgs(restore_type=np.ndarray)})}
+        out = self._checkpointer.restore(
+            self._state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+        node = out["params"]
+        for key in path:
+            node = node[key]
+        return np.asarray(node, np.float32)
+
+
+def _step_dirs(checkpoints: Path) -> dict[int, Path]:
+    return {int(p.name): p for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir()}
+
+
+def open_checkpoint(path: str | Path, step: int | None = None) -> OrbaxSource:
+    """The checkpoint at `path`: a run's output folder (train.output_dir), its checkpoints/ folder, or one
+    step folder. `step` picks a step; by default the newest step whose files are complete (a step with
+    missing or truncated files is skipped with a warning naming it). Raises ExportError."""
+    p = Path(path).absolute()  # Orbax reads absolute paths only
+    if not p.is_dir():
+        raise ExportError(f"{path}: no such folder; pass a run's output folder (train.output_dir), its "
+                          "checkpoints/ folder, or one checkpoint step folder")
+    if (p / "state").is_dir() and p.name.isdigit():
+        steps = {int(p.name): p}
+        where = p.parent
+    else:
+        where = _checkpoints_folder(p)
+        steps = _step_dirs(where)
+    if not steps:
+        raise ExportError(f"{path}: holds no mixlm checkpoint (expected checkpoints/<step>/state/); was the "
+                          "run saved (checkpoint.save_at_end / checkpoint.every)?")
+    if step is not None:
+        if step not in steps:
+            raise ExportError(f"{path}: there is no checkpoint step {step}; available steps: "
+                              f"{', '.join(map(str, sorted(steps)))}")
+        problem = file_problem(epath.Path(steps[step]))
+        if problem:
+            raise ExportError(f"checkpoint step {step} ({steps[step]}) is incomplete: {problem}")
+        chosen = step
+    else:
+
+        def skip(s: int, step_dir: Path, problem: str) -> None:
+            warnings.warn(f"checkpoint step {s} ({step_dir}) is incomplete: {problem}; trying the one before",
+                          stacklevel=4)
+
+        chosen = newest_complete_step(steps, skip)
+        if chosen is None:
+            raise ExportError(f"{where}: no complete checkpoint step (all of {sorted(steps)} have missing or "
+                              "truncated files)")
+    step_dir = steps[chosen]
+    meta = _read_meta(step_dir)
+    cfg_dict = meta.get("config")
+    if cfg_dict is None:
+        run_config = where.parent / "config.yaml"
+        if not run_config.is_file():
+            raise ExportError(f"{step_dir}: its metadata has no config and there is no {run_config}")
+        import yaml
+
+        cfg_dict = yaml.safe_load(run_config.read_text())
+    try:
+        cfg = config_from_dict(cfg_dict)
+    except ConfigError as e:
+        raise ExportError(f"{step_dir}: the saved config does not load: {e}") from None
+    return OrbaxSource(step_dir, cfg, meta, chosen)
+
+
+def _read_meta(step_dir: Path) -> dict:
+    """The checkpoint's JSON `meta` item ({} when the step has none); RunCheckpoints.read_meta without a
+    CheckpointManager, for a single step folder."""
+    meta_dir = step_dir / "meta"
+    if not meta_dir.is_dir():
+        return {}
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return dict(ckptr.restore(epath.Path(meta_dir)))

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from mixlm.model_families import family_names
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file, the key and what to do."""
@@ -33,7 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "llama"  # llama | gpt2
+    family: str = "llama"  # a registered family (mixlm.model_families): llama | gpt2 | ...
     name: str = ""
     num_layers: int = 2
     d_model: int = 64
@@ -52,8 +54,9 @@ class ModelConfig:
     compute_dtype: str = "float32"  # activations / matmuls; params stay float32 (master weights)
 
     def __post_init__(self):
-        if self.family not in ("llama", "gpt2"):
-            raise ConfigError(f"model.family must be 'llama' or 'gpt2', got {self.family!r}")
+        if self.family not in family_names():
+            raise ConfigError(f"model.family must be one of the registered families ({', '.join(family_names())}; "
+                              f"mixlm.model_families.register_family adds one), got {self.family!r}")
         if self.d_model % self.num_heads and not self.head_dim:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from mixlm.config import ExperimentConfig
+from mixlm.model_families import get_family
 
 
 class EvalResultsError(ValueError):
@@ -116,7 +117,10 @@ def _duration(seconds: float) -> str:
 
 
 def architecture_rows(info: CardInfo) -> list[tuple[str, str]]:
+    """The architecture table: rows every family has, the family's own rows (`model_card_rows`: they fill
+    "MLP dim" and "norm" in place and add the rest, e.g. positions, after them), then the weights dtype."""
     m = info.cfg.model
+    family_rows = dict(get_family(m.family).model_card_rows(m))
     rows = [
         ("transformers class", f"`{info.architecture}`"),
         ("parameters", f"{info.total_params:,}"),
@@ -125,17 +129,13 @@ def architecture_rows(info: CardInfo) -> list[tuple[str, str]]:
         ("d_model", str(m.d_model)),
         ("attention heads (kv heads)", f"{m.num_heads} ({m.kv_heads})"),
         ("head dim", str(m.dim_per_head)),
-        ("MLP dim", f"{m.mlp_dim} ({'SwiGLU' if m.family == 'llama' else 'GELU'})"),
+        ("MLP dim", family_rows.pop("MLP dim", str(m.mlp_dim))),
         ("vocabulary", f"{m.vocab_size:,}"),
         ("context length", f"{m.max_seq_len:,}"),
         ("tied embeddings", "yes" if m.tie_embeddings else "no"),
-        ("norm", f"{'RMSNorm' if m.family == 'llama' else 'LayerNorm'}, eps {m.norm_eps:g}"),
+        ("norm", family_rows.pop("norm", f"eps {m.norm_eps:g}")),
     ]
-    if m.family == "llama":
-        rows.append(("positions", f"RoPE, base {m.rope_base:g}"))
-        rows.append(("qk-norm", "yes (per head, before RoPE)" if m.qk_norm else "no"))
-    else:
-        rows.append(("positions", "learned"))
+    rows += list(family_rows.items())
     rows.append(("weights dtype", info.dtype))
     return rows
 

@@ -1,4 +1,4 @@
-"""Train state, one jitted train step, the eval step, and the loop.
+"""Train state, one jitted train step, the eval step, and the loop (its features are mixlm.hooks).
 
 The state is a pytree of plain arrays (step, params as a nested dict, optax state) so that jit,
 sharding and Orbax see ordinary values; the NNX module is rebuilt from (graphdef, params) inside the
@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,18 @@ import optax
 from flax import nnx
 
 from mixlm import models
+from mixlm.checkpoint import RunCheckpoints, checkpoint_dir, resolve_step_dir, restore_params
 from mixlm.config import ExperimentConfig, save_config
+from mixlm.data import make_train_source
+from mixlm.hooks import Hook, NonFiniteLossError, Run, StepMeter, default_hooks, evaluate
+from mixlm.metrics import MetricsLog, peak_flops_per_device
+from mixlm.models import forward
+from mixlm.models.forward import token_losses
 from mixlm.optim import make_optimizer
-from mixlm.sharding import param_shardings, replicated, to_global_batch
+from mixlm.sharding import make_mesh, param_shardings, replicated, to_global_batch
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing was saved after it."""
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums", "build_setup", "evaluate",
+           "token_losses", "train"]
 
 
 @flax.struct.dataclass
@@ -39,25 +43,11 @@ class TrainState:
     opt_state: Any
 
 
-def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
-    """(negative log-likelihood, log partition) per token, in float32. Padded vocabulary rows
-    (ids ≥ vocab_size) are excluded from the softmax, so they never receive probability."""
-    logits = logits_BxLxV.astype(jnp.float32)
-    if logits.shape[-1] > vocab_size:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -1e9)
-    log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-    return log_z_BxL - target_logit_BxL, log_z_BxL
-
-
 def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float):
     """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
     exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
-    model = models.merge_params(graphdef, params)
-    logits_BxLxV = model(
-        batch["inputs"], positions_BxL=batch.get("positions"), segment_ids_BxL=batch.get("segment_ids")
-    )
-    nll_BxL, log_z_BxL = token_losses(logits_BxLxV, batch["targets"], vocab_size)
+    logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size)
+    nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum(nll_BxL * mask_BxL)
     z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
@@ -184,24 +174,6 @@ def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
     )
 
 
-def evaluate(
-    setup: TrainSetup, params: dict, eval_batches: dict[str, list[dict]], eval_only: Collection[str] = ()
-) -> dict[str, float]:
-    """Mean validation loss per domain (`val_loss/<domain>`) and the token-weighted total (`val_loss`)
-    over the trained domains: `eval_only` ones (eval.domains, e.g. a target) are reported, not totalled."""
-    out, total_nll, total_tokens = {}, 0.0, 0.0
-    for domain, batches in eval_batches.items():
-        nll, tokens = 0.0, 0.0
-        for host_batch in batches:
-            s, n = setup.eval_step(params, to_global_batch(host_batch, setup.mesh))
-            nll, tokens = nll + float(s), tokens + float(n)
-        out[f"val_loss/{domain}"] = nll / max(tokens, 1.0)
-        if domain not in eval_only:
-            total_nll, total_tokens = total_nll + nll, total_tokens + tokens
-    out["val_loss"] = total_nll / max(total_tokens, 1.0)
-    return out
-
-
 def check_batch_shape(host_batch: dict, cfg: ExperimentConfig) -> None:
     rows = host_batch["inputs"].shape[0] * jax.process_count()
     if rows != cfg.train.global_batch_size:
@@ -220,10 +192,6 @@ class TrainResult:
     eval: dict[str, float]
     out_dir: Path
     preempted_at: int | None = None  # the step saved before stopping on SIGTERM/SIGINT, else None
-
-
-def host_metrics(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def state_from_params(setup: TrainSetup, params: dict) -> TrainState:
@@ -254,8 +222,6 @@ def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change
     """Resumes from the newest good checkpoint of this output folder (state and data position), else
     initialises from `checkpoint.init_from` (params only: fresh optimizer, step 0, data from the start),
     else from `train.seed`."""
-    from mixlm.checkpoint import resolve_step_dir, restore_params
-
     cfg = setup.cfg
     resumed = checkpoints.restore_latest(setup.abstract_state, cfg, allow_config_change=allow_config_change)
     if resumed is not None:
@@ -273,136 +239,75 @@ def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change
     return setup.init_state(jax.random.key(cfg.train.seed))
 
 
-def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
-          log_fn: Callable[[str], None] | None = None, allow_config_change: bool = False) -> TrainResult:
-    """Runs optimizer steps up to `cfg.train.steps` (see the module docstring); writes config.yaml,
-    metrics.jsonl, TensorBoard events and checkpoints/ under `cfg.train.output_dir`.
-
-    Rerunning with the same output folder resumes from its newest good checkpoint (mixlm.checkpoint);
-    a different config there is refused unless `allow_config_change`. SIGTERM/SIGINT stop the loop after
-    the current step with a checkpoint of it (`TrainResult.preempted_at`)."""
-    from mixlm.checkpoint import PreemptionGuard, RunCheckpoints, checkpoint_dir, run_metadata
-    from mixlm.data import make_train_source
-    from mixlm.metrics import MetricsLog, peak_flops_per_device
-    from mixlm.sharding import make_mesh
-
-    mesh = mesh or make_mesh(cfg.mesh)
+def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callable[[str], None] | None,
+             allow_config_change: bool) -> Run:
+    """Resumes or initialises the state, then (only after the config check passed, so a refused run leaves the
+    folder as it was) writes config.yaml, opens the metrics log and prints what is about to run."""
     out_dir = Path(cfg.train.output_dir)
-    setup = build_setup(cfg, mesh)
-    source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     early_say = log_fn or (lambda text: print(text, flush=True) if jax.process_index() == 0 else None)
     checkpoints = RunCheckpoints(checkpoint_dir(out_dir), cfg.checkpoint, log=early_say)
     try:
-        state = initial_state(setup, checkpoints, source, allow_config_change=allow_config_change,
-                              say=early_say)
+        state = initial_state(setup, checkpoints, source, allow_config_change=allow_config_change, say=early_say)
     except BaseException:
         checkpoints.close()
         raise
     start_step = int(state.step)
-    if jax.process_index() == 0:  # only after the config check: a refused run leaves the folder as it was
+    if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     trim_metrics_log(out_dir / "metrics.jsonl", start_step)
-
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
-    flops_per_token = setup.flops_per_token
     log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step, jsonl=cfg.logging.jsonl,
                      tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
-    say = log_fn or log.message
-    checkpoints.log = say
+    say = checkpoints.log = log_fn or log.message
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
-    say(
-        f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "
-        f"{dict(mesh.shape)}, {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
-        f"{flops_per_token / 1e6:.1f} MFLOP/token (attention counted causally), peak {peak / 1e9:,.1f} "
-        f"GFLOP/s/device ({peak_source})"
-    )
+    say(f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "
+        f"{dict(setup.mesh.shape)}, {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
+        f"{setup.flops_per_token / 1e6:.1f} MFLOP/token (attention counted causally), peak {peak / 1e9:,.1f} "
+        f"GFLOP/s/device ({peak_source})")
+    meter = StepMeter(cfg, log, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
+                      num_devices=setup.mesh.size)
+    return Run(cfg=cfg, setup=setup, source=source, checkpoints=checkpoints, log=log, say=say, meter=meter,
+               state=state, out_dir=out_dir, step=start_step)
 
-    eval_batches = None
-    history: list[dict] = []
-    pending = None  # (step, device metrics) of the previous step: read after the next is dispatched
-    window_start, window_tokens = time.perf_counter(), 0.0
 
-    def finish(step: int, metrics_dev) -> None:
-        nonlocal window_start, window_tokens
-        m = host_metrics(metrics_dev)
-        if not math.isfinite(m["loss"]):
-            raise NonFiniteLossError(
-                f"loss is {m['loss']} at step {step}: stopping; nothing was saved after the last good "
-                f"checkpoint. Lower optimizer.lr, raise schedule warmup, or set train.z_loss."
-            )
-        if step != start_step + 1:  # the first step's time went to compilation
-            window_tokens += m["tokens"]
-        log.advance()
-        if step % cfg.logging.every == 0 or step == cfg.train.steps:
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-            m["tokens_per_s"] = tokens_per_s
-            m["mfu"] = tokens_per_s * flops_per_token / (peak * mesh.size) if peak else 0.0
-            history.append({"step": step, **m})
-            log.write(step, m)
-            window_start, window_tokens = now, 0.0
+def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
+          log_fn: Callable[[str], None] | None = None, allow_config_change: bool = False,
+          hooks: Sequence[Hook] | None = None) -> TrainResult:
+    """Runs optimizer steps up to `cfg.train.steps`; writes config.yaml, metrics.jsonl, TensorBoard events and
+    checkpoints/ under `cfg.train.output_dir`. `hooks` (default: mixlm.hooks.default_hooks(cfg): validation,
+    live lm-eval tasks, preemption, checkpoints) run between steps on their cadence.
 
-    def save_checkpoint(step: int) -> None:
-        nonlocal pending
-        if pending is not None:  # never checkpoint past a non-finite loss
-            finish(*pending)
-            pending = None
-        checkpoints.save(step, state, data_state=source.get_state(),
-                         meta=run_metadata(cfg, step, tokens_seen=source.tokens_seen(), mesh=mesh))
-
-    def run_eval(step: int, label: str) -> dict[str, float]:
-        """Per-domain validation loss, plus lm-eval tasks on the live model when eval.tasks is set."""
-        nonlocal eval_batches
-        ev = {}
-        if cfg.eval.batches:
-            eval_batches = eval_batches or source.eval_batches(cfg.eval.batches)
-            eval_only = [d.name for d in getattr(source, "eval_only", ())]
-            ev.update(evaluate(setup, state.params, eval_batches, eval_only))
-        if cfg.eval.tasks:
-            from mixlm.evaluate import run_tasks_on_live_model
-
-            ev.update(run_tasks_on_live_model(cfg, setup.graphdef, state.params))
-        if ev:
-            log.write(step, ev)
-            say(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-        return ev
-
-    preempted_at, final_eval = None, {}
-    preemption = PreemptionGuard(checkpoints, log=say).install()
+    Rerunning with the same output folder resumes from its newest good checkpoint (mixlm.checkpoint);
+    a different config there is refused unless `allow_config_change`. SIGTERM/SIGINT stop the loop after
+    the current step with a checkpoint of it (`TrainResult.preempted_at`)."""
+    mesh = mesh or make_mesh(cfg.mesh)
+    setup = build_setup(cfg, mesh)
+    source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    hooks = default_hooks(cfg) if hooks is None else list(hooks)
+    run = open_run(cfg, setup, source, log_fn=log_fn, allow_config_change=allow_config_change)
     try:
-        for step in range(start_step + 1, cfg.train.steps + 1):
+        for step in range(run.step + 1, cfg.train.steps + 1):
             host_batch = source.next_batch()
-            if step == start_step + 1:
+            if step == run.meter.start_step + 1:
                 check_batch_shape(host_batch, cfg)
-            state, metrics = setup.train_step(state, to_global_batch(host_batch, mesh))
-            if pending is not None:
-                finish(*pending)
-            pending = (step, metrics)
-            if step == start_step + 1:  # compile time is not throughput
-                jax.block_until_ready(metrics)
-                window_start, window_tokens = time.perf_counter(), 0.0
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
-                finish(*pending)
-                pending = None
-                run_eval(step, f"step {step}")
-            stop = preemption.requested(step)
-            if stop or checkpoints.should_save(step, cfg.train.steps):
-                save_checkpoint(step)
-            if stop:
-                checkpoints.wait()
-                preempted_at = step
-                say(f"stopped by {preemption.signal_name} after step {step}: checkpoint saved in "
-                    f"{checkpoints.directory / str(step)}; rerun the same command to resume")
+            run.state, metrics = setup.train_step(run.state, to_global_batch(host_batch, mesh))
+            run.step = step
+            run.meter.record(step, metrics)
+            for hook in hooks:
+                if hook.due(run, step):
+                    hook.after_step(run, step)
+            if run.stop_reason:
                 break
-        if pending is not None:
-            finish(*pending)
-        if preempted_at is None:
-            final_eval = run_eval(cfg.train.steps, "final eval")
+        run.flush()
+        if not run.stop_reason:
+            for hook in hooks:
+                hook.at_end(run)
     finally:
-        preemption.uninstall()
-        log.close()
-        checkpoints.close()
+        for hook in hooks:
+            hook.close()
+        run.log.close()
+        run.checkpoints.close()
         source.close()
-    return TrainResult(state=state, history=history, eval=final_eval, out_dir=out_dir,
-                       preempted_at=preempted_at)
+    return TrainResult(state=run.state, history=run.meter.history, eval=run.final_eval, out_dir=run.out_dir,
+                       preempted_at=run.preempted_at)

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 from conftest import xla_flags
+from ports import free_port
 
 from mixlm.checkpoint import (
     CheckpointCorruptWarning,
@@ -31,7 +32,6 @@ from mixlm.checkpoint import (
 )
 from mixlm.config import CheckpointConfig, MeshConfig, load_config
 from mixlm.data.synthetic import SyntheticSource
-from mixlm.launch import free_port
 from mixlm.sharding import make_mesh, to_global_batch
 from mixlm.train import build_setup, initial_state, train
 

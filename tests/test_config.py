@@ -69,10 +69,15 @@ def test_no_side_effects_and_round_trip(exp, tmp_path):
     cfg = load_config(exp, ["train.output_dir=" + str(tmp_path / "run")])
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # loading created nothing
     save_config(cfg, tmp_path / "saved.yaml")
-    again = load_config(None)  # defaults
-    assert config_diff(again, again) == []
     import yaml
 
     restored = config_from_dict(yaml.safe_load((tmp_path / "saved.yaml").read_text()))
     assert restored == cfg
+    assert config_diff(cfg, restored) == []  # the saved file holds every setting...
+    defaults = load_config(None)
+    changed = config_diff(defaults, restored)  # ...including those that differ from the defaults
+    for key in ("model.num_layers", "model.d_model", "model.vocab_size", "optimizer.lr", "optimizer.weight_decay",
+                "schedule.warmup_steps", "data.seq_len", "data.mixture", "train.steps", "train.output_dir"):
+        assert key in changed, key
+    assert "model.family" not in changed and "optimizer.b1" not in changed
     assert config_diff(cfg, load_config(exp, ["train.steps=9"])) == ["train.output_dir", "train.steps"]

@@ -9,11 +9,11 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import xla_flags
+from ports import free_port
 
 from mixlm.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mixlm.data import make_train_source
 from mixlm.data.demo_corpus import prepare_demo_data
-from mixlm.launch import free_port
 
 STEPS = 4
 

@@ -15,9 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixlm import evaluate as ev
 from mixlm.cli import main as cli_main
 from mixlm.config import ExperimentConfig, MeshConfig, ModelConfig
+from mixlm.eval.errors import EvalError
+from mixlm.eval.harness import check_model_dir, demo_tasks_dir, task_manager
+from mixlm.eval.live import run_tasks_on_live_model
+from mixlm.eval.report import model_index_entries
+from mixlm.eval.results import load_results
+from mixlm.eval.scoring import centered_accuracy, score_suite
+from mixlm.eval.suites import available_suites, load_suite, suite_from_dict
 from mixlm.eval_tasks import TASKS, write_demo_tasks
 from mixlm.models import build_model, merge_params, split_params
 
@@ -31,9 +37,10 @@ LIMIT = 12
 def tiny(tmp_path_factory):
     """A tiny random llama (large init so choices differ clearly), a BPE tokenizer trained on demo text, and
     the model exported as a transformers folder."""
+    from mixlm.checkpoint import MemorySource
     from mixlm.data.demo_corpus import GENERATORS
     from mixlm.data.tokenizer_train import train_tokenizer_from_texts
-    from mixlm.export import MemorySource, export_hf
+    from mixlm.hf.export import export_hf
 
     root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
@@ -60,10 +67,10 @@ def demo_results(tiny):
 def test_suite_yamls_name_real_lm_eval_tasks():
     """Structure only: the hub-dataset suites cannot run offline. Every task exists in lm-eval 0.4.13's index,
     explicit metrics are ones the task declares, and each suite says what the papers report."""
-    suites = {name: ev.load_suite(name) for name in ev.available_suites()}
+    suites = {name: load_suite(name) for name in available_suites()}
     assert set(suites) >= {"regmix", "metarater", "codelion", "dclm", "demo"}
     names = sorted({t for s in suites.values() for t in s.lm_eval_tasks()})
-    manager = ev.task_manager(names)  # raises for an unknown name
+    manager = task_manager(names)  # raises for an unknown name
     for suite in suites.values():
         for task in suite.tasks:
             cfg = manager.task_index[task.task].cfg or {}
@@ -95,15 +102,15 @@ def test_suite_yamls_name_real_lm_eval_tasks():
     ({"tasks": []}, "non-empty"),
 ])
 def test_suite_validation_errors(raw, message):
-    with pytest.raises(ev.EvalError, match=message):
-        ev.suite_from_dict(raw, "my_suite.yaml")
+    with pytest.raises(EvalError, match=message):
+        suite_from_dict(raw, "my_suite.yaml")
 
 
 # --- scoring against hand-computed numbers ----------------------------------------------------------------------
 
 
 def test_shot_average_groups_and_centered_accuracy_by_hand():
-    suite = ev.suite_from_dict({
+    suite = suite_from_dict({
         "name": "t", "shots": [0, 1], "centered": True,
         "tasks": [{"task": "a", "chance": 0.25}, {"task": "b", "chance": 0.5},
                   {"task": "c", "metric": "exact_match,strict", "chance": 0.0, "shots": 0},
@@ -118,7 +125,7 @@ def test_shot_average_groups_and_centered_accuracy_by_hand():
         1: {"a": {"acc,none": 0.1, "acc_norm,none": 0.7, "acc_norm_stderr,none": 0.04},
             "b": {"acc,none": 0.8, "acc_stderr,none": 0.03}},
     }
-    scored = ev.score_suite(suite, results)
+    scored = score_suite(suite, results)
     a, b, c, d = (scored["tasks"][k] for k in "abcd")
     # a: mean acc_norm (0.6 + 0.7) / 2 = 0.65, se sqrt(.03^2 + .04^2) / 2 = .025; centered (0.65 - .25) / .75
     assert a["metric"] == "centered_acc_norm" and a["raw_score"] == pytest.approx(0.65)
@@ -136,19 +143,19 @@ def test_shot_average_groups_and_centered_accuracy_by_hand():
     assert [(p["task"], p["shots"], p["metric"]) for p in scored["per_shot"]] == [
         ("a", 0, "acc_norm"), ("a", 1, "acc_norm"), ("b", 0, "acc"), ("b", 1, "acc"), ("c", 0, "exact_match"),
         ("d", 0, "bits_per_byte")]
-    assert ev.centered_accuracy(0.81, 0.62) == pytest.approx(0.5)
+    assert centered_accuracy(0.81, 0.62) == pytest.approx(0.5)
 
     # overall over groups: the group counts once, the ungrouped task once; --shots replaces every task's shots
-    by_groups = ev.suite_from_dict({"name": "g", "shots": [0, 1], "tasks": ["a", "b", "c"],
+    by_groups = suite_from_dict({"name": "g", "shots": [0, 1], "tasks": ["a", "b", "c"],
                                     "metric_preference": ["acc"], "groups": {"G": ["a", "b"]}, "overall": "groups"})
     results[0]["c"] = {"acc,none": 0.2}
-    scored = ev.score_suite(by_groups.with_shots([0]), results)
+    scored = score_suite(by_groups.with_shots([0]), results)
     assert scored["overall"]["score"] == pytest.approx(((0.5 + 0.7) / 2 + 0.2) / 2)
     assert all(t["shots"] == [0] for t in scored["tasks"].values())
 
 
 def test_regmix_mean_over_six_shots():
-    suite = ev.load_suite("regmix")
+    suite = load_suite("regmix")
     results = {k: {} for k in range(6)}
     for task in suite.lm_eval_tasks():
         for k in range(6):
@@ -156,7 +163,7 @@ def test_regmix_mean_over_six_shots():
                 results[k][task] = {"acc,none": 0.5 + 0.01 * k, "perplexity,none": 30.0}
             else:
                 results[k][task] = {"acc,none": 0.9, "acc_norm,none": 0.30 + 0.02 * k}
-    scored = ev.score_suite(suite, results)
+    scored = score_suite(suite, results)
     assert scored["tasks"]["hellaswag"]["score"] == pytest.approx(0.35)  # (0.30 + ... + 0.40) / 6
     assert scored["tasks"]["lambada_openai"]["metric"] == "acc"
     assert scored["tasks"]["lambada_openai"]["score"] == pytest.approx(0.525)
@@ -164,26 +171,26 @@ def test_regmix_mean_over_six_shots():
 
 
 def test_metarater_groups_and_dclm_core_by_hand():
-    metarater = ev.load_suite("metarater")
+    metarater = load_suite("metarater")
     values = {"arc_easy": 0.6, "arc_challenge": 0.3, "sciq": 0.9, "hellaswag": 0.4, "social_iqa": 0.5,
               "winogrande": 0.55, "race": 0.35, "openbookqa": 0.25, "mmlu": 0.27}
     results = {0: {t: {"acc,none": v, "acc_norm,none": v} for t, v in values.items()}}
     results[0]["nq_open"] = {"exact_match,remove_whitespace": 0.05}
-    scored = ev.score_suite(metarater, results)
+    scored = score_suite(metarater, results)
     assert scored["groups"]["General Knowledge"]["score"] == pytest.approx((0.6 + 0.3 + 0.9) / 3)
     assert scored["groups"]["Commonsense Reasoning"]["score"] == pytest.approx((0.4 + 0.5 + 0.55) / 3)
     assert scored["groups"]["Reading Comprehension"]["score"] == pytest.approx((0.35 + 0.25) / 2)
     assert scored["tasks"]["nq_open"]["score"] == 0.05
     assert scored["overall"]["score"] == pytest.approx((sum(values.values()) + 0.05) / 10)
 
-    dclm = ev.load_suite("dclm")
+    dclm = load_suite("dclm")
     results = {}
     for t in dclm.tasks:  # every task exactly 40% of the way from chance to perfect, hellaswag 0-shot 20%
         fraction = 0.2 if t.label == "hellaswag_zeroshot" else 0.4
         value = t.chance + (1 - t.chance) * fraction
         metric = t.metric or "acc_norm"
         results.setdefault(t.shots[0], {})[t.task] = {f"{metric},none": value, f"{metric}_stderr,none": 0.01}
-    scored = ev.score_suite(dclm, results)
+    scored = score_suite(dclm, results)
     assert scored["tasks"]["boolq"]["raw_score"] == pytest.approx(0.62 + 0.38 * 0.4)
     assert scored["tasks"]["boolq"]["score"] == pytest.approx(0.4)
     assert scored["tasks"]["hellaswag_zeroshot"]["score"] == pytest.approx(0.2)
@@ -232,7 +239,7 @@ def _own_choice_loglikelihoods(tiny, docs):
 
 def test_demo_suite_accuracies_equal_our_own_loglikelihoods(tiny, demo_results):
     results, path = demo_results
-    folder = ev.demo_tasks_dir()  # the set the CLI run generated in this process
+    folder = demo_tasks_dir()  # the set the CLI run generated in this process
     for task in MC_TASKS:
         docs = [json.loads(x) for x in (folder / f"{task}.test.jsonl").read_text().splitlines()[:LIMIT]]
         lls = _own_choice_loglikelihoods(tiny, docs)
@@ -260,7 +267,7 @@ def test_demo_suite_accuracies_equal_our_own_loglikelihoods(tiny, demo_results):
 
     scores = eval_scores_from_json(results)  # what `mixlm export/release --eval-results` reads
     assert {s.task for s in scores} >= {"arithmetic", "Multiple choice", "Average"}
-    entries = ev.model_index_entries(results)
+    entries = model_index_entries(results)
     assert len(entries) == len(results["rows"])
     first = entries[0]
     assert first["task"]["type"] == "text-generation" and first["dataset"]["args"] == {"num_few_shot": 0}
@@ -274,9 +281,9 @@ def test_flax_lm_agrees_with_hf_per_example(tiny):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from mixlm.lm_eval_flax import FlaxLM
+    from mixlm.eval.flax_lm import FlaxLM
 
-    manager = ev.task_manager(list(TASKS))
+    manager = task_manager(list(TASKS))
     models = {"hf": HFLM(pretrained=str(tiny["hf"]), device="cpu", batch_size=4, dtype="float32"),
               "flax": FlaxLM(CFG, tiny["graphdef"], tiny["params"], tiny["tokenizer"], batch_size=4)}
     samples = {}
@@ -316,7 +323,7 @@ def test_run_tasks_on_live_model_from_a_training_state(tiny):
                       eval=type(cfg.eval)(tasks=["mixlm_demo_prose", "mixlm_demo_arithmetic_gen"], limit=4))
     setup = build_setup(cfg, make_mesh(cfg.mesh))
     state = setup.init_state(jax.random.key(0))
-    metrics = ev.run_tasks_on_live_model(cfg, setup.graphdef, state.params, None, None, None)
+    metrics = run_tasks_on_live_model(cfg, setup.graphdef, state.params, None, None, None)
     assert set(metrics) == {"lm_eval/mixlm_demo_prose/acc", "lm_eval/mixlm_demo_prose/acc_norm",
                             "lm_eval/mixlm_demo_arithmetic_gen/exact_match"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
@@ -325,7 +332,7 @@ def test_run_tasks_on_live_model_from_a_training_state(tiny):
     run = tiny["root"] / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 3.0, **metrics}) + "\n")
-    doc = ev.load_results(run)
+    doc = load_results(run)
     assert doc["tasks"]["mixlm_demo_prose"]["metric"] == "acc_norm"
     assert doc["tasks"]["mixlm_demo_prose"]["score"] == metrics["lm_eval/mixlm_demo_prose/acc_norm"]
 
@@ -360,8 +367,8 @@ def test_unknown_task_is_a_clear_error(tiny, capsys):
     assert cli_main(["eval", str(tiny["hf"]), "--tasks", "hellaswagg"]) == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s): 'hellaswagg'" in err and "closest: hellaswag" in err
-    with pytest.raises(ev.EvalError, match="no suite 'regmx'.*Did you mean regmix"):
-        ev.load_suite("regmx")
+    with pytest.raises(EvalError, match="no suite 'regmx'.*Did you mean regmix"):
+        load_suite("regmx")
 
 
 def test_not_a_hf_model_folder_is_a_clear_error(tmp_path, capsys):
@@ -370,11 +377,11 @@ def test_not_a_hf_model_folder_is_a_clear_error(tmp_path, capsys):
     assert "not a Hugging Face model folder (no config.json)" in capsys.readouterr().err
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    with pytest.raises(ev.EvalError, match="is a mixlm training run.*mixlm export"):
-        ev.check_model_dir(run)
+    with pytest.raises(EvalError, match="is a mixlm training run.*mixlm export"):
+        check_model_dir(run)
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "config.json").write_text("{}")
-    with pytest.raises(ev.EvalError, match="no model_type"):
-        ev.check_model_dir(tmp_path / "weird")
-    with pytest.raises(ev.EvalError, match="no such folder"):
-        ev.check_model_dir(tmp_path / "missing")
+    with pytest.raises(EvalError, match="no model_type"):
+        check_model_dir(tmp_path / "weird")
+    with pytest.raises(EvalError, match="no such folder"):
+        check_model_dir(tmp_path / "missing")

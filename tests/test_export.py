@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mixlm.checkpoint import MemorySource, open_checkpoint
 from mixlm.config import (
     CheckpointConfig,
     DataConfig,
@@ -20,15 +21,9 @@ from mixlm.config import (
     TrainConfig,
     load_model_config,
 )
-from mixlm.export import (
-    ExportError,
-    MemorySource,
-    export_hf,
-    flax_forward,
-    load_params,
-    open_checkpoint,
-    verify_export,
-)
+from mixlm.hf.errors import ExportError
+from mixlm.hf.export import export_hf
+from mixlm.hf.verify import flax_forward, load_params, verify_export
 
 VOCAB = 300  # the byte-level tokenizer below: 256 bytes + 3 specials + merges
 LLAMA = ModelConfig(family="llama", num_layers=2, d_model=64, num_heads=4, mlp_dim=96, vocab_size=VOCAB,

@@ -1,26 +1,27 @@
-"""mixlm launch: two real jax.distributed processes on localhost train exactly what one process does;
-a SLURM step (its environment variables, `--distributed`) is detected by jax; the TPU and SLURM
-launchers produce the commands and scripts they promise."""
+"""launch/ and `mixlm launch`: two real jax.distributed processes on localhost train exactly what one
+process does; a SLURM step (its environment variables, `--distributed`) is detected by jax; the TPU and
+SLURM launchers produce the commands and scripts they promise; each script runs by path with --dry-run,
+`mixlm launch WHERE` runs the same script, and usage or config errors are one line and exit code 2."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import xla_flags
+from ports import free_port
 
+from launch.common import check_command
+from launch.local import launch_local, local_env
+from launch.slurm import slurm_script
+from launch.sweep import sweep_array_script
+from launch.tpu import tpu_commands
+from mixlm.cli import main
+from mixlm.commands import launch as launch_verb
 from mixlm.config import ConfigError, load_config
-from mixlm.launch import (
-    check_command,
-    free_port,
-    launch_local,
-    local_env,
-    slurm_script,
-    sweep_array_script,
-    tpu_commands,
-)
 from mixlm.train import train
 
 STEPS = 3
@@ -127,3 +128,84 @@ def test_launch_refuses_flags_it_sets_and_verbs_that_are_single_process():
         sweep_array_script(["train", "c.yaml"], shards=2, workdir="/w")
     with pytest.raises(ConfigError, match="--shard is set by the job array"):
         sweep_array_script(["sweep", "b.yaml", "--shard", "0/2"], shards=2, workdir="/w")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY_RUNS = {
+    "local": ["--dry-run", "-n", "2", "--", "train", "configs/experiments/demo.yaml"],
+    "tpu": ["--dry-run", "--tpu", "pod", "--zone", "z", "--setup", "--", "train", "cfg with space.yaml"],
+    "slurm": ["--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--workdir", "/shared/my mixlm", "--",
+              "train", "configs/experiments/regmix-1b.yaml"],
+    "sweep": ["--dry-run", "--shards", "4", "--workdir", "/w", "--", "sweep", "configs/experiments/regmix-proxy.yaml",
+              "--mixtures", "m/", "--out", "s/"],
+}
+
+
+def _script(name, *args, cwd=ROOT):
+    """`python launch/<name>.py ARGS`, run by path as a user would (sys.path[0] is launch/)."""
+    return subprocess.run([sys.executable, str(ROOT / "launch" / f"{name}.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("name", sorted(DRY_RUNS))
+def test_each_script_runs_by_path_and_its_dry_run_prints_what_it_would_run(name, tmp_path):
+    done = _script(name, *DRY_RUNS[name], cwd=tmp_path)  # from anywhere: the script finds the repo itself
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    if name == "local":
+        assert done.stdout.splitlines() == [
+            f"{sys.executable} -m mixlm.cli train configs/experiments/demo.yaml --coordinator 127.0.0.1:12345 "
+            f"--num-processes 2 --process-id {i}" for i in range(2)]
+    elif name == "tpu":
+        setup, run = done.stdout.splitlines()
+        assert "make install" in setup
+        assert run.endswith("""'cd ~/mixlm && .venv/bin/mixlm train '"'"'cfg with space.yaml'"'"' --distributed'""")
+    else:
+        (tmp_path / "job.sbatch").write_text(done.stdout)
+        subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
+        assert ("cd '/shared/my mixlm'" if name == "slurm" else '--shard "$SLURM_ARRAY_TASK_ID/4"') in done.stdout
+    assert list(tmp_path.iterdir()) == ([] if name in ("local", "tpu") else [tmp_path / "job.sbatch"])
+    assert _script(name, "--help").returncode == 0
+
+
+def test_mixlm_launch_runs_the_scripts_with_the_same_arguments(capsys):
+    for where, name in (("local", "local"), ("tpu", "tpu"), ("slurm", "slurm"), ("slurm-sweep", "sweep")):
+        assert main(["launch", where, *DRY_RUNS[name]]) == 0
+        assert capsys.readouterr().out == _script(name, *DRY_RUNS[name]).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["local", "--dry-run", "-n", "2", "--", "eval", "hf/model"], "launch runs one of train"),
+    (["local", "--dry-run", "--", "train", "c.yaml"], "the following arguments are required: -n/--num-processes"),
+    (["tpu", "--dry-run", "--tpu", "p", "--", "train", "c.yaml"], "--zone"),
+    (["slurm", "--nodes", "1", "--gpus-per-node", "1", "--workdir", "/w", "--submit", "--", "train", "c.yaml"],
+     "--submit needs --out"),
+    (["slurm-sweep", "--dry-run", "--shards", "2", "--workdir", "/w", "--", "sweep", "b.yaml", "--shard", "0/2"],
+     "--shard is set by the job array"),
+])
+def test_usage_and_config_errors_are_one_line_and_exit_2(args, message, capsys):
+    try:
+        code = main(["launch", *args])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith(f"mixlm launch {args[0]}: ")
+
+
+def test_an_existing_script_file_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "job.sbatch"
+    args = ["--nodes", "1", "--gpus-per-node", "1", "--workdir", "/w", "--out", str(out), "--", "train", "c.yaml"]
+    assert main(["launch", "slurm", *args]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n" and "srun" in out.read_text()
+    out.write_text("mine")
+    assert main(["launch", "slurm", *args]) == 2
+    assert "exists; choose another --out" in capsys.readouterr().err and out.read_text() == "mine"
+
+
+def test_mixlm_launch_without_the_launch_folder_says_to_run_from_a_clone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(launch_verb, "launch_folder", lambda: tmp_path / "launch")
+    assert main(["launch", "local", "--dry-run", "-n", "2", "--", "train", "c.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "run from a clone" in err

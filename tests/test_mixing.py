@@ -26,8 +26,9 @@ from mixlm.mixing import (
     save_model,
     write_csv,
 )
-from mixlm.mixing.regression import spearman
+from mixlm.mixing.plots import plot_fit
 from mixlm.mixing.sample import dirichlet_draws, strength_grid
+from mixlm.mixing.stats import spearman
 
 DOMAINS = ("web", "code", "books", "wiki", "math")
 TOKENS = {"web": 4e9, "code": 3e9, "books": 2e9, "wiki": 1e9, "math": 1e9}
@@ -212,6 +213,7 @@ def test_optimize_honours_the_repetition_bound(law_fit):
 
 def test_model_round_trips_through_a_directory(law_fit, tmp_path):
     save_model(law_fit, tmp_path / "model")
+    plot_fit(law_fit, tmp_path / "model" / "scatter.png")
     loaded = load_model(tmp_path / "model")
     probe = as_array(sample_mixtures(TOKENS, 20, seed=5, minimum=1e-3))
     for kind in ("lightgbm", "linear", "loglinear"):

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from mixlm.config import ModelConfig, load_model_config
+from mixlm.model_families import get_family
 from mixlm.models import (
     abstract_params,
     build_model,
-    family_module,
     flops_per_token,
     layers,
     mask_padded_vocab,
@@ -77,13 +77,8 @@ def hf_model(cfg: ModelConfig, state_dict: dict):
     import torch
     import transformers
 
-    kwargs = family_module(cfg).hf_config_kwargs(cfg)
-    if cfg.family == "gpt2":
-        config, cls = transformers.GPT2Config(**kwargs), transformers.GPT2LMHeadModel
-    elif cfg.qk_norm:
-        config, cls = transformers.Qwen3Config(**kwargs), transformers.Qwen3ForCausalLM
-    else:
-        config, cls = transformers.LlamaConfig(**kwargs), transformers.LlamaForCausalLM
+    family = get_family(cfg.family)
+    config, cls = family.hf_config(cfg), getattr(transformers, family.hf_architecture(cfg))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = cls(config).float().eval()
@@ -113,7 +108,7 @@ def test_logits_match_transformers(cfg):
     import torch
 
     graphdef, params = randomized_params(cfg)
-    state_dict = family_module(cfg).to_hf_state_dict(params, cfg)
+    state_dict = get_family(cfg.family).to_hf_state_dict(params, cfg)
     tokens_BxL = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
     ours_BxLxV = jitted_forward(graphdef)(params, jnp.asarray(tokens_BxL))
     assert ours_BxLxV.dtype == jnp.float32 and ours_BxLxV.shape == (2, 12, cfg.padded_vocab_size())
@@ -122,7 +117,7 @@ def test_logits_match_transformers(cfg):
     np.testing.assert_allclose(np.asarray(ours_BxLxV)[..., : cfg.vocab_size], theirs_BxLxV, atol=1e-4, rtol=0)
 
     # from_hf_state_dict inverts to_hf_state_dict; the padded vocabulary rows come back as zeros.
-    back = family_module(cfg).from_hf_state_dict(state_dict, cfg)
+    back = get_family(cfg.family).from_hf_state_dict(state_dict, cfg)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for (path, a), b in zip(jax.tree.flatten_with_path(params)[0], jax.tree.leaves(back)):
         a = np.asarray(a)
@@ -224,7 +219,7 @@ def test_every_model_config_loads_and_builds_abstractly():
     for path in sorted(MODELS.glob("*.yaml")):
         cfg = load_model_config(path)
         _, shapes, _ = abstract_params(cfg)
-        assert shapes["embed_tokens" if cfg.family == "llama" else "wte"].shape[0] == cfg.padded_vocab_size()
+        assert shapes[get_family(cfg.family).EMBEDDING_PARAM].shape[0] == cfg.padded_vocab_size()
 
 
 def test_flops_per_token_hand_count():

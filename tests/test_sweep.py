@@ -10,11 +10,11 @@ import sys
 import pytest
 import yaml
 
+from launch.sweep import sweep_array_script
 from mixlm.cli import main
 from mixlm.config import ConfigError
 from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
 from mixlm.data.prepare import load_tokenizer_spec
-from mixlm.launch import sweep_array_script
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
 from mixlm.mixing.sweep import shard_of
 
@@ -40,7 +40,7 @@ def demo(tmp_path_factory):
     return root, data, base
 
 
-def test_sweep_fit_optimize_train(demo):
+def test_sweep_fit_optimize_train(demo, capsys):
     root, data, base = demo
     prior = load_prior(data["prepared"], domains=sorted(GENERATORS))  # the target is never mixed in
     assert "office" in load_prior(data["prepared"]).domains and "office" not in prior.domains
@@ -59,9 +59,22 @@ def test_sweep_fit_optimize_train(demo):
     row = results.rows(results.index_N[:1]).select(list(prior.domains))[0]
     assert dict(zip(prior.domains, row)) == pytest.approx({d: mixtures[0].get(d, 0.0) for d in prior.domains})
 
-    # a rerun finds every run finished and trains nothing
+    # a rerun finds every run finished and trains nothing: it says so, starts no run, rewrites no run's
+    # metrics log and leaves results.csv as it was
+    def metrics_logs():  # run -> (mtime, text) of its metrics.jsonl
+        return {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in (sweep / "runs").glob("*/metrics.jsonl")}
+
+    trained = metrics_logs()
+    assert len(trained) == 8
+    recorded = (sweep / "results.csv").read_text()
+    capsys.readouterr()
     assert main(["sweep", str(base), "--mixtures", str(root / "mixtures.csv"), "--out", str(sweep),
                  "--parallel", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert f"sweep: 8 runs, 8 already in {sweep / 'results.csv'}, 0 to run" in printed
+    assert "sweep: run " not in printed  # the line each run that trains (or is recorded) prints
+    assert metrics_logs() == trained
+    assert (sweep / "results.csv").read_text() == recorded
     assert len(read_csv(sweep / "results.csv")) == 8
 
     assert main(["mix", "fit", "--mixtures", str(root / "mixtures.csv"), "--results", str(sweep / "results.csv"),

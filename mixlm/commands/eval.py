@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from mixlm.evaluate import compare, load_results
+    from mixlm.eval.compare import compare
+    from mixlm.eval.results import load_results
 
     inputs = args.paths[1:]
     if not inputs:
@@ -70,7 +71,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from mixlm.evaluate import adhoc_suite, evaluate_model, load_suite, markdown_table, write_results
+    from mixlm.eval.harness import evaluate_model
+    from mixlm.eval.report import markdown_table
+    from mixlm.eval.results import write_results
+    from mixlm.eval.suites import adhoc_suite, load_suite
 
     if len(args.paths) != 1:
         _say("mixlm eval: pass exactly one MODEL_DIR (or `compare` followed by results)")
@@ -94,7 +98,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.evaluate import EvalError, available_suites, load_suite
+    from mixlm.eval.errors import EvalError
+    from mixlm.eval.suites import available_suites, load_suite
 
     try:
         if args.list:

@@ -30,7 +30,8 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def card_options(args: argparse.Namespace, default_name: str = ""):
-    from mixlm.export import CardOptions, ExportError
+    from mixlm.hf.errors import ExportError
+    from mixlm.hf.provenance import CardOptions
 
     results = None
     if args.eval_results:
@@ -64,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mixlm.checkpoint import CheckpointError
-    from mixlm.export import ExportError, export_hf, open_checkpoint, verify_export
+    from mixlm.checkpoint import CheckpointError, open_checkpoint
+    from mixlm.hf.errors import ExportError
+    from mixlm.hf.export import export_hf
+    from mixlm.hf.verify import verify_export
 
     try:
         source = open_checkpoint(args.checkpoint, step=args.step)

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mixlm.checkpoint import CheckpointError
-    from mixlm.export import ExportError, import_hf
+    from mixlm.hf.errors import ExportError
+    from mixlm.hf.import_hf import import_hf
 
     try:
         result = import_hf(args.hf_dir, args.out_dir, overwrite=args.overwrite)

@@ -7,129 +7,53 @@
       -- train configs/experiments/regmix-1b.yaml          # writes the script; --submit runs sbatch
   mixlm launch slurm-sweep --shards 16 --workdir /shared/mixlm -- sweep configs/experiments/regmix-proxy.yaml \\
       --mixtures mixtures/ --out sweep/                    # then `mixlm sweep ...` once records the runs
+
+The launchers are the repo's launch/ scripts (launch/local.py, tpu.py, slurm.py, sweep.py), not part of
+the library: this verb finds that folder next to the mixlm package and runs the script's main() with the
+arguments after WHERE, exactly as `python launch/<script>.py ARGS` would.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import shutil
-import subprocess
+import importlib
 import sys
 from pathlib import Path
 
+# WHERE -> (script in launch/, one-line help)
+SCRIPTS: dict[str, tuple[str, str]] = {
+    "local": ("local", "N jax.distributed processes on this machine"),
+    "tpu": ("tpu", "every worker of a Cloud TPU VM slice, over gcloud ssh"),
+    "slurm": ("slurm", "an sbatch script: one task per GPU, srun ... --distributed"),
+    "slurm-sweep": ("sweep", "a proxy sweep as a SLURM job array: task I runs --shard I/K"),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_subparsers(dest="where", metavar="WHERE", required=True)
-
-    local = where.add_parser("local", help="N jax.distributed processes on this machine")
-    local.add_argument("-n", "--num-processes", type=int, required=True)
-    local.add_argument("--cpu-devices", type=int, default=None,
-                       help="fake CPU devices per process (XLA_FLAGS); default: leave XLA_FLAGS as it is")
-    local.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-    local.add_argument("--log-dir", type=Path, default=None, help="also write LOG_DIR/process_<i>.log")
-    local.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
-
-    tpu = where.add_parser("tpu", help="every worker of a Cloud TPU VM slice, over gcloud ssh")
-    tpu.add_argument("--tpu", required=True, help="TPU VM name")
-    tpu.add_argument("--zone", required=True)
-    tpu.add_argument("--project", default=None)
-    tpu.add_argument("--workdir", default="~/mixlm", help="the repo's folder on the workers")
-    tpu.add_argument("--setup", action="store_true", help="first run `make install` + jax[tpu] on every worker")
-    tpu.add_argument("--log", default=None,
-                     help="run detached (nohup), each worker logging to WORKDIR/LOG.<hostname>")
-    tpu.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
-
-    slurm = where.add_parser("slurm", help="an sbatch script: one task per GPU, srun ... --distributed")
-    slurm.add_argument("--nodes", type=int, required=True)
-    slurm.add_argument("--gpus-per-node", type=int, required=True)
-    slurm.add_argument("--workdir", required=True, help="the repo's folder on the shared file system")
-    slurm.add_argument("--job-name", default="mixlm")
-    slurm.add_argument("--time", default="24:00:00", help="time limit (HH:MM:SS)")
-    slurm.add_argument("--partition", default=None)
-    slurm.add_argument("--account", default=None)
-    slurm.add_argument("--cpus-per-task", type=int, default=8)
-    slurm.add_argument("--no-requeue", action="store_true")
-    slurm.add_argument("--out", type=Path, default=None, help="write the script here (default: print it)")
-    slurm.add_argument("--submit", action="store_true", help="sbatch the script written to --out")
-
-    array = where.add_parser("slurm-sweep", help="a proxy sweep as a SLURM job array: task I runs --shard I/K")
-    array.add_argument("--shards", type=int, required=True, help="array tasks (K)")
-    array.add_argument("--workdir", required=True, help="the repo's folder on the shared file system")
-    array.add_argument("--gpus-per-task", type=int, default=1, help="0 for CPU-only tasks")
-    array.add_argument("--parallel", type=int, default=1, help="proxy runs at once within a task")
-    array.add_argument("--job-name", default="mixlm-sweep")
-    array.add_argument("--time", default="04:00:00")
-    array.add_argument("--partition", default=None)
-    array.add_argument("--account", default=None)
-    array.add_argument("--cpus-per-task", type=int, default=8)
-    array.add_argument("--out", type=Path, default=None, help="write the script here (default: print it)")
-    array.add_argument("--submit", action="store_true", help="sbatch the script written to --out")
-
-    for p in (tpu, slurm, array):
-        p.add_argument("--mixlm", default=".venv/bin/mixlm", help="the mixlm command there, from --workdir")
-    for p in (local, tpu, slurm, array):
-        p.add_argument("command", nargs=argparse.REMAINDER, help="-- train CONFIG [section.key=value ...]")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    where = "\n".join(f"  {name:<12} {help_text}" for name, (_, help_text) in SCRIPTS.items())
+    parser.epilog = f"WHERE (`mixlm launch WHERE --help` for its options):\n{where}\n\n{__doc__}"
+    # argparse.PARSER: WHERE and every argument after it, options included, go to the script's own parser.
+    parser.add_argument("where", nargs=argparse.PARSER, choices=list(SCRIPTS), metavar="WHERE",
+                        help="local | tpu | slurm | slurm-sweep, then its options and -- COMMAND")
 
 
-def _need(tool: str) -> None:
-    from mixlm.config import ConfigError
+def launch_folder() -> Path:
+    """The repo's launch/ folder: next to the mixlm package in a clone (an editable install)."""
+    import mixlm
 
-    if shutil.which(tool) is None:
-        raise ConfigError(f"{tool} is not on PATH here; install it, or use --dry-run to print the commands")
+    return Path(mixlm.__file__).resolve().parents[1] / "launch"
 
 
 def run(args) -> int:
-    from mixlm import launch
-
-    if args.where == "local":
-        if args.dry_run:
-            for cmd in launch.local_commands(args.command, args.num_processes, args.port or 12345):
-                print(shlex.join(cmd))
-            return 0
-        return launch.launch_local(args.command, args.num_processes, port=args.port,
-                                   cpu_devices=args.cpu_devices, log_dir=args.log_dir)
-    if args.where == "tpu":
-        commands = launch.tpu_commands(args.command, tpu=args.tpu, zone=args.zone, project=args.project,
-                                       workdir=args.workdir, setup=args.setup, log=args.log,
-                                       executable=args.mixlm)
-        if args.dry_run:
-            for cmd in commands:
-                print(shlex.join(cmd))
-            return 0
-        _need("gcloud")
-        for cmd in commands:
-            print("+ " + shlex.join(cmd), flush=True)
-            code = subprocess.call(cmd)
-            if code:
-                return code
-        return 0
-    if args.where == "slurm-sweep":
-        script = launch.sweep_array_script(
-            args.command, shards=args.shards, workdir=args.workdir, gpus_per_task=args.gpus_per_task,
-            parallel=args.parallel, job_name=args.job_name, time_limit=args.time, partition=args.partition,
-            account=args.account, cpus_per_task=args.cpus_per_task, executable=args.mixlm,
-        )
-    else:
-        script = launch.slurm_script(
-            args.command, nodes=args.nodes, gpus_per_node=args.gpus_per_node, workdir=args.workdir,
-            job_name=args.job_name, time_limit=args.time, partition=args.partition, account=args.account,
-            cpus_per_task=args.cpus_per_task, requeue=not args.no_requeue, executable=args.mixlm,
-        )
-    if args.out is None:
-        if args.submit:
-            print("mixlm launch slurm: --submit needs --out (the script file to submit)", file=sys.stderr)
-            return 2
-        print(script, end="")
-        return 0
-    if args.out.exists():
-        print(f"mixlm launch slurm: {args.out} exists; choose another --out (it is not overwritten)",
-              file=sys.stderr)
+    where, argv = args.where[0], args.where[1:]
+    folder = launch_folder()
+    script = folder / f"{SCRIPTS[where][0]}.py"
+    if not (script.is_file() and (folder / "__init__.py").is_file()):
+        print(f"mixlm launch: no {script}: the launchers are the repo's launch/ scripts, not part of the "
+              "installed package; run from a clone (pip install -e .)", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(script)
-    print(f"wrote {args.out}")
-    if args.submit:
-        _need("sbatch")
-        return subprocess.call(["sbatch", str(args.out)])
-    return 0
+    if str(folder.parent) not in sys.path:
+        sys.path.insert(0, str(folder.parent))
+    module = importlib.import_module(f"launch.{SCRIPTS[where][0]}")
+    return module.main(argv, prog=f"mixlm launch {where}")

@@ -134,11 +134,13 @@ def _fit(args: argparse.Namespace) -> int:
         read_csv,
         save_model,
     )
+    from mixlm.mixing.plots import plot_fit
 
     mixtures, results = read_csv(args.mixtures), read_csv(args.results)
     regressors = [r.strip() for r in args.regressors.split(",") if r.strip()]
     result = fit(mixtures, results, args.target, regressors=regressors, folds=args.folds, seed=args.seed)
     save_model(result, args.out)
+    plot_fit(result, args.out / "scatter.png")
     per_domain = domain_loss_columns(result.domains, results.columns)
     if per_domain:
         # Each domain's own loss against its weight, over the runs that have every such loss.

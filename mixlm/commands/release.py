@@ -31,7 +31,7 @@ def release_files(folder: Path) -> list[Path]:
 
 
 def check_folder(folder: Path, repo_id: str) -> None:
-    from mixlm.export import ExportError
+    from mixlm.hf.errors import ExportError
 
     if not REPO_ID.match(repo_id):
         raise ExportError(f"--repo-id {repo_id!r}: expected ORG/NAME (letters, digits, '.', '_', '-')")
@@ -58,7 +58,8 @@ def upload(folder: Path, files: list[Path], repo_id: str, *, private: bool, comm
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.export import PROVENANCE_FILE, ExportError, render_folder_card
+    from mixlm.hf.errors import ExportError
+    from mixlm.hf.provenance import PROVENANCE_FILE, render_folder_card
 
     folder = Path(args.folder)
     try:

@@ -137,6 +137,17 @@ def parse_mixture(
     return Mixture(domains, tuple(stages))
 
 
+def with_stage(mixture: Mixture, step: int, raw_weights: Mapping, where: str = "mixture update") -> Mixture:
+    """`mixture` with `raw_weights` in force from `step` on (online mixing): a new stage at `step`, or new
+    weights for the stage that already starts there. Later stages of the mixture still start where they
+    did. Weights must name domains of the mixture (missing ones get 0) and are normalised."""
+    w = _check_weights(raw_weights, where, mixture.domains)
+    total = sum(w.values())
+    new = MixtureStage(int(step), {d: w.get(d, 0.0) / total for d in mixture.domains})
+    stages = [s for s in mixture.stages if s.start_step != new.start_step] + [new]
+    return Mixture(mixture.domains, tuple(sorted(stages, key=lambda s: s.start_step)))
+
+
 def _stable_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 

@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from mixlm.config import ConfigError, ExperimentConfig
-from mixlm.data.mixture import MixtureSchedule, parse_mixture
+from mixlm.data.mixture import MixtureSchedule, parse_mixture, with_stage
 from mixlm.data.packing import ConcatWindows, FirstFitRows
 from mixlm.data.prepared import PreparedDomain, list_domains
 
@@ -137,7 +137,8 @@ class PreparedMixtureSource:
         if data.packing not in ("concat", "first_fit"):
             raise ConfigError(f"data.packing={data.packing!r}: expected 'concat' or 'first_fit'")
         known = list_domains(data.prepared_dir)
-        self.mixture = parse_mixture(data.mixture, known_domains=known or None)
+        self.mixture = self.configured_mixture = parse_mixture(data.mixture, known_domains=known or None)
+        self.updates: list[tuple[int, dict[str, float]]] = []  # (step, weights) set during the run (set_weights)
         self.cfg, self.packing, self.seq_len = cfg, data.packing, data.seq_len
         self.global_batch = cfg.train.global_batch_size
         self.host_batch = self.global_batch // process_count
@@ -146,7 +147,6 @@ class PreparedMixtureSource:
         self.domains = [PreparedDomain(data.prepared_dir, d) for d in self.mixture.domains]
         self.eval_only = self._eval_only_domains(data.prepared_dir, cfg.eval.domains, known)
         self._check_tokenizers(cfg)
-        self.schedule = MixtureSchedule(self.mixture, self.global_batch, seed=data.seed)
         self.train_rows = [
             _rows_dataset(d.train, data.packing, data.seq_len, data.seed, train=True) for d in self.domains
         ]
@@ -158,15 +158,9 @@ class PreparedMixtureSource:
                     f"{dom.train.num_tokens} tokens, not enough for one row of data.seq_len + 1 = "
                     f"{data.seq_len + 1}; prepare more data, lower seq_len or set its weight to 0"
                 )
+        self._use_mixture(self.mixture)
         self._check_repetition_ahead(cfg.train.steps)
         self._warned = [False] * len(self.domains)
-        self._batches = HostBatches(
-            self.train_rows,
-            self.schedule,
-            data.packing,
-            host_batch=self.host_batch,
-            process_index=process_index,
-        )
         self._step = 0
         self._iterator = None
         self._eval_cache: dict[int, dict] = {}
@@ -276,6 +270,24 @@ class PreparedMixtureSource:
         return "\n".join(lines)
 
     # ---- the contract ----------------------------------------------------------------------------
+    # ---- the mixture in force (online mixing changes it) ---------------------------------------
+    def _use_mixture(self, mixture) -> None:
+        self.mixture = mixture
+        self.schedule = MixtureSchedule(mixture, self.global_batch, seed=self.cfg.data.seed)
+        self._batches = HostBatches(self.train_rows, self.schedule, self.packing, host_batch=self.host_batch,
+                                    process_index=self.process_index)
+
+    def current_weights(self) -> dict[str, float]:
+        """The normalised weights of the next batch."""
+        return dict(self.mixture.weights_at(self._step))
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Online mixing: `weights` ({domain: weight >= 0}, normalised here) from the next batch on. The
+        change is part of get_state(), so a run resumed from a later checkpoint replays it."""
+        self.updates.append((self._step, dict(weights)))
+        self._use_mixture(with_stage(self.mixture, self._step, weights, where=f"mixture update at step {self._step}"))
+        self.close()  # prefetched batches followed the old weights
+
     def _make_iterator(self):
         ds = self._batches[self._step :].to_iter_dataset(
             grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch)
@@ -315,6 +327,8 @@ class PreparedMixtureSource:
     def get_state(self) -> dict:
         """JSON-serialisable: {'version', 'step', 'fingerprint'[, 'anchors': {domain: [block, row, tokens]}]}."""
         state = {"version": STATE_VERSION, "step": self._step, "fingerprint": self.fingerprint()}
+        if self.updates:
+            state["mixture_updates"] = [[step, w] for step, w in self.updates]
         if self.packing == "first_fit":
             nxt = self.schedule.elements_before(self._step)
             state["anchors"] = {
@@ -328,6 +342,11 @@ class PreparedMixtureSource:
             raise ValueError(
                 f"data iterator state version {state.get('version')!r}, expected {STATE_VERSION}"
             )
+        self.updates = [(int(step), dict(w)) for step, w in state.get("mixture_updates", [])]
+        mixture = self.configured_mixture
+        for step, w in self.updates:
+            mixture = with_stage(mixture, step, w, where=f"mixture update at step {step} (from the checkpoint)")
+        self._use_mixture(mixture)
         same = state.get("fingerprint") == self.fingerprint()
         if not same and self.process_index == 0:
             warnings.warn(

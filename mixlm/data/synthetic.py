@@ -54,6 +54,14 @@ class SyntheticSource:
     def tokens_seen(self) -> dict[str, int]:
         return {self.domain: self.step * self.batch_size * self.process_count * self.seq_len}
 
+    def current_weights(self) -> dict[str, float]:
+        return {self.domain: 1.0}
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        from mixlm.config import ConfigError
+
+        raise ConfigError("data.source='synthetic' has one domain: a mixture update needs data.source='prepared'")
+
     def close(self) -> None:
         """Nothing to release (the prepared source stops its prefetch threads here)."""
 

@@ -1,4 +1,5 @@
-"""Figures of a mixture search: a mixture as bars, predicted against actual loss, loss against weight.
+"""Figures of a mixture search: a mixture as bars, predicted against actual loss (of any predictions, or of
+a fit's out-of-fold ones), loss against weight. Plots read regression results; regression never plots.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot): no global backend or figure
 state, so plotting from a worker process or a test never needs a display.
@@ -11,6 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mixlm.mixing.regression import FitResult
+from mixlm.mixing.stats import pearson, spearman
 
 
 def plot_mixture(mixtures: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
@@ -47,8 +51,6 @@ def plot_predictions(
     Spearman and Pearson correlations in each panel's title."""
     from matplotlib.figure import Figure
 
-    from mixlm.mixing.regression import pearson, spearman
-
     fig = Figure(figsize=(4.2 * len(predicted), 4.2))
     lo = min(actual_N.min(), *(p.min() for p in predicted.values()))
     hi = max(actual_N.max(), *(p.max() for p in predicted.values()))
@@ -64,6 +66,17 @@ def plot_predictions(
         ax.set_ylabel("actual loss")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_fit(result: FitResult, path: str | Path) -> Path:
+    """`plot_predictions` of a fit's out-of-fold predictions against the actual target, one panel per
+    regressor (what `mixlm mix fit` writes as DIR/scatter.png)."""
+    return plot_predictions(
+        result.actual_N,
+        result.oof_N,
+        path,
+        title=f"{result.target_label}: {result.cv[result.primary].folds}-fold held-out",
+    )
 
 
 def plot_loss_vs_weight(

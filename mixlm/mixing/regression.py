@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.config import ConfigError
-from mixlm.mixing.tables import Table
+from mixlm.mixing.stats import pearson, spearman
+from mixlm.mixing.tables import Table, read_csv, write_csv
 
 REGRESSORS = ("lightgbm", "linear", "loglinear")
 
@@ -274,19 +275,6 @@ def fit(
     return FitResult(mixtures.weight_columns(), target, fitted, cv, index_N, target_N, oof, primary)
 
 
-def spearman(a_N: np.ndarray, b_N: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN when either side is constant."""
-    from scipy.stats import rankdata
-
-    return pearson(rankdata(a_N), rankdata(b_N))
-
-
-def pearson(a_N: np.ndarray, b_N: np.ndarray) -> float:
-    a_N, b_N = a_N - a_N.mean(), b_N - b_N.mean()
-    denom = np.sqrt((a_N * a_N).sum() * (b_N * b_N).sum())
-    return float((a_N * b_N).sum() / denom) if denom > 0 else float("nan")
-
-
 def cv_table(result: FitResult) -> str:
     """The k-fold scores as a Markdown table, one row per regressor."""
     lines = [
@@ -303,11 +291,8 @@ def cv_table(result: FitResult) -> str:
 
 def save_model(result: FitResult, directory: str | Path) -> Path:
     """Writes DIR/model.json (domains, target, primary, k-fold scores, linear coefficients),
-    DIR/lightgbm.txt when fitted, DIR/cv_predictions.csv (out-of-fold predictions) and
-    DIR/scatter.png (predicted against actual). Returns the directory."""
-    from mixlm.mixing.plots import plot_predictions
-    from mixlm.mixing.tables import write_csv
-
+    DIR/lightgbm.txt when fitted and DIR/cv_predictions.csv (out-of-fold predictions). Returns the
+    directory. The figure of the fit (DIR/scatter.png) is drawn by `mixlm.mixing.plots.plot_fit`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -328,19 +313,11 @@ def save_model(result: FitResult, directory: str | Path) -> Path:
             np.stack([result.actual_N, *(result.oof_N[k] for k in kinds)], axis=1),
         ),
     )
-    plot_predictions(
-        result.actual_N,
-        result.oof_N,
-        directory / "scatter.png",
-        title=f"{result.target_label}: {result.cv[result.primary].folds}-fold held-out",
-    )
     return directory
 
 
 def load_model(directory: str | Path) -> FitResult:
     """A FitResult from a directory written by `save_model` (out-of-fold predictions included)."""
-    from mixlm.mixing.tables import read_csv
-
     directory = Path(directory)
     meta_path = directory / "model.json"
     if not meta_path.is_file():

@@ -1,4 +1,5 @@
-"""Model families (llama.py, gpt2.py) behind one small API used by training, checkpoints and export.
+"""Model families behind one small API used by training, checkpoints and export. Each family is one module
+(llama.py, gpt2.py) registered in mixlm.model_families; this module dispatches to it by `cfg.family`.
 
     model = build_model(cfg, rngs=nnx.Rngs(0), vocab_multiple_of=mesh_size)
     logits_BxLxV = model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None)   # float32, V padded
@@ -6,7 +7,7 @@
     model = merge_params(graphdef, params)          # fine inside jax.jit / jax.grad
 
 The embedding and LM head have cfg.padded_vocab_size(vocab_multiple_of) rows, so logits are V_pad wide;
-ids >= cfg.vocab_size never occur in data: mask them with `mask_padded_vocab` before a softmax.
+ids >= cfg.vocab_size never occur in data: mixlm.models.forward masks them (the one forward pass).
 """
 
 from __future__ import annotations
@@ -15,21 +16,11 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mixlm.config import ModelConfig
-from mixlm.models import gpt2, llama
-
-FAMILIES = {"llama": llama, "gpt2": gpt2}
-# Top-level params that are embeddings (counted out of "non-embedding"; the optimizer may skip their decay).
-EMBEDDING_PARAMS = ("embed_tokens", "lm_head", "wte", "wpe")
-
-
-def family_module(cfg: ModelConfig):
-    """The module of cfg.family (llama / gpt2): holds the model class and its HF mapping
-    (`to_hf_state_dict`, `from_hf_state_dict`, `hf_config_kwargs`, `hf_name_map`)."""
-    return FAMILIES[cfg.family]
+from mixlm.model_families import get_family
+from mixlm.models.forward import mask_padded_vocab
 
 
 def build_model(
@@ -37,8 +28,8 @@ def build_model(
 ) -> nnx.Module:
     """A freshly initialised model (float32 params). `vocab_multiple_of` pads the embedding rows (e.g.
     to the mesh size); `attention_impl` is passed to jax.nn.dot_product_attention (None/'xla'/'cudnn')."""
-    cls = llama.Llama if cfg.family == "llama" else gpt2.GPT2
-    return cls(cfg, rngs=rngs, vocab_multiple_of=vocab_multiple_of, attention_impl=attention_impl)
+    model_class = get_family(cfg.family).Model
+    return model_class(cfg, rngs=rngs, vocab_multiple_of=vocab_multiple_of, attention_impl=attention_impl)
 
 
 def _str_keys(tree):
@@ -86,14 +77,16 @@ def abstract_params(cfg: ModelConfig, vocab_multiple_of: int = 1) -> tuple[nnx.G
 
 @functools.lru_cache(maxsize=64)
 def _unpadded_counts(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(total, non_embedding, matmul kernels outside the LM head) with the unpadded vocabulary."""
+    """(total, non_embedding, matmul kernels outside the LM head) with the unpadded vocabulary; the family's
+    EMBEDDING_PARAMS are the embedding part."""
+    embedding_params = get_family(cfg.family).EMBEDDING_PARAMS
     _, shapes, _ = abstract_params(dataclasses.replace(cfg, vocab_multiple=1))
     total = non_embedding = kernels = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         keys = [p.key for p in path]
         n = int(leaf.size)
         total += n
-        if keys[0] not in EMBEDDING_PARAMS:
+        if keys[0] not in embedding_params:
             non_embedding += n
             kernels += n if keys[-1] == "kernel" else 0
     return total, non_embedding, kernels
@@ -120,18 +113,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = True) -> f
     return float(6 * matmul_params + attention)
 
 
-def mask_padded_vocab(logits_BxLxV: jax.Array, vocab_size: int) -> jax.Array:
-    """Sets the logits of padded ids (>= vocab_size) to -1e9 so softmax / logsumexp ignore them."""
-    ids_V = jnp.arange(logits_BxLxV.shape[-1])
-    keep_11V = (ids_V < vocab_size).reshape((1,) * (logits_BxLxV.ndim - 1) + (-1,))
-    return jnp.where(keep_11V, logits_BxLxV, jnp.asarray(-1e9, logits_BxLxV.dtype))
-
-
 __all__ = [
-    "EMBEDDING_PARAMS",
     "abstract_params",
     "build_model",
-    "family_module",
     "flops_per_token",
     "mask_padded_vocab",
     "merge_params",

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mixlm.config import ConfigError, ModelConfig
+from mixlm.hf.errors import require_hf_value
 from mixlm.models import layers
 
 
@@ -190,4 +191,61 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict:
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
+    }
+
+
+def hf_config(cfg: ModelConfig, **extra):
+    """The transformers GPT2Config of an export; `extra` (token ids, architectures, ...) is passed through."""
+    import transformers
+
+    kwargs = hf_config_kwargs(cfg)
+    if kwargs.get("n_inner") == 4 * cfg.d_model:
+        kwargs["n_inner"] = None  # HF's own spelling of the default 4 x n_embd
+    return transformers.GPT2Config(**kwargs, initializer_range=cfg.init_std, **extra)
+
+
+def model_config_from_hf(hf: dict, *, where: str = "config.json", name: str = "") -> ModelConfig:
+    """The ModelConfig of a GPT2LMHeadModel config.json; anything our model would compute differently at
+    inference is refused (ExportError) with the field's name."""
+    require_hf_value(hf, "activation_function", ("gelu_new",), where, "gelu_new")
+    require_hf_value(hf, "scale_attn_weights", (True,), where, True)
+    require_hf_value(hf, "scale_attn_by_inverse_layer_idx", (False,), where, False)
+    require_hf_value(hf, "reorder_and_upcast_attn", (False,), where, False)
+    require_hf_value(hf, "add_cross_attention", (False,), where, False)
+    d = hf["n_embd"]
+    return ModelConfig(
+        family="gpt2", name=name, num_layers=hf["n_layer"], d_model=d, num_heads=hf["n_head"],
+        mlp_dim=hf.get("n_inner") or 4 * d, vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"],
+        tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+# --- the family as mixlm.model_families sees it ------------------------------------------------------
+
+Model = GPT2
+EMBEDDING_PARAM = "wte"  # the token embedding [V_pad, D]
+EMBEDDING_PARAMS = ("wte", "wpe", "lm_head")  # counted out of "non-embedding" (wpe: the position table)
+HF_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    return "GPT2LMHeadModel"
+
+
+def unexportable_reason(cfg: ModelConfig) -> str:
+    """'' when `cfg` maps exactly onto GPT2LMHeadModel, else why not."""
+    if cfg.num_heads * cfg.dim_per_head != cfg.d_model:
+        return (f"GPT2LMHeadModel needs n_embd == n_head * head_dim, but this gpt2 model has "
+                f"{cfg.num_heads} heads x head_dim {cfg.dim_per_head} = {cfg.num_heads * cfg.dim_per_head} "
+                f"!= d_model {cfg.d_model} (model.head_dim)")
+    return ""
+
+
+def model_card_rows(cfg: ModelConfig) -> dict[str, str]:
+    """The architecture rows of the model card that depend on the family."""
+    return {
+        "MLP dim": f"{cfg.mlp_dim} (GELU)",
+        "norm": f"LayerNorm, eps {cfg.norm_eps:g}",
+        "positions": "learned",
     }

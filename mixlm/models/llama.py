@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from mixlm.config import ModelConfig
+from mixlm.hf.errors import ExportError, require_hf_value
 from mixlm.models import layers
 
 
@@ -204,3 +205,71 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict:
     else:
         kwargs["mlp_bias"] = False
     return kwargs
+
+
+def hf_config(cfg: ModelConfig, **extra):
+    """The transformers LlamaConfig (Qwen3Config when cfg.qk_norm) of an export; `extra` (token ids,
+    architectures, ...) is passed through."""
+    import transformers
+
+    cls = transformers.Qwen3Config if cfg.qk_norm else transformers.LlamaConfig
+    return cls(**hf_config_kwargs(cfg), initializer_range=cfg.init_std, **extra)
+
+
+def model_config_from_hf(hf: dict, *, where: str = "config.json", name: str = "") -> ModelConfig:
+    """The ModelConfig of a LlamaForCausalLM / Qwen3ForCausalLM config.json; anything our model would
+    compute differently at inference is refused (ExportError) with the field's name."""
+    model_type = hf.get("model_type")
+    require_hf_value(hf, "hidden_act", ("silu",), where, "silu")
+    require_hf_value(hf, "attention_bias", (False,), where, False)
+    require_hf_value(hf, "mlp_bias", (False,), where, False)
+    require_hf_value(hf, "pretraining_tp", (1,), where, 1)
+    if model_type == "qwen3":
+        require_hf_value(hf, "use_sliding_window", (False,), where, False)
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise ExportError(f"{where}: layer_types other than full_attention are not supported by mixlm")
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ExportError(f"{where}: RoPE scaling ({hf.get('rope_scaling') or rope}) is not supported by mixlm; "
+                          "only the default rope_type")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d // heads
+    kv = hf.get("num_key_value_heads") or heads
+    return ModelConfig(
+        family="llama", name=name, num_layers=hf["num_hidden_layers"], d_model=d, num_heads=heads,
+        num_kv_heads=0 if kv == heads else kv, head_dim=0 if head_dim * heads == d else head_dim,
+        mlp_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qk_norm=model_type == "qwen3",
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+# --- the family as mixlm.model_families sees it ------------------------------------------------------
+
+Model = Llama
+EMBEDDING_PARAM = "embed_tokens"  # the token embedding [V_pad, D]
+EMBEDDING_PARAMS = ("embed_tokens", "lm_head")  # counted out of "non-embedding"
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM: llama with qk-norm"}
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+
+
+def unexportable_reason(cfg: ModelConfig) -> str:
+    """'' when `cfg` maps exactly onto its transformers class, else why not."""
+    if cfg.dim_per_head % 2:
+        return f"RoPE needs an even head_dim, got {cfg.dim_per_head}"
+    return ""
+
+
+def model_card_rows(cfg: ModelConfig) -> dict[str, str]:
+    """The architecture rows of the model card that depend on the family."""
+    return {
+        "MLP dim": f"{cfg.mlp_dim} (SwiGLU)",
+        "norm": f"RMSNorm, eps {cfg.norm_eps:g}",
+        "positions": f"RoPE, base {cfg.rope_base:g}",
+        "qk-norm": "yes (per head, before RoPE)" if cfg.qk_norm else "no",
+    }

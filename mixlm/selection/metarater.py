@@ -151,6 +151,7 @@ def learn_rater_weights(
     from mixlm.data.prepare import PrepareOptions, prepare_domains
     from mixlm.mixing import fit as fit_regression
     from mixlm.mixing import save_model
+    from mixlm.mixing.plots import plot_fit
     from mixlm.mixing.sweep import final_losses
     from mixlm.mixing.tables import loss_column, write_csv
     from mixlm.selection.scoring import select_documents
@@ -225,6 +226,7 @@ def learn_rater_weights(
                             loss_column(heldout_name), regressors=tuple(regressors), folds=folds, seed=seed)
     result.primary = max(result.cv, key=lambda k: np.nan_to_num(result.cv[k].spearman, nan=-2.0))
     save_model(result, out / "fit")
+    plot_fit(result, out / "fit" / "scatter.png")
     best, predicted = optimize_rater_weights(result, names, n_samples=n_samples, top_k=min(top_k, n_samples),
                                              alpha=alpha, seed=seed)
     weights_yaml = out / "weights.yaml"

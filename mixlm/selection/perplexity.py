@@ -43,9 +43,8 @@ def perplexity_scores(texts: Sequence[str], cfg: ModelConfig, graphdef, params: 
     from tokenizers import Tokenizer
 
     from mixlm.data.prepare import load_tokenizer_spec
-    from mixlm.models import merge_params
+    from mixlm.models import forward
     from mixlm.selection import SelectionError
-    from mixlm.train import token_losses
 
     spec = load_tokenizer_spec(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if spec.eos_id is None:
@@ -56,8 +55,8 @@ def perplexity_scores(texts: Sequence[str], cfg: ModelConfig, graphdef, params: 
 
     @jax.jit
     def row_nll(params, inputs_BxL, targets_BxL, mask_BxL):
-        logits_BxLxV = merge_params(graphdef, params)(inputs_BxL)
-        nll_BxL, _ = token_losses(logits_BxLxV, targets_BxL, cfg.vocab_size)
+        logits_BxLxV = forward.logits(graphdef, params, inputs_BxL, vocab_size=cfg.vocab_size)
+        nll_BxL, _ = forward.token_losses(logits_BxLxV, targets_BxL)
         return jnp.sum(nll_BxL * mask_BxL, axis=1)
 
     nll_sum, counts = np.zeros(len(texts)), np.zeros(len(texts))

@@ -41,11 +41,10 @@ def _jitted_functions(graphdef, vocab: int):
     import jax
     import jax.numpy as jnp
 
-    from mixlm.models import merge_params
+    from mixlm.models import forward
 
     def log_probs(p, tokens_BxL):
-        logits_BxLxV = merge_params(graphdef, p)(tokens_BxL)[..., :vocab].astype(jnp.float32)
-        return jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        return forward.log_probs(graphdef, p, tokens_BxL, vocab_size=vocab)
 
     @jax.jit
     def score(p, tokens_BxL, targets_BxL):
@@ -93,7 +92,7 @@ class FlaxLM(TemplateLM):
     @classmethod
     def from_hf_folder(cls, folder: str | Path, **kwargs) -> FlaxLM:
         """Our Flax model on the weights of an exported (or any supported) transformers folder."""
-        from mixlm.export import model_config_from_hf, read_hf_params
+        from mixlm.hf.import_hf import model_config_from_hf, read_hf_params
         from mixlm.models import abstract_params
 
         folder = Path(folder)
