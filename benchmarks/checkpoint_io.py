@@ -1,5 +1,6 @@
 """Checkpoint I/O on this host: how long a save blocks the train loop (async vs sync), the total save
-time until the step has committed, and the restore time, for a ~100M-param llama with AdamW moments
+time until the step has committed, the restore time, and what the content checksums cost (crc32 of every
+file at save, checkpoint.verify; checked again before a restore), for a ~100M-param llama with AdamW moments
 (fp32 params + two fp32 moments ≈ 1.2 GB), through mixlm.checkpoint.RunCheckpoints as train() uses it.
 
 Prints a Markdown table and writes it to benchmarks/results/checkpoint_io.md.
@@ -42,8 +43,9 @@ def main() -> int:
 
     import jax
     import jax.numpy as jnp
+    from etils import epath
 
-    from mixlm.checkpoint import RunCheckpoints, checkpoint_dir, run_metadata
+    from mixlm.checkpoint import RunCheckpoints, checkpoint_dir, file_problem, run_metadata, write_file_list
     from mixlm.config import CheckpointConfig, load_config
     from mixlm.sharding import make_mesh
     from mixlm.train import build_setup
@@ -69,6 +71,8 @@ def main() -> int:
 
     rows = []
     restore_s: list[float] = []
+    hash_s: list[float] = []  # crc32 of every file of the step, at save (checkpoint.verify)
+    verify_s: list[float] = []  # the same check before a restore
     disk = 0
     for async_save in (True, False):
         run_dir = root / ("async" if async_save else "sync")
@@ -99,8 +103,24 @@ def main() -> int:
                 jax.block_until_ready(restored.state)
                 if i:
                     restore_s.append(time.perf_counter() - t0)
+                reader.close()
                 print(f"restore {i + 1}: {time.perf_counter() - t0:.2f}s", flush=True)
                 del restored
+            # The checksum cost alone, on the committed step: the file list with and without crc32s (what
+            # wait() adds before the next save), and its check with and without them (before a restore).
+            step_dir = epath.Path(checkpoint_dir(run_dir)) / str(args.repeats + 1)
+            for i in range(args.repeats + 1):
+                times = []
+                for work, kwargs in ((write_file_list, {"checksums": False}), (write_file_list, {"checksums": True}),
+                                     (file_problem, {"verify": False}), (file_problem, {"verify": True})):
+                    t0 = time.perf_counter()
+                    assert not work(step_dir, **kwargs)  # None / '' (no problem)
+                    times.append(time.perf_counter() - t0)
+                if i:
+                    hash_s.append(times[1] - times[0])
+                    verify_s.append(times[3] - times[2])
+                print(f"checksums {i + 1}: at save +{times[1] - times[0]:.2f}s, at restore +{times[3] - times[2]:.2f}s",
+                      flush=True)
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -124,13 +144,20 @@ def main() -> int:
     for async_save, blocked, total in rows:
         lines.append(f"| {'async' if async_save else 'sync'} save | {spread(blocked)} | {spread(total)} | "
                      f"{mb / statistics.median(total):,.0f} |")
-    lines.append(f"| restore (validate + read onto the mesh) | at start-up only | {spread(restore_s)} | "
+    lines.append(f"| restore (validate incl. checksums + read onto the mesh) | at start-up only | {spread(restore_s)} | "
                  f"{mb / restore:,.0f} |")
+    lines.append(f"| checksums at save (crc32 of every file; part of the saves above) | the next save's wait | "
+                 f"{spread(hash_s)} | {disk / 1e6 / statistics.median(hash_s):,.0f} |")
+    lines.append(f"| checksum check before a restore (part of the restore above) | at start-up only | {spread(verify_s)} | "
+                 f"{disk / 1e6 / statistics.median(verify_s):,.0f} |")
     lines += [
         "",
         ("\"Blocked\" is the time `RunCheckpoints.save` holds the train loop (async: until the arrays are "
          "copied off the devices; sync: until committed). \"Committed\" adds the background write, the commit "
-         "rename and the file list. MB/s = state size / committed (or restore) time. The host has far more RAM "
+         "rename and the file list (sizes and crc32 checksums, checkpoint.verify=true). MB/s = state size / "
+         "committed (or restore) time; for the checksum rows, bytes on disk / the time the checksums add (the "
+         "file list or its check with them minus without). With several processes each checksums its own "
+         "OCDBT folder, so the save-side cost is per process, not per checkpoint. The host has far more RAM "
          "than the state, so writes and reads mostly hit the OS page cache: these are upper bounds for a cold "
          "disk or a network file system."),
         "",

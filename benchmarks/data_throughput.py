@@ -199,12 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ] + [f"| {what} | {rate:,.0f} | {note} |" for what, rate, note in rows]
     lines += [
         "",
-        "Notes: prepare is bound by the tokenizer (one core of BPE per process); more tokenizer processes help only",
-        "when there are cores to run them next to the reading process. The loader rows are host-side work only",
-        "(no device transfer). With 2 cores, worker processes compete with the trainer process for the same",
-        "cores, so reading in the trainer process (data.num_workers=0, 2 read threads) is the fastest here; a",
-        "GPU/TPU host would use data.num_workers of 4-16. Timings on this shared machine vary by about 2x between",
-        "runs (other jobs use the same 2 cores).",
+        "The loader rows are host-side work only (no device transfer). Analysis of these numbers (hand-written,",
+        "not by this script): benchmarks/results/data_throughput_notes.md.",
     ]
     table = "\n".join(lines)
     print(table)

@@ -29,7 +29,7 @@ def bench_mixlm(model_cfg, seq_len: int, batch: int, steps: int) -> float:
     from mixlm.sharding import make_mesh, to_global_batch
     from mixlm.train import build_setup
 
-    cfg = load_config(None, [f"data.seq_len={seq_len}", f"train.global_batch_size={batch}",
+    cfg = load_config(None, [f"data.seq_len={seq_len}", f"model.max_seq_len={seq_len}", f"train.global_batch_size={batch}",
                              f"train.steps={steps + 2}", "optimizer.lr=3e-4", "schedule.kind=constant"])
     cfg = cfg.replace(model=model_cfg)
     mesh = make_mesh(cfg.mesh)

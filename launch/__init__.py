@@ -5,7 +5,8 @@ Run each by path, or through `mixlm launch WHERE`; each has --help and --dry-run
     tpu.py     every worker of a Cloud TPU VM slice, over gcloud ssh
     slurm.py   an sbatch script: one task per GPU, srun ... --distributed
     sweep.py   a proxy sweep as a SLURM job array: task I runs `mixlm sweep ... --shard I/K`
-    common.py  what they share: the command check, sbatch header, argument helpers, error handling
+    common.py  what they share: the command check, quoting of user strings for shell and #SBATCH lines,
+               sbatch header, argument helpers, error handling
 
 The library keeps only `jax.distributed` initialisation (`mixlm train --distributed` or
 `--coordinator/--num-processes/--process-id`); these scripts only build and run those command lines.

@@ -1,11 +1,18 @@
 """What the launch scripts share: the check of the mixlm command they start on every process, the
-quoting of that command for a shell line, the sbatch header and script output of slurm.py and
-sweep.py, argument helpers, and `run_main`, which turns a usage or config error into one line on
-stderr and exit code 2."""
+quoting of every user string for a shell line or an `#SBATCH` line, the sbatch header and script output
+of slurm.py and sweep.py, argument helpers, and `run_main`, which turns a usage or config error into one
+line on stderr and exit code 2.
+
+Quoting rules (a user string never becomes shell syntax): everything placed in a shell command is
+`shlex.quote`d, word by word; a leading `~/` of a path is expanded explicitly as `"$HOME"/...`, never by
+leaving the path unquoted; a value with a control character (newline, NUL, ...) is refused, since it
+could end a line of a generated script; `#SBATCH` values are limited to a safe set of characters, since
+sbatch splits those lines on blanks and quotes itself."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import subprocess
@@ -37,23 +44,68 @@ def check_command(argv: Sequence[str]) -> list[str]:
     return argv
 
 
+# What an `#SBATCH --flag=VALUE` value may hold: sbatch splits those lines on blanks, reads quotes and
+# backslashes, and ends them at `#`, so anything else could add an option or drop the rest of the line.
+SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:@%+=/-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def plain_text(flag: str, value: str) -> str:
+    """`value` unchanged; a ConfigError naming `flag` if it holds a control character (newline, NUL, ...)."""
+    if _CONTROL.search(value):
+        raise ConfigError(f"{flag} {value!r}: contains a control character (newline, tab, NUL, ...); remove it")
+    return value
+
+
+def shell_path(flag: str, path: str) -> str:
+    """`path` as one shell word; a leading `~/` (or a bare `~`) becomes `"$HOME"/...`, expanded by the shell
+    that runs the command, the rest quoted. `~user/...` is refused (give the absolute path)."""
+    if not plain_text(flag, path):
+        raise ConfigError(f"{flag} is empty; give a folder")
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        rest = path[2:].lstrip("/")
+        return '"$HOME"' + (f"/{shlex.quote(rest)}" if rest else "")
+    if path.startswith("~"):
+        raise ConfigError(f"{flag} {path!r}: only a leading ~/ is expanded (to $HOME); give the absolute path")
+    return shlex.quote(path)
+
+
 def shell_command(executable: str, argv: Sequence[str]) -> str:
-    """`executable` (itself a command line, e.g. 'python -m mixlm.cli') and `argv`, quoted for a shell."""
-    return shlex.join([*shlex.split(executable), *argv])
+    """`executable` (itself a command line, e.g. 'python -m mixlm.cli', split as a shell would) and `argv`,
+    each word quoted for a shell."""
+    try:
+        words = shlex.split(plain_text("--mixlm", executable))
+    except ValueError as e:  # e.g. an unbalanced quote
+        raise ConfigError(f"--mixlm {executable!r}: not a command line ({e})") from None
+    if not words:
+        raise ConfigError("--mixlm is empty; give the mixlm command there, e.g. .venv/bin/mixlm")
+    for arg in argv:
+        plain_text("the command after --", arg)
+    return shlex.join([*words, *argv])
+
+
+def sbatch_value(flag: str, value: str) -> str:
+    """`value` unchanged if it is safe after `#SBATCH --flag=`; else a ConfigError naming `flag`."""
+    if not SBATCH_VALUE.fullmatch(value):
+        raise ConfigError(f"{flag} {value!r}: an #SBATCH value may hold only letters, digits and _ . , : @ % + = / -")
+    return value
 
 
 def sbatch_header(job_name: str, time_limit: str, output: str, partition: str | None,
                   account: str | None) -> list[str]:
+    """The first lines of an sbatch script; each user value is checked by `sbatch_value`."""
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --time={time_limit}",
-        f"#SBATCH --output={output}",
+        f"#SBATCH --job-name={sbatch_value('--job-name', job_name)}",
+        f"#SBATCH --time={sbatch_value('--time', time_limit)}",
+        f"#SBATCH --output={sbatch_value('--output', output)}",
     ]
     if partition:
-        lines.append(f"#SBATCH --partition={partition}")
+        lines.append(f"#SBATCH --partition={sbatch_value('--partition', partition)}")
     if account:
-        lines.append(f"#SBATCH --account={account}")
+        lines.append(f"#SBATCH --account={sbatch_value('--account', account)}")
     return lines
 
 
@@ -105,7 +157,7 @@ def emit_sbatch_script(script: str, out: Path | None, *, submit: bool, dry_run: 
     print(f"wrote {out}")
     if submit:
         need_tool("sbatch")
-        return subprocess.call(["sbatch", str(out)])
+        return subprocess.call(["sbatch", str(out.resolve())])  # absolute: a name like -x is no option
     return 0
 
 

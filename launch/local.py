@@ -1,7 +1,9 @@
 """Start `mixlm train` as N jax.distributed processes on this machine, coordinator on 127.0.0.1
 (multi-host code tested on one machine; on CPU each process gets its own fake devices). Output lines are
-prefixed [p<i>]; if one process fails the others are stopped; SIGTERM / Ctrl-C is passed on, so every
-process saves a checkpoint and exits.
+prefixed [p<i>]; every process is polled, so one that fails (any of them, killed or exiting non-zero) is
+noticed within a poll, named (`[p1] exited with -9; stopping the others`) and the others are stopped
+(SIGTERM, then SIGKILL after a grace); SIGTERM / Ctrl-C is passed on, so every process saves a checkpoint
+and exits.
 
   python launch/local.py -n 2 --cpu-devices 4 -- train configs/experiments/demo.yaml
   python launch/local.py --dry-run -n 2 -- train configs/experiments/demo.yaml   # print the commands
@@ -29,6 +31,8 @@ from mixlm.config import ConfigError
 
 # How long processes get to finish a checkpoint after SIGTERM before they are killed.
 STOP_GRACE_S = 60.0
+# How often every process is polled: a dead one is noticed within this.
+POLL_S = 0.1
 
 
 def free_port() -> int:
@@ -79,50 +83,79 @@ def launch_local(
     log_dir: str | Path | None = None,
     env: dict | None = None,
     out=None,
+    stop_grace_s: float = STOP_GRACE_S,
 ) -> int:
-    """Runs the command as `num_processes` jax.distributed processes on this machine and waits.
-
-    Returns 0 when every process exits 0, else the first non-zero exit code (after stopping the rest:
-    SIGTERM, then SIGKILL after STOP_GRACE_S). log_dir: each process's output also goes to
-    LOG_DIR/process_<i>.log. SIGTERM or SIGINT to the launcher is passed on to every process."""
-    out = out or sys.stdout
+    """Runs the command as `num_processes` jax.distributed processes on this machine and waits; see
+    `run_processes` for the exit code. log_dir: each process's output also goes to LOG_DIR/process_<i>.log."""
     commands = local_commands(argv, num_processes, port or free_port())
-    child_env = local_env(cpu_devices, env)
+    return run_processes(commands, env=local_env(cpu_devices, env), log_dir=log_dir, out=out,
+                         stop_grace_s=stop_grace_s)
+
+
+def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM to every live process, SIGKILL to those still alive `grace_s` later."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def run_processes(
+    commands: Sequence[Sequence[str]],
+    *,
+    env: dict | None = None,
+    log_dir: str | Path | None = None,
+    out=None,
+    stop_grace_s: float = STOP_GRACE_S,
+) -> int:
+    """Starts one process per command (output prefixed [p<i>], and in LOG_DIR/process_<i>.log) and waits.
+
+    Every process is polled every POLL_S seconds; the first one found dead with a non-zero code is named on
+    `out` and the others are stopped (SIGTERM, SIGKILL after `stop_grace_s`). Returns 0 when every process
+    exits 0, else that first non-zero code (a process killed by signal N counts as 128+N, as in a shell).
+    SIGTERM or SIGINT to the launcher is passed on to every process."""
+    out = out or sys.stdout
     logs = []
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        logs = [open(Path(log_dir) / f"process_{i}.log", "a") for i in range(num_processes)]  # noqa: SIM115
+        logs = [open(Path(log_dir) / f"process_{i}.log", "a") for i in range(len(commands))]  # noqa: SIM115
     procs, threads = [], []
     for i, cmd in enumerate(commands):
-        proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         t = threading.Thread(target=_forward, args=(proc.stdout, f"[p{i}] ", logs[i] if logs else None, out),
                              daemon=True)
         t.start()
         procs.append(proc)
         threads.append(t)
 
-    def stop(signum=signal.SIGTERM, frame=None) -> None:
+    def forward_signal(signum, frame) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    previous = {s: signal.signal(s, forward_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     failed = 0
     try:
-        while any(p.poll() is None for p in procs):
-            bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if bad and not failed:
-                failed = bad[0]
-                out.write(f"launch: a process exited {failed}; stopping the others\n")
-                stop()
-                deadline = time.monotonic() + STOP_GRACE_S
-                while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-            time.sleep(0.1)
+        while True:
+            codes = [p.poll() for p in procs]  # poll all of them: any(...) would stop at the first live one
+            dead = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
+            if dead is not None:
+                i, failed = dead
+                alive = any(c is None for c in codes)
+                out.write(f"[p{i}] exited with {failed}" + ("; stopping the others\n" if alive else "\n"))
+                out.flush()
+                if alive:
+                    _stop(procs, stop_grace_s)
+                break
+            if all(c is not None for c in codes):
+                break
+            time.sleep(POLL_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -132,8 +165,7 @@ def launch_local(
             t.join(timeout=5)
         for f in logs:
             f.close()
-    codes = [p.returncode for p in procs]
-    return failed or next((c for c in codes if c != 0), 0)
+    return 128 - failed if failed < 0 else failed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """Write (and optionally submit) an sbatch script that trains on a SLURM GPU cluster: one task per GPU
 (jax's SLURM detection gives each process the GPU of its SLURM_LOCALID, so one task per node would use
 one GPU of each node), `srun ... mixlm train ... --distributed`, SIGTERM two minutes before the time
-limit so the run saves a checkpoint and can be requeued.
+limit so the run saves a checkpoint and can be requeued. --job-name, --time, --partition and --account
+go into `#SBATCH` lines and may hold only letters, digits and _ . , : @ % + = / -; --workdir, --mixlm and
+the command are shell-quoted (a leading ~/ of --workdir becomes "$HOME"/...).
 
   python launch/slurm.py --nodes 2 --gpus-per-node 8 --workdir /shared/mixlm --out job.sbatch --submit \\
       -- train configs/experiments/regmix-1b.yaml     # without --out: print the script
@@ -10,7 +12,6 @@ limit so the run saves a checkpoint and can be requeued.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,7 @@ def slurm_script(
     lines += [
         "",
         "set -euo pipefail",
-        f"cd {shlex.quote(workdir)}",
+        f"cd {common.shell_path('--workdir', workdir)}",
         "# jax.distributed finds the coordinator, process count and id in SLURM's environment.",
         "srun --kill-on-bad-exit=1 " + common.shell_command(executable, [*argv, "--distributed"]),
         "",

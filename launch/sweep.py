@@ -58,7 +58,7 @@ def sweep_array_script(
     lines += [
         "",
         "set -euo pipefail",
-        f"cd {shlex.quote(workdir)}",
+        f"cd {common.shell_path('--workdir', workdir)}",
         f'{run} --shard "$SLURM_ARRAY_TASK_ID/{shards}"',
         f"# when every task has finished, record the runs once: {common.shell_command(executable, argv)}",
         "",

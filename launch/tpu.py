@@ -1,6 +1,8 @@
 """Run `mixlm train ... --distributed` on every worker of a Cloud TPU VM pod slice:
 `gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cd DIR && .venv/bin/mixlm train ...
---distributed"`. Every worker runs the same command; jax detects the pod by itself.
+--distributed"`. Every worker runs the same command; jax detects the pod by itself. Every user string in
+the remote command is shell-quoted (a leading ~/ of --workdir becomes "$HOME"/...); --tpu, --zone and
+--project must be Cloud resource names, so none can become another gcloud option.
 
   python launch/tpu.py --tpu my-v4-32 --zone us-central2-b -- train configs/experiments/regmix-1b.yaml
   python launch/tpu.py --dry-run --tpu my-v4-32 --zone us-central2-b --setup -- train CONFIG
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -20,6 +23,19 @@ if not __package__:  # run by path (python launch/tpu.py): import launch.* from 
 
 from launch import common
 from mixlm.config import ConfigError
+
+# A Cloud resource name (TPU, zone); a project id may carry a `domain.com:` prefix. Nothing else reaches
+# gcloud's argument list besides --command's value, so none can start another option (--tpu='--command=...').
+RESOURCE_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+PROJECT_ID = re.compile(r"([a-z0-9.-]+:)?[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def resource_name(flag: str, value: str, pattern: re.Pattern = RESOURCE_NAME) -> str:
+    """`value` unchanged if it is a Cloud resource name, else a ConfigError naming `flag`."""
+    if not pattern.fullmatch(value):
+        raise ConfigError(f"{flag} {value!r}: expected a Cloud resource name (lowercase letters, digits and -, "
+                          "starting with a letter)")
+    return value
 
 
 def tpu_commands(
@@ -41,16 +57,17 @@ def tpu_commands(
     argv = common.check_command(argv)
     if not tpu or not zone:
         raise ConfigError("a TPU launch needs --tpu NAME and --zone ZONE")
-    base = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}", "--worker=all"]
+    base = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", resource_name("--tpu", tpu),
+            f"--zone={resource_name('--zone', zone)}", "--worker=all"]
     if project:
-        base.append(f"--project={project}")
-    cd = f"cd {workdir}"
+        base.append(f"--project={resource_name('--project', project, PROJECT_ID)}")
+    cd = f"cd {common.shell_path('--workdir', workdir)}"
     commands = []
     if setup:
         commands.append([*base, "--command", f"{cd} && make install && .venv/bin/pip install -e '.[tpu]'"])
     run = common.shell_command(executable, [*argv, "--distributed"])
     if log:
-        run = f"nohup {run} > {shlex.quote(log)}.$(hostname) 2>&1 &"
+        run = f"nohup {run} > {common.shell_path('--log', log)}.$(hostname) 2>&1 &"
     commands.append([*base, "--command", f"{cd} && {run}"])
     return commands
 

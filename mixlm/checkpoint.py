@@ -6,14 +6,20 @@ One Orbax `CheckpointManager` over `<train.output_dir>/checkpoints/`; each step 
     checkpoints/<step>/data/metadata     the data source's `get_state()` (JSON), so batches resume exactly
     checkpoints/<step>/meta/metadata     JSON: resolved config, mixture, tokens seen per domain, mixlm
                                          version, git commit, mesh shape, time
-    checkpoints/<step>/mixlm_files.json  size of every file above, written once the step has committed
+    checkpoints/<step>/mixlm_files.json  size and crc32 of every file above, written once the step has
+                                         committed (crc32 with checkpoint.verify, the default)
+    .mixlm.lock                          the run folder's lock while a run writes to it (RunFolderLock)
 
 Guarantees, and who gives them:
 * A save is atomic (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it on commit; leftovers of a
   killed save are removed on the next start), and retention deletes an old step only after the newer one
   committed (Orbax's finalize thread: commit, then delete).
+* One writer per run folder: a writing RunCheckpoints holds an flock on `<train.output_dir>/.mixlm.lock`
+  (taken by process 0 before Orbax touches the folder, released by `close()` or by the kernel when the
+  process dies); a second run is refused with RunFolderLockedError naming the holder (host, pid, since).
 * On resume each step, newest first, is validated: its file list must match `mixlm_files.json` (missing
-  or truncated files) and it must restore without error. A bad step is moved to
+  or truncated files, and with checkpoint.verify a changed crc32: same-size corruption; lists without
+  checksums, from older mixlm, are checked by size) and it must restore without error. A bad step is moved to
   `checkpoints_corrupt/<step>` with a warning naming it, and the next older step is used. When no step is
   good nothing is moved and `CheckpointError` is raised: a long run never silently restarts from scratch.
 * Restore targets the *current* mesh (`TrainSetup.abstract_state` carries its shardings), so a run saved
@@ -21,26 +27,36 @@ Guarantees, and who gives them:
   difference in that padding (and nothing else) is absorbed by truncating/zero-padding the padding rows.
 * Resuming with a different config is refused naming the keys (`config_diff`), except RESUMABLE_KEYS and
   RESUMABLE_SECTIONS below; `allow_config_change` (CLI: --allow-config-change) resumes anyway.
+* A save that fails (disk full, permissions) raises CheckpointSaveError naming the step folder and the
+  previous step, which is kept.
 * `PreemptionGuard`: SIGTERM/SIGINT end the loop after the current step, which is then saved and waited for.
 * Reading for export (the last section): `open_checkpoint(path, step=None)` is the newest complete step
   as an `OrbaxSource` that restores one param at a time; `MemorySource` wraps params already in memory.
 
 Multi-process: every process calls the same methods; Orbax coordinates array writes, only the primary
-process writes JSON items, `mixlm_files.json` and moves corrupt steps. The data state is saved once (by
+process writes JSON items, `mixlm_files.json` and moves corrupt steps. Checksums are split by
+`checksum_owner`: each process hashes its own `state/ocdbt.process_<i>/` folder (at save it hands them to
+process 0 in `mixlm_files.json.process_<i>`), process 0 the rest, so no process reads the whole step back. The data state is saved once (by
 process 0), so it must be the same on every process (it is for both mixlm sources: the global step and
 global packing cursors).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
+import errno
+import fcntl
 import json
+import os
 import signal
+import socket
 import subprocess
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,11 +80,16 @@ from mixlm.hf.errors import ExportError
 CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints_corrupt"
 FILE_LIST = "mixlm_files.json"
+LOCK_FILE = ".mixlm.lock"
+# zlib.crc32 of each file: ~7 GB/s on this host against blake2b 1.5, sha256 2.2, md5 0.9
+# (benchmarks/checkpoint_io.py); it catches torn and overwritten bytes, it is no defence against tampering.
+CHECKSUM = "crc32"
+_OCDBT_PREFIX = "ocdbt.process_"
 
 # Config keys that may change when a run resumes (everything else must match the checkpoint's config):
 # how long to train (the schedule is recomputed for the new total), where and how often to log, eval and
 # save, the device layout, and the loader's worker count (batches do not depend on it).
-RESUMABLE_KEYS = ("train.steps", "train.output_dir", "data.num_workers")
+RESUMABLE_KEYS = ("train.steps", "train.output_dir", "train.heartbeat_timeout_s", "data.num_workers")
 RESUMABLE_SECTIONS = ("mesh", "checkpoint", "eval", "logging")
 
 
@@ -78,6 +99,14 @@ class CheckpointError(RuntimeError):
 
 class ConfigMismatchError(CheckpointError):
     """The output folder holds a run with a different config."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions); the older checkpoints are kept."""
+
+
+class RunFolderLockedError(CheckpointError):
+    """Another process holds the run folder's lock (RunFolderLock): one writer per train.output_dir."""
 
 
 class CheckpointCorruptWarning(UserWarning):
@@ -173,41 +202,102 @@ def _get(tree: dict, dotted: str):
 # ---- validation ----------------------------------------------------------------------------------------
 
 
-def _file_sizes(step_dir: epath.Path) -> dict[str, int]:
-    """{path relative to step_dir: bytes} of every file below it (a walk with iterdir: works on GCS)."""
-    sizes, folders = {}, [step_dir]
+def _step_files(step_dir: epath.Path) -> dict[str, epath.Path]:
+    """{path relative to step_dir: path} of every file below it but the file list and its per-process parts
+    (a walk with iterdir: works on GCS)."""
+    files, folders = {}, [step_dir]
     while folders:
         for p in folders.pop().iterdir():
             if p.is_dir():
                 folders.append(p)
-            elif p.name != FILE_LIST:
-                sizes[str(p.relative_to(step_dir))] = p.stat().length
-    return sizes
+            elif not p.name.startswith(FILE_LIST):
+                files[str(p.relative_to(step_dir))] = p
+    return files
 
 
-def write_file_list(step_dir: epath.Path) -> None:
-    """Records every file's size in `<step>/mixlm_files.json` (call once the step has committed)."""
+def file_crc32(path: epath.Path) -> str:
+    """zlib.crc32 of a file's bytes, as 8 hex digits (read in 4 MiB chunks)."""
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def checksum_owner(name: str, process_count: int) -> int:
+    """The process that checksums a file of a step (at save and at restore): files under process k's OCDBT
+    folder (`state/ocdbt.process_k/`) are process k's (k mod the current count), the rest process 0's."""
+    for part in name.split("/"):
+        if part.startswith(_OCDBT_PREFIX) and part[len(_OCDBT_PREFIX):].isdigit():
+            return int(part[len(_OCDBT_PREFIX):]) % process_count
+    return 0
+
+
+def _checksums(files: dict[str, epath.Path], process_index: int = 0, process_count: int = 1) -> dict[str, str]:
+    """{name: crc32} of the files this process owns (checksum_owner); a few threads, as zlib releases the GIL
+    and a remote file system rewards overlapping reads."""
+    mine = sorted(n for n in files if checksum_owner(n, process_count) == process_index)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(zip(mine, pool.map(lambda n: file_crc32(files[n]), mine)))
+
+
+def _part_path(step_dir: epath.Path, process_index: int) -> epath.Path:
+    return step_dir / f"{FILE_LIST}.process_{process_index}"
+
+
+def write_checksum_part(step_dir: epath.Path, process_index: int, process_count: int) -> None:
+    """Multi-process, processes > 0: the checksums of this process's files, for process 0 to merge into the
+    file list (write_file_list) so that no process reads the whole checkpoint back."""
+    sums = _checksums(_step_files(step_dir), process_index, process_count)
+    _part_path(step_dir, process_index).write_text(json.dumps(sums, sort_keys=True))
+
+
+def write_file_list(step_dir: epath.Path, *, checksums: bool = True, process_count: int = 1) -> None:
+    """Records every file's size, and with `checksums` its crc32 (this process's files, plus the parts other
+    processes wrote), in `<step>/mixlm_files.json` (call on process 0 once the step has committed)."""
+    files = _step_files(step_dir)
+    listing: dict = {"files": {name: p.stat().length for name, p in files.items()}}
+    if checksums:
+        sums = _checksums(files, 0, process_count)
+        for i in range(1, process_count):
+            part = _part_path(step_dir, i)
+            if part.exists():  # else those files keep their size check only
+                sums.update(json.loads(part.read_text()))
+        listing[CHECKSUM] = {name: sums[name] for name in sorted(sums) if name in files}
     tmp = step_dir / (FILE_LIST + ".tmp")
-    tmp.write_text(json.dumps({"files": _file_sizes(step_dir)}, sort_keys=True))
-    tmp.rename(step_dir / FILE_LIST)
+    tmp.write_text(json.dumps(listing, sort_keys=True))
+    tmp.replace(step_dir / FILE_LIST)
+    for i in range(1, process_count):
+        _part_path(step_dir, i).unlink(missing_ok=True)
 
 
-def file_problem(step_dir: epath.Path) -> str:
-    """'' when every file in `mixlm_files.json` is present at its recorded size (or there is no list: a
-    run killed right after the commit), else what is wrong."""
+def file_problem(step_dir: epath.Path, *, verify: bool = True, process_index: int = 0,
+                 process_count: int = 1) -> str:
+    """'' when every file in `mixlm_files.json` is present at its recorded size and, with `verify`, has its
+    recorded crc32 (the files this process owns, checksum_owner; lists written without checksums are checked
+    by size only; no list at all: a run killed right after the commit), else what is wrong."""
     listing = step_dir / FILE_LIST
     if not listing.exists():
         return ""
     try:
-        expected = json.loads(listing.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
+        recorded = json.loads(listing.read_text())
+        expected, sums = recorded["files"], recorded.get(CHECKSUM, {}) if verify else {}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"its file list {FILE_LIST} is unreadable"
-    actual = _file_sizes(step_dir)
+    actual = _step_files(step_dir)
     for name, size in sorted(expected.items()):
         if name not in actual:
             return f"{name} is missing"
-        if actual[name] != size:
-            return f"{name} is {actual[name]} bytes, expected {size}"
+        length = actual[name].stat().length
+        if length != size:
+            return f"{name} is {length} bytes, expected {size}"
+    try:
+        found = _checksums({n: actual[n] for n in sums if n in actual}, process_index, process_count)
+    except OSError as e:
+        return f"a file does not read back ({e})"
+    for name, crc in sorted(found.items()):
+        if crc != sums[name]:
+            return f"{name} has {CHECKSUM} {crc}, expected {sums[name]} (same size: its bytes changed)"
     return ""
 
 
@@ -256,6 +346,111 @@ def restore_args_for(saved_tree, target, vocab_size: int):
     return strict
 
 
+# ---- one writer per run folder ------------------------------------------------------------------------
+
+
+class RunFolderLock:
+    """An exclusive `fcntl.flock` on `<folder>/.mixlm.lock` from `acquire()` to `release()`. The kernel drops
+    it when the process dies (SIGKILL, OOM), so a crashed run never leaves the folder locked; the file holds
+    the holder's host, pid and start time for the message that refuses a second writer. It is removed on
+    release (re-checked by inode on acquire, so a writer never locks a file that was just removed). Works on
+    local and NFS folders; a file system without locks gets a warning and no lock."""
+
+    def __init__(self, folder: str | Path, log: Callable[[str], None] = print):
+        self.folder, self.log = Path(folder), log
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        """Takes the lock (creating the folder). Raises RunFolderLockedError naming the holder, or
+        CheckpointError when the folder cannot be written."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            while self._fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 4096).decode(errors="replace")
+                    os.close(fd)
+                    raise RunFolderLockedError(self._in_use_message(holder)) from None
+                except OSError as e:
+                    os.close(fd)
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    self.log(f"WARNING: {self.folder} does not support file locks ({e.strerror}): nothing stops "
+                             "a second run from writing to it at the same time")
+                    return self
+                if _same_file(fd, self.path):
+                    self._fd = fd
+                else:  # the previous holder removed the file between our open and our lock: open it anew
+                    os.close(fd)
+            info = {"host": socket.gethostname(), "pid": os.getpid(),
+                    "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, json.dumps(info).encode())
+        except OSError as e:
+            self.release()
+            raise CheckpointError(f"cannot write to the run folder {self.folder} ({_os_reason(e)}); fix its "
+                                  "permissions or free space there, or choose another train.output_dir") from None
+        return self
+
+    def _in_use_message(self, holder: str) -> str:
+        try:
+            info = json.loads(holder)
+            who = f"host {info['host']}, pid {info['pid']}, since {info['since']}"
+        except (ValueError, KeyError, TypeError):
+            who = "a process that is just starting"
+        return (f"{self.folder} is in use by another mixlm run ({who}; lock {self.path}): only one run may "
+                "write to a train.output_dir. Wait for it to finish or stop it, or choose another "
+                "train.output_dir")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        except OSError:
+            pass  # an unlisted folder or a lost file: closing still releases the lock
+        os.close(self._fd)
+        self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _lock_on_process_0(folder: epath.Path, log: Callable[[str], None]) -> RunFolderLock | None:
+    """The run folder's lock, taken by process 0 only; every process raises when process 0 could not take
+    it. None for an object store (gs://...: no file locks there)."""
+    if "://" in str(folder):
+        return None
+    lock, error = RunFolderLock(Path(str(folder)), log), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            error = e
+    if not _all_processes(error is None):
+        lock.release()
+        raise error or RunFolderLockedError(f"process 0 could not lock the run folder {folder}; its log says why")
+    return lock
+
+
+def _os_reason(e: BaseException) -> str:
+    """'<strerror>: <file>' for an OSError (also one wrapped by Orbax or TensorStore), else the short text."""
+    while not isinstance(e, OSError) and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return f"{type(e).__name__}: {_short(e)}"
+
+
 # ---- the manager ---------------------------------------------------------------------------------------
 
 
@@ -272,13 +467,25 @@ class RunCheckpoints:
                  log: Callable[[str], None] = print):
         self.directory = _absolute(epath.Path(directory))
         self.cfg, self.log = cfg, log
+        # The run folder's one writer: locked before Orbax creates folders or cleans up a save in progress.
+        self._lock = None if read_only else _lock_on_process_0(self.directory.parent, log)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last or None, keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=not read_only,
             create=not read_only, read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_handlers=_item_handlers())
+        except OSError as e:
+            self._release_lock()
+            raise CheckpointError(f"cannot create the checkpoint folder {self.directory} ({_os_reason(e)}); "
+                                  "fix its permissions or choose another train.output_dir") from None
+        except BaseException:
+            self._release_lock()
+            raise
         self._unlisted: int | None = None  # a committed (or committing) step without its file list yet
+        self._save_error: CheckpointSaveError | None = None  # sticky: Orbax re-raises a failed save forever
 
     # ---- saving ----
     def steps(self) -> list[int]:
@@ -296,25 +503,68 @@ class RunCheckpoints:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - a sync save (or the start of an async one) failed
+            self._save_failed(step, e)
         self._unlisted = step
         return True
 
     def wait(self) -> None:
-        """Blocks until the last save committed, then records its file list. Raises if the save failed
-        (older checkpoints are then untouched)."""
-        self._manager.wait_until_finished()
+        """Blocks until the last save committed, then records its file list (sizes and, with
+        checkpoint.verify, checksums: process 0 those of its files, every other process those of its own
+        OCDBT folder). Raises CheckpointSaveError if the save failed (older checkpoints are then untouched)."""
+        if self._save_error is not None:
+            raise self._save_error
         step, self._unlisted = self._unlisted, None
-        if step is not None and jax.process_index() == 0:
-            step_dir = self.directory / str(step)
-            if step_dir.exists():
-                write_file_list(step_dir)
-        if step is not None:
-            _sync("mixlm_checkpoint_file_list")
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background write or the commit failed
+            self._save_failed(step, e)
+        if step is None:
+            return
+        step_dir, count = self.directory / str(step), jax.process_count()
+        if self.cfg.verify and count > 1:
+            _sync("mixlm_checkpoint_committed")  # process 0's commit rename is done
+            if jax.process_index() > 0 and step_dir.exists():
+                write_checksum_part(step_dir, jax.process_index(), count)
+            _sync("mixlm_checkpoint_checksum_parts")
+        if jax.process_index() == 0 and step_dir.exists():
+            write_file_list(step_dir, checksums=self.cfg.verify, process_count=count)
+        _sync("mixlm_checkpoint_file_list")
+
+    def _save_failed(self, step: int | None, e: Exception):
+        # From the folder: Orbax's own list may already have dropped a step that retention deletes after this
+        # save commits (which it now never will).
+        kept = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()] if self.directory.exists() else []
+        kept = [s for s in kept if step is None or s < step]
+        where = self.directory / str(step) if step is not None else self.directory
+        previous = (f"the previous checkpoint (step {max(kept)}, {self.directory / str(max(kept))}) is kept"
+                    if kept else "there is no earlier checkpoint")
+        self._save_error = CheckpointSaveError(
+            f"saving checkpoint step {step} to {where} failed ({_os_reason(e)}); {previous}. Free disk space or "
+            "fix the folder's permissions, then rerun the same command to resume")
+        raise self._save_error from e
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        """Waits for the last save, closes Orbax and releases the run folder's lock (also when a save
+        failed: that error is raised once, by the wait that saw it)."""
+        try:
+            if self._save_error is None:
+                self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:
+                if self._save_error is None:
+                    raise
+            finally:
+                self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-process: JAX's preemption sync point (all processes agree on the step)."""
@@ -339,7 +589,8 @@ class RunCheckpoints:
         bad: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
-            problem = file_problem(step_dir)
+            problem = file_problem(step_dir, verify=self.cfg.verify, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
             meta = None
             if not problem:
                 try:
@@ -364,7 +615,7 @@ class RunCheckpoints:
                     self._move_aside(bad, good=step)
                     return Restored(step=step, state=state, data_state=data_state, meta=meta,
                                     path=str(step_dir))
-            bad.append((step, problem or "it fails on another process"))
+            bad.append((step, problem or _ON_ANOTHER_PROCESS))
         if bad:
             listing = "; ".join(f"step {s} ({self.directory / str(s)}): {p}" for s, p in bad)
             raise CheckpointError(
@@ -389,8 +640,13 @@ class RunCheckpoints:
                 self.log(f"WARNING: {msg}")
                 corrupt_dir.mkdir(parents=True, exist_ok=True)
                 src.rename(dest)
+            elif problem != _ON_ANOTHER_PROCESS:  # what this process found (e.g. a checksum of its files)
+                self.log(f"WARNING: {msg}")
         _sync("mixlm_checkpoint_move_aside")
         self._manager.reload()
+
+
+_ON_ANOTHER_PROCESS = "it fails on another process"
 
 
 def _short(e: BaseException, limit: int = 300) -> str:

@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file, the key and what to do."""
 
 
+ATTENTION_IMPLS = ("auto", "blocked", "xla", "cudnn", "splash", "pallas_gpu")  # mixlm.models.attention
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")  # mixlm.models.layers
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str = "llama"  # a registered family (mixlm.model_families): llama | gpt2 | ...
@@ -44,16 +48,19 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // num_heads
     mlp_dim: int = 256
     vocab_size: int = 256  # the tokenizer's vocabulary; the embedding is padded (see vocab_multiple)
-    vocab_multiple: int = 128  # pad the embedding rows to a multiple of this (and of the mesh size)
-    max_seq_len: int = 128
+    vocab_multiple: int = 128  # pad the embedding rows to a multiple of this (and of the mesh axes splitting vocab)
+    max_seq_len: int = 128  # the context length; data.seq_len may not exceed it (raise this to train longer)
     tie_embeddings: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = False  # per-head RMSNorm on q and k (DCLM / Qwen3 style)
     init_std: float = 0.02
     compute_dtype: str = "float32"  # activations / matmuls; params stay float32 (master weights)
+    attention: str = "auto"  # auto | blocked | xla | cudnn | splash | pallas_gpu (mixlm.models.attention)
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable: recompute per block
 
     def __post_init__(self):
+        _check_bounds("model", self)  # first: a zero head count would divide by zero below
         if self.family not in family_names():
             raise ConfigError(f"model.family must be one of the registered families ({', '.join(family_names())}; "
                               f"mixlm.model_families.register_family adds one), got {self.family!r}")
@@ -68,6 +75,10 @@ class ModelConfig:
             )
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.compute_dtype must be float32|bfloat16|float16, got {self.compute_dtype!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention must be {'|'.join(ATTENTION_IMPLS)}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat must be {'|'.join(REMAT_POLICIES)}, got {self.remat!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -88,6 +99,14 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: all devices left over
     tensor: int = 1
+    rules: dict = field(default_factory=dict)  # {logical axis: [mesh axes]} over mixlm.sharding.DEFAULT_RULES
+    strict: bool = False  # a weight above 1M elements that cannot be sharded is an error, not a warning
+
+    def __post_init__(self):
+        for name, axes in self.rules.items():
+            listed = [] if axes is None else [axes] if isinstance(axes, str) else axes
+            if not isinstance(listed, list) or any(a not in ("data", "fsdp", "tensor") for a in listed):
+                raise ConfigError(f"mesh.rules.{name}: expected a list of mesh axes (data, fsdp, tensor), got {axes!r}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,9 @@ class TrainConfig:
     seed: int = 0
     z_loss: float = 0.0  # weight of log(Z)^2; 0 disables
     output_dir: str = "runs/default"
+    # Multi-process runs: a process that sends no heartbeat for this long is dead, and the coordination
+    # service then stops every other process (jax.distributed.initialize(heartbeat_timeout_seconds=...)).
+    heartbeat_timeout_s: int = 100
 
 
 @dataclass(frozen=True)
@@ -145,6 +167,7 @@ class CheckpointConfig:
     async_save: bool = True
     init_from: str = ""  # params-only initialisation from this checkpoint folder (fresh optimizer)
     save_at_end: bool = True
+    verify: bool = True  # record a crc32 of every checkpoint file at save, check it before a restore
 
 
 @dataclass(frozen=True)
@@ -196,6 +219,157 @@ _SECTION_TYPES = {
     "eval": EvalConfig,
     "logging": LoggingConfig,
 }
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of a numeric field: low <= v (low < v when low_open), v <= high (v < high when
+    high_open); `also` lists values allowed outside it (e.g. -1 = fill); `why` ends the error message."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+    why: str = ""
+
+    def allows(self, v) -> bool:
+        if v in self.also:
+            return True
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.low is not None and not (v > self.low if self.low_open else v >= self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        text += "".join(f" or {a}" for a in self.also)
+        return text + (f" ({self.why})" if self.why else "")
+
+
+# Every bounded numeric field, checked up front (before jax or any device is touched) by `validate`.
+FIELD_BOUNDS: dict[str, Bound] = {
+    "model.num_layers": Bound(1),
+    "model.d_model": Bound(1),
+    "model.num_heads": Bound(1),
+    "model.num_kv_heads": Bound(0, why="0 means num_heads"),
+    "model.head_dim": Bound(0, why="0 means d_model // num_heads"),
+    "model.mlp_dim": Bound(1),
+    "model.vocab_size": Bound(1),
+    "model.vocab_multiple": Bound(0),
+    "model.max_seq_len": Bound(1),
+    "model.rope_base": Bound(0, low_open=True),
+    "model.norm_eps": Bound(0),
+    "model.init_std": Bound(0),
+    "mesh.data": Bound(1, also=(-1,), why="-1 fills the devices left over"),
+    "mesh.fsdp": Bound(1, also=(-1,), why="-1 fills the devices left over"),
+    "mesh.tensor": Bound(1, also=(-1,), why="-1 fills the devices left over"),
+    "optimizer.lr": Bound(0, why="a negative learning rate trains by gradient ascent"),
+    "optimizer.b1": Bound(0, 1, high_open=True),
+    "optimizer.b2": Bound(0, 1, high_open=True),
+    "optimizer.eps": Bound(0, low_open=True, why="Adam divides by sqrt(v) + eps; 0 gives NaN where a gradient is 0"),
+    "optimizer.weight_decay": Bound(0),
+    "optimizer.clip_norm": Bound(0, why="0 disables clipping"),
+    "schedule.warmup_steps": Bound(0),
+    "schedule.warmup_fraction": Bound(0, 1),
+    "schedule.min_lr": Bound(0),
+    "schedule.decay_fraction": Bound(0, 1),
+    "data.seq_len": Bound(1),
+    "data.max_epochs": Bound(0, why="0 means unlimited"),
+    "data.num_workers": Bound(0),
+    "train.steps": Bound(1, why="the number of optimizer steps to run"),
+    "train.global_batch_size": Bound(1, why="sequences per optimizer step over all hosts"),
+    "train.grad_accum_steps": Bound(1, why="1 means no accumulation"),
+    "train.z_loss": Bound(0),
+    "train.heartbeat_timeout_s": Bound(1, why="seconds"),
+    "checkpoint.every": Bound(0, why="0 saves only at the end"),
+    "checkpoint.keep_last": Bound(0, why="0 keeps all"),
+    "checkpoint.keep_every": Bound(0, why="0 keeps none permanently"),
+    "eval.every": Bound(0, why="0 evaluates only at the end"),
+    "eval.batches": Bound(0, why="0 disables the validation loss"),
+    "eval.limit": Bound(0, why="0 means no limit"),
+    "logging.every": Bound(1, why="log every N steps"),
+    "logging.peak_flops": Bound(0, why="0 looks the device up"),
+}
+DATA_SOURCES = ("synthetic", "prepared")
+PACKINGS = ("concat", "first_fit")
+
+
+def _check_bounds(section: str, values: Any) -> None:
+    for key, bound in FIELD_BOUNDS.items():
+        sec, name = key.split(".")
+        if sec == section and not bound.allows(getattr(values, name)):
+            raise ConfigError(f"{key}={getattr(values, name)!r} is out of range: must be {bound.describe()}")
+
+
+def validate(cfg: ExperimentConfig, origin: dict | None = None) -> None:
+    """Raises a one-line ConfigError for a value no run can use: a field outside `FIELD_BOUNDS`, an unknown
+    data source or packing, data.seq_len beyond model.max_seq_len, a global batch that grad_accum_steps does
+    not divide. `origin` ('section.key' -> file or override) prefixes the message with where the value came
+    from. Needs no jax; `validate_for_mesh` adds the rules that need the mesh."""
+    origin = origin or {}
+
+    def fail(key: str, message: str):
+        where = origin.get(key)
+        raise ConfigError(f"{where}: {message}" if where else message)
+
+    for section in _SECTION_TYPES:
+        try:
+            _check_bounds(section, getattr(cfg, section))
+        except ConfigError as e:
+            fail(str(e).split("=", 1)[0], str(e))
+    m, d, t = cfg.model, cfg.data, cfg.train
+    filled = [f"mesh.{a}" for a in ("data", "fsdp", "tensor") if getattr(cfg.mesh, a) == -1]
+    if len(filled) > 1:
+        blamed = max(filled, key=lambda k: str(origin.get(k, "")).startswith("override"))
+        fail(blamed, f"mesh: at most one axis may be -1, got data={cfg.mesh.data} fsdp={cfg.mesh.fsdp} "
+                     f"tensor={cfg.mesh.tensor}")
+    if d.source not in DATA_SOURCES:
+        fail("data.source", f"data.source={d.source!r} is not known; use one of {', '.join(DATA_SOURCES)}")
+    if d.packing not in PACKINGS:
+        fail("data.packing", f"data.packing={d.packing!r} is not known; use one of {', '.join(PACKINGS)}")
+    if d.seq_len > m.max_seq_len:
+        # No silent extrapolation: gpt2 has max_seq_len learned positions; for RoPE models (llama) raising
+        # model.max_seq_len changes no parameter, only the context length the export records.
+        fail("data.seq_len", f"data.seq_len={d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+                             "lower data.seq_len or raise model.max_seq_len (RoPE models: no new parameters; "
+                             "gpt2: more learned positions)")
+    if t.global_batch_size % t.grad_accum_steps:
+        fail("train.grad_accum_steps", f"train.grad_accum_steps={t.grad_accum_steps} does not divide "
+                                       f"train.global_batch_size={t.global_batch_size}; use a divisor of it")
+    if cfg.schedule.kind != "constant" and cfg.schedule.min_lr > cfg.optimizer.lr:
+        fail("schedule.min_lr", f"schedule.min_lr={cfg.schedule.min_lr:g} is above optimizer.lr="
+                                f"{cfg.optimizer.lr:g}, so the {cfg.schedule.kind} decay would rise; lower it")
+
+
+def validate_for_mesh(cfg: ExperimentConfig, data_parallel: int, process_count: int = 1) -> None:
+    """`validate(cfg)` plus the batch rules that need the mesh, as plain ints (no jax here): the global batch
+    must split evenly over the `data_parallel` devices that share the batch rows (the mesh axes of the
+    'batch' rule, data x fsdp by default) and over `process_count` hosts, and each host's rows over
+    train.grad_accum_steps micro-batches. mixlm.train.train calls it right after making the mesh, before
+    anything is built or compiled. Raises a one-line ConfigError."""
+    validate(cfg)
+    gbs, k = cfg.train.global_batch_size, cfg.train.grad_accum_steps
+    if gbs % data_parallel:
+        nearest = -(-gbs // data_parallel) * data_parallel
+        raise ConfigError(
+            f"train.global_batch_size={gbs} is not divisible by the data-parallel size {data_parallel} (the mesh "
+            f"axes the batch rows are split over, data x fsdp by default); use a multiple of it, e.g. {nearest}"
+        )
+    if gbs % process_count:
+        raise ConfigError(f"train.global_batch_size={gbs} is not divisible by the {process_count} processes; "
+                          f"use a multiple of {math.lcm(process_count, data_parallel)}")
+    host_batch = gbs // process_count
+    if host_batch % k:
+        raise ConfigError(f"train.grad_accum_steps={k} does not divide the per-host batch {host_batch} "
+                          f"(train.global_batch_size={gbs} over {process_count} processes); "
+                          f"use a global batch that is a multiple of {process_count * k}")
 
 
 def _closest(name: str, options) -> str:
@@ -371,7 +545,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         tree[section] = dict(tree[section], **{key: value})
         origin[f"{section}.{key}"] = f"override {text!r}"
     sections = {name: _build_section(name, tree.get(name, {}), origin) for name in _SECTION_TYPES}
-    return ExperimentConfig(**sections)
+    cfg = ExperimentConfig(**sections)
+    validate(cfg, origin)
+    return cfg
 
 
 def config_from_dict(tree: dict) -> ExperimentConfig:

@@ -52,6 +52,7 @@ class StepMeter:
         self.cfg, self.log, self.start_step = cfg, log, start_step
         self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
         self.history: list[dict] = []  # one metrics dict per logged step
+        self.last: dict[str, float] = {}  # the newest step's metrics read to the host
         self._pending = None  # (step, device metrics) not yet read
         self._window_start, self._window_tokens = time.perf_counter(), 0.0
 
@@ -77,6 +78,7 @@ class StepMeter:
                 f"{', '.join(f'{k} is {m[k]}' for k in bad)} at step {step}: stopping; nothing was saved after "
                 "the last good checkpoint. Lower optimizer.lr, raise schedule.warmup_steps, or set train.z_loss."
             )
+        self.last = {"step": step, **m}
         if step != self.start_step + 1:
             self._window_tokens += m["tokens"]
         self.log.advance()
@@ -150,7 +152,7 @@ def evaluate(
     for domain, batches in eval_batches.items():
         nll, tokens = 0.0, 0.0
         for host_batch in batches:
-            s, n = setup.eval_step(params, to_global_batch(host_batch, setup.mesh))
+            s, n = setup.eval_step(params, to_global_batch(host_batch, setup.layout))
             nll, tokens = nll + float(s), tokens + float(n)
         out[f"val_loss/{domain}"] = nll / max(tokens, 1.0)
         if domain not in eval_only:
@@ -257,7 +259,7 @@ class CheckpointHook(Hook):
 @dataclasses.dataclass(frozen=True)
 class MixtureStats:
     """What a mixture update sees: the step, the weights in force, the loss tokens each domain has given so
-    far, the newest per-domain validation losses (empty before the first eval) and the newest train loss."""
+    far, the newest per-domain validation losses (empty before the first eval) and this step's train loss."""
 
     step: int
     weights: dict[str, float]
@@ -276,11 +278,10 @@ class MixtureUpdateHook(Hook):
 
     def after_step(self, run: Run, step: int) -> None:
         run.flush()
-        history = run.meter.history
         val = {k.split("/", 1)[1]: v for k, v in run.latest_eval.items() if k.startswith("val_loss/")}
         stats = MixtureStats(step=step, weights=dict(run.source.current_weights()),
                              tokens_seen=run.source.tokens_seen(), val_loss=val,
-                             train_loss=history[-1]["loss"] if history else None)
+                             train_loss=run.meter.last.get("loss"))
         weights = self.update(stats)
         if weights is not None:
             run.source.set_weights(weights)

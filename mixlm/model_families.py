@@ -8,7 +8,8 @@ Everything outside a family's own module (build_model, abstract_params, paramete
 the model card, lm-eval on our Flax model) reaches the family through `get_family`. A family provides:
 
     Model                                   the nnx.Module: Model(cfg, *, rngs, vocab_multiple_of, attention_impl)
-                                            -> model(tokens_BxL, positions_BxL=, segment_ids_BxL=) -> logits_BxLxV
+                                            -> model(tokens_BxL, positions_BxL=, segment_ids_BxL=, layout=)
+                                               -> logits_BxLxV (layout: mixlm.sharding.Layout or None)
     EMBEDDING_PARAM                         top-level param of the token embedding ([V_pad, D])
     EMBEDDING_PARAMS                        top-level params counted out of "non-embedding" parameters
     hf_architecture(cfg) -> str             the transformers class it exports to, e.g. "LlamaForCausalLM"

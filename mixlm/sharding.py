@@ -1,14 +1,25 @@
-"""Mesh from config, the logical-axis rule table, and the shardings of params, state and batches.
+"""Mesh from config, the one logical-axis rule table, and the shardings of params, activations and batches.
 
-Parameters carry logical axis names (`nnx.Param(..., logical_axes=('embed', 'mlp'))`); a rule table
-maps each logical name to mesh axes. The table is a plain value passed where needed: no global
-context. A logical axis whose size does not divide its mesh axes is replicated instead (and a mesh
-axis is never used twice in one spec), so any config runs on any mesh.
+Parameters carry logical axis names (`nnx.Param(..., logical_axes=('embed', 'mlp'))`) and activations are
+constrained by logical names too (`layout.constrain(x_BxLxD, ('batch', 'length', 'embed'))`); one rule table
+maps each logical name to mesh axes. `Layout` (a mesh plus the rules) is a plain value passed where needed:
+no global mesh, no context. `mesh.rules` in the config overrides single rules:
+
+    mesh:
+      fsdp: -1
+      rules: {mlp: [tensor, fsdp], vocab: []}   # logical name -> mesh axes ([] replicates)
+      strict: true                              # a big weight that cannot be sharded is an error
+
+A dimension whose size does not divide its mesh axes is replicated instead (and a mesh axis is never used
+twice in one spec), so any config runs on any mesh; a weight above FALLBACK_WARN_ELEMENTS elements that
+ends up replicated this way is named in a warning (a ConfigError under `mesh.strict`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
@@ -19,7 +30,12 @@ from jax.sharding import PartitionSpec as P
 from mixlm.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+FALLBACK_WARN_ELEMENTS = 1 << 20  # weights larger than this should never be replicated by accident
+ACTIVATION_AXES = ("batch", "length", "embed")  # the residual stream between blocks
+
+
+class ShardingFallbackWarning(UserWarning):
+    """A large weight is replicated because its dimensions do not divide the mesh axes of its rules."""
 
 
 @dataclass(frozen=True)
@@ -34,11 +50,27 @@ class AxisRules:
                 return axes
         return ()
 
+    def with_overrides(self, overrides: Mapping, where: str = "mesh.rules") -> AxisRules:
+        """These rules with `overrides` ({logical name: mesh axis | [mesh axes] | [] | None}) replacing or
+        adding single rules."""
+        new = dict(self.rules)
+        for name, axes in overrides.items():
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad or not all(isinstance(a, str) for a in axes):
+                raise ConfigError(f"{where}.{name}: mesh axes must be among {', '.join(MESH_AXES)}, got {list(axes)}")
+            if len(set(axes)) != len(axes):
+                raise ConfigError(f"{where}.{name}: a mesh axis is listed twice in {list(axes)}")
+            new[str(name)] = axes
+        return AxisRules(tuple(new.items()))
 
-# FSDP shards the model dimension of every weight; tensor parallelism splits heads, MLP and vocab.
+
+# Batch rows over both data-parallel axes; FSDP shards the model dimension of every weight (activations'
+# embed dim finds fsdp already taken by the batch, so it stays whole); tensor parallelism splits heads, MLP
+# and vocab.
 DEFAULT_RULES = AxisRules(
     rules=(
-        ("batch", BATCH_AXES),
+        ("batch", ("data", "fsdp")),
         ("vocab", ("tensor",)),
         ("embed", ("fsdp",)),
         ("heads", ("tensor",)),
@@ -94,31 +126,105 @@ def logical_to_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: Mesh, rul
     return P(*spec)
 
 
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A mesh and the rule table: where every parameter and activation lives."""
+
+    mesh: Mesh
+    rules: AxisRules = DEFAULT_RULES
+    strict: bool = False
+
+    def spec(self, logical_axes: tuple, shape: tuple[int, ...]) -> P:
+        return logical_to_spec(logical_axes, shape, self.mesh, self.rules)
+
+    def sharding(self, logical_axes: tuple, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes, shape))
+
+    def constrain(self, x: jax.Array, logical_axes: tuple) -> jax.Array:
+        """`x` constrained to its logical axes' sharding (inside jit)."""
+        return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
+
+    def axis_size(self, logical: str) -> int:
+        """Devices one dimension named `logical` is split over (when its size divides them)."""
+        return math.prod(self.mesh.shape[a] for a in self.rules.mesh_axes(logical))
+
+    def batch_sharding(self, ndim: int = 2) -> NamedSharding:
+        """Rows over the batch rule's axes (data, fsdp), everything else replicated."""
+        return NamedSharding(self.mesh, P(self.rules.mesh_axes("batch") or None, *([None] * (ndim - 1))))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def param_shardings(self, abstract_params, logical_axes):
+        """A NamedSharding per parameter (same tree as `abstract_params`); warns about (or, when strict,
+        refuses) any weight above FALLBACK_WARN_ELEMENTS elements left replicated by indivisible sizes."""
+        shardings = jax.tree.map(lambda a, axes: self.sharding(axes, a.shape), abstract_params, logical_axes,
+                                 is_leaf=_is_axes)
+        problems = self.fallbacks(abstract_params, logical_axes)
+        if problems:
+            text = (f"{len(problems)} weight(s) above {FALLBACK_WARN_ELEMENTS:,} elements are replicated on every "
+                    f"device because their sizes do not divide the mesh {dict(self.mesh.shape)}: "
+                    + "; ".join(problems) + ". Change the mesh or the model sizes, or map the dimension to other "
+                    "axes with mesh.rules")
+            if self.strict:
+                raise ConfigError(f"mesh.strict: {text}")
+            warnings.warn(text, ShardingFallbackWarning, stacklevel=2)
+        return shardings
+
+    def fallbacks(self, abstract_params, logical_axes) -> list[str]:
+        """'path [shape]: why' for each weight above FALLBACK_WARN_ELEMENTS elements that shards over no mesh
+        axis although its rules name mesh axes of size > 1."""
+        out = []
+        flat_axes = dict(jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=_is_axes)[0])
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+            axes = flat_axes[path]
+            if math.prod(leaf.shape) <= FALLBACK_WARN_ELEMENTS or any(self.spec(axes, leaf.shape)):
+                continue
+            wanted = [(name, size, [a for a in self.rules.mesh_axes(name) if self.mesh.shape[a] > 1])
+                      for name, size in zip(axes, leaf.shape)]
+            reasons = [f"{name}={size} by {'x'.join(f'{a}={self.mesh.shape[a]}' for a in want)}"
+                       for name, size, want in wanted if want]
+            if reasons:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                out.append(f"{name} {list(leaf.shape)} ({', '.join(reasons)} does not divide)")
+        return out
+
+
+def make_layout(cfg: MeshConfig, devices=None) -> Layout:
+    """The mesh of `cfg` over `devices` (default: all) with DEFAULT_RULES overridden by mesh.rules."""
+    return Layout(make_mesh(cfg, devices), DEFAULT_RULES.with_overrides(cfg.rules), strict=cfg.strict)
+
+
+def as_layout(mesh_or_layout: Mesh | Layout) -> Layout:
+    return mesh_or_layout if isinstance(mesh_or_layout, Layout) else Layout(mesh_or_layout)
+
+
 def param_shardings(abstract_params, logical_axes, mesh: Mesh, rules: AxisRules = DEFAULT_RULES):
-    """A NamedSharding per parameter (same tree as `abstract_params`)."""
-    return jax.tree.map(
-        lambda a, axes: NamedSharding(mesh, logical_to_spec(axes, a.shape, mesh, rules)),
-        abstract_params,
-        logical_axes,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x),
-    )
+    """A NamedSharding per parameter (same tree as `abstract_params`); see Layout.param_shardings."""
+    return Layout(mesh, rules).param_shardings(abstract_params, logical_axes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+def batch_sharding(mesh: Mesh | Layout, ndim: int = 2) -> NamedSharding:
     """Rows over (data, fsdp), everything else replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    return as_layout(mesh).batch_sharding(ndim)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def to_global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def to_global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh | Layout) -> dict[str, jax.Array]:
     """Host-local rows → one global jax.Array per key (each process passes its own slice of rows)."""
+    layout = as_layout(mesh)
     return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in host_batch.items()
+        k: jax.make_array_from_process_local_data(layout.batch_sharding(v.ndim), v) for k, v in host_batch.items()
     }
+
+
+__all__ = ["ACTIVATION_AXES", "DEFAULT_RULES", "MESH_AXES", "AxisRules", "Layout", "ShardingFallbackWarning",
+           "batch_sharding", "logical_to_spec", "make_layout", "make_mesh", "param_shardings",
+           "replicated", "resolve_mesh_shape", "to_global_batch"]

@@ -23,14 +23,14 @@ from flax import nnx
 
 from mixlm import models
 from mixlm.checkpoint import RunCheckpoints, checkpoint_dir, resolve_step_dir, restore_params
-from mixlm.config import ExperimentConfig, save_config
+from mixlm.config import ExperimentConfig, save_config, validate_for_mesh
 from mixlm.data import make_train_source
 from mixlm.hooks import Hook, NonFiniteLossError, Run, StepMeter, default_hooks, evaluate
 from mixlm.metrics import MetricsLog, peak_flops_per_device
 from mixlm.models import forward
 from mixlm.models.forward import token_losses
 from mixlm.optim import make_optimizer
-from mixlm.sharding import make_mesh, param_shardings, replicated, to_global_batch
+from mixlm.sharding import DEFAULT_RULES, Layout, make_mesh, replicated, to_global_batch
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums", "build_setup", "evaluate",
            "token_losses", "train"]
@@ -43,10 +43,10 @@ class TrainState:
     opt_state: Any
 
 
-def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float):
+def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None):
     """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
     exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
-    logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size)
+    logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout)
     nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum(nll_BxL * mask_BxL)
@@ -60,10 +60,10 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, vocab_size: int, z_loss: float,
-                    grad_accum_steps: int) -> Callable:
+                    grad_accum_steps: int, layout: Layout | None = None) -> Callable:
     """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch."""
     grad_fn = jax.value_and_grad(
-        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss), has_aux=True
+        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss, layout=layout), has_aux=True
     )
 
     def train_step(state: TrainState, batch: dict):
@@ -98,11 +98,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, voc
     return train_step
 
 
-def make_eval_step(graphdef, *, vocab_size: int) -> Callable:
+def make_eval_step(graphdef, *, vocab_size: int, layout: Layout | None = None) -> Callable:
     """eval_step(params, batch) -> (nll_sum, tokens)."""
 
     def eval_step(params, batch):
-        _, (nll_sum, _, tokens) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0)
+        _, (nll_sum, _, tokens) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0,
+                                             layout=layout)
         return nll_sum, tokens
 
     return eval_step
@@ -113,7 +114,7 @@ class TrainSetup:
     """Everything derived from a config and a mesh, before any array is allocated."""
 
     cfg: ExperimentConfig
-    mesh: jax.sharding.Mesh
+    layout: Layout  # the mesh and the rule table
     graphdef: Any
     logical_axes: dict
     tx: optax.GradientTransformation
@@ -125,25 +126,22 @@ class TrainSetup:
     eval_step: Callable
 
     @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.layout.mesh
+
+    @property
     def flops_per_token(self) -> float:
         return models.flops_per_token(self.cfg.model, self.cfg.data.seq_len, causal=True)
 
 
-def under_mesh(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
-    """Calls (and so traces) `fn` with `mesh` set, so the model's activation constraints
-    (mixlm.models.layers.constrain_batch) know the batch axes."""
-
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return fn(*args)
-
-    return call
-
-
 def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
-    vocab_multiple_of = mesh.size
+    """Shardings, optimizer and the jitted functions for `cfg` on `mesh` (rules: DEFAULT_RULES with
+    mesh.rules over them). The vocabulary is padded to a multiple of the mesh axes that split it (and of
+    model.vocab_multiple), not of the device count, so checkpoints keep their shapes across meshes."""
+    layout = Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules), strict=cfg.mesh.strict)
+    vocab_multiple_of = layout.axis_size("vocab")
     graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
-    p_shardings = param_shardings(abstract_params, logical_axes, mesh)
+    p_shardings = layout.param_shardings(abstract_params, logical_axes)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps, logical_axes)
 
     def init_fn(key) -> TrainState:
@@ -161,16 +159,14 @@ def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
     )
     step_fn = make_train_step(
         graphdef, tx, schedule, vocab_size=cfg.model.vocab_size, z_loss=cfg.train.z_loss,
-        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_accum_steps=cfg.train.grad_accum_steps, layout=layout,
     )
     return TrainSetup(
-        cfg=cfg, mesh=mesh, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
+        cfg=cfg, layout=layout, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
         abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_fn, out_shardings=state_shardings),
-        train_step=under_mesh(
-            mesh, jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh)))
-        ),
-        eval_step=under_mesh(mesh, jax.jit(make_eval_step(graphdef, vocab_size=cfg.model.vocab_size))),
+        train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh))),
+        eval_step=jax.jit(make_eval_step(graphdef, vocab_size=cfg.model.vocab_size, layout=layout)),
     )
 
 
@@ -282,6 +278,8 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
     a different config there is refused unless `allow_config_change`. SIGTERM/SIGINT stop the loop after
     the current step with a checkpoint of it (`TrainResult.preempted_at`)."""
     mesh = mesh or make_mesh(cfg.mesh)
+    validate_for_mesh(cfg, Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules)).axis_size("batch"),
+                      jax.process_count())  # sizes checked before anything is built or compiled
     setup = build_setup(cfg, mesh)
     source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     hooks = default_hooks(cfg) if hooks is None else list(hooks)
@@ -291,7 +289,7 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
             host_batch = source.next_batch()
             if step == run.meter.start_step + 1:
                 check_batch_shape(host_batch, cfg)
-            run.state, metrics = setup.train_step(run.state, to_global_batch(host_batch, mesh))
+            run.state, metrics = setup.train_step(run.state, to_global_batch(host_batch, setup.layout))
             run.step = step
             run.meter.record(step, metrics)
             for hook in hooks:

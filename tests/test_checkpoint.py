@@ -3,6 +3,7 @@ restore onto another mesh, retention, no deletion before a newer step commits, t
 refusal, params-only initialisation, and two processes checkpointing together."""
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -19,14 +20,18 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 from conftest import xla_flags
+from etils import epath
 from ports import free_port
 
 from mixlm.checkpoint import (
     CheckpointCorruptWarning,
     CheckpointError,
+    CheckpointSaveError,
     ConfigMismatchError,
     RunCheckpoints,
+    RunFolderLock,
     checkpoint_dir,
+    file_problem,
     restore_params,
     run_metadata,
 )
@@ -85,11 +90,12 @@ def trained_state(setup, steps=2):
 
 
 def test_restore_onto_other_meshes_and_params_only(tmp_path):
-    # vocab_multiple=1: the embedding is padded to 208 rows on 8 devices, 204 on 4 and 201 on 1.
+    # vocab_multiple=1: the embedding is padded for the mesh axis that splits the vocabulary (tensor): 202 rows
+    # with tensor=2, 201 without; a checkpoint padded differently restores (its real rows) onto either.
     cfg = tiny_cfg(tmp_path / "run", "model.vocab_size=201", "model.vocab_multiple=1")
     setup8 = build_setup(cfg, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
     state8 = trained_state(setup8)
-    assert state8.params["embed_tokens"].shape == (208, 32)
+    assert state8.params["embed_tokens"].shape == (202, 32)
     ckpts = RunCheckpoints(checkpoint_dir(cfg.train.output_dir), cfg.checkpoint, log=quiet)
     ckpts.save(2, state8, data_state={"step": 2}, meta=run_metadata(cfg, 2, tokens_seen={"a": 256}))
     ckpts.close()
@@ -104,11 +110,12 @@ def test_restore_onto_other_meshes_and_params_only(tmp_path):
                 a, b = np.take(a, range(201), axis=axis), np.take(b, range(201), axis=axis)
             assert np.array_equal(a, b), path
 
-    for mesh_cfg, devices, rows in ((MeshConfig(data=4, fsdp=1, tensor=1), 4, 204),
+    for mesh_cfg, devices, rows in ((MeshConfig(data=4, fsdp=1, tensor=1), 4, 201),
                                     (MeshConfig(data=1, fsdp=1, tensor=1), 1, 201)):
         setup = build_setup(cfg, make_mesh(mesh_cfg, devices=jax.devices()[:devices]))
-        restored = RunCheckpoints(checkpoint_dir(cfg.train.output_dir), cfg.checkpoint, log=quiet).restore_latest(
-            setup.abstract_state, cfg)
+        reader = RunCheckpoints(checkpoint_dir(cfg.train.output_dir), cfg.checkpoint, log=quiet)
+        restored = reader.restore_latest(setup.abstract_state, cfg)
+        reader.close()  # releases the run folder's lock
         assert restored.step == 2 and restored.data_state == {"step": 2}
         assert restored.meta["tokens_seen"] == {"a": 256} and restored.meta["config"] == cfg.to_dict()
         assert restored.state.params["embed_tokens"].shape == (rows, 32)
@@ -119,9 +126,10 @@ def test_restore_onto_other_meshes_and_params_only(tmp_path):
 
         # checkpoint.init_from: the params only; step 0 and a fresh optimizer
         init_cfg = cfg.replace(checkpoint=CheckpointConfig(init_from=str(tmp_path / "run")))
-        fresh = initial_state(dataclasses.replace(setup, cfg=init_cfg),
-            RunCheckpoints(tmp_path / f"new{devices}", cfg.checkpoint, log=quiet),
+        new_ckpts = RunCheckpoints(tmp_path / f"new{devices}" / "checkpoints", cfg.checkpoint, log=quiet)
+        fresh = initial_state(dataclasses.replace(setup, cfg=init_cfg), new_ckpts,
             SyntheticSource(vocab_size=201, seq_len=16, batch_size=8), allow_config_change=False, say=quiet)
+        new_ckpts.close()
         assert int(fresh.step) == 0
         same_up_to_padding(host8.params, fresh.params)
         mu = fresh.opt_state[1][0].mu  # (EmptyState, (ScaleByAdamState, ...)): the clip / adam chain
@@ -160,12 +168,15 @@ def test_failed_save_never_deletes_the_older_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", failing_save)
     ckpts.save(2, small_state(2), data_state={"step": 2}, meta={"step": 2})  # keep_last=1 would delete step 1
-    with pytest.raises(Exception, match="disk full"):
+    kept = rf"saving checkpoint step 2 to {tmp_path / 'c' / '2'} failed \(OSError: disk full\); the previous checkpoint \(step 1"
+    with pytest.raises(CheckpointSaveError, match=kept):
         ckpts.wait()
+    ckpts.close()  # the failure was reported once; closing releases the lock
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "c").iterdir() if p.name.isdigit()] == ["1"]
     reader = RunCheckpoints(tmp_path / "c", CheckpointConfig(keep_last=1), log=quiet)
     assert reader.steps() == [1] and reader.read_meta(1) == {"step": 1}
+    reader.close()
 
 
 def test_corrupt_steps_are_skipped_with_a_warning_until_none_is_left(tmp_path):
@@ -187,7 +198,11 @@ def test_corrupt_steps_are_skipped_with_a_warning_until_none_is_left(tmp_path):
     victim.unlink()
 
     def resume():
-        return RunCheckpoints(root, cfg.checkpoint, log=quiet).restore_latest(setup.abstract_state, cfg)
+        reader = RunCheckpoints(root, cfg.checkpoint, log=quiet)
+        try:
+            return reader.restore_latest(setup.abstract_state, cfg)
+        finally:
+            reader.close()
 
     with pytest.warns(CheckpointCorruptWarning) as caught:
         restored = resume()
@@ -223,6 +238,86 @@ def test_train_resumes_exactly_past_a_truncated_checkpoint(tmp_path):
     assert leaves_equal(first.state, second.state)  # the redone steps 5 and 6 are bitwise the same
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # no duplicated steps
+
+
+def overwrite_bytes(path: Path, at: float = 0.1, count: int = 8) -> None:
+    """Inverts `count` bytes at fraction `at` of a file, keeping its size (what the file-size list cannot see)."""
+    offset = int(path.stat().st_size * at)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(count)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def test_train_resumes_exactly_past_a_checkpoint_with_changed_bytes(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", "train.steps=2", "checkpoint.every=1", "eval.batches=0")
+    first = train(cfg, log_fn=quiet)
+    root = tmp_path / "run" / "checkpoints"
+    listing = json.loads((root / "2" / "mixlm_files.json").read_text())
+    assert set(listing["crc32"]) == set(listing["files"])  # every file has its checksum
+    # Without checksums these bytes (in a data file the restore reads) restore silently into other values.
+    victim = max((p for p in (root / "2" / "state" / "ocdbt.process_0").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    size = victim.stat().st_size
+    overwrite_bytes(victim)
+    assert victim.stat().st_size == size
+
+    messages = []
+    name = str(victim.relative_to(root / "2"))
+    expected_warning = rf"checkpoint step 2 .* is corrupt: {name} has crc32 \w+, expected \w+ .*using step 1"
+    with pytest.warns(CheckpointCorruptWarning, match=expected_warning):
+        second = train(cfg, log_fn=messages.append)
+    assert any("resumed from" in m and m.endswith("(step 1, 128 tokens seen)") for m in messages), messages
+    assert leaves_equal(first.state, second.state)  # the redone step 2 is bitwise the same
+    assert [p.name.split("-")[0] for p in (tmp_path / "run" / "checkpoints_corrupt").iterdir()] == ["2"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # no duplicated steps
+
+
+def test_a_full_disk_during_save_ends_in_one_error_keeping_the_previous_step(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path / "run", "train.steps=2", "checkpoint.every=1", "checkpoint.keep_last=1",
+                   "eval.batches=0")
+    real_save = ocp.JsonCheckpointHandler._save_fn
+
+    async def failing_save(self, x, directory):  # step 2's metadata hits a full disk (in the background)
+        if x.get("step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await real_save(self, x, directory)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", failing_save)
+    root = tmp_path / "run" / "checkpoints"
+    refusal = (rf"saving checkpoint step 2 to {root / '2'} failed \(No space left on device: .*\); the previous "
+               rf"checkpoint \(step 1, {root / '1'}\) is kept\. Free disk space")
+    with pytest.raises(CheckpointSaveError, match=refusal) as caught:
+        train(cfg, log_fn=quiet)
+    assert "\n" not in str(caught.value)
+    monkeypatch.undo()
+    assert [p.name for p in root.iterdir() if p.name.isdigit()] == ["1"]
+    assert file_problem(epath.Path(root / "1")) == ""  # complete, checksums included: a rerun resumes from it
+    RunFolderLock(tmp_path / "run").acquire().release()  # and the failed run released the folder
+    # (not rerun here: the failed save's state writes may still run in this process; a real run has exited)
+
+
+def test_an_unwritable_output_folder_is_one_line_and_exit_4(tmp_path):
+    if os.geteuid() == 0:  # root writes through chmod: a path below a regular file fails for everyone
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        out = blocker / "run"
+    else:
+        locked = tmp_path / "read-only"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "run"
+    config_file = write_config(tmp_path / "tiny.yaml", "train.steps=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
+    proc = subprocess.run([sys.executable, "-m", "mixlm.cli", "train", str(config_file), f"train.output_dir={out}"],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+                          check=False, timeout=180)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mixlm train:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"cannot write to the run folder {out}" in lines[0] and "choose another train.output_dir" in lines[0]
 
 
 def test_config_mismatch_is_refused_naming_the_keys(tmp_path):
@@ -361,6 +456,9 @@ def test_two_processes_save_and_skip_a_corrupt_step_together(tmp_path):
     assert sorted(p.name for p in (step4 / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0",
                                                                                   "ocdbt.process_1"]
     assert json.loads((step4 / "data" / "metadata").read_text()) == {"step": 4}
+    listing = json.loads((step4 / "mixlm_files.json").read_text())  # process 1 checksummed its own folder
+    assert set(listing["crc32"]) == set(listing["files"]) and any("ocdbt.process_1" in n for n in listing["crc32"])
+    assert not list(step4.glob("mixlm_files.json.*"))  # the per-process parts were merged and removed
     losses = {r["step"]: r["loss"] for r in logged_steps(out)}
     victim = max((p for p in (step4 / "state" / "ocdbt.process_1").rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)

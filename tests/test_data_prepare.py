@@ -292,3 +292,41 @@ def test_truncated_shard_names_the_file(tmp_path, tokenizer):
     # Re-running prepare notices and rewrites the domain.
     prepare_domain("t", [str(src)], tmp_path / "out", _opts(tokenizer, shard_tokens=2000))
     assert shard.read_bytes() == data
+
+
+def _corrupt_middle(shard: Path) -> bytes:
+    """Overwrites 8 bytes in the middle of the shard's records (same size: the manifest's byte count still
+    matches, and so does the record count in the footer). Returns the original bytes."""
+    data = shard.read_bytes()
+    used = len(data[:65536].rstrip(b"\0"))  # riegeli pads the first 64 KiB block; the records come first
+    mid = used // 2
+    shard.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 8]) + data[mid + 8 :])
+    return data
+
+
+def test_corrupt_shard_during_training_is_one_line_naming_the_file(tmp_path, tokenizer, capsys):
+    src = _write_jsonl(tmp_path / "d.jsonl", _texts(200, "t"))
+    opts = _opts(tokenizer, shard_tokens=2000)
+    prepare_domain("t", [str(src)], tmp_path / "prep", opts)
+    shards = sorted((tmp_path / "prep" / "t").glob("train-*.array_record"))
+    originals = {shard: _corrupt_middle(shard) for shard in shards}
+    PreparedDomain(tmp_path / "prep", "t")  # size and record count still pass: only reading finds it
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({
+        "model": {"num_layers": 1, "d_model": 32, "num_heads": 4, "mlp_dim": 64, "vocab_size": 320,
+                  "max_seq_len": 16, "vocab_multiple": 8},
+        "data": {"source": "prepared", "prepared_dir": str(tmp_path / "prep"), "mixture": {"t": 1}, "seq_len": 16},
+        # 8 steps of 64 x 16 tokens read every document (one per chunk: group_size 1), the corrupt ones too
+        "train": {"steps": 8, "global_batch_size": 64, "output_dir": str(tmp_path / "run")},
+        "eval": {"batches": 0}, "checkpoint": {"save_at_end": False},
+        "logging": {"progress": False, "tensorboard": False, "peak_flops": 1e9},
+    }))
+    capsys.readouterr()
+    assert cli_main(["train", str(config)]) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mixlm train: data error: "), err
+    assert "train-0000" in err and ".array_record: shard of domain 't' is corrupt" in err
+    assert "re-run `mixlm prepare` for domain 't'" in err
+    # ...and re-running prepare finds the same-size corruption by checksum and rewrites the domain.
+    prepare_domain("t", [str(src)], tmp_path / "prep", opts)
+    assert all(shard.read_bytes() == data for shard, data in originals.items())

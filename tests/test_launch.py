@@ -1,21 +1,33 @@
 """launch/ and `mixlm launch`: two real jax.distributed processes on localhost train exactly what one
 process does; a SLURM step (its environment variables, `--distributed`) is detected by jax; the TPU and
 SLURM launchers produce the commands and scripts they promise; each script runs by path with --dry-run,
-`mixlm launch WHERE` runs the same script, and usage or config errors are one line and exit code 2."""
+`mixlm launch WHERE` runs the same script, and usage or config errors are one line and exit code 2.
+Hostile values for every flag are quoted or refused (golden files in tests/golden/launch/, rewritten with
+MIXLM_UPDATE_GOLDEN=1) and never run when the script or commands run against fake srun/sbatch/gcloud; a
+killed process is noticed by the local launcher within a poll, and a process whose peer died exits on the
+coordination service's heartbeat (train.heartbeat_timeout_s)."""
 
+import io
 import json
 import os
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from conftest import xla_flags
 from ports import free_port
 
+from launch import local as launch_local_module
 from launch.common import check_command
-from launch.local import launch_local, local_env
+from launch.local import launch_local, local_env, run_processes
 from launch.slurm import slurm_script
 from launch.sweep import sweep_array_script
 from launch.tpu import tpu_commands
@@ -99,8 +111,8 @@ def test_tpu_commands_run_the_same_command_on_every_worker():
     assert setup[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b", "--worker=all"]
     assert "--project=p" in run and "make install" in setup[-1]
     assert ".[tpu]" in setup[-1]
-    assert run[-1] == ("cd ~/mixlm && .venv/bin/mixlm train configs/experiments/regmix-1b.yaml optimizer.lr=1e-3 "
-                       "--distributed")
+    assert run[-1] == ('cd "$HOME"/mixlm && .venv/bin/mixlm train configs/experiments/regmix-1b.yaml '
+                       "optimizer.lr=1e-3 --distributed")
     (detached,) = tpu_commands(["train", "c.yaml"], tpu="pod", zone="z", log="train.log")
     assert detached[-1].endswith("nohup .venv/bin/mixlm train c.yaml --distributed > train.log.$(hostname) 2>&1 &")
 
@@ -159,7 +171,7 @@ def test_each_script_runs_by_path_and_its_dry_run_prints_what_it_would_run(name,
     elif name == "tpu":
         setup, run = done.stdout.splitlines()
         assert "make install" in setup
-        assert run.endswith("""'cd ~/mixlm && .venv/bin/mixlm train '"'"'cfg with space.yaml'"'"' --distributed'""")
+        assert run.endswith("""'cd "$HOME"/mixlm && .venv/bin/mixlm train '"'"'cfg with space.yaml'"'"' --distributed'""")
     else:
         (tmp_path / "job.sbatch").write_text(done.stdout)
         subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], check=True)
@@ -209,3 +221,328 @@ def test_mixlm_launch_without_the_launch_folder_says_to_run_from_a_clone(tmp_pat
     assert main(["launch", "local", "--dry-run", "-n", "2", "--", "train", "c.yaml"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "run from a clone" in err
+
+
+# --- hostile input: every user string is quoted or refused (golden files + runs against fake tools) ---
+
+GOLDEN = Path(__file__).parent / "golden" / "launch"
+# Shell syntax of every kind: a command separator, a substitution, backticks, both quotes.
+HOSTILE = """x'; touch /tmp/pwned; echo "$(touch /tmp/pwned)" `touch /tmp/pwned` \\"""
+NEWLINE = "x\ntouch /tmp/pwned"
+HOSTILE_MIXLM = ".venv/bin/mixlm 'a; touch /tmp/pwned' '$(touch /tmp/pwned)' '`touch /tmp/pwned`'"
+TPU = ["--dry-run", "--tpu", "pod", "--zone", "us-central2-b", "--project", "p", "--setup"]
+SLURM = ["--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--workdir", "/shared/mixlm"]
+SWEEP = ["--dry-run", "--shards", "2", "--workdir", "/w"]
+TRAIN = ["--", "train", "c.yaml"]
+SWEEP_CMD = ["--", "sweep", "b.yaml", "--mixtures", "m/", "--out", "s/"]
+GOLDEN_CASES = {  # file name -> `mixlm launch` arguments
+    "local-command": ["local", "--dry-run", "-n", "2", "--", "train", HOSTILE, f"train.output_dir={HOSTILE}"],
+    "tpu-tpu": ["tpu", *TPU[:2], HOSTILE, *TPU[3:], *TRAIN],
+    "tpu-tpu-option": ["tpu", "--dry-run", "--tpu=--command=touch /tmp/pwned", *TPU[3:], *TRAIN],
+    "tpu-zone": ["tpu", *TPU[:4], HOSTILE, *TPU[5:], *TRAIN],
+    "tpu-project": ["tpu", *TPU[:6], "p --command=touch", *TPU[7:], *TRAIN],
+    "tpu-workdir": ["tpu", *TPU, "--workdir", "/d; touch /tmp/pwned", *TRAIN],
+    "tpu-workdir-hostile": ["tpu", *TPU, "--workdir", HOSTILE, *TRAIN],
+    "tpu-workdir-tilde": ["tpu", *TPU, "--workdir", f"~/my dir/{HOSTILE}", *TRAIN],
+    "tpu-workdir-tilde-user": ["tpu", *TPU, "--workdir", "~root/mixlm", *TRAIN],
+    "tpu-workdir-newline": ["tpu", *TPU, "--workdir", NEWLINE, *TRAIN],
+    "tpu-log": ["tpu", *TPU, "--log", HOSTILE, *TRAIN],
+    "tpu-log-newline": ["tpu", *TPU, "--log", NEWLINE, *TRAIN],
+    "tpu-mixlm": ["tpu", *TPU, "--mixlm", HOSTILE_MIXLM, *TRAIN],
+    "tpu-mixlm-unbalanced": ["tpu", *TPU, "--mixlm", HOSTILE, *TRAIN],
+    "tpu-command": ["tpu", *TPU, "--", "train", HOSTILE, f"train.output_dir={HOSTILE}"],
+    "tpu-command-newline": ["tpu", *TPU, "--", "train", "c.yaml", f"train.output_dir={NEWLINE}"],
+    "slurm-job-name": ["slurm", *SLURM, "--job-name", HOSTILE, *TRAIN],
+    "slurm-job-name-newline": ["slurm", *SLURM, "--job-name", NEWLINE, *TRAIN],
+    "slurm-job-name-option": ["slurm", *SLURM, "--job-name", "x --output=/etc/passwd", *TRAIN],
+    "slurm-time": ["slurm", *SLURM, "--time", "1:00 #", *TRAIN],
+    "slurm-partition": ["slurm", *SLURM, "--partition", HOSTILE, *TRAIN],
+    "slurm-account": ["slurm", *SLURM, "--account", NEWLINE, *TRAIN],
+    "slurm-workdir": ["slurm", *SLURM[:-1], HOSTILE, *TRAIN],
+    "slurm-workdir-tilde": ["slurm", *SLURM[:-1], f"~/{HOSTILE}", *TRAIN],
+    "slurm-workdir-newline": ["slurm", *SLURM[:-1], NEWLINE, *TRAIN],
+    "slurm-mixlm": ["slurm", *SLURM, "--mixlm", HOSTILE_MIXLM, *TRAIN],
+    "slurm-command": ["slurm", *SLURM, "--partition", "gpu,a100", "--account", "lab-1", "--job-name", "r_1.b",
+                      "--time", "1-00:00:00", "--", "train", HOSTILE, f"train.output_dir={HOSTILE}"],
+    "slurm-command-newline": ["slurm", *SLURM, "--", "train", NEWLINE],
+    "sweep-job-name": ["slurm-sweep", *SWEEP, "--job-name", NEWLINE, *SWEEP_CMD],
+    "sweep-account": ["slurm-sweep", *SWEEP, "--account", HOSTILE, *SWEEP_CMD],
+    "sweep-workdir": ["slurm-sweep", *SWEEP[:-1], f"~/{HOSTILE}", *SWEEP_CMD],
+    "sweep-mixlm": ["slurm-sweep", *SWEEP, "--mixlm", HOSTILE_MIXLM, *SWEEP_CMD],
+    "sweep-command": ["slurm-sweep", *SWEEP, "--", "sweep", HOSTILE, "--mixtures", HOSTILE, "--out", "s/"],
+    "sweep-command-newline": ["slurm-sweep", *SWEEP, "--", "sweep", "b.yaml", "--out", NEWLINE],
+}
+
+
+def _launch_transcript(args, capsys) -> tuple[int, str, str, str]:
+    """`mixlm launch ARGS`: (exit code, stdout, stderr, all three as text with the arguments as JSON)."""
+    try:
+        code = main(["launch", *args])
+    except SystemExit as e:
+        code = e.code
+    done = capsys.readouterr()
+    stdout = done.out.replace(sys.executable, "PYTHON")  # the same file on every machine
+    text = f"mixlm launch {json.dumps(args)}\nexit {code}\n--- stdout\n{stdout}--- stderr\n{done.err}"
+    return code, stdout, done.err, text
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_hostile_values_match_the_golden_outputs(name, capsys):
+    """MIXLM_UPDATE_GOLDEN=1 rewrites tests/golden/launch/NAME.txt from the code; otherwise each is checked.
+    Every value is either quoted (exit 0, the script/commands printed) or refused in one line (exit 2)."""
+    code, stdout, stderr, text = _launch_transcript(GOLDEN_CASES[name], capsys)
+    path = GOLDEN / f"{name}.txt"
+    if os.environ.get("MIXLM_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; rerun with MIXLM_UPDATE_GOLDEN=1 if the change is meant"
+    if code:
+        assert code == 2 and len(stderr.splitlines()) == 1 and stdout == "", text
+    else:
+        assert stderr == ""
+    if name.startswith(("slurm", "sweep")) and code == 0:
+        header = [line for line in stdout.splitlines() if line.startswith("#SBATCH")]
+        assert "pwned" not in "".join(header) and all(" " not in line[8:] for line in header)
+
+
+@pytest.mark.parametrize("name, flag", [
+    ("slurm-job-name-newline", "--job-name"), ("slurm-job-name", "--job-name"), ("slurm-account", "--account"),
+    ("slurm-time", "--time"), ("tpu-workdir-newline", "--workdir"), ("tpu-tpu", "--tpu"), ("tpu-zone", "--zone"),
+    ("tpu-project", "--project"), ("tpu-log-newline", "--log"), ("tpu-mixlm-unbalanced", "--mixlm"),
+    ("sweep-job-name", "--job-name"), ("slurm-command-newline", "the command after --"),
+])
+def test_values_that_cannot_be_placed_are_refused_naming_the_flag(name, flag, capsys):
+    code, _, stderr, _ = _launch_transcript(GOLDEN_CASES[name], capsys)
+    assert code == 2 and f": {flag} " in stderr
+
+
+def _fake_tool(bin_dir: Path, name: str, body: str = "") -> Path:
+    """An executable BIN_DIR/NAME that appends {"tool", "argv", "cwd"} to $FAKE_LOG, then runs `body`."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / name
+    path.write_text(f"#!{sys.executable}\nimport json, os, subprocess, sys\n"
+                    f"with open(os.environ['FAKE_LOG'], 'a') as f:\n"
+                    f"    f.write(json.dumps({{'tool': {name!r}, 'argv': sys.argv[1:], 'cwd': os.getcwd()}}) + '\\n')\n"
+                    + body)
+    path.chmod(0o755)
+    return path
+
+
+def _calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _hostile(marker: Path) -> str:
+    """Shell syntax of every kind, each part creating `marker` if a shell ever runs it."""
+    return f"""x'; touch {marker}; echo "$(touch {marker})" `touch {marker}` \\"""
+
+
+def test_a_hostile_sbatch_script_runs_only_the_legit_command(tmp_path, monkeypatch, capsys):
+    """`mixlm launch slurm --out ... --submit` with hostile --workdir, --mixlm, --out and command, submitted to
+    a fake sbatch that runs the script with bash, whose srun records its argv: srun gets exactly the
+    arguments asked for, in the asked-for folder, and no injected command ever runs."""
+    marker, log, bin_dir = tmp_path / "pwned", tmp_path / "calls.jsonl", tmp_path / "bin"
+    hostile = _hostile(marker)
+    workdir = tmp_path / f"work {hostile}"
+    workdir.mkdir(parents=True)
+    _fake_tool(bin_dir, "srun")
+    _fake_tool(bin_dir, "sbatch", "sys.exit(subprocess.call(['bash', sys.argv[-1]]))\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    out = tmp_path / f"job {hostile}.sbatch"
+    executable = f".venv/bin/mixlm '{hostile.replace(chr(39), '')}'"
+    command = ["train", hostile, f"train.output_dir={hostile}"]
+    args = ["--nodes", "1", "--gpus-per-node", "2", "--workdir", str(workdir), "--mixlm", executable,
+            "--out", str(out), "--submit", "--", *command]
+    assert main(["launch", "slurm", *args]) == 0, capsys.readouterr().err
+    sbatch, srun = _calls(log)
+    assert sbatch["argv"] == [str(out)]
+    assert srun["argv"] == ["--kill-on-bad-exit=1", *shlex.split(executable), *command, "--distributed"]
+    assert Path(srun["cwd"]) == workdir
+    assert not marker.exists()
+    # a newline in an #SBATCH value is refused before anything is written or submitted
+    log.unlink()
+    assert main(["launch", "slurm", *args[:-5], "--job-name", "x\ntouch " + str(marker),
+                 "--out", str(tmp_path / "other.sbatch"), "--submit", "--", *command]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--job-name" in err
+    assert not (tmp_path / "other.sbatch").exists() and not log.exists() and not marker.exists()
+
+
+def test_a_hostile_sweep_array_task_runs_only_the_legit_command(tmp_path):
+    marker, log = tmp_path / "pwned", tmp_path / "calls.jsonl"
+    hostile = _hostile(marker)
+    workdir = tmp_path / f"w {hostile}"
+    _fake_tool(workdir / ".venv" / "bin", "mixlm")
+    command = ["sweep", hostile, "--mixtures", hostile, "--out", "s/"]
+    script = tmp_path / "array.sbatch"
+    script.write_text(sweep_array_script(command, shards=2, workdir=str(workdir)))
+    done = subprocess.run(["bash", str(script)], env=dict(os.environ, SLURM_ARRAY_TASK_ID="1", FAKE_LOG=str(log)),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    (call,) = _calls(log)
+    assert call["argv"] == [*command, "--parallel", "1", "--shard", "1/2"] and Path(call["cwd"]) == workdir
+    assert not marker.exists()
+
+
+def test_hostile_tpu_commands_run_only_the_legit_command(tmp_path, monkeypatch, capsys):
+    """`mixlm launch tpu --setup` (and --log) against a fake gcloud that `bash -c`s its --command in a fake
+    worker's home: make, pip and mixlm run with the arguments asked for, in WORKDIR (~/ expanded to
+    $HOME), and no injected command runs."""
+    marker, log, bin_dir, home = tmp_path / "pwned", tmp_path / "calls.jsonl", tmp_path / "bin", tmp_path / "home"
+    hostile = _hostile(marker)
+    workdir = home / f"my dir {hostile}"
+    for tool in ("mixlm", "pip"):
+        _fake_tool(workdir / ".venv" / "bin", tool)
+    _fake_tool(bin_dir, "make")
+    _fake_tool(bin_dir, "gcloud", "home = os.environ['FAKE_HOME']\n"
+                                  "command = sys.argv[sys.argv.index('--command') + 1]\n"
+                                  "sys.exit(subprocess.call(['bash', '-c', command], cwd=home,"
+                                  " env=dict(os.environ, HOME=home)))\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_HOME", str(home))
+    executable = f".venv/bin/mixlm '{hostile.replace(chr(39), '')}'"
+    command = ["train", hostile, f"train.output_dir={hostile}"]
+    args = ["--tpu", "pod", "--zone", "us-central2-b", "--workdir", f"~/{workdir.relative_to(home)}",
+            "--mixlm", executable]
+    assert main(["launch", "tpu", *args, "--setup", "--", *command]) == 0, capsys.readouterr()
+    gcloud_setup, make, pip, gcloud_run, mixlm = _calls(log)
+    assert gcloud_setup["argv"][:7] == ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b",
+                                        "--worker=all"]
+    assert make["argv"] == ["install"] and pip["argv"] == ["install", "-e", ".[tpu]"]
+    assert mixlm["argv"] == [*shlex.split(executable)[1:], *command, "--distributed"]
+    assert {Path(c["cwd"]) for c in (make, pip, mixlm)} == {workdir}
+    assert gcloud_run["tool"] == "gcloud" and not marker.exists()
+    # detached (--log): nohup in the background, the log next to the repo, named per host
+    log.unlink()
+    log_name = f"run {_hostile(Path('pwned'))}.log"  # a file name: its injected parts would touch ./pwned
+    assert main(["launch", "tpu", *args, "--log", log_name, "--", *command]) == 0
+    for _ in range(100):  # the background process
+        if len(_calls(log)) == 2:
+            break
+        time.sleep(0.1)
+    assert _calls(log)[1]["argv"] == mixlm["argv"]
+    assert [p.name for p in workdir.glob("run *.log.*")] == [f"{log_name}.{socket.gethostname()}"]
+    assert not marker.exists() and not any(p.name == "pwned" for p in tmp_path.rglob("*"))
+
+
+def test_tilde_is_expanded_explicitly_and_only_at_the_start():
+    (run,) = tpu_commands(["train", "c.yaml"], tpu="pod", zone="z", workdir="~/a b")
+    assert run[-1].startswith("""cd "$HOME"/'a b' && """)
+    (run,) = tpu_commands(["train", "c.yaml"], tpu="pod", zone="z", workdir="/x/~/y")
+    assert run[-1].startswith("cd '/x/~/y' && ")  # quoted: no shell expands it
+    assert "cd \"$HOME\"\n" in slurm_script(["train", "c.yaml"], nodes=1, gpus_per_node=1, workdir="~")
+    with pytest.raises(ConfigError, match="only a leading ~/ is expanded"):
+        tpu_commands(["train", "c.yaml"], tpu="pod", zone="z", workdir="~root/x")
+
+
+# --- a dead process is noticed at once; a process whose peer died exits on the heartbeat ---
+
+WORKER = """import os, pathlib, signal, sys, time
+folder, ignore_term, index = pathlib.Path(sys.argv[1]), sys.argv[2] == "ignore", sys.argv[3]
+def on_term(*_):
+    (folder / f"term{index}").touch()
+    if not ignore_term:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+(folder / f"ready{index}").write_text(str(os.getpid()))
+print("working", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _run_in_thread(commands, **kwargs):
+    result, out = {}, io.StringIO()
+
+    def target():
+        result["code"] = run_processes(commands, out=out, **kwargs)
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result, out
+
+
+@pytest.mark.parametrize("p0_ignores_sigterm", [False, True])
+def test_a_killed_process_1_is_noticed_and_the_others_are_stopped(tmp_path, p0_ignores_sigterm):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    modes = ["ignore" if p0_ignores_sigterm else "exit", "exit"]
+    commands = [[sys.executable, str(script), str(tmp_path), mode, str(i)] for i, mode in enumerate(modes)]
+    thread, result, out = _run_in_thread(commands, stop_grace_s=1.0)
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(tmp_path.glob("ready*"))) == 2, out.getvalue()
+    os.kill(int((tmp_path / "ready1").read_text()), signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(timeout=30)
+    assert "code" in result, "run_processes did not return"
+    assert result["at"] - killed_at < 5
+    assert result["code"] == 128 + signal.SIGKILL
+    assert "[p1] exited with -9; stopping the others" in out.getvalue()
+    assert [p.name for p in tmp_path.glob("term*")] == ["term0"]  # p0 got SIGTERM (and, ignoring it, a kill)
+
+
+def test_launch_local_runs_its_commands_through_run_processes(tmp_path, monkeypatch):
+    """launch_local is local_commands + run_processes: the check above holds for `mixlm train` too."""
+    seen = {}
+    monkeypatch.setattr(launch_local_module, "run_processes", lambda commands, **kw: seen.update(kw, n=len(commands)) or 0)
+    assert launch_local(["train", "c.yaml"], 3, port=1, stop_grace_s=2.0) == 0
+    assert seen["n"] == 3 and seen["stop_grace_s"] == 2.0
+
+
+def test_heartbeat_timeout_reaches_distributed_initialize(config, monkeypatch, capsys):
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def initialize(**kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    for extra in (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1"], ["--distributed"]):
+        with pytest.raises(Stop):
+            main(["train", str(config), "train.heartbeat_timeout_s=7", *extra])
+    assert calls == [{"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 1,
+                      "heartbeat_timeout_seconds": 7}, {"heartbeat_timeout_seconds": 7}]
+    assert main(["train", str(config), "train.heartbeat_timeout_s=0"]) == 2
+    assert "train.heartbeat_timeout_s=0 is out of range: must be >= 1" in capsys.readouterr().err
+    assert load_config(str(config)).train.heartbeat_timeout_s == 100  # jax's own default
+
+
+def test_a_process_whose_peer_died_exits_on_the_heartbeat(config, tmp_path):
+    """Two real `mixlm train` processes with train.heartbeat_timeout_s=5: SIGKILL process 1 once training
+    runs, and process 0 exits non-zero in seconds (the coordination service's heartbeat), not after the
+    collective timeouts (30 minutes in these tests)."""
+    port, out_dir = free_port(), tmp_path / "run"
+    env = local_env(4, dict(os.environ, XLA_FLAGS=xla_flags(4)))
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]  # noqa: SIM115
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mixlm.cli", "train", str(config), f"train.output_dir={out_dir}",
+         "train.steps=100000", "train.heartbeat_timeout_s=5", "checkpoint.save_at_end=false",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        metrics = out_dir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].kill()
+        killed_at = time.monotonic()
+        code = procs[0].wait(timeout=60)
+        took = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    print(f"process 0 exited {code}, {took:.1f} s after process 1 was killed")
+    assert code != 0
+    assert took < 30, f"process 0 took {took:.0f} s"

@@ -230,6 +230,76 @@ def test_classifier_separates_two_styles(tmp_path, backend):
     assert accuracy > 0.9 and np.all((pos >= 0) & (pos <= 1))
 
 
+class _Planted:
+    """A pickle that creates `path` when unpickled: what a hostile model.joblib could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _plant_pickle(folder, marker):
+    import joblib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classifier.json").write_text(json.dumps({"backend": "sklearn", "signal": "quality"}))
+    joblib.dump(_Planted(marker), folder / "model.joblib")
+
+
+def test_classifier_round_trips_without_unpickling(tmp_path, monkeypatch):
+    import pickle
+
+    import joblib
+
+    from mixlm.selection import classifier as clf_mod
+
+    docs = _styled(SCIENCE, 30, 5) + _styled(SPAM, 30, 6)
+    model = clf_mod._sklearn_model(0, 1.0).fit(docs, [1] * 30 + [0] * 30)
+    train_classifier(_styled(SCIENCE, 40, 0), _styled(SPAM, 40, 1), tmp_path / "clf", signal="quality")
+    assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == ["classifier.json", "model.npz"]
+    clf_mod.save_sklearn_model(model, tmp_path / "clf" / "model.npz")
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickled")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (joblib, "load")):
+        monkeypatch.setattr(target, name, refuse)
+    loaded = load_classifier(tmp_path / "clf")
+    texts = _styled(SCIENCE, 20, 7) + _styled(SPAM, 20, 8)
+    assert np.array_equal(loaded.score(texts), model.predict_proba(texts)[:, 1])  # identical, not close
+
+
+def test_pickled_classifier_is_refused_unless_trusted(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    _plant_pickle(tmp_path / "old", marker)
+    with pytest.raises(SelectionError, match=r"model.joblib: a pickled classifier.*retrain.*--trust-pickle"):
+        load_classifier(tmp_path / "old")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "a document"}) + "\n")
+    capsys.readouterr()
+    assert main(["select", "classifier", "score", str(docs), "--model", str(tmp_path / "old"),
+                 "--out", str(tmp_path / "scores")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trust-pickle" in err
+    assert not marker.exists()
+
+    # An older folder that is trusted: converted to model.npz once, then scored the same without the flag.
+    import joblib
+
+    from mixlm.selection.classifier import _sklearn_model
+
+    model = _sklearn_model(0, 1.0).fit(_styled(SCIENCE, 30, 5) + _styled(SPAM, 30, 6), [1] * 30 + [0] * 30)
+    (tmp_path / "old" / "model.joblib").unlink()
+    joblib.dump(model, tmp_path / "old" / "model.joblib")
+    assert main(["select", "classifier", "score", str(docs), "--model", str(tmp_path / "old"),
+                 "--out", str(tmp_path / "scores"), "--format", "jsonl", "--trust-pickle"]) == 0
+    assert (tmp_path / "old" / "model.npz").is_file()
+    texts = _styled(SCIENCE, 5, 9)
+    assert np.array_equal(load_classifier(tmp_path / "old").score(texts), model.predict_proba(texts)[:, 1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI end to end.
 

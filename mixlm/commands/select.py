@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rating-columns", default="",
                    help="comma-separated numeric fields of the input to keep as signals (PRRC, QuRating ...)")
     p.add_argument("--classifier", help="also score with this classifier folder")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a classifier folder of an older version (a pickled model.joblib, which can run code): "
+                   "only for folders you trust; it is converted to model.npz once")
     p.add_argument("--no-rules", action="store_true", help="skip the rule-based signals")
 
     p = sub.add_parser("pick", help="combine signals with weights and keep the best documents")
@@ -97,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_input_args(s)
     s.add_argument("--model", required=True, help="model folder from `classifier train`")
     s.add_argument("--signal", help="score column name (default: the one saved with the model)")
+    s.add_argument("--trust-pickle", action="store_true",
+                   help="load a classifier folder of an older version (a pickled model.joblib, which can run code): "
+                   "only for folders you trust; it is converted to model.npz once")
 
     p = sub.add_parser("weightings", help="Dirichlet weightings over raters (Meta-rater)")
     p.add_argument("--signals", required=True, help="comma-separated rater / signal names")
@@ -186,6 +192,18 @@ def _compute(args, settings) -> int:
     return 0
 
 
+def _classifier_dir(path: str, trust_pickle: bool) -> str:
+    """The absolute classifier folder; with --trust-pickle an older folder's pickle is converted to model.npz
+    first (the workers load only model.npz and refuse a pickle)."""
+    from mixlm.selection.classifier import convert_pickled_classifier
+
+    model_dir = Path(path).resolve()
+    if trust_pickle and convert_pickled_classifier(model_dir):
+        print(f"converted {model_dir}/model.joblib to model.npz: later runs load it without --trust-pickle",
+              file=sys.stderr)
+    return str(model_dir)
+
+
 def _run(args) -> int:
     from mixlm.selection.shards import TableSettings
 
@@ -200,11 +218,11 @@ def _run(args) -> int:
         columns = tuple(c.strip() for c in args.rating_columns.split(",") if c.strip())
         return _compute(args, TableSettings(
             text_field=args.text_field, rules=not args.no_rules, rating_columns=columns,
-            classifier=str(Path(args.classifier).resolve()) if args.classifier else None,
+            classifier=_classifier_dir(args.classifier, args.trust_pickle) if args.classifier else None,
             tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format))
     if args.action == "classifier" and args.classifier_action == "score":
         return _compute(args, TableSettings(
-            text_field=args.text_field, rules=False, classifier=str(Path(args.model).resolve()),
+            text_field=args.text_field, rules=False, classifier=_classifier_dir(args.model, args.trust_pickle),
             classifier_signal=args.signal,
             tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format))
     if args.action == "classifier":

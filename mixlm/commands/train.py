@@ -18,23 +18,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume an output folder whose checkpoint was written with a different config")
 
 
-def initialize_distributed(args) -> None:
-    """Must run before anything touches a jax device."""
+def initialize_distributed(args, heartbeat_timeout_s: int) -> None:
+    """Must run before anything touches a jax device. heartbeat_timeout_s (train.heartbeat_timeout_s): the
+    coordination service declares a silent process dead after this long and stops the others, so a run
+    whose peer died exits in bounded time instead of waiting in a collective."""
     import jax
 
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
     elif args.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def run(args) -> int:
     from mixlm.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors surface before any device work
-    initialize_distributed(args)
-    from mixlm.checkpoint import CheckpointError, ConfigMismatchError
+    initialize_distributed(args, cfg.train.heartbeat_timeout_s)
+    from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
+    from mixlm.data.prepared import DataError
     from mixlm.train import NonFiniteLossError, train
 
     try:
@@ -42,12 +45,15 @@ def run(args) -> int:
     except NonFiniteLossError as e:
         print(f"mixlm train: {e}", file=sys.stderr)
         return 3
-    except ConfigMismatchError as e:
+    except (ConfigMismatchError, RunFolderLockedError) as e:  # another config, or another run, in the folder
         print(f"mixlm train: {e}", file=sys.stderr)
         return 2
     except CheckpointError as e:
         print(f"mixlm train: {e}", file=sys.stderr)
         return 4
+    except DataError as e:  # a corrupt shard, a domain used up: the message names the file and the fix
+        print(f"mixlm train: data error: {e}", file=sys.stderr)
+        return 5
     if result.preempted_at is not None:  # a clean stop: the scheduler should not count it as a failure
         print(f"preempted: checkpoint of step {result.preempted_at} saved; rerun the same command to resume")
         return 0

@@ -23,12 +23,12 @@ import numpy as np
 from mixlm.config import ConfigError, ExperimentConfig
 from mixlm.data.mixture import MixtureSchedule, parse_mixture, with_stage
 from mixlm.data.packing import ConcatWindows, FirstFitRows
-from mixlm.data.prepared import PreparedDomain, list_domains
+from mixlm.data.prepared import DataError, PreparedDomain, list_domains
 
 STATE_VERSION = 1
 
 
-class DataExhaustedError(RuntimeError):
+class DataExhaustedError(DataError):
     """A domain would be repeated beyond data.max_epochs."""
 
 

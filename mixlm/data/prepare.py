@@ -422,7 +422,7 @@ def prepare_domain(
             existing = None
         if existing is not None and existing.options.get("plan") == plan_id:
             try:
-                PreparedDomain(out_dir, domain)  # verifies every shard (size, record count)
+                PreparedDomain(out_dir, domain, checksums=True)  # every shard: size, records, sha256
                 print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
                 return existing
             except ShardError as e:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.config import ConfigError
+from mixlm.data.sources import file_digest
 
 MANIFEST = "manifest.json"
 FORMAT = "mixlm-prepared/1"
@@ -29,8 +30,17 @@ READER_OPTIONS = (
 )
 
 
-class ShardError(RuntimeError):
+class DataError(RuntimeError):
+    """Prepared data that cannot be used (a corrupt shard, a domain used up): one line naming the file or
+    domain and what to do, printed by `mixlm train` without a traceback."""
+
+
+class ShardError(DataError):
     """A prepared shard is missing, truncated or unreadable; the message names the file."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 @dataclass
@@ -149,7 +159,8 @@ class PreparedSplit:
     """One split of one domain: `read(doc_ids)` gives token arrays; `offsets` (int64 [documents + 1], memory-
     mapped) the token offsets of the split's concatenation."""
 
-    def __init__(self, path: Path, manifest: DomainManifest, split: str, verify: bool = True):
+    def __init__(self, path: Path, manifest: DomainManifest, split: str, verify: bool = True,
+                 checksums: bool = False):
         info = manifest.splits.get(split)
         if info is None:
             raise ShardError(f"{path / MANIFEST}: no {split!r} split")
@@ -158,7 +169,7 @@ class PreparedSplit:
         self.paths = [str(path / s.file) for s in info.shards]
         if verify:
             for shard in info.shards:
-                check_shard(path / shard.file, shard)
+                check_shard(path / shard.file, shard, checksum=checksums)
         self.index_path = index_path = path / info.index
         try:
             self.offsets = np.load(index_path, mmap_mode="r")
@@ -208,7 +219,9 @@ class PreparedSplit:
                 records = self._reader(int(shard)).read((ids[where] - self._shard_starts[shard]).tolist())
             except Exception as e:  # name the file, whatever the reader raised
                 raise ShardError(
-                    f"{self.paths[shard]}: reading documents failed ({e}); re-run `mixlm prepare`"
+                    f"{self.paths[shard]}: shard of domain {self.domain!r} is corrupt ({_one_line(e)}); re-run "
+                    f"`mixlm prepare` for domain {self.domain!r}: it checks every shard's sha256 and rewrites "
+                    "the domain, then resume the run"
                 ) from e
             for i, record in zip(where, records):
                 out[i] = np.frombuffer(record, dtype=self.dtype)
@@ -218,8 +231,9 @@ class PreparedSplit:
         return np.diff(np.asarray(self.offsets[start : stop + 1], np.int64))
 
 
-def check_shard(path: Path, shard: ShardInfo) -> None:
-    """Raises ShardError naming `path` if it is missing, truncated or has the wrong record count."""
+def check_shard(path: Path, shard: ShardInfo, checksum: bool = False) -> None:
+    """Raises ShardError naming `path` if it is missing, truncated or has the wrong record count; with
+    `checksum`, also if its sha256 differs from the manifest's (a same-size corruption: reads every byte)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     if not path.is_file():
@@ -235,20 +249,22 @@ def check_shard(path: Path, shard: ShardInfo) -> None:
         records = reader.num_records()
         reader.close()
     except Exception as e:
-        raise ShardError(f"{path}: not a readable ArrayRecord file ({e}); re-run `mixlm prepare`") from e
+        raise ShardError(f"{path}: not a readable ArrayRecord file ({_one_line(e)}); re-run `mixlm prepare`") from e
     if records != shard.documents:
         raise ShardError(
             f"{path}: {records} records, manifest says {shard.documents}; the shard is truncated "
             "or corrupt: delete it and re-run `mixlm prepare`"
         )
+    if checksum and file_digest(path)[1] != shard.sha256:
+        raise ShardError(f"{path}: sha256 differs from the manifest's; the shard is corrupt")
 
 
 class PreparedDomain:
     """A domain's manifest and its splits, opened lazily."""
 
-    def __init__(self, prepared_dir: str | Path, domain: str, verify: bool = True):
+    def __init__(self, prepared_dir: str | Path, domain: str, verify: bool = True, checksums: bool = False):
         self.path = domain_dir(prepared_dir, domain)
         self.name = domain
         self.manifest = DomainManifest.load(self.path / MANIFEST)
-        self.train = PreparedSplit(self.path, self.manifest, "train", verify)
-        self.validation = PreparedSplit(self.path, self.manifest, "validation", verify)
+        self.train = PreparedSplit(self.path, self.manifest, "train", verify, checksums)
+        self.validation = PreparedSplit(self.path, self.manifest, "validation", verify, checksums)

@@ -28,19 +28,22 @@ def mask_padded_vocab(logits_BxLxV: jax.Array, vocab_size: int) -> jax.Array:
 
 
 def logits(graphdef, params: dict, tokens_BxL: jax.Array, *, vocab_size: int,
-           positions_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-    """float32 logits [B, L, V_pad] of the model (graphdef, params), padded ids masked. Traceable."""
-    from mixlm.models import merge_params
+           positions_BxL: jax.Array | None = None, segment_ids_BxL: jax.Array | None = None,
+           layout=None) -> jax.Array:
+    """float32 logits [B, L, V_pad] of the model (graphdef, params), padded ids masked. Traceable. With a
+    `layout` (mixlm.sharding.Layout) activations and logits keep the shardings of its rule table."""
+    from mixlm.models import layers, merge_params
 
     model = merge_params(graphdef, params)
-    out_BxLxV = model(tokens_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL)
+    out_BxLxV = model(tokens_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL, layout=layout)
+    out_BxLxV = layers.constrain(out_BxLxV, ("batch", "length", "vocab"), layout)
     return mask_padded_vocab(out_BxLxV.astype(jnp.float32), vocab_size)
 
 
-def batch_logits(graphdef, params: dict, batch: dict, *, vocab_size: int) -> jax.Array:
+def batch_logits(graphdef, params: dict, batch: dict, *, vocab_size: int, layout=None) -> jax.Array:
     """`logits` of a packed batch dict (inputs, optional positions / segment_ids)."""
     return logits(graphdef, params, batch["inputs"], vocab_size=vocab_size, positions_BxL=batch.get("positions"),
-                  segment_ids_BxL=batch.get("segment_ids"))
+                  segment_ids_BxL=batch.get("segment_ids"), layout=layout)
 
 
 def token_losses(logits_BxLxV: jax.Array, targets_BxL: jax.Array,

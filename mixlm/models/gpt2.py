@@ -118,13 +118,14 @@ class GPT2(nnx.Module):
         self.ln_f = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
-    def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None):
+    def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
         if positions_BxL is None:
             positions_BxL = layers.default_positions(tokens_BxL)
         x_BxLxD = layers.embed_lookup(self.wte, tokens_BxL, self.dtype)
-        x_BxLxD = layers.constrain_batch(x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype))
+        x_BxLxD = x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype)
+        x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
         for block in self.h:
-            x_BxLxD = layers.constrain_batch(block(x_BxLxD, segment_ids_BxL))
+            x_BxLxD = layers.constrain(block(x_BxLxD, segment_ids_BxL), layers.RESIDUAL_AXES, layout)
         x_BxLxD = self.ln_f(x_BxLxD)
         kernel_DxV = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)

@@ -213,17 +213,14 @@ def merge_heads(out_BxHxLxDh: jax.Array, proj: Linear) -> jax.Array:
     return y_BxLxD
 
 
-def constrain_batch(x_BxLxD: jax.Array) -> jax.Array:
-    """Keeps activations split over the batch axes ('data', 'fsdp') when a mesh is set (the trainer
-    sets one): with FSDP the weights are gathered for each layer, the activations never are. Without
-    a mesh, or when the rows do not divide the batch axes, x is returned unchanged."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
-        return x_BxLxD
-    if x_BxLxD.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        return x_BxLxD
-    spec = jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (x_BxLxD.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x_BxLxD, spec)
+RESIDUAL_AXES = ("batch", "length", "embed")  # logical axes of the residual stream [B, L, D]
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str, ...], layout=None) -> jax.Array:
+    """`x` kept at the sharding its logical axes have under `layout` (a mixlm.sharding.Layout; the trainer
+    passes one): with FSDP the weights are gathered for each layer, the activations never are. Without a
+    layout x is returned unchanged; a dimension that does not divide its mesh axes stays whole."""
+    return x if layout is None else layout.constrain(x, logical_axes)
 
 
 def embed_lookup(table_VxD: nnx.Param, tokens_BxL: jax.Array, dtype) -> jax.Array:

@@ -109,7 +109,8 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """`model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> logits_BxLxV` (float32, V padded)."""
+    """`model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None, layout=None) -> logits_BxLxV` (float32, V
+    padded); `layout` (mixlm.sharding.Layout) keeps the residual stream at its sharding."""
 
     def __init__(
         self,
@@ -130,12 +131,13 @@ class Llama(nnx.Module):
         self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
-    def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None):
+    def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
         if positions_BxL is None:
             positions_BxL = layers.default_positions(tokens_BxL)
-        x_BxLxD = layers.constrain_batch(layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype))
+        x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
+        x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
         for block in self.layers:
-            x_BxLxD = layers.constrain_batch(block(x_BxLxD, positions_BxL, segment_ids_BxL))
+            x_BxLxD = layers.constrain(block(x_BxLxD, positions_BxL, segment_ids_BxL), layers.RESIDUAL_AXES, layout)
         x_BxLxD = self.norm(x_BxLxD)
         kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)

@@ -3,7 +3,11 @@
 Two backends, one interface (`TextClassifier.score(texts) -> P(positive)`):
 
 * `sklearn` (default, dependable): hashed word uni+bigram counts (`HashingVectorizer`, 2**20
-  features, l2-normalised) and `LogisticRegression`; saved as `model.joblib`.
+  features, l2-normalised) and `LogisticRegression`; saved as `model.npz`: the fitted arrays (coef_,
+  intercept_, classes_) and the estimators' parameters as JSON, loaded with `allow_pickle=False` and
+  rebuilt, so loading a folder runs no code from it. Folders of older versions hold a pickle
+  (`model.joblib`), which can run any code when loaded: they are refused unless `trust_pickle=True`
+  (`--trust-pickle`), which converts them to `model.npz` once.
 * `fasttext` (DCLM's choice; `pip install fasttext-numpy2-wheel`): supervised fastText with word
   bigrams on a shuffled training file; saved as `model.bin`. On tiny or one-sided data fastText can
   return NaN or a one-label model; training checks for both and says so.
@@ -14,6 +18,7 @@ A model folder holds the model and `classifier.json` (backend, signal column nam
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,6 +30,9 @@ from mixlm.selection import SelectionError
 
 BACKENDS = ("sklearn", "fasttext")
 _POS, _NEG = "__label__pos", "__label__neg"
+SKLEARN_FILE = "model.npz"  # arrays + parameters: loads without running code
+PICKLE_FILE = "model.joblib"  # older versions: a pickle, loaded only when trusted
+FASTTEXT_FILE = "model.bin"  # fastText's own binary format
 
 
 class TextClassifier:
@@ -116,14 +124,12 @@ def train_classifier(pos_texts: Sequence[str], neg_texts: Sequence[str], out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if backend == "sklearn":
-        import joblib
-
         model = _sklearn_model(seed, c).fit(train_texts, train_labels)
-        joblib.dump(model, out / "model.joblib")
+        save_sklearn_model(model, out / SKLEARN_FILE)
     else:
         with tempfile.TemporaryDirectory(dir=out) as work:
             model = _train_fasttext(train_texts, train_labels, seed, dict(fasttext_options or {}), Path(work))
-        model.save_model(str(out / "model.bin"))
+        model.save_model(str(out / FASTTEXT_FILE))
     classifier = TextClassifier(backend, model, signal)
 
     meta = {"backend": backend, "signal": signal, "seed": seed, "positives": len(pos_texts),
@@ -143,20 +149,103 @@ def train_classifier(pos_texts: Sequence[str], neg_texts: Sequence[str], out_dir
     return meta
 
 
-def load_classifier(model_dir: str | Path, signal: str | None = None) -> TextClassifier:
-    """The classifier saved in `model_dir`; `signal` renames its score column."""
+def _json_params(estimator) -> dict:
+    """`estimator.get_params()` as JSON values (numpy dtypes by name); refuses callables, which only a pickle
+    could store."""
+    out = {}
+    for key, value in estimator.get_params().items():
+        if isinstance(value, type) and issubclass(value, np.generic):
+            value = {"dtype": np.dtype(value).name}
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)
+        if not (value is None or isinstance(value, (str, int, float, bool, list, dict))):
+            raise SelectionError(f"{type(estimator).__name__}.{key}={value!r} cannot be saved without pickle")
+        out[key] = value
+    return out
+
+
+def save_sklearn_model(model, path: Path) -> None:
+    """Writes a fitted HashingVectorizer + LogisticRegression pipeline as arrays and JSON parameters (npz)."""
+    import sklearn
+
+    (_, vectorizer), (_, logreg) = model.steps
+    config = {"sklearn": sklearn.__version__, "vectorizer": _json_params(vectorizer),
+              "logistic_regression": _json_params(logreg)}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, coef=logreg.coef_, intercept=logreg.intercept_, classes=logreg.classes_,
+                            config=np.array(json.dumps(config)))
+    os.replace(tmp, path)
+
+
+def load_sklearn_model(path: Path):
+    """The pipeline saved by `save_sklearn_model`, rebuilt from its arrays; never unpickles."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("coef", "intercept", "classes", "config")}
+        config = json.loads(str(arrays["config"]))
+        vec_params = dict(config["vectorizer"])
+        vec_params["ngram_range"] = tuple(vec_params["ngram_range"])
+        if isinstance(vec_params.get("dtype"), dict):
+            vec_params["dtype"] = np.dtype(vec_params["dtype"]["dtype"]).type
+        vectorizer = HashingVectorizer(**vec_params)
+        known = LogisticRegression().get_params()
+        logreg = LogisticRegression(**{k: v for k, v in config["logistic_regression"].items() if k in known})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SelectionError(f"{path}: not a classifier saved by mixlm ({' '.join(str(e).split())}); retrain "
+                             "it with `mixlm select classifier train`") from None
+    coef, classes = arrays["coef"], arrays["classes"]
+    if coef.shape != (1, vectorizer.n_features) or classes.shape != (2,) or arrays["intercept"].shape != (1,):
+        raise SelectionError(f"{path}: arrays of shapes coef {coef.shape}, classes {classes.shape} do not fit "
+                             f"{vectorizer.n_features} features and 2 classes; retrain the classifier")
+    logreg.coef_, logreg.intercept_, logreg.classes_ = coef, arrays["intercept"], classes
+    logreg.n_features_in_ = coef.shape[1]
+    return make_pipeline(vectorizer, logreg)
+
+
+def convert_pickled_classifier(model_dir: str | Path) -> bool:
+    """Loads an older folder's `model.joblib` (a pickle: only for folders you trust) and writes `model.npz`
+    beside it, so later loads need no trust. Returns False when the folder already has `model.npz`."""
+    model_dir = Path(model_dir)
+    if (model_dir / SKLEARN_FILE).is_file() or not (model_dir / PICKLE_FILE).is_file():
+        return False
+    import joblib
+
+    save_sklearn_model(joblib.load(model_dir / PICKLE_FILE), model_dir / SKLEARN_FILE)
+    return True
+
+
+def load_classifier(model_dir: str | Path, signal: str | None = None, *, trust_pickle: bool = False) -> TextClassifier:
+    """The classifier saved in `model_dir`; `signal` renames its score column. Runs no code from the folder:
+    a pickled `model.joblib` (older versions) is refused unless `trust_pickle`."""
     model_dir = Path(model_dir)
     meta_path = model_dir / "classifier.json"
     if not meta_path.is_file():
         raise SelectionError(f"{model_dir}: no classifier.json; train one with `mixlm select classifier train`")
     meta = json.loads(meta_path.read_text())
     if meta["backend"] == "sklearn":
-        import joblib
+        if (model_dir / SKLEARN_FILE).is_file():
+            model = load_sklearn_model(model_dir / SKLEARN_FILE)
+        elif (model_dir / PICKLE_FILE).is_file() and trust_pickle:
+            import joblib
 
-        model = joblib.load(model_dir / "model.joblib")
+            model = joblib.load(model_dir / PICKLE_FILE)
+        elif (model_dir / PICKLE_FILE).is_file():
+            raise SelectionError(
+                f"{model_dir / PICKLE_FILE}: a pickled classifier, which could run any code when loaded; retrain "
+                "it with `mixlm select classifier train`, or pass --trust-pickle if you trust this folder "
+                "(it is then converted to model.npz once)"
+            )
+        else:
+            raise SelectionError(f"{model_dir}: no {SKLEARN_FILE}; retrain with `mixlm select classifier train`")
     else:
         import fasttext
 
-        model = fasttext.load_model(str(model_dir / "model.bin"))
+        model = fasttext.load_model(str(model_dir / FASTTEXT_FILE))
     return TextClassifier(meta["backend"], model, signal or meta["signal"])
-
