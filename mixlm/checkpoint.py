@@ -88,8 +88,10 @@ _OCDBT_PREFIX = "ocdbt.process_"
 
 # Config keys that may change when a run resumes (everything else must match the checkpoint's config):
 # how long to train (the schedule is recomputed for the new total), where and how often to log, eval and
-# save, the device layout, and the loader's worker count (batches do not depend on it).
-RESUMABLE_KEYS = ("train.steps", "train.output_dir", "train.heartbeat_timeout_s", "data.num_workers")
+# save, the device layout, the loader's worker count (batches do not depend on it), the multi-process
+# heartbeat, and how attention is computed / what is rematerialised (same math, other kernels and memory).
+RESUMABLE_KEYS = ("train.steps", "train.output_dir", "train.heartbeat_timeout_s", "data.num_workers", "model.attention",
+                  "model.remat")
 RESUMABLE_SECTIONS = ("mesh", "checkpoint", "eval", "logging")
 
 

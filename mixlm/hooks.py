@@ -40,7 +40,7 @@ def host_metrics(metrics: dict) -> dict[str, float]:
 
 
 # Metrics of a step that must be finite, and what to try when one is not.
-GUARDED_METRICS = ("loss", "z_loss", "grad_norm", "param_norm", "update_norm")
+GUARDED_METRICS = ("loss", "log_z_sq", "grad_norm", "param_norm", "update_norm")
 
 
 class StepMeter:
@@ -48,11 +48,12 @@ class StepMeter:
     for NaN/inf, turned into throughput and MFU every `logging.every` steps and written to the metrics log."""
 
     def __init__(self, cfg: ExperimentConfig, log, *, start_step: int, flops_per_token: float, peak: float,
-                 num_devices: int):
+                 num_devices: int, tokens_before: int = 0):
         self.cfg, self.log, self.start_step = cfg, log, start_step
         self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
         self.history: list[dict] = []  # one metrics dict per logged step
         self.last: dict[str, float] = {}  # the newest step's metrics read to the host
+        self.tokens_total = float(tokens_before)  # loss tokens of every step so far, also before a resume
         self._pending = None  # (step, device metrics) not yet read
         self._window_start, self._window_tokens = time.perf_counter(), 0.0
 
@@ -78,9 +79,11 @@ class StepMeter:
                 f"{', '.join(f'{k} is {m[k]}' for k in bad)} at step {step}: stopping; nothing was saved after "
                 "the last good checkpoint. Lower optimizer.lr, raise schedule.warmup_steps, or set train.z_loss."
             )
+        self.tokens_total += m["tokens_step"]
+        m["tokens_total"] = self.tokens_total
         self.last = {"step": step, **m}
         if step != self.start_step + 1:
-            self._window_tokens += m["tokens"]
+            self._window_tokens += m["tokens_step"]
         self.log.advance()
         if step % self.cfg.logging.every == 0 or step == self.cfg.train.steps:
             now = time.perf_counter()

@@ -86,12 +86,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, voc
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": nll_sum / n,
-            "z_loss": z_sum / n,
+            "log_z_sq": z_sum / n,  # mean log(Z)^2: the z-loss statistic (penalised only with train.z_loss > 0)
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
             "lr": schedule(state.step),
-            "tokens": tokens,
+            "tokens_step": tokens,  # loss tokens of this step (the meter adds tokens_total, cumulative)
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -262,7 +262,7 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
         f"{setup.flops_per_token / 1e6:.1f} MFLOP/token (attention counted causally), peak {peak / 1e9:,.1f} "
         f"GFLOP/s/device ({peak_source})")
     meter = StepMeter(cfg, log, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
-                      num_devices=setup.mesh.size)
+                      num_devices=setup.mesh.size, tokens_before=sum(source.tokens_seen().values()))
     return Run(cfg=cfg, setup=setup, source=source, checkpoints=checkpoints, log=log, say=say, meter=meter,
                state=state, out_dir=out_dir, step=start_step)
 

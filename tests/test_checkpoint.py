@@ -422,7 +422,7 @@ def test_sigkill_then_sigterm_then_rerun_is_bitwise_identical(tmp_path):
     rc, out = reference.finish()
     assert rc == 0, out[-3000:]
 
-    keys = ("loss", "z_loss", "grad_norm", "param_norm", "update_norm", "lr", "tokens")
+    keys = ("loss", "log_z_sq", "grad_norm", "param_norm", "update_norm", "lr", "tokens_step", "tokens_total")
     ref_rows, run_rows = logged_steps(ref), logged_steps(run)
     assert [r["step"] for r in run_rows] == list(range(1, STEPS + 1))
     assert [[r[k] for k in keys] for r in run_rows] == [[r[k] for k in keys] for r in ref_rows], f"seed {seed}"

@@ -287,7 +287,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_blocked_attention_equals_dot_product_attention():
     """The CPU block-causal path is exact: same output and gradients as jax.nn.dot_product_attention,
     with GQA and packed segments."""
-    from mixlm.models.layers import attention
+    from mixlm.models.attention import attend
 
     b, length, h, k, dh = 2, 128, 4, 2, 16
     keys = jax.random.split(jax.random.key(3), 3)
@@ -299,7 +299,7 @@ def test_blocked_attention_equals_dot_product_attention():
         outs, grads = [], []
         for impl in ("xla", "blocked"):
             def f(q, kk, v, impl=impl, segments=segments):
-                return attention(q, kk, v, segment_ids_BxL=segments, implementation=impl)
+                return attend(q, kk, v, segment_ids_BxL=segments, impl=impl)
 
             outs.append(f(q, kk, v))
             grads.append(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, kk, v))

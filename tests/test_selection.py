@@ -468,3 +468,22 @@ def test_perplexity_matches_a_direct_computation_and_ignores_batching(tmp_path):
         - logits.max(-1, keepdims=True)
     expected = np.exp(-np.mean(log_probs[np.arange(len(ids)), ids]))
     assert ppl[3] == pytest.approx(expected, rel=1e-4)
+
+
+def test_fasttext_divergence_is_retried_at_a_lower_rate(tmp_path, monkeypatch):
+    fasttext = pytest.importorskip("fasttext")
+    real, rates = fasttext.train_supervised, []
+
+    def diverges_once(**kwargs):
+        rates.append(kwargs["lr"])
+        if len(rates) == 1:
+            raise RuntimeError("Encountered NaN.")
+        return real(**kwargs)
+
+    monkeypatch.setattr(fasttext, "train_supervised", diverges_once)
+    train_classifier(_styled(SCIENCE, 40, 0), _styled(SPAM, 40, 1), tmp_path / "clf", backend="fasttext",
+                     fasttext_options={"bucket": 2**14, "dim": 16})  # a small model.bin
+    assert rates == [0.1, 0.05]
+    monkeypatch.setattr(fasttext, "train_supervised", lambda **kw: (_ for _ in ()).throw(RuntimeError("Encountered NaN.")))
+    with pytest.raises(SelectionError, match="fastText training failed .* at lr 0.025"):
+        train_classifier(_styled(SCIENCE, 40, 0), _styled(SPAM, 40, 1), tmp_path / "clf2", backend="fasttext")

@@ -105,6 +105,9 @@ def test_train_writes_outputs_and_stops_on_nonfinite(tmp_path):
     assert [r["step"] for r in logged] == [2, 4]
     for key in ("grad_norm", "param_norm", "update_norm", "lr", "tokens_per_s", "mfu"):
         assert logged[-1][key] > 0
+    # tokens: per step and cumulative, named as such; the z statistic is not called a loss
+    assert [(r["tokens_step"], r["tokens_total"]) for r in logged] == [(8 * 16, 2 * 8 * 16), (8 * 16, 4 * 8 * 16)]
+    assert "log_z_sq" in logged[-1] and "z_loss" not in logged[-1] and "tokens" not in logged[-1]
     assert "val_loss/synthetic" in rows[-1] and result.eval["val_loss"] > 0
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 

@@ -27,7 +27,8 @@ def build_model(
     cfg: ModelConfig, *, rngs: nnx.Rngs, vocab_multiple_of: int = 1, attention_impl: str | None = None
 ) -> nnx.Module:
     """A freshly initialised model (float32 params). `vocab_multiple_of` pads the embedding rows (e.g.
-    to the mesh size); `attention_impl` is passed to jax.nn.dot_product_attention (None/'xla'/'cudnn')."""
+    to the mesh size); `attention_impl` (auto | blocked | xla | cudnn | splash | pallas_gpu, see
+    mixlm.models.attention) overrides cfg.attention when given."""
     model_class = get_family(cfg.family).Model
     return model_class(cfg, rngs=rngs, vocab_multiple_of=vocab_multiple_of, attention_impl=attention_impl)
 

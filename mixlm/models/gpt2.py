@@ -25,7 +25,7 @@ from flax import nnx
 
 from mixlm.config import ConfigError, ModelConfig
 from mixlm.hf.errors import require_hf_value
-from mixlm.models import layers
+from mixlm.models import attention, layers
 
 
 def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
@@ -35,31 +35,29 @@ def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
         d, h, dh = cfg.d_model, cfg.num_heads, cfg.dim_per_head
         self.c_attn = _linear(cfg, dtype, rngs, d, 3 * h * dh, ("embed", "heads"))
         self.c_proj = _linear(cfg, dtype, rngs, h * dh, d, ("heads", "embed"))
         self.num_heads, self.head_dim = h, dh
-        self.attention_impl = attention_impl
+        self.attention_impl = attention_impl  # model.attention (mixlm.models.attention)
 
-    def __call__(self, x_BxLxD, segment_ids_BxL):
-        if layers.resolve_attention_impl(self.attention_impl) == "blocked":
-            # CPU: q, k, v straight into [B, H, L, Dh], no layout copies (see llama.Attention).
+    def __call__(self, x_BxLxD, segment_ids_BxL, layout=None):
+        impl = attention.resolve_impl(self.attention_impl, self.c_attn.dtype)
+        if attention.takes_head_major(impl):
+            # q, k, v straight into [B, H, L, Dh], no layout copies (see llama.Attention).
             qkv_3xBxHxLxDh = layers.project_heads(x_BxLxD, self.c_attn, 3 * self.num_heads)
             qkv_3xBxHxLxDh = jnp.moveaxis(
                 qkv_3xBxHxLxDh.reshape(x_BxLxD.shape[0], 3, self.num_heads, x_BxLxD.shape[1], self.head_dim), 1, 0
             )
-            out_BxHxLxDh = layers.blocked_causal_attention_heads(*qkv_3xBxHxLxDh, segment_ids_BxL=segment_ids_BxL)
+            out_BxHxLxDh = attention.attend(*qkv_3xBxHxLxDh, segment_ids_BxL=segment_ids_BxL, impl=impl, layout=layout,
+                                            head_major=True)
             return layers.merge_heads(out_BxHxLxDh, self.c_proj)
         b, length, _ = x_BxLxD.shape
         qkv_BxLx3xHxDh = self.c_attn(x_BxLxD).reshape(b, length, 3, self.num_heads, self.head_dim)
         q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh = (qkv_BxLx3xHxDh[:, :, i] for i in range(3))
-        out_BxLxHxDh = layers.attention(
-            q_BxLxHxDh,
-            k_BxLxHxDh,
-            v_BxLxHxDh,
-            segment_ids_BxL=segment_ids_BxL,
-            implementation=self.attention_impl,
+        out_BxLxHxDh = attention.attend(
+            q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, segment_ids_BxL=segment_ids_BxL, impl=impl, layout=layout
         )
         return self.c_proj(out_BxLxHxDh.reshape(b, length, self.num_heads * self.head_dim))
 
@@ -74,14 +72,14 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
         self.ln_1 = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.attn = Attention(cfg, dtype, rngs, attention_impl)
         self.ln_2 = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x_BxLxD, segment_ids_BxL):
-        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD), segment_ids_BxL)
+    def __call__(self, x_BxLxD, segment_ids_BxL, layout=None):
+        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD), segment_ids_BxL, layout)
         return x_BxLxD + self.mlp(self.ln_2(x_BxLxD))
 
 
@@ -89,7 +87,8 @@ class GPT2(nnx.Module):
     """`model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> logits_BxLxV` (float32, V padded).
 
     `positions_BxL` index the learned position table (restart them at 0 per packed document to match
-    running each document alone); they must be < cfg.max_seq_len.
+    running each document alone); they must be < cfg.max_seq_len. `layout` as for llama.Llama;
+    `attention_impl` overrides cfg.attention; cfg.remat applies per block.
     """
 
     def __init__(
@@ -114,6 +113,7 @@ class GPT2(nnx.Module):
         self.wpe = layers.normal_param(
             rngs, (cfg.max_seq_len, cfg.d_model), cfg.init_std, ("position", "embed")
         )
+        attention_impl = attention_impl or cfg.attention
         self.h = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
         self.ln_f = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
@@ -124,8 +124,9 @@ class GPT2(nnx.Module):
         x_BxLxD = layers.embed_lookup(self.wte, tokens_BxL, self.dtype)
         x_BxLxD = x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype)
         x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
+        run_block = layers.remat_block(lambda block, x, seg: block(x, seg, layout), self.cfg.remat)
         for block in self.h:
-            x_BxLxD = layers.constrain(block(x_BxLxD, segment_ids_BxL), layers.RESIDUAL_AXES, layout)
+            x_BxLxD = layers.constrain(run_block(block, x_BxLxD, segment_ids_BxL), layers.RESIDUAL_AXES, layout)
         x_BxLxD = self.ln_f(x_BxLxD)
         kernel_DxV = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)

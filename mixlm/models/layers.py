@@ -1,4 +1,5 @@
-"""Layers shared by the model families: params with logical axes, linear, norms, RoPE, attention.
+"""Layers shared by the model families: params with logical axes, linear, norms, RoPE, head projections,
+per-block rematerialisation (attention itself is mixlm.models.attention).
 
 Every parameter is an `nnx.Param(value, logical_axes=(...))`. `logical_axes` is our own metadata key
 (one name per dimension, e.g. ('embed', 'mlp')); mixlm/sharding.py maps the names to mesh axes. We do
@@ -106,93 +107,6 @@ def apply_rope(x: jax.Array, positions_BxL: jax.Array, base: float, *, heads_axi
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def resolve_attention_impl(implementation: str | None) -> str | None:
-    """None → 'blocked' on CPU (no fused attention in XLA:CPU), else left to jax.nn.dot_product_attention."""
-    if implementation is None and jax.default_backend() == "cpu":
-        return "blocked"
-    return implementation
-
-
-def attention(
-    q_BxLxHxDh: jax.Array,
-    k_BxLxKxDh: jax.Array,
-    v_BxLxKxDh: jax.Array,
-    *,
-    segment_ids_BxL: jax.Array | None = None,
-    implementation: str | None = None,
-) -> jax.Array:
-    """Causal scaled dot-product attention (GQA when K < H).
-
-    With `segment_ids_BxL`, a token attends only to earlier tokens of the same segment (packed
-    documents). `implementation`: 'xla' / 'cudnn' go to `jax.nn.dot_product_attention` (a GPU uses its
-    cuDNN kernel); 'blocked' is our block-causal path; None picks `jax.nn.dot_product_attention` on
-    accelerators and 'blocked' on CPU, where XLA has no fused attention and the full L×L softmax
-    (and its backward) costs several times the matmuls (DESIGN.md).
-    """
-    implementation = resolve_attention_impl(implementation)
-    if implementation == "blocked":
-        return blocked_causal_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL)
-    mask_Bx1xLxL = None
-    if segment_ids_BxL is not None:
-        mask_Bx1xLxL = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
-    return jax.nn.dot_product_attention(
-        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask=mask_Bx1xLxL, is_causal=True, implementation=implementation
-    )
-
-
-def blocked_causal_attention(
-    q_BxLxHxDh: jax.Array,
-    k_BxLxKxDh: jax.Array,
-    v_BxLxKxDh: jax.Array,
-    *,
-    segment_ids_BxL: jax.Array | None = None,
-    block: int = 128,
-) -> jax.Array:
-    """`blocked_causal_attention_heads` for [B, L, H, Dh] inputs (transposes in and out)."""
-    out_BxHxLxDh = blocked_causal_attention_heads(
-        q_BxLxHxDh.transpose(0, 2, 1, 3), k_BxLxKxDh.transpose(0, 2, 1, 3), v_BxLxKxDh.transpose(0, 2, 1, 3),
-        segment_ids_BxL=segment_ids_BxL, block=block,
-    )
-    return out_BxHxLxDh.transpose(0, 2, 1, 3)
-
-
-def blocked_causal_attention_heads(
-    q_BxHxLxDh: jax.Array,
-    k_BxKxLxDh: jax.Array,
-    v_BxKxLxDh: jax.Array,
-    *,
-    segment_ids_BxL: jax.Array | None = None,
-    block: int = 128,
-) -> jax.Array:
-    """Exact causal attention on head-major tensors, computed per block of queries: query block i
-    only scores keys [0, (i+1)·block), so the upper triangle is never computed (≈ half the work and
-    memory of the full L×L path, forward and backward). GQA when K < H. Softmax in float32.
-    Returns [B, H, L, Dh]."""
-    batch, heads, length, head_dim = q_BxHxLxDh.shape
-    kv_heads = k_BxKxLxDh.shape[1]
-    groups = heads // kv_heads
-    if length % block:
-        block = length
-    scale = 1.0 / float(head_dim) ** 0.5
-    q_BxKxGxLxDh = (q_BxHxLxDh * scale).reshape(batch, kv_heads, groups, length, head_dim)
-    positions = jnp.arange(length)
-    outs = []
-    for start in range(0, length, block):
-        end = start + block
-        scores_BxKxGxQxT = jnp.einsum(
-            "bkgqd,bktd->bkgqt", q_BxKxGxLxDh[:, :, :, start:end], k_BxKxLxDh[:, :, :end],
-            preferred_element_type=jnp.float32,
-        )
-        allowed = (positions[start:end, None] >= positions[None, :end])[None, None, None]
-        if segment_ids_BxL is not None:
-            same_BxQxT = segment_ids_BxL[:, start:end, None] == segment_ids_BxL[:, None, :end]
-            allowed = allowed & same_BxQxT[:, None, None]
-        scores_BxKxGxQxT = jnp.where(allowed, scores_BxKxGxQxT, -1e30)
-        probs = jax.nn.softmax(scores_BxKxGxQxT, axis=-1).astype(v_BxKxLxDh.dtype)
-        outs.append(jnp.einsum("bkgqt,bktd->bkgqd", probs, v_BxKxLxDh[:, :, :end]))
-    return jnp.concatenate(outs, axis=3).reshape(batch, heads, length, head_dim)
-
-
 def project_heads(x_BxLxD: jax.Array, proj: Linear, heads: int) -> jax.Array:
     """x @ kernel straight into head-major [B, heads, L, Dh] (XLA picks the dot's output layout,
     so no separate transpose is materialised)."""
@@ -211,6 +125,20 @@ def merge_heads(out_BxHxLxDh: jax.Array, proj: Linear) -> jax.Array:
     if proj.bias is not None:
         y_BxLxD = y_BxLxD + proj.bias[...].astype(proj.dtype)[None, None, :]
     return y_BxLxD
+
+
+def remat_block(call, policy: str):
+    """`call(block, *arrays)` (one block of the layer loop) recomputed in the backward pass instead of keeping
+    its activations, per `model.remat`: 'none' returns `call` itself; 'full' keeps only the block's inputs;
+    'dots_saveable' / 'dots_with_no_batch_dims_saveable' also keep those matmul outputs (jax.checkpoint_policies).
+    Non-array arguments (the layout) must be closed over by `call`."""
+    if policy == "none":
+        return call
+    policies = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+                "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if policy not in policies:
+        raise ValueError(f"model.remat must be none|{'|'.join(policies)}, got {policy!r}")
+    return nnx.remat(call, policy=policies[policy])
 
 
 RESIDUAL_AXES = ("batch", "length", "embed")  # logical axes of the residual stream [B, L, D]

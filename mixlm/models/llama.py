@@ -24,7 +24,7 @@ from flax import nnx
 
 from mixlm.config import ModelConfig
 from mixlm.hf.errors import ExportError, require_hf_value
-from mixlm.models import layers
+from mixlm.models import attention, layers
 
 
 def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
@@ -32,7 +32,7 @@ def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
         d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         self.q_proj = _linear(cfg, dtype, rngs, d, h * dh, ("embed", "heads"))
         self.k_proj = _linear(cfg, dtype, rngs, d, k * dh, ("embed", "kv_heads"))
@@ -41,11 +41,12 @@ class Attention(nnx.Module):
         self.q_norm = layers.RMSNorm(dh, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = layers.RMSNorm(dh, eps=cfg.norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.num_heads, self.kv_heads, self.head_dim, self.rope_base = h, k, dh, cfg.rope_base
-        self.attention_impl = attention_impl
+        self.attention_impl = attention_impl  # model.attention (mixlm.models.attention)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
-        if layers.resolve_attention_impl(self.attention_impl) == "blocked":
-            return self._head_major(x_BxLxD, positions_BxL, segment_ids_BxL)
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layout=None):
+        impl = attention.resolve_impl(self.attention_impl, self.q_proj.dtype)
+        if attention.takes_head_major(impl):
+            return self._head_major(x_BxLxD, positions_BxL, segment_ids_BxL, impl, layout)
         b, length, _ = x_BxLxD.shape
         q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, length, self.num_heads, self.head_dim)
         k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, length, self.kv_heads, self.head_dim)
@@ -55,18 +56,14 @@ class Attention(nnx.Module):
             k_BxLxKxDh = self.k_norm(k_BxLxKxDh)
         q_BxLxHxDh = layers.apply_rope(q_BxLxHxDh, positions_BxL, self.rope_base)
         k_BxLxKxDh = layers.apply_rope(k_BxLxKxDh, positions_BxL, self.rope_base)
-        out_BxLxHxDh = layers.attention(
-            q_BxLxHxDh,
-            k_BxLxKxDh,
-            v_BxLxKxDh,
-            segment_ids_BxL=segment_ids_BxL,
-            implementation=self.attention_impl,
+        out_BxLxHxDh = attention.attend(
+            q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL, impl=impl, layout=layout
         )
         return self.o_proj(out_BxLxHxDh.reshape(b, length, self.num_heads * self.head_dim))
 
-    def _head_major(self, x_BxLxD, positions_BxL, segment_ids_BxL):
-        """The same attention with q, k, v computed straight into [B, heads, L, Dh]: on CPU (the
-        blocked path) this saves the layout copies that cost about as much as the attention itself."""
+    def _head_major(self, x_BxLxD, positions_BxL, segment_ids_BxL, impl, layout):
+        """The same attention with q, k, v computed straight into [B, heads, L, Dh], the layout of the blocked
+        (CPU) and splash kernels: on CPU this saves layout copies that cost about as much as the attention."""
         q_BxHxLxDh = layers.project_heads(x_BxLxD, self.q_proj, self.num_heads)
         k_BxKxLxDh = layers.project_heads(x_BxLxD, self.k_proj, self.kv_heads)
         v_BxKxLxDh = layers.project_heads(x_BxLxD, self.v_proj, self.kv_heads)
@@ -75,8 +72,9 @@ class Attention(nnx.Module):
             k_BxKxLxDh = self.k_norm(k_BxKxLxDh)
         q_BxHxLxDh = layers.apply_rope(q_BxHxLxDh, positions_BxL, self.rope_base, heads_axis=1)
         k_BxKxLxDh = layers.apply_rope(k_BxKxLxDh, positions_BxL, self.rope_base, heads_axis=1)
-        out_BxHxLxDh = layers.blocked_causal_attention_heads(
-            q_BxHxLxDh, k_BxKxLxDh, v_BxKxLxDh, segment_ids_BxL=segment_ids_BxL
+        out_BxHxLxDh = attention.attend(
+            q_BxHxLxDh, k_BxKxLxDh, v_BxKxLxDh, segment_ids_BxL=segment_ids_BxL, impl=impl, layout=layout,
+            head_major=True,
         )
         return layers.merge_heads(out_BxHxLxDh, self.o_proj)
 
@@ -97,20 +95,21 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str | None):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
         self.input_layernorm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
         self.post_attention_layernorm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
-        x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layout=None):
+        x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, segment_ids_BxL, layout)
         return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD))
 
 
 class Llama(nnx.Module):
     """`model(tokens_BxL, positions_BxL=None, segment_ids_BxL=None, layout=None) -> logits_BxLxV` (float32, V
-    padded); `layout` (mixlm.sharding.Layout) keeps the residual stream at its sharding."""
+    padded); `layout` (mixlm.sharding.Layout) keeps the residual stream at its sharding and is the mesh the
+    attention kernels run under. `attention_impl` overrides cfg.attention; cfg.remat applies per block."""
 
     def __init__(
         self,
@@ -127,6 +126,7 @@ class Llama(nnx.Module):
         self.embed_tokens = layers.normal_param(
             rngs, (self.padded_vocab, cfg.d_model), cfg.init_std, ("vocab", "embed")
         )
+        attention_impl = attention_impl or cfg.attention
         self.layers = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
         self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
@@ -136,8 +136,10 @@ class Llama(nnx.Module):
             positions_BxL = layers.default_positions(tokens_BxL)
         x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
         x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
+        run_block = layers.remat_block(lambda block, x, pos, seg: block(x, pos, seg, layout), self.cfg.remat)
         for block in self.layers:
-            x_BxLxD = layers.constrain(block(x_BxLxD, positions_BxL, segment_ids_BxL), layers.RESIDUAL_AXES, layout)
+            x_BxLxD = layers.constrain(run_block(block, x_BxLxD, positions_BxL, segment_ids_BxL), layers.RESIDUAL_AXES,
+                                       layout)
         x_BxLxD = self.norm(x_BxLxD)
         kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)

@@ -82,9 +82,18 @@ def _train_fasttext(texts: list[str], labels: np.ndarray, seed: int, options: di
     train_file = work_dir / "train.txt"
     with open(train_file, "w") as f:
         f.writelines(f"{_POS if label else _NEG} {_one_line(text)}\n" for text, label in zip(texts, labels))
-    # One thread: fastText is only reproducible for a seed when single-threaded.
-    model = fasttext.train_supervised(input=str(train_file), thread=1, seed=seed, verbose=0,
-                                      **{**FASTTEXT_DEFAULTS, **options})
+    # One thread: fastText is only reproducible for a seed when single-threaded. Its SGD occasionally
+    # diverges ("Encountered NaN"; seen once in a full test run at lr 0.1): retry at half the rate.
+    settings = {**FASTTEXT_DEFAULTS, **options}
+    for attempt in range(3):
+        try:
+            model = fasttext.train_supervised(input=str(train_file), thread=1, seed=seed, verbose=0, **settings)
+            break
+        except RuntimeError as e:
+            if "NaN" not in str(e) or attempt == 2:
+                raise SelectionError(f"fastText training failed ({e}) at lr {settings['lr']:g}; lower "
+                                     "fasttext_options lr or use --backend sklearn") from e
+            settings["lr"] = settings["lr"] / 2
     train_file.unlink()
     if sorted(model.labels) != sorted([_POS, _NEG]):
         raise SelectionError(f"fastText learned labels {model.labels}, not both classes; give it more "
