@@ -11,6 +11,7 @@ import sys
 # verb -> (module under mixlm.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "print the exact parameter count of a model config (no allocation)"),
+    "plan": ("plan", "per-device memory, fit, FLOPs/token and days to train on N GPUs/TPUs (no allocation)"),
     "train": ("train", "train a model: mixlm train CONFIG [section.key=value ...]"),
     "launch": ("launch", "train on many processes (local | tpu | slurm) or a sweep as a SLURM job array (slurm-sweep)"),
     "prepare": ("prepare", "tokenize raw documents per domain into shuffled ArrayRecord shards + manifests"),
@@ -25,9 +26,48 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = """\
+JAX/Flax pretraining for data-mixture and data-selection research: prepare domains, search mixtures
+(RegMix), select data (Meta-rater, DCLM-style filters), train sharded, export to Hugging Face, evaluate
+with lm-eval, release. `mixlm VERB -h` shows a verb's flags and their defaults."""
+
+
+def _says_something(default) -> bool:
+    return not (default is None or default is False or default == "" or default == []
+                or default is argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that ends each option with its default (not for None, False, '' and [] defaults, which say
+    nothing, nor where the help text already names one); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not _says_something(action.default):
+            return text
+        if not (action.option_strings or action.nargs in ("?", "*")):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every mixlm parser: HelpFormatter unless told otherwise; sub-verbs made with add_subparsers are of
+    this class too, so `mixlm tokenizer train -h` shows defaults like `mixlm prepare -h`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        for action in self._actions:  # an option without help text still shows its default
+            if action.option_strings and action.help is None and _says_something(action.default):
+                action.help = "(default: %(default)s)"
+        return super().format_help()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="mixlm", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="mixlm", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_, help_text) in COMMANDS.items():
         sub.add_parser(verb, help=help_text, add_help=False)
@@ -39,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb = argv[0]
     module = importlib.import_module(f"mixlm.commands.{COMMANDS[verb][0]}")
-    verb_parser = argparse.ArgumentParser(prog=f"mixlm {verb}", description=COMMANDS[verb][1])
+    verb_parser = ArgumentParser(prog=f"mixlm {verb}", description=COMMANDS[verb][1])
     module.add_arguments(verb_parser)
     args = verb_parser.parse_args(argv[1:])
     from mixlm.config import ConfigError

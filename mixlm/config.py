@@ -58,6 +58,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # activations / matmuls; params stay float32 (master weights)
     attention: str = "auto"  # auto | blocked | xla | cudnn | splash | pallas_gpu (mixlm.models.attention)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable: recompute per block
+    scan_layers: bool = False  # one compiled block over stacked params [num_layers, ...] (mixlm.models.stack_layers)
 
     def __post_init__(self):
         _check_bounds("model", self)  # first: a zero head count would divide by zero below
@@ -118,6 +119,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = False  # norms and biases never decay
     clip_norm: float = 1.0  # 0 disables clipping
+    moments_dtype: str = "float32"  # float32 | bfloat16: dtype of AdamW's first moment (mu); nu stays float32
+
+    def __post_init__(self):
+        if self.moments_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"optimizer.moments_dtype must be float32|bfloat16, got {self.moments_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -372,8 +378,49 @@ def validate_for_mesh(cfg: ExperimentConfig, data_parallel: int, process_count: 
                           f"use a global batch that is a multiple of {process_count * k}")
 
 
+# Names other codebases use for our keys (HF, nanoGPT, MaxText, Levanter): suggested before spelling matches.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("lr",), "peak_lr": ("lr",), "max_lr": ("lr",), "base_lr": ("lr",),
+    "wd": ("weight_decay",), "beta1": ("b1",), "beta2": ("b2",), "adam_beta1": ("b1",), "adam_beta2": ("b2",),
+    "epsilon": ("eps",), "adam_eps": ("eps",), "adam_epsilon": ("eps",),
+    "grad_clip": ("clip_norm",), "max_grad_norm": ("clip_norm",), "gradient_clipping": ("clip_norm",),
+    "batch_size": ("global_batch_size",), "train_batch_size": ("global_batch_size",),
+    "per_device_batch_size": ("global_batch_size",),
+    "gradient_accumulation_steps": ("grad_accum_steps",), "accumulation_steps": ("grad_accum_steps",),
+    "num_steps": ("steps",), "max_steps": ("steps",), "train_steps": ("steps",), "total_steps": ("steps",),
+    "max_iters": ("steps",), "iterations": ("steps",),
+    "warmup": ("warmup_steps", "warmup_fraction"), "num_warmup_steps": ("warmup_steps",),
+    "warmup_ratio": ("warmup_fraction",), "lr_schedule": ("kind",), "scheduler": ("kind",),
+    "min_learning_rate": ("min_lr",), "final_lr": ("min_lr",), "end_lr": ("min_lr",),
+    "layers": ("num_layers",), "n_layer": ("num_layers",), "n_layers": ("num_layers",),
+    "num_hidden_layers": ("num_layers",), "depth": ("num_layers",),
+    "hidden_size": ("d_model",), "hidden_dim": ("d_model",), "n_embd": ("d_model",), "emb_dim": ("d_model",),
+    "dim": ("d_model",), "width": ("d_model",), "embed_dim": ("d_model",),
+    "n_head": ("num_heads",), "n_heads": ("num_heads",), "heads": ("num_heads",),
+    "num_attention_heads": ("num_heads",), "num_key_value_heads": ("num_kv_heads",), "n_kv_heads": ("num_kv_heads",),
+    "intermediate_size": ("mlp_dim",), "ffn_dim": ("mlp_dim",), "d_ff": ("mlp_dim",), "n_inner": ("mlp_dim",),
+    "vocab": ("vocab_size",), "n_vocab": ("vocab_size",),
+    "context_length": ("max_seq_len", "seq_len"), "max_position_embeddings": ("max_seq_len",),
+    "n_positions": ("max_seq_len",), "block_size": ("seq_len", "max_seq_len"), "sequence_length": ("seq_len",),
+    "max_length": ("seq_len", "max_seq_len"), "seq_length": ("seq_len",),
+    "tie_word_embeddings": ("tie_embeddings",), "rope_theta": ("rope_base",), "rms_norm_eps": ("norm_eps",),
+    "layer_norm_epsilon": ("norm_eps",), "dtype": ("compute_dtype",), "precision": ("compute_dtype",),
+    "random_seed": ("seed",), "out_dir": ("output_dir",), "output_path": ("output_dir",),
+    "save_every": ("every",), "eval_every": ("every",), "log_every": ("every",), "eval_interval": ("every",),
+    "data_dir": ("prepared_dir",), "dataset_dir": ("prepared_dir",), "weights": ("mixture",),
+    "mixture_weights": ("mixture",), "domain_weights": ("mixture",),
+}
+
+
 def _closest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.4)
+    """' Closest valid keys: a, b.' for a misspelled or foreign key: known synonyms first (SYNONYMS), then
+    keys containing the name or contained in it, then spelling (difflib); ' Valid keys: ...' when none."""
+    options = list(options)
+    lowered = name.lower().replace("-", "_")
+    close = [k for k in SYNONYMS.get(lowered, ()) if k in options]
+    close += [k for k in options if len(lowered) >= 3 and (lowered in k or (len(k) >= 3 and k in lowered))]
+    close += difflib.get_close_matches(lowered, options, n=3, cutoff=0.4)
+    close = list(dict.fromkeys(close))[:3]
     return f" Closest valid keys: {', '.join(close)}." if close else f" Valid keys: {', '.join(options)}."
 
 

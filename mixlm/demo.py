@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             f"train.output_dir={out / 'train'}",
         ],
     )
-    print(f"[2/5] train {cfg.model.name} on {jax.device_count()} devices -> {cfg.train.output_dir}", flush=True)
+    n = jax.device_count()
+    print(f"[2/5] train {cfg.model.name} on {n} device{'s' if n != 1 else ''} -> {cfg.train.output_dir}", flush=True)
     from mixlm.train import train
 
     result = train(cfg)

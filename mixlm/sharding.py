@@ -80,6 +80,7 @@ DEFAULT_RULES = AxisRules(
         ("norm", ()),
         ("position", ()),
         ("length", ()),
+        ("layers", ()),  # the stacked-layer axis of model.scan_layers: every device holds all layers
     )
 )
 
@@ -95,7 +96,11 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int
     known = math.prod(s for s in shape if s != -1)
     if fill:
         if num_devices % known:
-            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed axes' product {known}")
+            raise ConfigError(
+                f"mesh: {num_devices} {'device' if num_devices == 1 else 'devices'} present, not divisible by the "
+                f"fixed axes' product {known} (data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}); set the fixed "
+                "axes to divide it (e.g. mesh.data=1, and -1 on one axis to fill the devices), or on CPU fake more "
+                f"devices with XLA_FLAGS=--xla_force_host_platform_device_count={known}")
         shape[fill[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ConfigError(

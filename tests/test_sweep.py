@@ -118,3 +118,70 @@ def test_a_slurm_array_sweep_trains_shards_then_one_pass_records_them(demo, tmp_
     assert {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in (sweep / "runs").iterdir()} == trained
     with pytest.raises(ConfigError, match="--shard '2/2'"):
         shard_of(read_csv(tmp_path / "mixtures.csv"), "2/2")
+
+
+def test_worker_envs_give_each_gpu_worker_its_own_devices():
+    from mixlm.mixing.sweep import detect_accelerator, visible_gpus, worker_envs
+
+    gpus = [str(i) for i in range(8)]
+    assert worker_envs(2, "cpu") == [{}, {}]  # CPU: today's behaviour, workers share the host
+    assert worker_envs(0, "gpu", gpus) == []  # in this process: nothing to assign
+    assert worker_envs(4, "gpu", gpus) == [{"CUDA_VISIBLE_DEVICES": f"{2 * i},{2 * i + 1}"} for i in range(4)]
+    assert worker_envs(8, "gpu", gpus) == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(8)]
+    assert worker_envs(1, "gpu", ["3", "5"]) == [{"CUDA_VISIBLE_DEVICES": "3,5"}]  # the visible ids, not 0..G-1
+    # more workers than GPUs: each GPU shared by the same number of workers, each capped to its share
+    shared = worker_envs(8, "gpu", ["0", "1", "2", "3"])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in shared] == ["0", "1", "2", "3"] * 2
+    assert {e["XLA_PYTHON_CLIENT_MEM_FRACTION"] for e in shared} == {"0.45"}
+    with pytest.raises(ConfigError, match=r"8 GPUs do not split evenly over 3 workers; use one of \[1, 2, 4, 8\]"):
+        worker_envs(3, "gpu", gpus)
+    with pytest.raises(ConfigError, match="must be a multiple of 4"):
+        worker_envs(6, "gpu", ["0", "1", "2", "3"])
+    with pytest.raises(ConfigError, match="no GPUs found"):
+        worker_envs(2, "gpu", [])
+    with pytest.raises(ConfigError, match="on TPU one process owns all of a host's chips"):
+        worker_envs(2, "tpu")
+    assert worker_envs(1, "tpu") == [{}]
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 5"}) == ["2", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert detect_accelerator({"JAX_PLATFORMS": "cpu"}) == "cpu"
+    assert detect_accelerator({"JAX_PLATFORMS": "cuda"}) == "gpu"
+    assert detect_accelerator({"JAX_PLATFORMS": "tpu"}) == "tpu"
+    assert detect_accelerator({"TPU_ACCELERATOR_TYPE": "v5p-32"}) == "tpu"
+
+
+def test_a_parallel_tpu_sweep_is_refused_before_any_run(demo, tmp_path, capsys):
+    _, data, base = demo
+    prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
+    write_csv(tmp_path / "mixtures.csv", mixtures_table(sample_mixtures(prior, 2, seed=3), prior.domains))
+    assert main(["sweep", str(base), "--mixtures", str(tmp_path / "mixtures.csv"), "--out", str(tmp_path / "sweep"),
+                 "--parallel", "2", "--accelerator", "tpu"]) == 2
+    assert "one process owns all of a host's chips" in capsys.readouterr().err
+    assert not (tmp_path / "sweep" / "runs" / "0001" / "train.log").exists()
+
+
+def test_parallel_2_runs_two_worker_processes_each_on_its_own_gpu(demo, tmp_path, monkeypatch):
+    """Two real worker processes at once; --accelerator gpu --gpus 0,1 on this CPU host (JAX_PLATFORMS=cpu is
+    inherited, so they train on CPU) checks the env each worker is started with."""
+    import mixlm.mixing.sweep as sweep_module
+
+    _, data, base = demo
+    prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
+    write_csv(tmp_path / "mixtures.csv", mixtures_table(sample_mixtures(prior, 2, seed=2), prior.domains))
+    started = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(command, **kwargs):
+        started.append(kwargs["env"])
+        return real_popen(command, **kwargs)
+
+    monkeypatch.setattr(sweep_module.subprocess, "Popen", recording_popen)
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", str(base), "train.steps=2", "logging.every=1", "--mixtures", str(tmp_path / "mixtures.csv"),
+                 "--out", str(sweep), "--parallel", "2", "--accelerator", "gpu", "--gpus", "0,1"]) == 0
+    assert sorted(read_csv(sweep / "results.csv").index_N.tolist()) == [1, 2]
+    assert len(started) == 2 and sorted(env["CUDA_VISIBLE_DEVICES"] for env in started) == ["0", "1"]
+    assert all(env["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env for env in started)
+    heads = sorted((sweep / "runs" / r / "train.log").read_text().splitlines()[0] for r in ("0001", "0002"))
+    assert heads == ["mixlm sweep: worker 0: CUDA_VISIBLE_DEVICES=0", "mixlm sweep: worker 1: CUDA_VISIBLE_DEVICES=1"]

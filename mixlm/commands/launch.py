@@ -30,7 +30,6 @@ SCRIPTS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     where = "\n".join(f"  {name:<12} {help_text}" for name, (_, help_text) in SCRIPTS.items())
     parser.epilog = f"WHERE (`mixlm launch WHERE --help` for its options):\n{where}\n\n{__doc__}"
     # argparse.PARSER: WHERE and every argument after it, options included, go to the script's own parser.

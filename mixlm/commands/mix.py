@@ -118,7 +118,8 @@ def _sample(args: argparse.Namespace) -> int:
         )
     write_csv(args.out / "mixtures.csv", table)
     print(
-        f"wrote {len(mixtures)} mixtures of {len(prior.domains)} domains to {args.out}/mixture_*.yaml "
+        f"wrote {len(mixtures)} mixture{'' if len(mixtures) == 1 else 's'} of {len(prior.domains)} domains to "
+        f"{args.out}/mixture_*.yaml "
         f"and {args.out / 'mixtures.csv'}"
     )
     return 0

@@ -1,6 +1,7 @@
 """mixlm release OUT_DIR --repo-id ORG/NAME [--dry-run]: refresh the model card of an exported folder (with
 eval scores when given) and upload the folder to the Hugging Face Hub; --dry-run lists what would be
-uploaded and touches neither the folder nor the network."""
+uploaded, writes the re-rendered card to a preview file beside the folder (--preview PATH, or '-' to print it)
+and touches neither the folder nor the network."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ REQUIRED = ("config.json", "README.md")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="a folder written by `mixlm export`")
     parser.add_argument("--repo-id", required=True, help="Hub model repo, ORG/NAME")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would be uploaded and write the re-rendered card to --preview; no network")
+    parser.add_argument("--preview", default="",
+                        help="with --dry-run: where to write the re-rendered model card ('-' prints it); "
+                        "default: FOLDER.README.preview.md next to the folder, which stays untouched")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--commit-message", default="", help="default: 'mixlm release <name>'")
     add_card_arguments(parser)
@@ -43,6 +48,24 @@ def check_folder(folder: Path, repo_id: str) -> None:
     if missing:
         raise ExportError(f"{folder}: not an exported model folder (missing {', '.join(missing)}); run "
                           "`mixlm export` first")
+
+
+def preview_path(folder: Path, preview: str) -> Path:
+    """Where --dry-run writes the re-rendered card: --preview, else FOLDER.README.preview.md beside the folder."""
+    return Path(preview) if preview else folder.resolve().with_name(f"{folder.resolve().name}.README.preview.md")
+
+
+def write_preview(folder: Path, card_text: str, preview: str) -> None:
+    """The card the release would upload: printed ('-') or written to `preview_path` (never into `folder`)."""
+    if preview == "-":
+        print(card_text)
+        return
+    path = preview_path(folder, preview)
+    if folder.resolve() in path.resolve().parents:  # it would be uploaded (or replace the card) with the folder
+        print(f"mixlm release: --preview {preview} is inside {folder}; choose a path outside it", file=sys.stderr)
+        return
+    path.write_text(card_text)
+    print(f"model card preview (README.md as it would be uploaded): {path}")
 
 
 def upload(folder: Path, files: list[Path], repo_id: str, *, private: bool, commit_message: str) -> str:
@@ -77,13 +100,16 @@ def run(args: argparse.Namespace) -> int:
     files = release_files(folder)
     total = sum(p.stat().st_size for p in files)
     message = args.commit_message or f"mixlm release {args.repo_id.split('/')[-1]}"
-    print(f"{'would upload' if args.dry_run else 'uploading'} {len(files)} files ({total / 1e9:.3f} GB) to "
+    print(f"{'would upload' if args.dry_run else 'uploading'} {len(files)} file{'' if len(files) == 1 else 's'} "
+          f"({total / 1e9:.3f} GB) to "
           f"https://huggingface.co/{args.repo_id} ({'private' if args.private else 'public'}), "
           f"commit {message!r}:")
     for p in files:
         note = " (model card re-rendered)" if p.name == "README.md" and card_text is not None else ""
         print(f"  {p.relative_to(folder).as_posix():<48} {p.stat().st_size:>15,} bytes{note}")
     if args.dry_run:
+        if card_text is not None:
+            write_preview(folder, card_text, args.preview)
         return 0
     if card_text is not None:
         (folder / "README.md").write_text(card_text)

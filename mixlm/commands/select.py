@@ -51,10 +51,10 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="table format")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting it")
     p.add_argument("--overwrite", action="store_true", help="recompute shards that already have tables")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]  # the usage lines above
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -162,7 +162,7 @@ def _read_texts(paths: list[str], text_field: str, limit: int | None) -> list[st
             if limit is not None and len(texts) >= limit:
                 return texts
     if bad.counts:
-        print(f"skipped {sum(bad.counts.values())} bad lines: {dict(bad.counts)}", file=sys.stderr)
+        print(f"skipped {_bad_lines(dict(bad.counts))}; e.g. {bad.examples[0]}", file=sys.stderr)
     return texts
 
 
@@ -183,13 +183,25 @@ def _compute(args, settings) -> int:
     from mixlm.selection.shards import compute_tables
 
     report = compute_tables(args.inputs, args.out, settings, workers=args.workers, strict=args.strict,
-                            overwrite=args.overwrite)
-    print(f"{report['documents']} documents in {report['shards']} shards → {args.out} "
-          f"({report['seconds']:.1f} s)")
+                            overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"{_counted(report['documents'], 'document')} in {_counted(report['shards'], 'shard')} → {args.out} "
+          f"({report['seconds']:.1f} s)", flush=True)
     if report["malformed_lines"]:
-        print(f"skipped {report['malformed_lines']} bad lines {report['malformed']}; e.g. "
-              f"{report['malformed_examples'][0]}", file=sys.stderr)
+        print(f"skipped {_bad_lines(report['malformed'])}; e.g.", file=sys.stderr)
+        for example in report["malformed_examples"]:  # each whole: file:line: kind: detail
+            print(f"  {example}", file=sys.stderr)
     return 0
+
+
+def _counted(n: int, noun: str) -> str:
+    """'1 document', '2,000 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _bad_lines(counts: dict[str, int]) -> str:
+    """'3 bad lines (2 invalid json, 1 empty)'."""
+    kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items())
+    return f"{_counted(sum(counts.values()), 'bad line')} ({kinds})"
 
 
 def _classifier_dir(path: str, trust_pickle: bool) -> str:
@@ -232,7 +244,7 @@ def _run(args) -> int:
         neg = _read_texts(args.neg, args.text_field, args.max_docs)
         meta = train_classifier(pos, neg, args.out, backend=args.backend, signal=args.signal, seed=args.seed,
                                 val_fraction=args.val_fraction)
-        print(f"{args.backend} classifier on {meta['train']} documents → {args.out}; held out "
+        print(f"{args.backend} classifier on {_counted(meta['train'], 'document')} → {args.out}; held out "
               f"{meta['held_out']}: accuracy {meta.get('held_out_accuracy', float('nan')):.3f}")
         return 0
     if args.action == "pick":
@@ -244,11 +256,11 @@ def _run(args) -> int:
                                   top_fraction=args.top_fraction, budget_unit=args.budget_unit,
                                   random_out=args.random_out, seed=args.seed, plot=args.plot)
         unit = report["budget_unit"]
-        print(f"kept {report['documents_out']} of {report['documents_in']} documents, "
+        print(f"kept {report['documents_out']:,} of {_counted(report['documents_in'], 'document')}, "
               f"{report[unit + '_out']} of {report[unit + '_in']} {unit} → {args.out}")
         if args.random_out:
             rnd = report["random_baseline"]
-            print(f"random baseline: {rnd['documents_out']} documents, {rnd[unit + '_out']} {unit} "
+            print(f"random baseline: {_counted(rnd['documents_out'], 'document')}, {rnd[unit + '_out']} {unit} "
                   f"→ {args.random_out}")
         if args.prepare_out:
             _prepare([args.out] + ([args.random_out] if args.random_out else []), args.prepare_out, args.tokenizer)
@@ -266,7 +278,7 @@ def _run(args) -> int:
             for i, w in enumerate(weightings):
                 writer.writerow([i, *(w[s] for s in signals)])
                 (out / f"weighting_{i:04d}.yaml").write_text(yaml.safe_dump(w, sort_keys=False))
-        print(f"{args.n} weightings of {len(signals)} raters → {out}")
+        print(f"{_counted(args.n, 'weighting')} of {_counted(len(signals), 'rater')} → {out}")
         return 0
     if args.action == "metarater":
         from mixlm.selection.metarater import learn_rater_weights, parse_raters
@@ -289,7 +301,8 @@ def _run(args) -> int:
             base_config=args.base, overrides=args.overrides, tokenizer=args.tokenizer, heldout=args.heldout,
             heldout_name=args.heldout_name, regressors=[r.strip() for r in args.regressors.split(",") if r.strip()],
             folds=args.folds, n_samples=args.samples, top_k=args.top_k, alpha=args.alpha, seed=args.seed)
-        print(f"{len(result.losses)} proxies → {result.results_csv}; weights → {result.weights_yaml}")
+        print(f"{len(result.losses)} {'proxy' if len(result.losses) == 1 else 'proxies'} → {result.results_csv}; "
+              f"weights → {result.weights_yaml}")
         return 0
     raise AssertionError(args.action)
 

@@ -1,4 +1,8 @@
-"""mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N] [section.key=value ...]"""
+"""mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N] [section.key=value ...]
+
+With --parallel N on a GPU host each worker process gets its own GPUs (CUDA_VISIBLE_DEVICES; workers sharing a
+GPU also get XLA_PYTHON_CLIENT_MEM_FRACTION); on TPU --parallel > 1 is refused (one process per host); on CPU
+workers share the host (mixlm.mixing.sweep.worker_envs)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a `mixlm mix sample` folder (its mixtures.csv) or a CSV: index + one column per domain")
     parser.add_argument("--out", required=True, help="sweep folder: runs/<index>/ and results.csv")
     parser.add_argument("--parallel", type=int, default=1, help="proxy runs at once as separate processes (0: in this process, sequentially)")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "tpu"],
+                        help="how --parallel workers get devices (auto: JAX_PLATFORMS, a TPU VM, nvidia-smi)")
+    parser.add_argument("--gpus", default=None,
+                        help="GPU ids the workers split, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES or all GPUs)")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N mixtures")
     parser.add_argument("--shard", default="",
                         help="I/K: train every K-th mixture from the I-th and leave results.csv alone (one "
@@ -30,8 +38,9 @@ def run(args) -> int:
         table = table.rows(table.index_N[: args.limit])
     cfg = load_config(args.config, args.overrides)
     runs = plan_sweep(args.config, shard_of(table, args.shard), args.out, args.overrides)
+    gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
     results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel,
-                        record=not args.shard)
+                        record=not args.shard, accelerator=args.accelerator, gpus=gpus)
     if args.shard:
         print(f"shard {args.shard}: {len(runs)} runs trained; record them with the same command without --shard")
     else:

@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = sub.add_parser("train", help="train a byte-level BPE and save a HF tokenizer folder")
     train.add_argument("--out", required=True, help="tokenizer folder to write")
-    train.add_argument("--vocab-size", type=int, default=8192)
-    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--vocab-size", type=int, default=8192, help="tokens, specials included")
+    train.add_argument("--min-frequency", type=int, default=2, help="a pair merges only if seen this often")
     train.add_argument(
         "--domain",
         action="append",
@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training text (same sources as `mixlm prepare`); repeatable",
     )
     train.add_argument("--domains-file", help="YAML mapping domain: source(s)")
-    train.add_argument("--text-field", default="text")
+    train.add_argument("--text-field", default="text", help="field holding the text in jsonl / parquet / hf / tfds")
     train.add_argument("--max-docs-per-domain", type=int, default=0, help="0: every document")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar and summary on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
             min_frequency=args.min_frequency,
             text_field=args.text_field,
             max_docs_per_domain=args.max_docs_per_domain,
+            progress=not args.no_progress,
         )
     except PrepareError as e:
         print(f"mixlm tokenizer train: error: {e}", file=sys.stderr)
         return 1
-    print(f"tokenizer written to {out}")
+    if args.no_progress:
+        print(f"tokenizer written to {out}")
     return 0

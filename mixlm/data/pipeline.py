@@ -36,6 +36,15 @@ class RepetitionWarning(UserWarning):
     """A domain started a second (or later) epoch."""
 
 
+def _warn_repetition(message: str) -> None:
+    """A RepetitionWarning shown as one line: no source line under it (lineno 0 has none) and printed
+    around any tqdm bar (the train loop's progress bar) instead of into it."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        warnings.warn_explicit(message, RepetitionWarning, filename="mixlm data", lineno=0, module=__name__)
+
+
 def _rows_dataset(split, packing: str, seq_len: int, seed: int, *, train: bool):
     if packing == "concat":
         return ConcatWindows(split, seq_len, seed=seed, shuffle=train, repeat=train, pad_tail=not train)
@@ -239,12 +248,8 @@ class PreparedMixtureSource:
             if unit >= rows.units_per_epoch and not self._warned[d]:
                 self._warned[d] = True
                 if self.process_index == 0:
-                    warnings.warn(
-                        f"domain {dom.name!r} starts repeating (epoch {unit // rows.units_per_epoch + 1}) "
-                        f"at step {step}",
-                        RepetitionWarning,
-                        stacklevel=3,
-                    )
+                    _warn_repetition(f"domain {dom.name!r} starts repeating (epoch {unit // rows.units_per_epoch + 1}) "
+                                     f"at step {step}")
 
     def describe(self) -> str:
         """The mixture table: normalised weights per stage, tokens and epochs over train.steps."""

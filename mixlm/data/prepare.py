@@ -157,15 +157,40 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-class _Progress:
-    """A tqdm bar over documents with tokens/s in the postfix (silent when disabled)."""
+def _counted(n: int, noun: str) -> str:
+    """'1 document', '2,000 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
-    def __init__(self, enabled: bool, desc: str):
+
+def count_documents(unit: InputUnit) -> int | None:
+    """The unit's document count when it is cheap to know (uncompressed jsonl: lines, blank ones included;
+    parquet: rows, from the footer; a text file: 1), else None. Progress bars use it for their ETA."""
+    if unit.kind == "text":
+        return 1
+    if unit.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(unit.location).metadata.num_rows
+    if unit.kind == "jsonl" and not unit.location.endswith((".gz", ".zst")):
+        lines, last = 0, b"\n"
+        with open(unit.location, "rb") as f:
+            while block := f.read(1 << 24):
+                lines, last = lines + block.count(b"\n"), block[-1:]
+        return lines + (last != b"\n")
+    return None
+
+
+class _Progress:
+    """A tqdm bar over documents with tokens/s in the postfix (silent when disabled); `total` (documents,
+    None when unknown) gives it an ETA."""
+
+    def __init__(self, enabled: bool, desc: str, total: int | None = None):
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(desc=desc, unit="doc", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(desc=desc, total=total, unit="doc", unit_scale=True, file=sys.stderr,
+                            dynamic_ncols=True)
         self.tokens, self.start = 0, time.perf_counter()
 
     def update(self, docs: int, tokens: int) -> None:
@@ -271,7 +296,8 @@ def _tokenize_units(
     domain: str, units: list[InputUnit], work: Path, spec: TokenizerSpec, options: PrepareOptions, pool
 ) -> list[dict]:
     items = _batches(units, work, options)
-    progress = _Progress(options.progress, f"tokenize {domain}")
+    counts = [count_documents(u) for u in units] if options.progress else [None]
+    progress = _Progress(options.progress, f"tokenize {domain}", None if None in counts else sum(counts))
     if pool is not None:
         results = _bounded_imap(pool, items, 4 * options.workers)
     else:
@@ -378,6 +404,53 @@ def _clear_outputs(dom_dir: Path) -> None:
             p.unlink()
 
 
+def _short(digest: str | None) -> str:
+    return f"{digest[:12]}..." if digest else "none"
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _plan_changes(existing: DomainManifest, provenance: list[dict], spec: TokenizerSpec, plan_options: dict,
+                  manifest_path: Path) -> list[str]:
+    """What differs between a prepared domain's manifest and this run's inputs and options, one phrase
+    each: an input file added / gone / of another size or content (and modified after the manifest was
+    written), another tokenizer, an option with its old and new value."""
+    changes = []
+    old = {s["path"]: s for s in existing.sources}
+    new = {s["path"]: s for s in provenance}
+    prepared_at = manifest_path.stat().st_mtime
+    for path in new.keys() - old.keys():
+        changes.append(f"new input {path}")
+    for path in old.keys() - new.keys():
+        changes.append(f"input {path} is no longer given")
+    for path in [p for p in new if p in old]:
+        was, now = old[path], new[path]
+        what = []
+        if was.get("bytes") != now.get("bytes"):
+            what.append(f"size {was.get('bytes', 0):,} -> {now.get('bytes', 0):,} bytes")
+        if was.get("sha256") != now.get("sha256"):
+            what.append(f"sha256 {_short(was.get('sha256'))} -> {_short(now.get('sha256'))}")
+        if was.get("options", {}) != now.get("options", {}):
+            what.append(f"options {was.get('options')} -> {now.get('options')}")
+        if what:
+            with contextlib.suppress(OSError):
+                modified = os.stat(path).st_mtime
+                if modified > prepared_at:
+                    what.append(f"modified {_when(modified)}, after it was prepared ({_when(prepared_at)})")
+            changes.append(f"input {path}: {', '.join(what)}")
+    if existing.tokenizer.get("fingerprint") != spec.fingerprint:
+        old_tok = existing.tokenizer
+        changes.append(f"tokenizer {old_tok.get('name')} (vocab {old_tok.get('vocab_size')}) -> {spec.name} "
+                       f"(vocab {spec.vocab_size}), fingerprint {_short(old_tok.get('fingerprint'))} -> "
+                       f"{_short(spec.fingerprint)}")
+    for key, value in plan_options.items():
+        if key != "tokenizer" and existing.options.get(key) != value:
+            changes.append(f"option {key}: {existing.options.get(key)!r} -> {value!r}")
+    return changes or ["the text field of a source (?text_field=...) or the manifest's plan format"]
+
+
 def prepare_domain(
     domain: str,
     sources: Sequence[str] | str,
@@ -429,9 +502,10 @@ def prepare_domain(
                 print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
                 existing = None
         if existing is not None and not options.overwrite:
+            changes = _plan_changes(existing, provenance, spec, plan_options, dom_dir / MANIFEST)
             raise PrepareError(
-                f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options; "
-                "pass --overwrite to replace it, or choose another --out"
+                f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options "
+                f"({'; '.join(changes)}); pass --overwrite to replace it, or choose another --out"
             )
         _clear_outputs(dom_dir)
     if (
@@ -465,7 +539,7 @@ def prepare_domain(
     train_ids, val_ids = _split_documents(len(store.lengths), domain, options)
     train_tokens = int(store.lengths[train_ids].sum())
     num_shards = max(1, min(len(train_ids), math.ceil(train_tokens / options.shard_tokens)))
-    progress = _Progress(options.progress, f"shard {domain}")
+    progress = _Progress(options.progress, f"shard {domain}", len(store.lengths))
     try:
         splits = {
             "train": _write_split(
@@ -532,9 +606,10 @@ def prepare_domains(
 def _summary(name: str, m: DomainManifest, secs: float) -> None:
     bad = sum(m.malformed.values())
     print(
-        f"prepare {name}: {m.documents:,} documents, {m.tokens:,} tokens "
-        f"({m.splits['validation'].documents:,} documents held out), {len(m.splits['train'].shards)} train "
-        f"shards, {bad:,} malformed records, {secs:.1f}s",
+        f"prepare {name}: {_counted(m.documents, 'document')}, {_counted(m.tokens, 'token')} "
+        f"({_counted(m.splits['validation'].documents, 'document')} held out), "
+        f"{_counted(len(m.splits['train'].shards), 'train shard')}, {_counted(bad, 'malformed record')}, "
+        f"vocab {m.tokenizer['vocab_size']:,}, {secs:.1f}s",
         file=sys.stderr,
     )
     if bad:

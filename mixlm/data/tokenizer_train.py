@@ -8,10 +8,13 @@ pads. Byte-level: every string is encodable, no unknown tokens.
 from __future__ import annotations
 
 import itertools
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from mixlm.data.sources import read_documents, resolve_source
+from mixlm.data.prepare import count_documents
+from mixlm.data.sources import InputUnit, read_documents, resolve_source
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -44,6 +47,25 @@ def train_tokenizer_from_texts(
     return out
 
 
+def _expected_documents(units_per_domain: list[list[InputUnit]], max_docs_per_domain: int) -> int | None:
+    """Documents the training will read (an upper bound: blank / malformed lines count), or None."""
+    total = 0
+    for units in units_per_domain:
+        counts = [count_documents(u) for u in units]
+        known = None if None in counts else sum(counts)
+        if max_docs_per_domain:
+            total += max_docs_per_domain if known is None else min(known, max_docs_per_domain)
+        elif known is None:
+            return None
+        else:
+            total += known
+    return total
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def train_tokenizer(
     domains: Mapping[str, Sequence[str] | str],
     out_dir: str | Path,
@@ -52,18 +74,55 @@ def train_tokenizer(
     min_frequency: int = 2,
     text_field: str = "text",
     max_docs_per_domain: int = 0,
+    progress: bool = False,
 ) -> Path:
     """Trains on the documents of the given domains (name -> source specs, as for `prepare`), taking at
-    most `max_docs_per_domain` documents of each (0: all), domains interleaved in the given order."""
+    most `max_docs_per_domain` documents of each (0: all), domains interleaved in the given order.
+    progress=True: a tqdm bar over the documents read (with an ETA when their number is cheap to know)
+    on stderr, then a one-line summary there (documents, domains, vocabulary, seconds)."""
+    start = time.perf_counter()
+    units_per_domain = [
+        [u for spec in ([s] if isinstance(s, str) else s) for u in resolve_source(n, spec, text_field)]
+        for n, s in domains.items()
+    ]
 
-    def domain_texts(name, specs):
-        specs = [specs] if isinstance(specs, str) else specs
-        units = [u for spec in specs for u in resolve_source(name, spec, text_field)]
+    def domain_texts(units):
         texts = itertools.chain.from_iterable(read_documents(u)[0] for u in units)
         return itertools.islice(texts, max_docs_per_domain) if max_docs_per_domain else texts
 
-    streams = [domain_texts(n, s) for n, s in domains.items()]
+    streams = [domain_texts(units) for units in units_per_domain]
     interleaved = (t for group in itertools.zip_longest(*streams) for t in group if t is not None)
-    return train_tokenizer_from_texts(
-        interleaved, out_dir, vocab_size=vocab_size, min_frequency=min_frequency
-    )
+    seen = {"documents": 0, "chars": 0}
+
+    def counted(texts):
+        for t in texts:
+            seen["documents"] += 1
+            seen["chars"] += len(t)
+            yield t
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = _expected_documents(units_per_domain, max_docs_per_domain)
+        bar = tqdm(counted(interleaved), total=total, desc="tokenizer train: read", unit="doc", unit_scale=True,
+                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        texts = _closing_bar(bar, vocab_size)
+    else:
+        texts = counted(interleaved)
+    out = train_tokenizer_from_texts(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
+    if progress:
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = len(PreTrainedTokenizerFast.from_pretrained(str(out)))
+        print(f"tokenizer train: {_counted(seen['documents'], 'document')} ({seen['chars']:,} characters) from "
+              f"{_counted(len(domains), 'domain')}, vocab {vocab:,} (asked {vocab_size:,}), "
+              f"{time.perf_counter() - start:.1f}s -> {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def _closing_bar(bar, vocab_size: int):
+    """Yields the bar's items; when they run out, closes the bar and says what the trainer does next."""
+    yield from bar
+    bar.close()
+    print(f"tokenizer train: computing BPE merges up to {vocab_size:,} tokens", file=sys.stderr, flush=True)

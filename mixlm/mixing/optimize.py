@@ -12,6 +12,7 @@ from mixlm.config import ConfigError
 from mixlm.mixing.prior import DomainPrior
 from mixlm.mixing.regression import FitResult
 from mixlm.mixing.sample import DRAW_CHUNK, as_prior, dirichlet_draws, strength_grid
+from mixlm.mixing.tables import clean_weights
 
 
 def optimize(
@@ -34,7 +35,8 @@ def optimize(
     Draws n_samples mixtures the way `sample_mixtures` does (same temperature, strength grid and
     repetition bound; no minimum or rounding), drops those over the bound, predicts each with the
     model's `regressor` (default: its primary one) and returns the mean of the top_k lowest. A mean
-    of mixtures within the bound is within it too, so the result honours the bound.
+    of mixtures within the bound is within it too, so the result honours the bound. Shares below
+    NEGLIGIBLE_WEIGHT are 0 (the rest renormalised).
     """
     # In the model's order; a prior over more domains (a prepared folder with eval-only ones) is narrowed.
     prior = as_prior(prior).subset(model.domains)
@@ -63,4 +65,5 @@ def optimize(
             f"top_k={top_k}; raise n_samples or max_usage"
         )
     mean_D = best_weights.mean(axis=0)
-    return {d: float(w) for d, w in zip(model.domains, mean_D / mean_D.sum())}
+    # A domain no top-k mixture used averages to ~1e-37, not 0: written and printed as 0 (clean_weights).
+    return clean_weights({d: float(w) for d, w in zip(model.domains, mean_D / mean_D.sum())})

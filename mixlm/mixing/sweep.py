@@ -8,15 +8,22 @@ its final per-domain validation losses are appended to `<out>/results.csv` in Re
 (`index`, one column per domain weight, one `metric/<domain>_val_loss` per domain, plus
 `metric/val_loss`, the token-weighted total). Runs in parallel are separate processes; the parent is
 the only writer of results.csv.
+
+Parallel workers and devices (`worker_envs`): on a GPU host each of the `parallel` worker slots gets its own
+GPUs through CUDA_VISIBLE_DEVICES (G GPUs over P workers: G/P each when P divides G; P/G workers per GPU, each
+capped by XLA_PYTHON_CLIENT_MEM_FRACTION, when G divides P); a TPU host's chips belong to one process, so
+parallel > 1 is refused there; on CPU workers share the host as they always did.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +101,12 @@ def append_result(out_dir: Path, run: ProxyRun, domains: list[str], losses: dict
 
 def train_in_process(run: ProxyRun) -> dict[str, float]:
     from mixlm.config import load_config
+    from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
     from mixlm.train import train
 
     args = list(run.command[run.command.index("train") + 1:])
     cfg = load_config(args[0], args[1:])
+    cfg = resolve_vocab(cfg, explicit=vocab_size_is_explicit(args[0], args[1:]))  # from the prepared data
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return {k: v for k, v in train(cfg).eval.items() if k.startswith("val_loss")}
@@ -126,27 +135,108 @@ def done_indices(out_dir: Path) -> set[int]:
     return set(read_csv(path).index_N.tolist()) if path.is_file() else set()
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
+SHARED_GPU_MEMORY = 0.9  # of one GPU, split evenly between the workers that share it
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else what `nvidia-smi` lists, else []."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def detect_accelerator(env: Mapping[str, str] | None = None) -> str:
+    """'cpu' | 'gpu' | 'tpu' for this host, without initialising jax (which would reserve GPU memory in the
+    parent): JAX_PLATFORMS when it names one platform, else a TPU VM's devices or variables, else GPUs."""
+    env = os.environ if env is None else env
+    platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        first = platforms[0]
+        return "gpu" if first in ("cuda", "gpu", "rocm") else first if first in ("cpu", "tpu") else "cpu"
+    if env.get("TPU_ACCELERATOR_TYPE") or env.get("TPU_WORKER_ID") or glob.glob("/dev/accel[0-9]*"):
+        return "tpu"
+    return "gpu" if visible_gpus(env) else "cpu"
+
+
+def worker_envs(parallel: int, accelerator: str, gpus: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The environment variables worker slot i (of `parallel`) adds to its process.
+
+    cpu: none (workers share the host's cores, as before). tpu: one process owns all of a host's chips, so
+    parallel > 1 is a ConfigError (spread a sweep over hosts with --shard instead). gpu with G GPUs:
+    parallel <= G needs G % parallel == 0 and slot i sees GPUs [i*g, (i+1)*g), g = G / parallel; parallel > G
+    needs parallel % G == 0 and slot i shares GPU i % G with parallel / G - 1 others, each capped at
+    XLA_PYTHON_CLIENT_MEM_FRACTION = SHARED_GPU_MEMORY * G / parallel (JAX would otherwise reserve 75% of the
+    GPU in the first worker). Anything else is a ConfigError naming the counts that work."""
+    if parallel < 1:
+        return []
+    if accelerator == "cpu":
+        return [{} for _ in range(parallel)]
+    if accelerator == "tpu":
+        if parallel > 1:
+            raise ConfigError(f"--parallel {parallel}: on TPU one process owns all of a host's chips, so proxies "
+                              "run one at a time per host (--parallel 1, or 0 in this process); spread a sweep over "
+                              "hosts with --shard I/K (launch/sweep.py writes the job array)")
+        return [{}]
+    if accelerator != "gpu":
+        raise ConfigError(f"--accelerator {accelerator!r}: expected one of {', '.join(ACCELERATORS)}")
+    gpus = list(gpus)
+    g = len(gpus)
+    if g == 0:
+        raise ConfigError("--accelerator gpu: no GPUs found (CUDA_VISIBLE_DEVICES is empty and nvidia-smi lists "
+                          "none); pass --gpus 0,1,... or --accelerator cpu")
+    if parallel <= g:
+        if g % parallel:
+            ok = [p for p in range(1, g + 1) if g % p == 0]
+            raise ConfigError(f"--parallel {parallel}: {g} GPUs do not split evenly over {parallel} workers; use "
+                              f"one of {ok} (GPUs each: {[g // p for p in ok]}) or a multiple of {g} to share GPUs")
+        per = g // parallel
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per:(i + 1) * per])} for i in range(parallel)]
+    if parallel % g:
+        raise ConfigError(f"--parallel {parallel}: more workers than the {g} GPUs must be a multiple of {g} so "
+                          f"each GPU is shared by as many workers, e.g. {parallel // g * g or g} or "
+                          f"{-(-parallel // g) * g}")
+    share = parallel // g
+    fraction = f"{int(SHARED_GPU_MEMORY / share * 100) / 100:.2f}"
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % g], "XLA_PYTHON_CLIENT_MEM_FRACTION": fraction}
+            for i in range(parallel)]
+
+
 def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, parallel: int = 1,
-              record: bool = True, log=print) -> Path:
+              record: bool = True, log=print, accelerator: str = "auto", gpus: Sequence[str] | None = None) -> Path:
     """Runs every unfinished proxy (up to `parallel` processes at once; 0: in this process, one after
     another) and appends its losses. record=False (one shard of a sweep spread over machines, which
     must not write one shared file at once): train only; a later run with record=True writes the
-    finished runs' losses to results.csv without training them again."""
+    finished runs' losses to results.csv without training them again. Each worker process gets the
+    devices of its slot (worker_envs; `accelerator` 'auto' detects the host, `gpus` defaults to the
+    visible ones)."""
     out_dir = Path(out_dir)
+    if accelerator == "auto":
+        accelerator = detect_accelerator()
+    slots = worker_envs(parallel, accelerator, visible_gpus() if gpus is None and accelerator == "gpu" else gpus or ())
     finished = done_indices(out_dir)
     if not record:
         finished |= {r.index for r in runs if final_losses(r.run_dir, steps) is not None}
     todo = [r for r in runs if r.index not in finished]
     record_result = append_result if record else _no_record
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {out_dir / RESULTS}, {len(todo)} to run")
+    for slot, extra in enumerate(slots):
+        if extra:
+            log(f"sweep: worker {slot}: " + " ".join(f"{k}={v}" for k, v in extra.items()))
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / ".jax_cache"))  # proxies share one shape
-    running: list[tuple[ProxyRun, subprocess.Popen, float]] = []  # each Popen owns its log file
+    running: list[tuple[ProxyRun, subprocess.Popen, float, int]] = []  # each Popen owns its log file
     failures = []
 
     def reap(block: bool) -> None:
         for item in list(running):
-            run, proc, started = item
+            run, proc, started, _slot = item
             if proc.poll() is None and not block:
                 continue
             proc.wait()
@@ -175,10 +265,15 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
             continue
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted run starts over
+        slot = min(set(range(parallel)) - {item[3] for item in running})
         log_file = open(run.run_dir / "train.log", "w")  # noqa: SIM115 - closed in reap() when the run ends
-        proc = subprocess.Popen(run.command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        if slots[slot]:
+            log_file.write(f"mixlm sweep: worker {slot}: "
+                           + " ".join(f"{k}={v}" for k, v in slots[slot].items()) + "\n")
+            log_file.flush()
+        proc = subprocess.Popen(run.command, stdout=log_file, stderr=subprocess.STDOUT, env={**env, **slots[slot]})
         proc.log_file = log_file
-        running.append((run, proc, time.time()))
+        running.append((run, proc, time.time(), slot))
     while running:
         reap(block=True)
     if failures:

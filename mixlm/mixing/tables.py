@@ -132,12 +132,30 @@ def mixtures_table(
     return Table(index_N, domains, values_NxD.reshape(len(mixtures), len(domains)))
 
 
+NEGLIGIBLE_WEIGHT = 1e-6  # a share below this is a numerical leftover (1.456e-37 from an average), not data
+
+
+def clean_weights(weights: Mapping[str, float], threshold: float = NEGLIGIBLE_WEIGHT) -> dict[str, float]:
+    """`weights` normalised, with every share below `threshold` set to 0 and the rest renormalised to sum
+    to 1; the domains and their order are kept. Unchanged (as floats) when nothing is that small."""
+    total = sum(float(w) for w in weights.values())
+    if total <= 0:
+        return {d: float(w) for d, w in weights.items()}
+    shares = {d: float(w) / total for d, w in weights.items()}
+    if not any(0 < w < threshold for w in shares.values()):
+        return {d: float(w) for d, w in weights.items()}
+    kept = {d: (w if w >= threshold else 0.0) for d, w in shares.items()}
+    norm = sum(kept.values())
+    return {d: w / norm for d, w in kept.items()}
+
+
 def write_mixture_yaml(path: str | Path, weights: Mapping[str, float], comment: str = "") -> None:
     """Writes `{domain: weight}` (the form `mixlm train` takes as data.mixture), leaving out domains of
-    weight 0 so a run never opens data it will not read."""
+    weight 0 (and below NEGLIGIBLE_WEIGHT of the total, see `clean_weights`) so a run never opens data it
+    will not read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = {d: float(f"{w:.10g}") for d, w in weights.items() if w > 0}
+    kept = {d: float(f"{w:.10g}") for d, w in clean_weights(weights).items() if w > 0}
     head = "".join(f"# {line}\n" for line in comment.splitlines())
     path.write_text(head + yaml.safe_dump(kept, sort_keys=False))
 

@@ -237,6 +237,7 @@ def learn_rater_weights(
         f"# predicted {loss_column(heldout_name)} {predicted:.4f} (best proxy {observed:.4f}).\n"
         f"# Use: mixlm select pick --signals ... --weights {weights_yaml} --budget ...\n"
         + yaml.safe_dump(weight_spec({r: round(w, 6) for r, w in best.items()}, directions), sort_keys=False))
+    shown = ", ".join(f"{r}: {w:.4g}" if w >= 1e-6 else f"{r}: 0" for r, w in best.items())  # no 1e-37
     log(f"metarater: {result.primary} fit, {folds}-fold Spearman {result.cv[result.primary].spearman:.3f}; "
-        f"weights {best} (predicted {predicted:.4f}) → {weights_yaml}")
+        f"weights {{{shown}}} (predicted {predicted:.4f}) → {weights_yaml}")
     return MetaRaterResult(weightings, losses, result, best, predicted, out, out / "results.csv", weights_yaml)

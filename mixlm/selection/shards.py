@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import re
+import sys
 import time
 from array import array
 from collections import Counter
@@ -81,8 +82,8 @@ def iter_documents(path: str | Path, text_field: str, bad: BadLines, strict: boo
             except UnicodeDecodeError as e:
                 bad.add(str(path), number, "invalid_utf8", str(e), strict)
                 continue
-            except json.JSONDecodeError as e:
-                bad.add(str(path), number, "invalid_json", e.msg, strict)
+            except json.JSONDecodeError as e:  # str(e), not e.msg: e.msg alone ends in "... at"
+                bad.add(str(path), number, "invalid_json", str(e), strict)
                 continue
             try:
                 text = _field(obj, text_field)
@@ -132,8 +133,9 @@ def _load_tokenizer(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool]) -> dict:
-    """Worker: one input shard → one table + its report. Returns the report."""
+def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_documents=None) -> dict:
+    """Worker: one input shard → one table + its report. Returns the report. on_documents(n), when given,
+    is called as documents are read (a progress bar in the calling process)."""
     index, path, out_dir, settings_dict, tokenizer_json, strict, overwrite = job
     settings = TableSettings(**{**settings_dict, "rating_columns": tuple(settings_dict["rating_columns"])})
     name = _shard_name(index, Path(path))
@@ -143,6 +145,8 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool]) -> dic
     if not overwrite and table_path.exists() and report_path.exists():
         old = json.loads(report_path.read_text())
         if (old.get("settings"), old.get("input"), old.get("input_bytes")) == (settings_dict, path, input_bytes):
+            if on_documents is not None:
+                on_documents(old["documents"] + old["malformed_lines"])
             return old
 
     start = time.time()
@@ -162,7 +166,13 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool]) -> dic
     missing_ratings: Counter = Counter()
     pending: list[str] = []
 
+    reported = [0]
+
     def flush() -> None:
+        if on_documents is not None:  # lines read, bad ones included (the bar's total counts lines)
+            done = len(columns["line"]) + sum(bad.counts.values())
+            on_documents(done - reported[0])
+            reported[0] = done
         if tokenizer is not None:
             columns["num_tokens"].extend(len(e.ids) for e in tokenizer.encode_batch(pending, add_special_tokens=False))
         if classifier is not None:
@@ -236,11 +246,28 @@ def _write_table(path: str, columns: dict[str, array], out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _progress_bar(paths: list[Path], text_field: str, *, shards: bool):
+    """A tqdm bar on stderr: over shards (worker processes), else over documents, with a total (and so an
+    ETA) when every shard's line count is cheap to know (uncompressed jsonl)."""
+    from tqdm import tqdm
+
+    from mixlm.data.prepare import count_documents
+    from mixlm.data.sources import InputUnit
+
+    if shards:
+        return tqdm(total=len(paths), desc="select: shards", unit="shard", file=sys.stderr, dynamic_ncols=True)
+    counts = [count_documents(InputUnit("jsonl", str(p), text_field)) for p in paths]
+    return tqdm(total=None if None in counts else sum(counts), desc="select: documents", unit="doc",
+                unit_scale=True, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
 def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: TableSettings = TableSettings(),
-                   *, workers: int = 1, strict: bool = False, overwrite: bool = False) -> dict:
+                   *, workers: int = 1, strict: bool = False, overwrite: bool = False,
+                   progress: bool = False) -> dict:
     """Signal tables for every input shard (see the module docstring); returns the summed report.
 
     `workers` > 1 runs shards in that many processes (spawned, so safe beside jax / tokenizers threads).
+    progress=True: a tqdm bar on stderr (documents in this process, shards with workers).
     """
     if settings.table_format not in TABLE_FORMATS:
         raise SelectionError(f"table format {settings.table_format!r}: use one of {TABLE_FORMATS}")
@@ -263,11 +290,24 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
         tokenizer_json = load_tokenizer_spec(settings.tokenizer).backend_json
     jobs = [(i, str(p), str(out), settings_dict, tokenizer_json, strict, overwrite) for i, p in enumerate(paths)]
     start = time.time()
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            reports = list(pool.imap(_score_shard, jobs))
-    else:
-        reports = [_score_shard(job) for job in jobs]
+    bar = _progress_bar(paths, settings.text_field, shards=workers > 1 and len(jobs) > 1) if progress else None
+    try:
+        if workers > 1 and len(jobs) > 1:
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                reports = []
+                for report in pool.imap(_score_shard, jobs):
+                    reports.append(report)
+                    if bar is not None:
+                        bar.update(1)
+        else:
+            reports = [_score_shard(job, bar.update if bar is not None else None) for job in jobs]
+    except BaseException:
+        if bar is not None:
+            bar.leave = False  # the error is the one line left on stderr
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
     reasons: Counter = Counter()
     missing_ratings: Counter = Counter()

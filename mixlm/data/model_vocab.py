@@ -1,0 +1,76 @@
+"""The model's vocabulary from the prepared data: one config works on any prepared folder.
+
+    cfg = load_config(path, overrides)
+    cfg = resolve_vocab(cfg, explicit=vocab_size_is_explicit(path, overrides))   # before build_setup / train
+
+A config whose files and overrides never set `model.vocab_size` (e.g. configs/experiments/cpu-proxy.yaml)
+takes the tokenizer's vocabulary from the manifests of the mixture's prepared domains, and `data.tokenizer`
+from them when it is empty and the folder recorded there exists. A vocabulary set explicitly is kept (a
+published architecture pads it on purpose); one smaller than the tokenizer's is still refused by the data
+source, naming both numbers. Reads manifests only: no jax, no shards opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+# _load_tree: the loader's own composition (base:, section files), which records where each key was set.
+from mixlm.config import ExperimentConfig, _load_tree, parse_override
+from mixlm.data.prepared import MANIFEST, DomainManifest, ShardError, list_domains
+
+
+def vocab_size_is_explicit(config_path: str | Path | None, overrides: list[str] = ()) -> bool:
+    """True when `model.vocab_size` is set by an override or by any file the config is composed of."""
+    if any(parse_override(text)[:2] == ("model", "vocab_size") for text in overrides):
+        return True
+    if not config_path:
+        return False
+    _, origin = _load_tree(Path(config_path))
+    return "model.vocab_size" in origin
+
+
+def _mixture_domains(mixture: dict) -> list[str]:
+    weights = mixture.get("weights") if isinstance(mixture.get("weights"), dict) else mixture
+    names = {str(d) for d in weights}
+    for stage in mixture.get("stages", []) or []:
+        if isinstance(stage, dict) and isinstance(stage.get("weights"), dict):
+            names.update(str(d) for d in stage["weights"])
+    return sorted(names)
+
+
+def prepared_tokenizer(cfg: ExperimentConfig) -> dict | None:
+    """The tokenizer record ({name, fingerprint, vocab_size, ...}) shared by the manifests of the domains
+    the config reads (mixture + eval.domains; every prepared domain when no mixture is set), or None when
+    the config reads no prepared data, a manifest is missing or the domains disagree (the data source
+    then reports it)."""
+    data = cfg.data
+    if data.source != "prepared" or not data.prepared_dir:
+        return None
+    names = _mixture_domains(data.mixture) if data.mixture else list_domains(data.prepared_dir)
+    names += [d for d in cfg.eval.domains if isinstance(d, str) and d not in names]
+    records = []
+    for name in names:
+        try:
+            records.append(DomainManifest.load(Path(data.prepared_dir) / name / MANIFEST).tokenizer)
+        except ShardError:
+            return None
+    if not records or len({r.get("fingerprint") for r in records}) != 1:
+        return None
+    return records[0]
+
+
+def resolve_vocab(cfg: ExperimentConfig, *, explicit: bool = False) -> ExperimentConfig:
+    """`cfg` with model.vocab_size = the prepared data's tokenizer vocabulary unless `explicit`, and
+    data.tokenizer = the tokenizer folder the data was prepared with when it is empty and that folder
+    exists. Unchanged when the config reads no prepared data."""
+    record = prepared_tokenizer(cfg)
+    if record is None:
+        return cfg
+    out = cfg
+    if not explicit and int(record["vocab_size"]) != cfg.model.vocab_size:
+        out = out.replace(model=dataclasses.replace(cfg.model, vocab_size=int(record["vocab_size"])))
+    name = str(record.get("name", ""))
+    if not cfg.data.tokenizer and name and Path(name).is_dir():
+        out = out.replace(data=dataclasses.replace(cfg.data, tokenizer=name))
+    return out
