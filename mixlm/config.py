@@ -192,6 +192,8 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from the device table / a matmul probe
+    wandb: bool = False  # also log to Weights & Biases (needs `wandb`; WANDB_MODE=offline works without an account)
+    wandb_project: str = "mixlm"
 
 
 @dataclass(frozen=True)

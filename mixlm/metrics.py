@@ -1,4 +1,9 @@
-"""Throughput and MFU, and where metrics go: console progress bar, metrics.jsonl, TensorBoard.
+"""Throughput and MFU, and where metrics go: console progress bar, metrics.jsonl, TensorBoard, and optionally
+Weights & Biases (`logging.wandb: true`; wandb is imported only then, `WANDB_MODE=offline` needs no account and
+writes the run under <output_dir>/wandb/ for a later `wandb sync`).
+
+TensorBoard event files are under <output_dir>/tensorboard/: `tensorboard --logdir <output_dir>` (the
+`tensorboard` package is in requirements.txt); `mixlm plot RUN_DIR...` draws the same curves as PNGs.
 
 MFU = achieved model FLOP/s / (peak FLOP/s per device × devices). Model FLOPs per token come from the
 model's `flops_per_token` (6 × matmul params + causal attention, see mixlm.models). Peaks are per
@@ -63,12 +68,39 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     return 0.0, f"unknown device {device.device_kind!r}: set logging.peak_flops"
 
 
+class WandbSink:
+    """One Weights & Biases run for a training run (process 0 only): numbers logged at their step."""
+
+    def __init__(self, out_dir: Path, *, project: str, config: dict | None = None):
+        try:
+            import wandb
+        except ImportError:
+            from mixlm.config import ConfigError
+
+            raise ConfigError("logging.wandb=true needs the wandb package: `pip install wandb` (or set "
+                              "logging.wandb=false)") from None
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._wandb = wandb
+        self.run = wandb.init(project=project or "mixlm", name=out_dir.name, dir=str(out_dir), config=config or {})
+
+    def write(self, step: int, row: dict) -> None:
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
+        if numbers:
+            self.run.log(numbers, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLog:
-    """Writes metric dicts to metrics.jsonl and TensorBoard (process 0 only) and to a tqdm bar."""
+    """Writes metric dicts to metrics.jsonl, TensorBoard and (`wandb=True`) Weights & Biases (process 0 only)
+    and to a tqdm bar."""
 
     def __init__(self, out_dir: Path, *, total_steps: int, start_step: int, jsonl: bool, tensorboard: bool,
-                 progress: bool):
+                 progress: bool, wandb: bool = False, wandb_project: str = "mixlm", run_config: dict | None = None):
         self.is_main = jax.process_index() == 0
+        self._wandb = WandbSink(out_dir, project=wandb_project, config=run_config) if wandb and self.is_main else None
         # Kept open for the run (closed in close()): one line per logged step.
         self._jsonl = open(out_dir / "metrics.jsonl", "a") if (jsonl and self.is_main) else None  # noqa: SIM115
         self._tb = None
@@ -93,6 +125,8 @@ class MetricsLog:
             for k, v in row.items():
                 if isinstance(v, float):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb:
+            self._wandb.write(step, row)
         if self._bar is not None and "loss" in row:
             self._bar.set_postfix_str(
                 f"loss {row['loss']:.4f} lr {row.get('lr', 0):.2e} tok/s {row.get('tokens_per_s', 0):,.0f} "
@@ -118,3 +152,14 @@ class MetricsLog:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb:
+            self._wandb.close()
+
+    @classmethod
+    def for_run(cls, out_dir: Path, cfg, *, start_step: int) -> MetricsLog:
+        """The log of a training run from its ExperimentConfig's `logging` section (jsonl, tensorboard,
+        progress, wandb, wandb_project); the whole config goes to W&B as the run's config."""
+        lc = cfg.logging
+        return cls(out_dir, total_steps=cfg.train.steps, start_step=start_step, jsonl=lc.jsonl,
+                   tensorboard=lc.tensorboard, progress=lc.progress, wandb=lc.wandb,
+                   wandb_project=lc.wandb_project, run_config=cfg.to_dict())

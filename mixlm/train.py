@@ -253,8 +253,7 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
         save_config(cfg, out_dir / "config.yaml")
     trim_metrics_log(out_dir / "metrics.jsonl", start_step)
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
-    log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step, jsonl=cfg.logging.jsonl,
-                     tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    log = MetricsLog.for_run(out_dir, cfg, start_step=start_step)
     say = checkpoints.log = log_fn or log.message
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
     say(f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "

@@ -385,3 +385,16 @@ def test_not_a_hf_model_folder_is_a_clear_error(tmp_path, capsys):
         check_model_dir(tmp_path / "weird")
     with pytest.raises(EvalError, match="no such folder"):
         check_model_dir(tmp_path / "missing")
+
+
+def test_hub_suite_offline_is_one_line_naming_the_dataset(tiny, capsys, monkeypatch):
+    """A hub task (arc_easy) with HF_*_OFFLINE set: exit 2 and one stderr line naming the dataset and the ways
+    to make it available, not lm-eval's traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tiny["root"] / "empty-datasets-cache"))
+    assert cli_main(["eval", str(tiny["hf"]), "--tasks", "arc_easy", "--limit", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mixlm eval:")]
+    assert len(err) == 1, err
+    assert "arc_easy (allenai/ai2_arc/ARC-Easy)" in err[0]
+    assert "HF_DATASETS_CACHE" in err[0] and "--include-path" in err[0]

@@ -1,5 +1,7 @@
 """mixlm eval MODEL_DIR --suite regmix|metarater|codelion|dclm|demo (or --tasks a,b,c): lm-evaluation-harness
-on an exported transformers folder; writes the results JSON and the model-card Markdown table.
+on an exported transformers folder (or a training run's checkpoint); writes the results JSON and the model-card
+Markdown table. --domains PREPARED_DIR[:a,b] | FILE.jsonl adds per-domain perplexity and bits per byte on
+held-out documents, --mc-task NAME=FILE.jsonl[:SHOTS] a few-shot multiple-choice task from local questions.
 mixlm eval compare RUN_OR_JSON ... : side-by-side Markdown + CSV and a bar chart of several results."""
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def _limit(text: str) -> float | int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", metavar="MODEL_DIR | compare RUN_OR_JSON ...",
-                        help="an exported model folder (or Hub id); or `compare` and several results JSONs / "
+                        help="an exported model folder (or Hub id), or a training run folder (its newest "
+                             "checkpoint, in the Flax model); or `compare` and several results JSONs / "
                              "folders holding one eval_*.json / training runs with lm_eval metrics")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--suite", help="suite name (configs/eval/*.yaml) or a suite YAML path")
@@ -48,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
                         help="folder of extra lm-eval task YAMLs (repeatable); offline tasks need absolute "
                              "data_files")
+    parser.add_argument("--domains", action="append", default=[], metavar="PREPARED_DIR[:a,b] | FILE.jsonl",
+                        help="per-domain perplexity / bits per byte on held-out documents: a prepared folder's "
+                             "validation split (all domains, or those named), or a jsonl of {\"text\": ...} "
+                             "lines (repeatable; no Hub access needed)")
+    parser.add_argument("--mc-task", action="append", default=[], metavar="NAME=FILE.jsonl[:SHOTS]",
+                        help="a multiple-choice task from jsonl lines {\"question\", \"choices\", \"answer\"}; "
+                             "the first SHOTS lines are the few-shot examples (repeatable)")
     parser.add_argument("--bootstrap-iters", type=int, default=100000,
                         help="lm-eval bootstrap iterations for stderr of non-mean metrics (default 100000)")
     parser.add_argument("--out", default=None,
@@ -71,28 +81,63 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from mixlm.eval.harness import evaluate_model
+    import dataclasses
+    import tempfile
+
+    from mixlm.eval.harness import evaluate_model, model_tokenizer
+    from mixlm.eval.local_tasks import (
+        domain_rows,
+        domains_markdown,
+        parse_domain_spec,
+        parse_mc_spec,
+        write_domain_tasks,
+        write_mc_task,
+    )
     from mixlm.eval.report import markdown_table
     from mixlm.eval.results import write_results
-    from mixlm.eval.suites import adhoc_suite, load_suite
+    from mixlm.eval.suites import ADHOC_PREFERENCE, Suite, SuiteTask, adhoc_suite, load_suite
 
     if len(args.paths) != 1:
         _say("mixlm eval: pass exactly one MODEL_DIR (or `compare` followed by results)")
         return 2
-    if not args.suite and not args.tasks:
-        _say("mixlm eval: pass --suite NAME or --tasks a,b,c (--list shows the suites)")
+    if not (args.suite or args.tasks or args.domains or args.mc_task):
+        _say("mixlm eval: pass --suite NAME, --tasks a,b,c, --domains PREPARED_DIR or --mc-task NAME=FILE.jsonl "
+             "(--list shows the suites)")
         return 2
     model = args.paths[0]
-    suite = load_suite(args.suite) if args.suite else adhoc_suite(args.tasks.split(","), args.shots or [0])
-    if args.suite and args.shots:
-        suite = suite.with_shots(args.shots)
+    if args.suite:
+        suite = load_suite(args.suite)
+        suite = suite.with_shots(args.shots) if args.shots else suite
+    elif args.tasks:
+        suite = adhoc_suite(args.tasks.split(","), args.shots or [0])
+    else:
+        suite = Suite(name="domains" if not args.mc_task else "local", tasks=(), metric_preference=ADHOC_PREFERENCE,
+                      any_metric=True)
+    include_paths, domain_info = list(args.include_path), {}
+    if args.domains or args.mc_task:  # tasks over local files, written for this run
+        folder = tempfile.mkdtemp(prefix="mixlm-local-tasks-")
+        include_paths.append(folder)
+        local = []
+        if args.domains:
+            specs = [spec for text in args.domains for spec in parse_domain_spec(text)]
+            domain_info = write_domain_tasks(specs, model_tokenizer(model), folder)
+            local += [SuiteTask(t, t, (0,), metric="nll_per_token", average=False) for t in domain_info]
+        for text in args.mc_task:
+            spec = parse_mc_spec(text)
+            task = write_mc_task(spec, folder)
+            local.append(SuiteTask(task, task, (spec.shots,)))
+        suite = dataclasses.replace(suite, tasks=suite.tasks + tuple(local))
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     results = evaluate_model(model, suite, limit=args.limit, batch_size=batch_size, device=args.device,
-                             dtype=args.dtype, backend=args.backend, include_paths=args.include_path,
+                             dtype=args.dtype, backend=args.backend, include_paths=include_paths,
                              bootstrap_iters=args.bootstrap_iters, log=_say)
+    if domain_info:
+        results["domains"] = domain_rows(results, domain_info)
     out = Path(args.out) if args.out else (Path(model) if Path(model).is_dir() else Path(".")) / f"eval_{suite.name}.json"
     json_path, md_path = write_results(results, out)
-    print(markdown_table(results), end="")
+    table = markdown_table(results) + (("\n" + domains_markdown(results["domains"])) if domain_info else "")
+    md_path.write_text(table)
+    print(table, end="")
     _say(f"wrote {json_path} and {md_path}")
     return 0
 

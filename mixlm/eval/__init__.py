@@ -14,7 +14,8 @@ pulls in lm-eval):
     suites.py    Suite, SuiteTask: suites as data (configs/eval/*.yaml), load_suite, adhoc_suite (--tasks)
     scoring.py   pure functions of lm-eval's metrics: pick_metric, shot_average, centered_accuracy,
                  score_suite
-    harness.py   lm-eval runs: task_manager, check_model_dir, load_lm, run_suite, evaluate_model
+    harness.py   lm-eval runs: task_manager, check_model_dir, load_lm, load_run_lm, run_suite, evaluate_model
+    local_tasks.py  tasks generated from local files: per-domain perplexity (--domains), multiple choice (--mc-task)
     flax_lm.py   FlaxLM: an lm-eval `LM` over our Flax params (no export, no torch)
     live.py      run_tasks_on_live_model: the train loop's lm-eval hook on the live model
     report.py    tables of one results document: markdown_table, card_rows, model_index_entries

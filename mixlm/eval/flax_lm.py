@@ -4,6 +4,7 @@ no export, no torch.
     lm = FlaxLM(model_cfg, graphdef, params, tokenizer, batch_size=16)     # params may be mesh-sharded
     lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=...)
     lm = FlaxLM.from_hf_folder("hf/x")                                       # an exported folder, in Flax
+    lm = FlaxLM.from_checkpoint("runs/x")                                    # a run's newest checkpoint
 
 It tokenizes exactly like lm-eval's `hf` model (the same `TemplateLM` context/continuation split, the tokenizer's
 own special-token default, left truncation to the model's context), so per example it agrees with the
@@ -100,6 +101,29 @@ class FlaxLM(TemplateLM):
         params = read_hf_params(folder, cfg)
         graphdef, _, _ = abstract_params(cfg)
         return cls(cfg, graphdef, params, folder, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, tokenizer: Any = None, step: int | None = None, **kwargs) -> FlaxLM:
+        """Our Flax model on a training run's checkpoint (a run folder, its checkpoints/ or one step folder;
+        mixlm.checkpoint.open_checkpoint picks the newest complete step). `tokenizer` defaults to the run's
+        data.tokenizer. Raises ExportError (checkpoint) or ValueError (no tokenizer)."""
+        from mixlm.checkpoint import flatten_params, open_checkpoint, unflatten_params
+        from mixlm.models import abstract_params
+
+        source = open_checkpoint(path, step)
+        cfg = source.cfg.model
+        tokenizer = tokenizer or source.cfg.data.tokenizer
+        if not tokenizer:
+            raise ValueError(f"{source.description}: the run's config has no data.tokenizer; set it to the "
+                             "tokenizer folder the run was trained with")
+        shapes = source.shapes()
+        # The run padded its vocabulary for its mesh; build the graph with the checkpoint's embedding rows.
+        expected = flatten_params(abstract_params(cfg)[1])
+        rows = next((got for p, shape in shapes.items() if p in expected
+                     for got, want in zip(shape, expected[p].shape) if got != want), 1)
+        graphdef, _, _ = abstract_params(cfg, rows)
+        params = unflatten_params({p: source.read(p) for p in shapes})
+        return cls(cfg, graphdef, params, tokenizer, **kwargs)
 
     # --- what TemplateLM asks for ---------------------------------------------------------------------
 

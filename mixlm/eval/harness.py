@@ -1,6 +1,7 @@
 """Running lm-evaluation-harness: task names checked against lm-eval's index (and the generated offline demo
-set), an exported folder loaded as an lm-eval model (transformers, or our Flax model on its weights), a suite
-run once per few-shot count and turned into the results document.
+set), an exported folder loaded as an lm-eval model (transformers, or our Flax model on its weights) or a
+training run's checkpoint in the Flax model, a suite run once per few-shot count and turned into the results
+document. Tasks whose Hub datasets cannot be reached (offline) fail with one EvalError line saying what to do.
 
     results = evaluate_model("hf/x", load_suite("regmix"), limit=100)   # lm_eval.simple_evaluate per shot count
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from mixlm.eval.errors import EvalError
 from mixlm.eval.results import finish_results, lm_eval_version
 from mixlm.eval.scoring import score_suite
-from mixlm.eval.suites import Suite, SuiteTask
+from mixlm.eval.suites import Suite
 
 DEMO_TASK_PREFIX = "mixlm_demo"
 
@@ -113,6 +114,47 @@ def check_model_dir(model: str | Path) -> str:
     raise EvalError(f"{model}: no such folder (and not a Hub id ORG/NAME)")
 
 
+def is_run_folder(model: str | Path) -> bool:
+    """A mixlm training run (its output folder, its checkpoints/ folder or one checkpoint step folder)."""
+    path = Path(model)
+    return path.is_dir() and not (path / "config.json").is_file() and (
+        (path / "checkpoints").is_dir() or path.name == "checkpoints" or (path / "state").is_dir())
+
+
+def model_tokenizer(model: str | Path):
+    """The transformers tokenizer of an exported folder or of a run (its data.tokenizer)."""
+    import transformers
+
+    if is_run_folder(model):
+        from mixlm.checkpoint import open_checkpoint
+        from mixlm.hf.errors import ExportError
+
+        try:
+            name = open_checkpoint(model).cfg.data.tokenizer
+        except ExportError as e:
+            raise EvalError(str(e)) from None
+        if not name:
+            raise EvalError(f"{model}: the run's config has no data.tokenizer, so its documents cannot be "
+                            "decoded; set data.tokenizer to the tokenizer folder the run was trained with")
+    else:
+        name = check_model_dir(model)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{name}: cannot load the tokenizer ({e})") from None
+
+
+def load_run_lm(run: str | Path, *, batch_size: int | str = 8):
+    """FlaxLM on a training run's newest complete checkpoint (no export)."""
+    from mixlm.eval.flax_lm import FlaxLM
+    from mixlm.hf.errors import ExportError
+
+    try:
+        return FlaxLM.from_checkpoint(run, batch_size=8 if batch_size == "auto" else int(batch_size))
+    except (ExportError, OSError, ValueError) as e:
+        raise EvalError(f"{run}: cannot load its checkpoint into the Flax model: {e}") from None
+
+
 def load_lm(model: str, *, backend: str = "hf", batch_size: int | str = 8, device: str = "cpu",
             dtype: str | None = None):
     """The lm-eval model object: lm-eval's own `hf` model (transformers/PyTorch), or our Flax model on the
@@ -141,6 +183,44 @@ def _json_safe(x):
     return json.loads(json.dumps(x, default=str))
 
 
+def _offline_cause(error: BaseException) -> BaseException | None:
+    """The Hub-unreachable error behind `error` (datasets' ConnectionError, huggingface_hub's offline mode),
+    found along its __cause__ / __context__ chain; None for any other failure."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError)):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _hub_datasets(names: Sequence[str], manager) -> list[str]:
+    """'task (dataset_path[/dataset_name])' for each task that reads a Hub dataset (not local json/csv)."""
+    out = []
+    for name in names:
+        entry = manager.task_index.get(name) if manager is not None else None
+        cfg = (getattr(entry, "cfg", None) or {}) if entry is not None else {}
+        path = cfg.get("dataset_path", "")
+        if path in ("json", "csv", "parquet", "text", "arrow"):
+            continue
+        out.append(f"{name} ({path}{'/' + cfg['dataset_name'] if cfg.get('dataset_name') else ''})" if path
+                   else name)
+    return out
+
+
+def offline_error(names: Sequence[str], manager, error: BaseException) -> EvalError:
+    """One line: which tasks need which Hub datasets, and the two ways to make them available offline."""
+    needed = _hub_datasets(names, manager) or list(names)
+    return EvalError(f"lm-eval task(s) {', '.join(needed)} need Hub datasets that are not in the local cache "
+                     f"and the Hub cannot be reached ({type(error).__name__}; HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
+                     "set?): download them once online into the datasets cache (HF_DATASETS_CACHE, default "
+                     "~/.cache/huggingface/datasets), or pass --include-path DIR with task YAMLs over local files "
+                     "(dataset_path: json, absolute data_files), or evaluate local data with --domains / --mc-task")
+
+
 def run_suite(lm, suite: Suite, *, limit: float | None = None, include_paths: Sequence[str | Path] = (),
               bootstrap_iters: int = 100000, log: Callable[[str], None] | None = None, manager=None) -> dict:
     """Runs `suite` on an lm-eval model object: one simple_evaluate per distinct few-shot count. Returns the
@@ -160,6 +240,11 @@ def run_suite(lm, suite: Suite, *, limit: float | None = None, include_paths: Se
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=k, limit=limit,
                                           task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
+        except Exception as e:  # only the Hub-unreachable kind is turned into advice
+            cause = _offline_cause(e)
+            if cause is None:
+                raise
+            raise offline_error(names, manager, cause) from None
         finally:
             lm_eval_logger.setLevel(level)
         if out is None:
@@ -179,12 +264,19 @@ def evaluate_model(model: str | Path, suite: Suite, *, limit: float | None = Non
     checked before the model is loaded."""
     import transformers
 
-    pretrained = check_model_dir(model)
+    run = is_run_folder(model)
+    pretrained = str(Path(model).resolve()) if run else check_model_dir(model)
     manager = task_manager(suite.lm_eval_tasks(), include_paths)
-    if suite.any_metric:  # ad-hoc: a tag becomes one row per member task
-        names = expand_tags([t.task for t in suite.tasks], manager)
-        suite = dataclasses.replace(suite, tasks=tuple(SuiteTask(n, n, suite.tasks[0].shots) for n in names))
-    lm = load_lm(pretrained, backend=backend, batch_size=batch_size, device=device, dtype=dtype)
+    if suite.any_metric:  # ad-hoc: a tag becomes one row per member task (other tasks keep their own shots)
+        tasks = []
+        for t in suite.tasks:
+            tasks += [dataclasses.replace(t, label=n, task=n) for n in expand_tags([t.task], manager)]
+        suite = dataclasses.replace(suite, tasks=tuple(tasks))
+    if run:  # a training run: its checkpoint in the Flax model, no export
+        backend = "flax"
+        lm = load_run_lm(pretrained, batch_size=batch_size)
+    else:
+        lm = load_lm(pretrained, backend=backend, batch_size=batch_size, device=device, dtype=dtype)
     scored = run_suite(lm, suite, limit=limit, include_paths=include_paths, bootstrap_iters=bootstrap_iters,
                        log=log, manager=manager)
     args = {"model": str(model), "suite": suite.name, "tasks": suite.lm_eval_tasks(),
