@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "Orbax checkpoint -> transformers folder (+ tokenizer, model card); --verify logits"),
     "import": ("import_hf", "transformers Llama/Qwen3/GPT-2 folder -> mixlm checkpoint + model config"),
     "release": ("release", "upload an exported folder to the Hugging Face Hub (--dry-run lists the files)"),
-    "eval": ("eval", "lm-evaluation-harness suites on an exported folder -> JSON + table; eval compare RUNS ..."),
+    "eval": ("eval", "lm-eval suites, per-domain perplexity, local multiple choice on an export or a run"),
     "plot": ("plot", "train/val loss per domain and the mixture over time of runs side by side -> PNGs"),
 }
 
