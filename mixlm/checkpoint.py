@@ -76,6 +76,7 @@ from mixlm.config import (
     config_from_dict,
 )
 from mixlm.hf.errors import ExportError
+from mixlm.models import stacked
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints_corrupt"
@@ -703,12 +704,53 @@ def _saved_state_tree(state_dir: epath.Path) -> dict:
     return getattr(saved, "tree", saved)
 
 
+def _layer_layout_change(saved_params, target_params) -> tuple[str, bool] | None:
+    """(layers key, True when the target is the stacked layout) where the checkpoint's blocks are in the other
+    layout ('0', '1', ... per layer against one stacked tree), else None."""
+    for key, target in target_params.items():
+        saved = saved_params.get(key) if hasattr(saved_params, "get") else None
+        if (isinstance(target, dict) and hasattr(saved, "keys") and target and len(saved)
+                and stacked.is_unstacked(dict(saved)) != stacked.is_unstacked(target)):
+            return key, stacked.is_unstacked(dict(saved))
+    return None
+
+
+def _restore_host_params(state_dir: epath.Path, saved_params) -> dict:
+    """Every param of the checkpoint as a host numpy array, in the checkpoint's own layout."""
+    item = {"params": jax.tree.map(lambda _: 0, dict(saved_params))}
+    restore_args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item["params"])}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                    partial_restore=True))
+    return jax.tree.map(np.asarray, dict(out["params"]))
+
+
+def _fit_rows(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`a` cut or zero-padded to `shape` (only vocabulary padding rows differ; restore_args_for checked that)."""
+    if a.shape == tuple(shape):
+        return a
+    out = np.zeros(shape, a.dtype)
+    common = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, shape))
+    out[common] = a[common]
+    return out
+
+
 def restore_params(step_dir: str | Path, abstract_params, vocab_size: int):
-    """Only the params of a checkpoint step, restored onto `abstract_params`' shardings."""
+    """Only the params of a checkpoint step, restored onto `abstract_params`' shardings. A checkpoint of the
+    other layer layout (model.scan_layers on one side only) is restored to host, converted
+    (mixlm.models.stacked) and placed on those shardings."""
     state_dir = epath.Path(step_dir) / "state"
     saved_tree = _saved_state_tree(state_dir)
     if "params" not in saved_tree:
         raise CheckpointError(f"{state_dir} holds no params")
+    relayout = _layer_layout_change(saved_tree["params"], abstract_params)
+    if relayout is not None:
+        key, to_stacked = relayout
+        host = _restore_host_params(state_dir, saved_tree["params"])
+        host = stacked.stack_layers(host, key) if to_stacked else stacked.unstack_layers(host, key)
+        restore_args_for(host, abstract_params, vocab_size)  # same checks as a direct restore
+        return jax.tree.map(lambda a, t: jax.device_put(_fit_rows(a, t.shape).astype(t.dtype), t.sharding),
+                            host, abstract_params)
     strict = restore_args_for(saved_tree["params"], abstract_params, vocab_size)
     target = {"params": abstract_params}
     restore_args = jax.tree.map(

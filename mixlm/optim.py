@@ -52,9 +52,12 @@ def _is_axes(x) -> bool:
 
 def decay_mask(logical_axes, *, decay_embeddings: bool):
     """True where weight decay applies: matrices yes, norms and biases (1-D) never, embedding tables
-    (first logical axis 'vocab' or 'position') only when `decay_embeddings`."""
+    (first logical axis 'vocab' or 'position') only when `decay_embeddings`. A leading 'layers' axis
+    (model.scan_layers stacks the blocks) is not counted: a stacked norm scale [layers, norm] is 1-D."""
 
     def decays(axes) -> bool:
+        if axes and axes[0] == "layers":
+            axes = axes[1:]
         if len(axes) < 2:
             return False
         if axes[0] in ("vocab", "position"):
@@ -67,7 +70,9 @@ def decay_mask(logical_axes, *, decay_embeddings: bool):
 def make_optimizer(
     opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int, logical_axes
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """clip_by_global_norm → AdamW(schedule, β1, β2, eps, masked weight decay)."""
+    """clip_by_global_norm → AdamW(schedule, β1, β2, eps, masked weight decay). optimizer.moments_dtype
+    bfloat16 stores the first moment (mu) in bf16, halving its bytes; the second moment (nu) stays float32
+    (its squares of small gradients underflow bf16's 8-bit mantissa) and the update is computed in float32."""
     schedule = make_schedule(opt, sched, total_steps)
     adamw = optax.adamw(
         learning_rate=schedule,
@@ -76,6 +81,7 @@ def make_optimizer(
         eps=opt.eps,
         weight_decay=opt.weight_decay,
         mask=decay_mask(logical_axes, decay_embeddings=opt.decay_embeddings),
+        mu_dtype=jnp.dtype(opt.moments_dtype),
     )
     if opt.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw), schedule

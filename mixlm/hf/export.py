@@ -39,7 +39,7 @@ from mixlm.hf.safetensors_files import (
 )
 from mixlm.hf.tokenizer import copy_tokenizer
 from mixlm.model_families import get_family
-from mixlm.models import abstract_params, layers
+from mixlm.models import abstract_params, layers, layers_param, stacked
 
 
 def hf_plan(cfg: ModelConfig, shapes: dict[ParamPath, tuple[int, ...]]) -> list[HFTensor]:
@@ -60,7 +60,7 @@ def hf_plan(cfg: ModelConfig, shapes: dict[ParamPath, tuple[int, ...]]) -> list[
         raise ExportError(f"the checkpoint lacks params {missing[:6]} that its model config implies "
                           f"({cfg.family}, {cfg.num_layers} layers, tie_embeddings={cfg.tie_embeddings}, "
                           f"qk_norm={cfg.qk_norm}): was it written with another config?")
-    _, expected, _ = abstract_params(cfg)
+    _, expected, _ = abstract_params(dataclasses.replace(cfg, scan_layers=False))  # shapes: plain layout
     expected_flat = flatten_params(expected)
     plan = []
     for path, name, kind in name_map:
@@ -72,6 +72,50 @@ def hf_plan(cfg: ModelConfig, shapes: dict[ParamPath, tuple[int, ...]]) -> list[
                               f"implies {tuple(expected_flat[path].shape)} (vocabulary rows may differ)")
         plan.append(HFTensor(name, path, kind, shape))
     return plan
+
+
+class PlainLayoutSource:
+    """A ParamSource of a scanned model (model.scan_layers: blocks stacked [num_layers, ...]) seen in the plain
+    layout that hf_name_map speaks: read(('layers', '3', ...)) is layer 3 of the stacked ('layers', ...) array.
+    Each stacked array is read once and dropped when its last layer has been handed out, so an export in
+    hf_name_map's layer-major order holds about the blocks' params once in host memory (not two copies)."""
+
+    def __init__(self, source: ParamSource):
+        self.source, self.cfg, self.step, self.meta = source, source.cfg, source.step, source.meta
+        self.description = source.description
+        self._key = layers_param(source.cfg.model)
+        self._shapes: dict[ParamPath, tuple[int, ...]] = {}
+        self._num_layers: dict[ParamPath, int] = {}  # stacked path -> its leading axis
+        for path, shape in source.shapes().items():
+            if path[0] == self._key and not path[1].isdigit():
+                self._num_layers[path] = shape[0]
+                for i in range(shape[0]):
+                    self._shapes[(path[0], str(i), *path[1:])] = tuple(shape[1:])
+            else:
+                self._shapes[path] = shape
+        self._left = dict(self._num_layers)  # stacked path -> layers not yet handed out
+        self._cache: dict[ParamPath, np.ndarray] = {}
+
+    def shapes(self) -> dict[ParamPath, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def read(self, path: ParamPath) -> np.ndarray:
+        stacked_path, index = stacked.layer_slice_path(path, self._key)
+        if index is None:
+            return self.source.read(path)
+        if stacked_path not in self._cache:
+            self._cache[stacked_path] = self.source.read(stacked_path)
+        out = np.array(self._cache[stacked_path][index])
+        self._left[stacked_path] -= 1
+        if self._left[stacked_path] <= 0:  # every layer handed out: drop it (a later pass reads it again)
+            self._cache.pop(stacked_path)
+            self._left[stacked_path] = self._num_layers[stacked_path]
+        return out
+
+
+def plain_layout(source: ParamSource) -> ParamSource:
+    """`source` in the plain layout: itself, or a PlainLayoutSource when its config has model.scan_layers."""
+    return PlainLayoutSource(source) if source.cfg.model.scan_layers else source
 
 
 def write_weights(plan: list[HFTensor], source: ParamSource, folder: Path, *, dtype: str,
@@ -133,6 +177,7 @@ def export_hf(source: ParamSource, out_dir: str | Path, *, dtype: str = "float32
     cfg = source.cfg.model
     architecture = get_family(cfg.family).hf_architecture(cfg)
     numpy_dtype(dtype)
+    source = plain_layout(source)  # hf_name_map names the plain layout; a scanned checkpoint is sliced per layer
     plan = hf_plan(cfg, source.shapes())
     out_dir = Path(out_dir)
     card = card or CardOptions()

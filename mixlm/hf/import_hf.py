@@ -26,7 +26,7 @@ from mixlm.hf.errors import ExportError
 from mixlm.hf.folders import commit_dir, staging_dir
 from mixlm.hf.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from mixlm.model_families import family_names, get_family
-from mixlm.models import layers
+from mixlm.models import layers, stack_layers
 
 # HF tensors that carry no learned state (buffers older transformers saved); import ignores them.
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
@@ -88,7 +88,8 @@ def read_hf_params(hf_dir: Path, cfg: ModelConfig) -> dict:
     missing = [name for name, (path, _) in wanted.items() if path not in flat]
     if missing:
         raise ExportError(f"{hf_dir}: the weights lack {missing[:6]} (truncated download?)")
-    return checkpoint.unflatten_params(flat)
+    params = checkpoint.unflatten_params(flat)
+    return stack_layers(params, cfg) if cfg.scan_layers else params  # model.scan_layers: blocks stacked
 
 
 @dataclasses.dataclass

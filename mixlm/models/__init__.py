@@ -8,6 +8,10 @@
 
 The embedding and LM head have cfg.padded_vocab_size(vocab_multiple_of) rows, so logits are V_pad wide;
 ids >= cfg.vocab_size never occur in data: mixlm.models.forward masks them (the one forward pass).
+
+With cfg.scan_layers the blocks' params are stacked ([num_layers, ...] under the family's LAYERS_PARAM);
+`unstack_layers(params, cfg)` / `stack_layers(params, cfg)` convert between that and the plain layout, the one
+that hf_name_map, export and import speak (mixlm.models.stacked).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 
 from mixlm.config import ModelConfig
 from mixlm.model_families import get_family
+from mixlm.models import stacked
 from mixlm.models.forward import mask_padded_vocab
 
 
@@ -76,6 +81,27 @@ def abstract_params(cfg: ModelConfig, vocab_multiple_of: int = 1) -> tuple[nnx.G
     return graphdef, shapes, axes
 
 
+def layers_param(cfg: ModelConfig) -> str:
+    """The top-level param key of the family's blocks ('layers' for llama, 'h' for gpt2)."""
+    family = get_family(cfg.family)
+    key = getattr(family, "LAYERS_PARAM", None)
+    if key is None:
+        raise ValueError(f"model family {cfg.family!r} declares no LAYERS_PARAM, so model.scan_layers cannot "
+                         "convert its params")
+    return key
+
+
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """A scanned model's params (stacked [num_layers, ...] blocks) in the plain layout ('0', '1', ... per
+    layer); plain params come back unchanged. Leaves are sliced, not copied to host."""
+    return stacked.unstack_layers(params, layers_param(cfg))
+
+
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """Plain params in the scanned layout (the inverse of unstack_layers); scanned params come back unchanged."""
+    return stacked.stack_layers(params, layers_param(cfg))
+
+
 @functools.lru_cache(maxsize=64)
 def _unpadded_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     """(total, non_embedding, matmul kernels outside the LM head) with the unpadded vocabulary; the family's
@@ -118,8 +144,11 @@ __all__ = [
     "abstract_params",
     "build_model",
     "flops_per_token",
+    "layers_param",
     "mask_padded_vocab",
     "merge_params",
     "param_counts",
     "split_params",
+    "stack_layers",
+    "unstack_layers",
 ]

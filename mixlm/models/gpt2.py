@@ -12,6 +12,7 @@ Parameter tree (names mirror HF GPT2LMHeadModel; kernels (in, out) exactly like 
     h/{i}/ln_2/scale, bias         [norm]
     h/{i}/mlp/c_fc/kernel          [embed, mlp]         bias [mlp]
     h/{i}/mlp/c_proj/kernel        [mlp, embed]         bias [embed]
+    (model.scan_layers: h/<same names> with a leading [num_layers] axis, logical "layers")
     ln_f/scale, bias               [norm]
     lm_head/kernel                 [embed, vocab]       only when not tied
 """
@@ -25,7 +26,7 @@ from flax import nnx
 
 from mixlm.config import ConfigError, ModelConfig
 from mixlm.hf.errors import require_hf_value
-from mixlm.models import attention, layers
+from mixlm.models import attention, layers, stacked
 
 
 def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
@@ -114,7 +115,9 @@ class GPT2(nnx.Module):
             rngs, (cfg.max_seq_len, cfg.d_model), cfg.init_std, ("position", "embed")
         )
         attention_impl = attention_impl or cfg.attention
-        self.h = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)]
+        # scan_layers: one Block whose params are stacked [num_layers, ...] (mixlm.models.stacked)
+        self.h = stacked.stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.ln_f = layers.LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
@@ -125,8 +128,13 @@ class GPT2(nnx.Module):
         x_BxLxD = x_BxLxD + layers.embed_lookup(self.wpe, positions_BxL, self.dtype)
         x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
         run_block = layers.remat_block(lambda block, x, seg: block(x, seg, layout), self.cfg.remat)
-        for block in self.h:
-            x_BxLxD = layers.constrain(run_block(block, x_BxLxD, segment_ids_BxL), layers.RESIDUAL_AXES, layout)
+        if self.cfg.scan_layers:
+            x_BxLxD = stacked.scan_blocks(self.h, run_block, x_BxLxD, segment_ids_BxL,
+                                          constrain=lambda x: layers.constrain(x, layers.RESIDUAL_AXES, layout))
+        else:
+            for block in self.h:
+                x_BxLxD = layers.constrain(run_block(block, x_BxLxD, segment_ids_BxL), layers.RESIDUAL_AXES,
+                                           layout)
         x_BxLxD = self.ln_f(x_BxLxD)
         kernel_DxV = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)
@@ -227,6 +235,7 @@ def model_config_from_hf(hf: dict, *, where: str = "config.json", name: str = ""
 
 Model = GPT2
 EMBEDDING_PARAM = "wte"  # the token embedding [V_pad, D]
+LAYERS_PARAM = "h"  # the blocks: {'0': ..., '1': ...}, or one stacked tree with model.scan_layers
 EMBEDDING_PARAMS = ("wte", "wpe", "lm_head")  # counted out of "non-embedding" (wpe: the position table)
 HF_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
 

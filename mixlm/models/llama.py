@@ -12,6 +12,7 @@ Parameter tree (names mirror HF LlamaForCausalLM / Qwen3ForCausalLM; kernels sto
     layers/{i}/post_attention_layernorm/scale      [norm]
     layers/{i}/mlp/gate_proj/kernel, up_proj       [embed, mlp]
     layers/{i}/mlp/down_proj/kernel                [mlp, embed]
+    (model.scan_layers: layers/<same names> with a leading [num_layers] axis, logical "layers")
     norm/scale                                     [norm]
     lm_head/kernel                                 [embed, vocab]      only when not tied
 """
@@ -24,7 +25,7 @@ from flax import nnx
 
 from mixlm.config import ModelConfig
 from mixlm.hf.errors import ExportError, require_hf_value
-from mixlm.models import attention, layers
+from mixlm.models import attention, layers, stacked
 
 
 def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
@@ -127,7 +128,9 @@ class Llama(nnx.Module):
             rngs, (self.padded_vocab, cfg.d_model), cfg.init_std, ("vocab", "embed")
         )
         attention_impl = attention_impl or cfg.attention
-        self.layers = nnx.List([Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, dtype, rngs, attention_impl) for _ in range(cfg.num_layers)]
+        # scan_layers: one Block whose params are stacked [num_layers, ...] (mixlm.models.stacked)
+        self.layers = stacked.stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
@@ -137,9 +140,13 @@ class Llama(nnx.Module):
         x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
         x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
         run_block = layers.remat_block(lambda block, x, pos, seg: block(x, pos, seg, layout), self.cfg.remat)
-        for block in self.layers:
-            x_BxLxD = layers.constrain(run_block(block, x_BxLxD, positions_BxL, segment_ids_BxL), layers.RESIDUAL_AXES,
-                                       layout)
+        if self.cfg.scan_layers:
+            x_BxLxD = stacked.scan_blocks(self.layers, run_block, x_BxLxD, positions_BxL, segment_ids_BxL,
+                                          constrain=lambda x: layers.constrain(x, layers.RESIDUAL_AXES, layout))
+        else:
+            for block in self.layers:
+                x_BxLxD = layers.constrain(run_block(block, x_BxLxD, positions_BxL, segment_ids_BxL),
+                                           layers.RESIDUAL_AXES, layout)
         x_BxLxD = self.norm(x_BxLxD)
         kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return layers.unembed(x_BxLxD, kernel_DxV)
@@ -254,6 +261,7 @@ def model_config_from_hf(hf: dict, *, where: str = "config.json", name: str = ""
 
 Model = Llama
 EMBEDDING_PARAM = "embed_tokens"  # the token embedding [V_pad, D]
+LAYERS_PARAM = "layers"  # the blocks: {'0': ..., '1': ...}, or one stacked tree with model.scan_layers
 EMBEDDING_PARAMS = ("embed_tokens", "lm_head")  # counted out of "non-embedding"
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM: llama with qk-norm"}
 
