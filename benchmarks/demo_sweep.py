@@ -208,8 +208,8 @@ def main() -> None:
         actual_H = results.rows(held).select(columns).mean(axis=1)
         preds = {k: result.predict(held_weights, k) for k in result.regressors}
         held_scores[t] = (actual_H, preds)
-        # The optimiser uses the regressor with the best k-fold Spearman on the fitted proxies (never the held-out).
-        result.primary = max(result.cv, key=lambda k: np.nan_to_num(result.cv[k].spearman, nan=-2.0))
+        # fit() has chosen the regressor with the best per-fold Spearman on the fitted proxies (never the
+        # held-out), skipping any whose score is undefined in most folds (mixlm.mixing.regression.choose_model).
         fits[t] = result
         # 4. optimise for the larger run's token budget
         candidates[f"opt_{t}"] = optimize(result, prior, n_samples=args.samples, top_k=args.top_k,

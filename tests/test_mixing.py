@@ -195,7 +195,7 @@ def test_fit_recovers_a_known_law(law_fit):
 def test_optimize_finds_the_laws_optimum(law_fit):
     exact = as_array([optimize(law_fit, TOKENS, regressor="loglinear", seed=0)])[0]
     np.testing.assert_allclose(exact, LAW_OPTIMUM, atol=0.02)
-    boosted = as_array([optimize(law_fit, TOKENS, n_samples=30_000, seed=0)])[0]  # lightgbm, the primary
+    boosted = as_array([optimize(law_fit, TOKENS, n_samples=30_000, seed=0, regressor="lightgbm")])[0]
     np.testing.assert_allclose(boosted, LAW_OPTIMUM, atol=0.05)
     assert law(boosted[None])[0] - law(LAW_OPTIMUM[None])[0] < 0.01
 
@@ -218,7 +218,11 @@ def test_model_round_trips_through_a_directory(law_fit, tmp_path):
     probe = as_array(sample_mixtures(TOKENS, 20, seed=5, minimum=1e-3))
     for kind in ("lightgbm", "linear", "loglinear"):
         np.testing.assert_allclose(loaded.predict(probe, kind), law_fit.predict(probe, kind), rtol=1e-12)
-    assert loaded.cv == law_fit.cv and loaded.primary == "lightgbm"
+    # the chooser picks the best held-out Spearman: on this log-linear law, the log-linear fit
+    assert loaded.cv == law_fit.cv and loaded.primary == law_fit.primary == "loglinear"
+    assert loaded.choice == law_fit.choice and loaded.choice.startswith(
+        "loglinear: highest per-fold Spearman"
+    )
     assert (tmp_path / "model" / "scatter.png").stat().st_size > 0
 
 
@@ -356,8 +360,13 @@ def test_lightgbm_learns_from_a_small_sweep():
     prior = prior_from_mapping({"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1})
     table = mixtures_table(sample_mixtures(prior, 40, seed=1), prior.domains)
     y_N = 4 - (np.log(table.values_NxC + 0.01) * np.array([0.5, 0.3, 0.8, 0.2])).sum(1)
-    result = fit(table, Table(table.index_N, ("metric/x_val_loss",), y_N[:, None]), "metric/x_val_loss",
-                 regressors=("lightgbm",), folds=5)
+    result = fit(
+        table,
+        Table(table.index_N, ("metric/x_val_loss",), y_N[:, None]),
+        "metric/x_val_loss",
+        regressors=("lightgbm",),
+        folds=5,
+    )
     assert result.cv["lightgbm"].spearman > 0.5
 
 
@@ -367,3 +376,143 @@ def test_cli_sample_domains_leaves_an_eval_only_domain_out(tmp_path):
     assert main([*args, str(tmp_path / "m"), "--domains", ",".join(DOMAINS)]) == 0
     assert read_csv(tmp_path / "m" / "mixtures.csv").columns == DOMAINS
     assert main([*args, str(tmp_path / "bad"), "--domains", "web,cod"]) == 2  # names the missing domain
+
+
+# --- honest model choice ----------------------------------------------------------------------------
+
+
+class _Constant:
+    """A regressor that predicts the training mean (ties every held-out fold) on the calls listed in
+    `tied_calls` (all when None), else a least-squares fit."""
+
+    def __init__(self, calls, tied_calls=None):
+        self.calls, self.tied_calls = calls, tied_calls
+
+    def fit(self, x_NxD, y_N):
+        self.calls.append(len(y_N))
+        self.tied = self.tied_calls is None or len(self.calls) in self.tied_calls
+        self.mean = float(y_N.mean())
+        self.coef_D = np.linalg.lstsq(x_NxD, y_N, rcond=None)[0]
+        return self
+
+    def predict(self, x_MxD):
+        return np.full(len(x_MxD), self.mean) if self.tied else x_MxD @ self.coef_D
+
+    def save(self, directory):
+        return {"eps": None, "coef": self.coef_D.tolist()}
+
+
+def _small_sweep(n, seed=1):
+    table = mixtures_table(sample_mixtures(TOKENS, n, seed=seed, minimum=1e-3), DOMAINS)
+    return table, Table(table.index_N, ("metric/target",), law(table.values_NxC)[:, None])
+
+
+def _force_lightgbm(monkeypatch, tied_calls=None):
+    from mixlm.mixing import regression
+
+    calls, original = [], regression.make_regressor
+    monkeypatch.setattr(
+        regression,
+        "make_regressor",
+        lambda kind, seed=0: _Constant(calls, tied_calls) if kind == "lightgbm" else original(kind, seed),
+    )
+
+
+def test_cv_with_tied_predictions_is_reported_not_nan_and_never_chosen(monkeypatch, tmp_path):
+    from mixlm.mixing.regression import cv_table
+
+    _force_lightgbm(monkeypatch)  # every fold tied
+    table, results = _small_sweep(60)
+    result = fit(table, results, "metric/target", regressors=("lightgbm", "loglinear"), folds=5, repeats=3)
+    tied = result.cv["lightgbm"]
+    assert tied.defined_folds == 0 and tied.undefined == {"tied predictions": 15} and not tied.eligible
+    assert result.primary == "loglinear"
+    assert "not eligible: lightgbm (15 of 15 folds undefined: 15 tied predictions)" in result.choice
+    printed = cv_table(result)
+    assert "nan" not in printed.lower() and "| lightgbm | undefined |" in printed
+    assert "0 of 15 (15 tied predictions)" in printed
+    assert any("lightgbm: 15 of 15 folds undefined" in w for w in result.warnings)
+    save_model(result, tmp_path / "fit")
+    plot_fit(result, tmp_path / "fit" / "scatter.png")
+
+    def no_nan(name):
+        raise AssertionError(f"model.json holds {name}")
+
+    meta = json.loads((tmp_path / "fit" / "model.json").read_text(), parse_constant=no_nan)
+    assert meta["cv"]["lightgbm"]["spearman"] is None and meta["choice"]["model"] == "loglinear"
+    del meta["regressors"]["lightgbm"]  # the stand-in wrote no booster
+    (tmp_path / "fit" / "model.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "fit")
+    assert np.isnan(loaded.cv["lightgbm"].spearman) and loaded.choice == result.choice
+
+
+def test_cv_counts_some_tied_folds_and_excludes_a_model_tied_in_most(monkeypatch):
+    table, results = _small_sweep(60)
+    _force_lightgbm(monkeypatch, tied_calls={1})  # the first of 5 folds ties
+    one = fit(table, results, "metric/target", regressors=("lightgbm",), folds=5, repeats=1).cv["lightgbm"]
+    assert (one.defined_folds, one.undefined, one.eligible) == (4, {"tied predictions": 1}, True)
+    assert np.isfinite(one.spearman) and one.undefined_note() == "1 of 5 folds undefined: 1 tied predictions"
+    _force_lightgbm(monkeypatch, tied_calls={1, 2, 3})  # 3 of 5: more than half, never chosen
+    result = fit(table, results, "metric/target", regressors=("lightgbm", "linear"), folds=5, repeats=1)
+    assert np.isfinite(result.cv["lightgbm"].spearman) and not result.cv["lightgbm"].eligible
+    assert result.primary == "linear"
+    _force_lightgbm(monkeypatch, tied_calls={1, 2, 3})
+    with pytest.raises(ConfigError, match="no regressor has a defined held-out Spearman"):
+        fit(table, results, "metric/target", regressors=("lightgbm",), folds=5, repeats=1)
+
+
+def test_lightgbm_on_six_runs_reports_its_folds_and_warns():
+    table, results = _small_sweep(6)
+    result = fit(table, results, "metric/target", regressors=("lightgbm", "loglinear"), folds=3)
+    for score in result.cv.values():
+        assert score.total_folds == 9 and score.scored_folds + sum(score.undefined.values()) == 9
+    assert result.cv[result.primary].eligible
+    assert any(w.startswith("only 6 runs for 5 domains") and "run 44 more" in w for w in result.warnings)
+
+
+def test_repeated_kfold_gives_a_standard_error():
+    table, results = _small_sweep(60)  # linear cannot fit the log law exactly: the folds differ
+    result = fit(table, results, "metric/target", regressors=("linear",), folds=5)  # small: 3 repeats
+    score = result.cv["linear"]
+    assert (score.folds, score.repeats, score.scored_folds) == (5, 3, 15)
+    assert 0 < score.spearman_se < score.spearman_std
+    np.testing.assert_allclose(score.spearman_se, score.spearman_std * np.sqrt(15 / 14) / np.sqrt(15))
+    assert np.isfinite(score.pooled_spearman) and score.pooled_spearman > 0.2
+    once = fit(table, results, "metric/target", regressors=("linear",), folds=5, repeats=1).cv["linear"]
+    assert once.repeats == 1 and once.total_folds == 5 and once.spearman != score.spearman
+
+
+def test_cli_fit_prints_and_saves_the_choice_and_warns_of_few_runs(tmp_path, capsys):
+    table, results = _small_sweep(12)
+    write_csv(tmp_path / "mixtures.csv", table)
+    write_csv(tmp_path / "results.csv", results)
+    args = [
+        "mix",
+        "fit",
+        "--mixtures",
+        str(tmp_path / "mixtures.csv"),
+        "--results",
+        str(tmp_path / "results.csv"),
+    ]
+    assert (
+        main(
+            [
+                *args,
+                "--target",
+                "metric/target",
+                "--folds",
+                "3",
+                "--repeats",
+                "2",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert f"chosen: {meta['choice']['reason']}" in out and meta["choice"]["model"] == meta["primary"]
+    assert "per-fold mean ± SE" in out and "Spearman pooled" in out and "(3-fold x 2)" in out
+    assert "warning: only 12 runs for 5 domains" in out and "run 38 more proxies (50 in all)" in out
+    assert meta["warnings"][0].startswith("only 12 runs for 5 domains")

@@ -79,20 +79,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--out", type=Path, required=True, help="directory for the model, scores and plots")
     fit.add_argument("--regressors", default="lightgbm,linear,loglinear")
     fit.add_argument("--folds", type=int, default=5)
+    fit.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="shuffles of the k-fold split (default: 3 below 200 runs, else 1); scores report mean ± SE",
+    )
     fit.add_argument("--seed", type=int, default=0)
 
     predict = actions.add_parser("predict", help="predict the target for new mixtures")
     predict.add_argument("--model", type=Path, required=True, help="directory written by `mix fit`")
     predict.add_argument("--mixtures", type=Path, required=True)
     predict.add_argument("--out", type=Path, required=True, help="CSV: index, predicted")
-    predict.add_argument("--regressor", default=None, help="default: the model's primary (lightgbm)")
+    predict.add_argument(
+        "--regressor", default=None, help="default: the model's chosen regressor (see model.json)"
+    )
 
     optimize = actions.add_parser("optimize", help="simulate mixtures, average the top-k predicted")
     optimize.add_argument("--model", type=Path, required=True, help="directory written by `mix fit`")
     _add_prior_arguments(optimize)
     optimize.add_argument("--samples", type=int, default=100_000)
     optimize.add_argument("--top-k", type=int, default=128)
-    optimize.add_argument("--regressor", default=None, help="default: the model's primary (lightgbm)")
+    optimize.add_argument(
+        "--regressor", default=None, help="default: the model's chosen regressor (see model.json)"
+    )
     optimize.add_argument(
         "--out", type=Path, required=True, help="mixture YAML for `mixlm train` (data.mixture)"
     )
@@ -139,7 +149,15 @@ def _fit(args: argparse.Namespace) -> int:
 
     mixtures, results = read_csv(args.mixtures), read_csv(args.results)
     regressors = [r.strip() for r in args.regressors.split(",") if r.strip()]
-    result = fit(mixtures, results, args.target, regressors=regressors, folds=args.folds, seed=args.seed)
+    result = fit(
+        mixtures,
+        results,
+        args.target,
+        regressors=regressors,
+        folds=args.folds,
+        seed=args.seed,
+        repeats=args.repeats,
+    )
     save_model(result, args.out)
     plot_fit(result, args.out / "scatter.png")
     per_domain = domain_loss_columns(result.domains, results.columns)
@@ -155,6 +173,9 @@ def _fit(args: argparse.Namespace) -> int:
         )
     print(f"target {result.target_label} over {len(result.actual_N)} runs, {len(result.domains)} domains\n")
     print(cv_table(result))
+    print(f"\nchosen: {result.choice}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     print(f"\nwrote {args.out}/model.json, scatter.png" + (", loss_vs_weight.png" if per_domain else ""))
     return 0
 

@@ -45,10 +45,15 @@ def plot_mixture(mixtures: Mapping[str, Mapping[str, float]], path: str | Path, 
 
 
 def plot_predictions(
-    actual_N: np.ndarray, predicted: Mapping[str, np.ndarray], path: str | Path, title: str = ""
+    actual_N: np.ndarray,
+    predicted: Mapping[str, np.ndarray],
+    path: str | Path,
+    title: str = "",
+    notes: Mapping[str, str] | None = None,
 ) -> Path:
-    """One panel per regressor: predicted (x) against actual (y) loss with the y = x line, the
-    Spearman and Pearson correlations in each panel's title."""
+    """One panel per regressor: predicted (x) against actual (y) loss with the y = x line, the pooled
+    Spearman and Pearson correlations (over all points of the panel) in its title, and notes[kind] (e.g.
+    the per-fold scores) on a second line."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * len(predicted), 4.2))
@@ -58,10 +63,13 @@ def plot_predictions(
         ax = fig.add_subplot(1, len(predicted), j + 1)
         ax.scatter(predicted_N, actual_N, s=8, alpha=0.6)
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")
-        ax.set_title(
-            f"{kind}: ρ={spearman(actual_N, predicted_N):.3f}, r={pearson(actual_N, predicted_N):.3f}",
-            fontsize=9,
+        line = (
+            f"{kind}: pooled ρ={_correlation(spearman(actual_N, predicted_N))}, "
+            f"r={_correlation(pearson(actual_N, predicted_N))}"
         )
+        if notes and notes.get(kind):
+            line += f"\n{notes[kind]}"
+        ax.set_title(line, fontsize=8)
         ax.set_xlabel("predicted loss")
         ax.set_ylabel("actual loss")
     fig.suptitle(title, fontsize=10)
@@ -70,12 +78,27 @@ def plot_predictions(
 
 def plot_fit(result: FitResult, path: str | Path) -> Path:
     """`plot_predictions` of a fit's out-of-fold predictions against the actual target, one panel per
-    regressor (what `mixlm mix fit` writes as DIR/scatter.png)."""
+    regressor (what `mixlm mix fit` writes as DIR/scatter.png): the pooled correlations over every run,
+    and below them the per-fold mean Spearman ± SE of the table (they differ: pooling also rewards
+    getting the level right across folds), the chosen regressor marked."""
+    notes = {}
+    for kind, score in result.cv.items():
+        if kind not in result.oof_N:
+            continue
+        if math.isfinite(score.spearman):
+            se = f" ± {score.spearman_se:.3f}" if math.isfinite(score.spearman_se) else ""
+            note = f"per-fold mean ρ={score.spearman:.3f}{se} (SE, {score.scored_folds}/{score.total_folds} folds)"
+        else:
+            note = f"per-fold ρ undefined in all {score.total_folds} folds"
+        notes[kind] = note + (" — chosen" if kind == result.primary else "")
+    score = result.cv[result.primary]
+    repeats = f" x {score.repeats} repeats" if score.repeats > 1 else ""
     return plot_predictions(
         result.actual_N,
         result.oof_N,
         path,
-        title=f"{result.target_label}: {result.cv[result.primary].folds}-fold held-out",
+        title=f"{result.target_label}: {score.folds}-fold{repeats} out-of-fold predictions",
+        notes=notes,
     )
 
 
@@ -101,6 +124,10 @@ def plot_loss_vs_weight(
     fig.supxlabel("domain weight")
     fig.supylabel("domain validation loss")
     return _save(fig, path)
+
+
+def _correlation(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "undefined (tied)"
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -1,5 +1,6 @@
 """Regression from mixture weights to a proxy run's loss: LightGBM (RegMix's model) and two linear
-baselines, scored by k-fold Spearman and Pearson correlation on held-out runs.
+baselines, scored by repeated k-fold Spearman and Pearson correlation on held-out runs; `choose_model`
+picks the one `predict` and `optimize` use, never one whose held-out score is undefined.
 
 Regressors:
   lightgbm   gbdt, 1000 rounds, learning rate 1e-2, early stopping (3 rounds) on a validation split
@@ -12,6 +13,7 @@ Regressors:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.config import ConfigError
-from mixlm.mixing.stats import pearson, spearman
+from mixlm.mixing.stats import mean_std_se, pearson, spearman, undefined_reason
 from mixlm.mixing.tables import Table, read_csv, write_csv
 
 REGRESSORS = ("lightgbm", "linear", "loglinear")
@@ -156,21 +158,55 @@ def make_regressor(kind: str, seed: int = 0):
 
 @dataclass(frozen=True)
 class CVScore:
-    """Mean and standard deviation over the k held-out folds."""
+    """Held-out scores of one regressor over `repeats` x `folds` folds (repeated k-fold, a fresh shuffle per
+    repeat). spearman / pearson (with std and standard error `*_se`): the per-fold mean over the folds where
+    the correlation is defined (`defined_folds` of them); `undefined`: {reason: folds} for the rest
+    ('tied predictions', 'constant targets', 'non-finite predictions'), never folded into the mean as NaN.
+    pooled_*: one correlation over all runs of the out-of-fold predictions (averaged over repeats), what
+    the scatter plot shows. Undefined scores are NaN (null in model.json)."""
 
     spearman: float
     spearman_std: float
     pearson: float
     pearson_std: float
     folds: int
+    repeats: int = 1
+    spearman_se: float = float("nan")
+    pearson_se: float = float("nan")
+    defined_folds: int | None = None  # None: written before folds were counted, all taken as defined
+    undefined: dict[str, int] = field(default_factory=dict)
+    pooled_spearman: float = float("nan")
+    pooled_pearson: float = float("nan")
+
+    @property
+    def total_folds(self) -> int:
+        return self.folds * self.repeats
+
+    @property
+    def scored_folds(self) -> int:
+        return self.total_folds if self.defined_folds is None else self.defined_folds
+
+    @property
+    def eligible(self) -> bool:
+        """A defined score in at least half of the folds: only such a regressor may be chosen."""
+        return math.isfinite(self.spearman) and 2 * (self.total_folds - self.scored_folds) <= self.total_folds
+
+    def undefined_note(self) -> str:
+        """'' or e.g. '1 of 15 folds undefined: 1 tied predictions'."""
+        missing = self.total_folds - self.scored_folds
+        if not missing:
+            return ""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.undefined.items())
+        return f"{missing} of {self.total_folds} folds undefined" + (f": {reasons}" if reasons else "")
 
 
 @dataclass
 class FitResult:
     """domains: feature order; target: the loss columns averaged into the target; regressors: fitted
-    on all rows; cv: k-fold scores per regressor; actual_N / oof_N: the target and each regressor's
-    out-of-fold predictions per run (index_N), for the scatter plot; primary: the regressor that
-    `predict` and `optimize` use unless told otherwise."""
+    on all rows; cv: repeated k-fold scores per regressor; actual_N / oof_N: the target and each regressor's
+    out-of-fold predictions per run (index_N; the mean over repeats), for the scatter plot; primary: the
+    regressor that `predict` and `optimize` use unless told otherwise (see `choose_model`), choice: why;
+    warnings: what makes the fit less trustworthy (too few runs, undefined folds)."""
 
     domains: tuple[str, ...]
     target: tuple[str, ...]
@@ -180,6 +216,8 @@ class FitResult:
     actual_N: np.ndarray
     oof_N: dict[str, np.ndarray] = field(default_factory=dict)
     primary: str = "lightgbm"
+    choice: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def target_label(self) -> str:
@@ -194,6 +232,80 @@ class FitResult:
         if weights_MxD.ndim != 2 or weights_MxD.shape[1] != len(self.domains):
             raise ConfigError(f"mixtures have shape {weights_MxD.shape}; expected [M, {len(self.domains)}]")
         return self.regressors[kind].predict(weights_MxD)
+
+
+def _format_score(mean: float, se: float) -> str:
+    if not math.isfinite(mean):
+        return "undefined"
+    return f"{mean:.3f} ± {se:.3f}" if math.isfinite(se) else f"{mean:.3f} (one fold, no SE)"
+
+
+def choose_model(result: FitResult) -> tuple[str, str]:
+    """(regressor, reason): the eligible regressor (a defined Spearman in at least half of its folds) with
+    the highest per-fold mean Spearman, ties broken by per-fold Pearson, then by order. A regressor whose
+    score is undefined in more than half of its folds is never chosen; when none is eligible this raises
+    ConfigError saying so."""
+    eligible = [k for k, s in result.cv.items() if s.eligible]
+    excluded = [
+        f"{k} ({s.undefined_note() or 'Spearman undefined'})" for k, s in result.cv.items() if not s.eligible
+    ]
+    if not eligible:
+        raise ConfigError(
+            f"no regressor has a defined held-out Spearman in at least half of its folds over "
+            f"{len(result.actual_N)} runs: {'; '.join(excluded)}. Run more proxies (see the warnings), "
+            f"or use fewer folds (--folds)"
+        )
+    ranked = sorted(
+        eligible,
+        key=lambda k: (result.cv[k].spearman, np.nan_to_num(result.cv[k].pearson, nan=-2.0)),
+        reverse=True,
+    )
+    best, score = ranked[0], result.cv[ranked[0]]
+    reason = (
+        f"{best}: highest per-fold Spearman {_format_score(score.spearman, score.spearman_se)} (SE) over "
+        f"{score.scored_folds} folds ({score.folds}-fold x {score.repeats})"
+    )
+    if score.scored_folds < score.total_folds:
+        reason += f"; {score.undefined_note()}"
+    if len(ranked) > 1:
+        runner = result.cv[ranked[1]]
+        reason += f"; next {ranked[1]} {_format_score(runner.spearman, runner.spearman_se)}"
+    if excluded:
+        reason += f"; not eligible: {', '.join(excluded)}"
+    return best, reason
+
+
+# Rough runs a regressor needs before its held-out score means much: a training fold must hold more rows
+# than a linear model has coefficients; LightGBM's trees tie (constant predictions) below ~10 runs a domain.
+RUNS_PER_DOMAIN = 2
+LIGHTGBM_RUNS_PER_DOMAIN = 10
+
+
+def runs_needed(kind: str, domains: int, folds: int) -> int:
+    """Runs `kind` needs for `domains` weights under k-fold CV (a heuristic, see RUNS_PER_DOMAIN)."""
+    if kind == "lightgbm":
+        return LIGHTGBM_RUNS_PER_DOMAIN * domains
+    coefficients = domains + (kind == "loglinear")
+    return math.ceil((coefficients + 1) * folds / (folds - 1))
+
+
+def few_runs_warning(runs: int, domains: int, regressors: Sequence[str], folds: int) -> str | None:
+    """A warning naming how many more runs to add when `runs` is small for `domains` (fewer than
+    RUNS_PER_DOMAIN per domain, or than a regressor needs), else None."""
+    needs = {f"{RUNS_PER_DOMAIN} per domain": RUNS_PER_DOMAIN * domains}
+    needs.update({kind: runs_needed(kind, domains, folds) for kind in regressors})
+    short = {what: n for what, n in needs.items() if runs < n}
+    if not short:
+        return None
+    need = max(short.values())
+    parts = ", ".join(f"{what}: {n}" for what, n in short.items())
+    return (
+        f"only {runs} runs for {domains} domains, fewer than this fit needs ({parts}); run {need - runs} more "
+        f"proxies ({need} in all) before trusting the scores or the chosen model"
+    )
+
+
+SMALL_SWEEP_RUNS = 200  # below this, k-fold is repeated (3 shuffles) by default: one split is noisy
 
 
 def parse_target(target: str | Sequence[str]) -> tuple[str, ...]:
@@ -232,14 +344,17 @@ def fit(
     regressors: Sequence[str] = REGRESSORS,
     folds: int = 5,
     seed: int = 0,
+    repeats: int | None = None,
 ) -> FitResult:
-    """Fits each regressor on every run and scores it by k-fold cross-validation.
+    """Fits each regressor on every run and scores it by repeated k-fold cross-validation.
 
     mixtures: index + one weight column per domain (RegMix's train_mixture CSV, or a sweep table:
         `metric/...` columns are ignored). results: index + loss columns (RegMix's train_pile_loss CSV).
         The tables join on index; runs missing from either, or with a NaN target, are left out.
     target: a loss column, or several ('a,b' or a list) whose mean is the target.
-    Returns a FitResult (see there); `save_model` writes it to a directory.
+    repeats: shuffles of the k-fold split (default 3 below SMALL_SWEEP_RUNS runs, else 1); the first
+        shuffle is the same as with one repeat.
+    Returns a FitResult (see there) with the model `choose_model` picks as primary; `save_model` writes it.
     """
     target = parse_target(target)
     index_N, weights_NxD, target_N = join_runs(mixtures, results, target)
@@ -249,48 +364,110 @@ def fit(
         )
     if not regressors:
         raise ConfigError(f"no regressors chosen; choose from {', '.join(REGRESSORS)}")
-    fold_of_N = np.empty(len(target_N), dtype=np.int64)
-    for k, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(len(target_N)), folds)):
-        fold_of_N[rows] = k
+    if repeats is None:
+        repeats = 3 if len(target_N) < SMALL_SWEEP_RUNS else 1
+    if repeats < 1:
+        raise ConfigError(f"repeats={repeats}: repeat the k-fold split at least once")
+    rng = np.random.default_rng(seed)
+    fold_of_RxN = np.empty((repeats, len(target_N)), dtype=np.int64)
+    for r in range(repeats):
+        for k, rows in enumerate(np.array_split(rng.permutation(len(target_N)), folds)):
+            fold_of_RxN[r, rows] = k
     fitted, cv, oof = {}, {}, {}
     for kind in regressors:
-        oof_N = np.empty_like(target_N)
-        spearman_K, pearson_K = [], []
-        for k in range(folds):
-            held = fold_of_N == k
-            model = make_regressor(kind, seed).fit(weights_NxD[~held], target_N[~held])
-            oof_N[held] = model.predict(weights_NxD[held])
-            spearman_K.append(spearman(target_N[held], oof_N[held]))
-            pearson_K.append(pearson(target_N[held], oof_N[held]))
+        oof_RxN = np.empty((repeats, len(target_N)))
+        spearman_F, pearson_F, undefined = [], [], {}
+        for r in range(repeats):
+            for k in range(folds):
+                held = fold_of_RxN[r] == k
+                model = make_regressor(kind, seed).fit(weights_NxD[~held], target_N[~held])
+                oof_RxN[r, held] = model.predict(weights_NxD[held])
+                reason = undefined_reason(target_N[held], oof_RxN[r, held])
+                if reason:
+                    undefined[reason] = undefined.get(reason, 0) + 1
+                    continue
+                spearman_F.append(spearman(target_N[held], oof_RxN[r, held]))
+                pearson_F.append(pearson(target_N[held], oof_RxN[r, held]))
+        oof_N = oof_RxN.mean(axis=0)
+        spearman_mean, spearman_std, spearman_se = mean_std_se(spearman_F)
+        pearson_mean, pearson_std, pearson_se = mean_std_se(pearson_F)
         cv[kind] = CVScore(
-            float(np.mean(spearman_K)),
-            float(np.std(spearman_K)),
-            float(np.mean(pearson_K)),
-            float(np.std(pearson_K)),
+            spearman_mean,
+            spearman_std,
+            pearson_mean,
+            pearson_std,
             folds,
+            repeats=repeats,
+            spearman_se=spearman_se,
+            pearson_se=pearson_se,
+            defined_folds=len(spearman_F),
+            undefined=undefined,
+            pooled_spearman=spearman(target_N, oof_N),
+            pooled_pearson=pearson(target_N, oof_N),
         )
         oof[kind] = oof_N
         fitted[kind] = make_regressor(kind, seed).fit(weights_NxD, target_N)
-    primary = "lightgbm" if "lightgbm" in fitted else regressors[0]
-    return FitResult(mixtures.weight_columns(), target, fitted, cv, index_N, target_N, oof, primary)
+    result = FitResult(mixtures.weight_columns(), target, fitted, cv, index_N, target_N, oof)
+    few = few_runs_warning(len(target_N), len(result.domains), regressors, folds)
+    result.warnings = [few] if few else []
+    result.warnings += [f"{kind}: {s.undefined_note()}" for kind, s in cv.items() if s.undefined_note()]
+    result.primary, result.choice = choose_model(result)
+    return result
 
 
 def cv_table(result: FitResult) -> str:
-    """The k-fold scores as a Markdown table, one row per regressor."""
+    """The held-out scores as a Markdown table, one row per regressor: per-fold mean ± standard error
+    (over the folds where the correlation is defined), the pooled correlation over all out-of-fold
+    predictions, the folds scored, and which regressor `choose_model` chose."""
+    score = next(iter(result.cv.values()))
+    header = (
+        "| regressor | Spearman per-fold mean ± SE | Pearson per-fold mean ± SE | Spearman pooled "
+        f"| Pearson pooled | folds scored ({score.folds}-fold x {score.repeats}) | chosen |"
+    )
     lines = [
-        f"| regressor | Spearman ({result.cv[result.primary].folds}-fold) | Pearson |",
-        "|---|---|---|",
+        header,
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def pooled(value: float) -> str:
+        return f"{value:.3f}" if math.isfinite(value) else "undefined"
+
     for kind, score in result.cv.items():
+        scored = f"{score.scored_folds} of {score.total_folds}"
+        if score.undefined:
+            scored += " (" + ", ".join(f"{n} {reason}" for reason, n in score.undefined.items()) + ")"
         lines.append(
-            f"| {kind} | {score.spearman:.4f} ± {score.spearman_std:.4f} | "
-            f"{score.pearson:.4f} ± {score.pearson_std:.4f} |"
+            f"| {kind} | {_format_score(score.spearman, score.spearman_se)} | "
+            f"{_format_score(score.pearson, score.pearson_se)} | {pooled(score.pooled_spearman)} | "
+            f"{pooled(score.pooled_pearson)} | {scored} | {'yes' if kind == result.primary else ''} |"
         )
     return "\n".join(lines)
 
 
+def _json_safe(value):
+    """NaN -> None (strict JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+_CV_FLOATS = (
+    "spearman",
+    "spearman_std",
+    "pearson",
+    "pearson_std",
+    "spearman_se",
+    "pearson_se",
+    "pooled_spearman",
+    "pooled_pearson",
+)
+
+
 def save_model(result: FitResult, directory: str | Path) -> Path:
-    """Writes DIR/model.json (domains, target, primary, k-fold scores, linear coefficients),
+    """Writes DIR/model.json (domains, target, primary and the reason it was chosen, warnings, k-fold scores,
+    linear coefficients),
     DIR/lightgbm.txt when fitted and DIR/cv_predictions.csv (out-of-fold predictions). Returns the
     directory. The figure of the fit (DIR/scatter.png) is drawn by `mixlm.mixing.plots.plot_fit`."""
     directory = Path(directory)
@@ -299,8 +476,10 @@ def save_model(result: FitResult, directory: str | Path) -> Path:
         "domains": list(result.domains),
         "target": list(result.target),
         "primary": result.primary,
+        "choice": {"model": result.primary, "reason": result.choice},
+        "warnings": list(result.warnings),
         "runs": len(result.actual_N),
-        "cv": {kind: vars(score) for kind, score in result.cv.items()},
+        "cv": {kind: _json_safe(dict(vars(score))) for kind, score in result.cv.items()},
         "regressors": {kind: model.save(directory) for kind, model in result.regressors.items()},
     }
     (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -330,7 +509,10 @@ def load_model(directory: str | Path) -> FitResult:
             if kind == "lightgbm"
             else LinearRegression.load(kind, state)
         )
-    cv = {kind: CVScore(**score) for kind, score in meta["cv"].items()}
+    cv = {
+        kind: CVScore(**{k: float("nan") if k in _CV_FLOATS and v is None else v for k, v in score.items()})
+        for kind, score in meta["cv"].items()
+    }
     index_N, actual_N, oof_N = np.zeros(0, np.int64), np.zeros(0), {}
     if (directory / "cv_predictions.csv").is_file():
         table = read_csv(directory / "cv_predictions.csv")
@@ -345,4 +527,6 @@ def load_model(directory: str | Path) -> FitResult:
         actual_N,
         oof_N,
         meta["primary"],
+        meta.get("choice", {}).get("reason", ""),
+        list(meta.get("warnings", [])),
     )

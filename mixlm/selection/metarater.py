@@ -152,6 +152,7 @@ def learn_rater_weights(
     from mixlm.mixing import fit as fit_regression
     from mixlm.mixing import save_model
     from mixlm.mixing.plots import plot_fit
+    from mixlm.mixing.regression import choose_model
     from mixlm.mixing.sweep import final_losses
     from mixlm.mixing.tables import loss_column, write_csv
     from mixlm.selection.scoring import select_documents
@@ -224,7 +225,7 @@ def learn_rater_weights(
     folds = max(2, min(folds, len(finite) // 2))
     result = fit_regression(read_csv(out / "weightings.csv"), read_csv(out / "results.csv"),
                             loss_column(heldout_name), regressors=tuple(regressors), folds=folds, seed=seed)
-    result.primary = max(result.cv, key=lambda k: np.nan_to_num(result.cv[k].spearman, nan=-2.0))
+    result.primary, result.choice = choose_model(result)  # never one whose held-out score is undefined
     save_model(result, out / "fit")
     plot_fit(result, out / "fit" / "scatter.png")
     best, predicted = optimize_rater_weights(result, names, n_samples=n_samples, top_k=min(top_k, n_samples),
