@@ -471,19 +471,41 @@ def test_perplexity_matches_a_direct_computation_and_ignores_batching(tmp_path):
 
 
 def test_fasttext_divergence_is_retried_at_a_lower_rate(tmp_path, monkeypatch):
-    fasttext = pytest.importorskip("fasttext")
-    real, rates = fasttext.train_supervised, []
+    pytest.importorskip("fasttext")
+    from mixlm.selection import classifier
 
-    def diverges_once(**kwargs):
-        rates.append(kwargs["lr"])
-        if len(rates) == 1:
-            raise RuntimeError("Encountered NaN.")
-        return real(**kwargs)
+    real, rates = classifier._fit_fasttext, []
 
-    monkeypatch.setattr(fasttext, "train_supervised", diverges_once)
+    def diverges_once(train_file, model_file, seed, settings):
+        rates.append(settings["lr"])
+        return "RuntimeError: Encountered NaN." if len(rates) == 1 else real(train_file, model_file, seed, settings)
+
+    monkeypatch.setattr(classifier, "_fit_fasttext", diverges_once)
     train_classifier(_styled(SCIENCE, 40, 0), _styled(SPAM, 40, 1), tmp_path / "clf", backend="fasttext",
                      fasttext_options={"bucket": 2**14, "dim": 16})  # a small model.bin
     assert rates == [0.1, 0.05]
-    monkeypatch.setattr(fasttext, "train_supervised", lambda **kw: (_ for _ in ()).throw(RuntimeError("Encountered NaN.")))
+    monkeypatch.setattr(classifier, "_fit_fasttext", lambda *a: "RuntimeError: Encountered NaN.")
     with pytest.raises(SelectionError, match="fastText training failed .* at lr 0.025"):
         train_classifier(_styled(SCIENCE, 40, 0), _styled(SPAM, 40, 1), tmp_path / "clf2", backend="fasttext")
+
+
+def test_fasttext_trains_the_same_model_whatever_ran_before_in_the_process(tmp_path):
+    """A Pallas interpret-mode kernel in the same process used to change what fastText trained for a seed."""
+    pytest.importorskip("fasttext")
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    def scores(folder):
+        train_classifier(_styled(SCIENCE, 100, 0), _styled(SPAM, 100, 1), folder, backend="fasttext",
+                         fasttext_options={"bucket": 2**14, "dim": 16, "epoch": 10})
+        return load_classifier(folder).score(_styled(SCIENCE, 20, 2))
+
+    before = scores(tmp_path / "a")
+
+    def double(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2
+
+    pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=True)(
+        jnp.ones((8, 128))).block_until_ready()
+    np.testing.assert_array_equal(scores(tmp_path / "b"), before)

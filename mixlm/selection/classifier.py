@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,7 +49,8 @@ class TextClassifier:
         if self.backend == "sklearn":
             return self.model.predict_proba(list(texts))[:, 1].astype(np.float64)
         labels, probs = self.model.predict([_one_line(t) for t in texts], k=2)
-        return np.array([dict(zip(ls, ps)).get(_POS, 0.0) for ls, ps in zip(labels, probs)], np.float64)
+        scores = np.array([dict(zip(ls, ps)).get(_POS, 0.0) for ls, ps in zip(labels, probs)], np.float64)
+        return np.clip(scores, 0.0, 1.0)  # fastText reports p + 1e-5 (its log smoothing), so up to 1.00001
 
 
 def _one_line(text: str) -> str:
@@ -72,6 +75,24 @@ def _sklearn_model(seed: int, c: float):
 FASTTEXT_DEFAULTS = {"epoch": 5, "lr": 0.1, "wordNgrams": 2, "dim": 64, "bucket": 2**20, "minCount": 1}
 
 
+_FIT_FASTTEXT = """
+import json, sys
+import fasttext
+a = json.loads(sys.argv[1])
+fasttext.train_supervised(input=a["input"], thread=1, seed=a["seed"], verbose=0, **a["settings"]).save_model(a["out"])
+"""
+
+
+def _fit_fasttext(train_file: Path, model_file: Path, seed: int, settings: dict) -> str:
+    """Trains fastText on `train_file` into `model_file` in a fresh Python process; '' or the error's last line."""
+    args = json.dumps({"input": str(train_file), "out": str(model_file), "seed": seed, "settings": settings})
+    proc = subprocess.run([sys.executable, "-c", _FIT_FASTTEXT, args], capture_output=True, text=True, check=False)
+    if proc.returncode == 0 and model_file.is_file():
+        return ""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {proc.returncode}"
+
+
 def _train_fasttext(texts: list[str], labels: np.ndarray, seed: int, options: dict, work_dir: Path):
     try:
         import fasttext
@@ -82,19 +103,22 @@ def _train_fasttext(texts: list[str], labels: np.ndarray, seed: int, options: di
     train_file = work_dir / "train.txt"
     with open(train_file, "w") as f:
         f.writelines(f"{_POS if label else _NEG} {_one_line(text)}\n" for text, label in zip(texts, labels))
-    # One thread: fastText is only reproducible for a seed when single-threaded. Its SGD occasionally
-    # diverges ("Encountered NaN"; seen once in a full test run at lr 0.1): retry at half the rate.
+    # One thread: fastText is only reproducible for a seed when single-threaded. Its result also depended on
+    # what the calling process had done before (after a Pallas interpret-mode kernel in the same process the
+    # same seed trained a different model, and sometimes diverged with "Encountered NaN"), so it trains in a
+    # fresh interpreter. A divergence is retried at half the learning rate.
     settings = {**FASTTEXT_DEFAULTS, **options}
+    model_file = work_dir / "model.bin"
     for attempt in range(3):
-        try:
-            model = fasttext.train_supervised(input=str(train_file), thread=1, seed=seed, verbose=0, **settings)
+        error = _fit_fasttext(train_file, model_file, seed, settings)
+        if not error:
             break
-        except RuntimeError as e:
-            if "NaN" not in str(e) or attempt == 2:
-                raise SelectionError(f"fastText training failed ({e}) at lr {settings['lr']:g}; lower "
-                                     "fasttext_options lr or use --backend sklearn") from e
-            settings["lr"] = settings["lr"] / 2
+        if "NaN" not in error or attempt == 2:
+            raise SelectionError(f"fastText training failed ({error}) at lr {settings['lr']:g}; lower "
+                                 "fasttext_options lr or use --backend sklearn")
+        settings["lr"] = settings["lr"] / 2
     train_file.unlink()
+    model = fasttext.load_model(str(model_file))
     if sorted(model.labels) != sorted([_POS, _NEG]):
         raise SelectionError(f"fastText learned labels {model.labels}, not both classes; give it more "
                              "(and balanced) data or use --backend sklearn")
