@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from mixlm.data.prepare import counted
 from mixlm.selection import SelectionError
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -184,7 +185,7 @@ def _compute(args, settings) -> int:
 
     report = compute_tables(args.inputs, args.out, settings, workers=args.workers, strict=args.strict,
                             overwrite=args.overwrite, progress=not args.no_progress)
-    print(f"{_counted(report['documents'], 'document')} in {_counted(report['shards'], 'shard')} → {args.out} "
+    print(f"{counted(report['documents'], 'document')} in {counted(report['shards'], 'shard')} → {args.out} "
           f"({report['seconds']:.1f} s)", flush=True)
     if report["malformed_lines"]:
         print(f"skipped {_bad_lines(report['malformed'])}; e.g.", file=sys.stderr)
@@ -193,15 +194,10 @@ def _compute(args, settings) -> int:
     return 0
 
 
-def _counted(n: int, noun: str) -> str:
-    """'1 document', '2,000 documents'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def _bad_lines(counts: dict[str, int]) -> str:
     """'3 bad lines (2 invalid json, 1 empty)'."""
     kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items())
-    return f"{_counted(sum(counts.values()), 'bad line')} ({kinds})"
+    return f"{counted(sum(counts.values()), 'bad line')} ({kinds})"
 
 
 def _classifier_dir(path: str, trust_pickle: bool) -> str:
@@ -244,7 +240,7 @@ def _run(args) -> int:
         neg = _read_texts(args.neg, args.text_field, args.max_docs)
         meta = train_classifier(pos, neg, args.out, backend=args.backend, signal=args.signal, seed=args.seed,
                                 val_fraction=args.val_fraction)
-        print(f"{args.backend} classifier on {_counted(meta['train'], 'document')} → {args.out}; held out "
+        print(f"{args.backend} classifier on {counted(meta['train'], 'document')} → {args.out}; held out "
               f"{meta['held_out']}: accuracy {meta.get('held_out_accuracy', float('nan')):.3f}")
         return 0
     if args.action == "pick":
@@ -256,11 +252,11 @@ def _run(args) -> int:
                                   top_fraction=args.top_fraction, budget_unit=args.budget_unit,
                                   random_out=args.random_out, seed=args.seed, plot=args.plot)
         unit = report["budget_unit"]
-        print(f"kept {report['documents_out']:,} of {_counted(report['documents_in'], 'document')}, "
+        print(f"kept {report['documents_out']:,} of {counted(report['documents_in'], 'document')}, "
               f"{report[unit + '_out']} of {report[unit + '_in']} {unit} → {args.out}")
         if args.random_out:
             rnd = report["random_baseline"]
-            print(f"random baseline: {_counted(rnd['documents_out'], 'document')}, {rnd[unit + '_out']} {unit} "
+            print(f"random baseline: {counted(rnd['documents_out'], 'document')}, {rnd[unit + '_out']} {unit} "
                   f"→ {args.random_out}")
         if args.prepare_out:
             _prepare([args.out] + ([args.random_out] if args.random_out else []), args.prepare_out, args.tokenizer)
@@ -278,7 +274,7 @@ def _run(args) -> int:
             for i, w in enumerate(weightings):
                 writer.writerow([i, *(w[s] for s in signals)])
                 (out / f"weighting_{i:04d}.yaml").write_text(yaml.safe_dump(w, sort_keys=False))
-        print(f"{_counted(args.n, 'weighting')} of {_counted(len(signals), 'rater')} → {out}")
+        print(f"{counted(args.n, 'weighting')} of {counted(len(signals), 'rater')} → {out}")
         return 0
     if args.action == "metarater":
         from mixlm.selection.metarater import learn_rater_weights, parse_raters

@@ -157,7 +157,7 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _counted(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
     """'1 document', '2,000 documents'."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
@@ -606,9 +606,9 @@ def prepare_domains(
 def _summary(name: str, m: DomainManifest, secs: float) -> None:
     bad = sum(m.malformed.values())
     print(
-        f"prepare {name}: {_counted(m.documents, 'document')}, {_counted(m.tokens, 'token')} "
-        f"({_counted(m.splits['validation'].documents, 'document')} held out), "
-        f"{_counted(len(m.splits['train'].shards), 'train shard')}, {_counted(bad, 'malformed record')}, "
+        f"prepare {name}: {counted(m.documents, 'document')}, {counted(m.tokens, 'token')} "
+        f"({counted(m.splits['validation'].documents, 'document')} held out), "
+        f"{counted(len(m.splits['train'].shards), 'train shard')}, {counted(bad, 'malformed record')}, "
         f"vocab {m.tokenizer['vocab_size']:,}, {secs:.1f}s",
         file=sys.stderr,
     )

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from mixlm.data.prepare import count_documents
+from mixlm.data.prepare import count_documents, counted
 from mixlm.data.sources import InputUnit, read_documents, resolve_source
 
 EOS = "<|endoftext|>"
@@ -62,10 +62,6 @@ def _expected_documents(units_per_domain: list[list[InputUnit]], max_docs_per_do
     return total
 
 
-def _counted(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def train_tokenizer(
     domains: Mapping[str, Sequence[str] | str],
     out_dir: str | Path,
@@ -94,7 +90,7 @@ def train_tokenizer(
     interleaved = (t for group in itertools.zip_longest(*streams) for t in group if t is not None)
     seen = {"documents": 0, "chars": 0}
 
-    def counted(texts):
+    def tally(texts):
         for t in texts:
             seen["documents"] += 1
             seen["chars"] += len(t)
@@ -105,18 +101,18 @@ def train_tokenizer(
         from tqdm import tqdm
 
         total = _expected_documents(units_per_domain, max_docs_per_domain)
-        bar = tqdm(counted(interleaved), total=total, desc="tokenizer train: read", unit="doc", unit_scale=True,
+        bar = tqdm(tally(interleaved), total=total, desc="tokenizer train: read", unit="doc", unit_scale=True,
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
         texts = _closing_bar(bar, vocab_size)
     else:
-        texts = counted(interleaved)
+        texts = tally(interleaved)
     out = train_tokenizer_from_texts(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
     if progress:
         from transformers import PreTrainedTokenizerFast
 
         vocab = len(PreTrainedTokenizerFast.from_pretrained(str(out)))
-        print(f"tokenizer train: {_counted(seen['documents'], 'document')} ({seen['chars']:,} characters) from "
-              f"{_counted(len(domains), 'domain')}, vocab {vocab:,} (asked {vocab_size:,}), "
+        print(f"tokenizer train: {counted(seen['documents'], 'document')} ({seen['chars']:,} characters) from "
+              f"{counted(len(domains), 'domain')}, vocab {vocab:,} (asked {vocab_size:,}), "
               f"{time.perf_counter() - start:.1f}s -> {out}", file=sys.stderr, flush=True)
     return out
 
