@@ -3,11 +3,17 @@
   mixlm select signals DOCS.jsonl.zst ... --out SIG [--tokenizer TOK] [--rating-columns a,b] [--workers N]
   mixlm select pick --signals SIG [SIG2 ...] --weights W.yaml (--budget 2B | --top-fraction 0.1)
                     --out SEL [--random-out RND --seed 0] [--plot] [--prepare-out PREP --tokenizer TOK]
+  mixlm select pick --signals SIG --mode dsir-resample --signal dsir_books --budget 2M --seed 0 --out SEL
+  mixlm select dsir DOCS.jsonl.zst ... --target books=BOOKS.jsonl [--target wiki=WIKI.jsonl] --out SIG3
+                    [--buckets 10000] [--raw SAMPLE.jsonl]   (or --model SIG3/dsir_model.npz: score alike)
   mixlm select classifier train --pos POS.jsonl --neg NEG.jsonl --out CLF [--backend sklearn|fasttext]
+                    [--preset dclm] [--fasttext-option bucket=100000]
   mixlm select classifier score DOCS.jsonl.zst ... --model CLF --out SIG2
   mixlm select weightings --signals a,b,c --n 64 --seed 0 --out WDIR     (Meta-rater rater weightings)
   mixlm select metarater --signals SIG --raters a,b:low,c --n 64 --budget 2M --base PROXY.yaml
                     --tokenizer TOK --heldout REF.jsonl --out MDIR      (learned rater weights → MDIR/weights.yaml)
+  mixlm select run configs/selection/dclm-baseline.yaml --input DOCS.jsonl.zst ... --out OUT
+                    [--pos POS.jsonl --neg NEG.jsonl | --model CLF]  (a chain of stages; OUT/report.json)
   mixlm select list                                                       (the rule-based signals)
 
 A weights file is YAML `{signal: weight}` or `{signal: {weight: w, higher_is_better: false}}`; `--weights`
@@ -68,10 +74,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="load a classifier folder of an older version (a pickled model.joblib, which can run code): "
                    "only for folders you trust; it is converted to model.npz once")
     p.add_argument("--no-rules", action="store_true", help="skip the rule-based signals")
+    p.add_argument("--perplexity", metavar="MODEL_DIR",
+                   help="also perplexity_nll (mean nats per token) and perplexity_bpb (bits per byte) under this "
+                   "causal LM: a local HF folder (a `mixlm export` output included) or a mixlm run / checkpoint folder")
+
+    def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--model", action="append", default=[], required=required, metavar="NAME=DIR",
+                       help="rate with this local HF sequence-classification / regression folder (or a mixlm "
+                       "linear-head rater); one output → column NAME, K outputs → NAME_<label> (repeatable)")
+        p.add_argument("--columns", action="append", default=[], metavar="NAME=a,b,...",
+                       help="names of rater NAME's outputs, in order (default: its config.id2label)")
+        p.add_argument("--activation", action="append", default=[], metavar="NAME=auto|none|sigmoid|softmax",
+                       help="applied to rater NAME's outputs (auto: from its problem_type)")
+        p.add_argument("--batch-size", type=int, default=32, help="documents per model forward pass")
+        p.add_argument("--max-length", type=int, default=512, help="tokens per document (longer ones truncated); "
+                       "perplexity's window")
+        p.add_argument("--device", default="auto", help="torch device of HF models: auto | cpu | cuda | cuda:N")
+
+    add_model_args(p, required=False)
+
+    p = sub.add_parser("rate", help="model ratings (FineWeb-Edu, PRRC, QuRating ... classifiers) per document")
+    _add_input_args(p)
+    p.add_argument("--config", help="a rater config (configs/selection/metarater-25.yaml): rate with every model it "
+                   "lists, folders from --model NAME=DIR (or its models.NAME.path)")
+    add_model_args(p, required=False)
 
     p = sub.add_parser("pick", help="combine signals with weights and keep the best documents")
     p.add_argument("--signals", nargs="+", required=True, help="signal folders (joined on file and line)")
-    p.add_argument("--weights", required=True, help="weights YAML file, or an inline YAML mapping")
+    p.add_argument("--weights", help="weights YAML file, or an inline YAML mapping (mode top)")
+    p.add_argument("--mode", choices=("top", "dsir-resample"), default="top",
+                   help="top: best weighted score; dsir-resample: sample without replacement proportional to "
+                   "exp(--signal), a DSIR log importance weight (seeded by --seed)")
+    p.add_argument("--signal", help="with --mode dsir-resample: the log-weight column, e.g. dsir_books")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--budget", type=parse_amount, help="keep the best documents up to this many units")
     group.add_argument("--top-fraction", type=float, help="keep this fraction of the documents")
@@ -79,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="size column for the budget (default tokens; chars for --top-fraction without tokens)")
     p.add_argument("--out", required=True, help="folder for documents.jsonl.zst and report.json")
     p.add_argument("--random-out", help="also write a seeded random selection of the same budget here")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (and of dsir-resample)")
     p.add_argument("--plot", action="store_true", help="write signals.png (histograms: all / top / random)")
     p.add_argument("--prepare-out", help="also run `mixlm prepare` on the selection(s) into this folder; the "
                    "domain is named after --out (and --random-out)")
@@ -91,7 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--pos", nargs="+", required=True, help="positive (high-quality) jsonl files")
     t.add_argument("--neg", nargs="+", required=True, help="negative jsonl files")
     t.add_argument("--out", required=True, help="model folder")
-    t.add_argument("--backend", choices=("sklearn", "fasttext"), default="sklearn")
+    t.add_argument("--backend", choices=("sklearn", "fasttext"), help="default sklearn, or the preset's")
+    t.add_argument("--preset", choices=("dclm",),
+                   help="a published recipe: dclm = fastText, wordNgrams 2, DCLM's hyper-parameters")
+    t.add_argument("--fasttext-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a fastText setting (repeatable), e.g. bucket=100000 dim=64")
     t.add_argument("--signal", default="classifier_score", help="name of the score column it produces")
     t.add_argument("--text-field", default="text")
     t.add_argument("--max-docs", type=int, help="use at most this many documents per class")
@@ -104,6 +142,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--trust-pickle", action="store_true",
                    help="load a classifier folder of an older version (a pickled model.joblib, which can run code): "
                    "only for folders you trust; it is converted to model.npz once")
+
+    p = sub.add_parser("dsir", help="DSIR log importance weights, one column dsir_<target> per target")
+    p.add_argument("inputs", nargs="+", help="document shards: .jsonl, .jsonl.gz or .jsonl.zst")
+    p.add_argument("--out", required=True, help="folder for the per-shard signal tables and dsir_model.npz")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text (a.b for nested)")
+    p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="table format")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting it")
+    p.add_argument("--overwrite", action="store_true", help="recompute shards that already have tables")
+    p.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
+                   help="target documents (repeatable; a name given twice pools its files)")
+    p.add_argument("--raw", nargs="+", help="fit the raw model on these files instead of the inputs")
+    p.add_argument("--model", help="score with a saved model (an earlier run's dsir_model.npz) instead of fitting")
+    p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
+    p.add_argument("--buckets", type=int, default=10_000, help="hash buckets of the n-gram features")
+    p.add_argument("--ngrams", type=int, default=2, help="1 = unigrams, 2 = unigrams + bigrams")
+    p.add_argument("--smoothing", type=float, default=1.0, help="pseudo-count added to every bucket")
+
+    p = sub.add_parser("run", help="run a chain of selection stages (e.g. configs/selection/dclm-baseline.yaml)")
+    p.add_argument("config", help="pipeline YAML: text_field and stages")
+    p.add_argument("--input", nargs="+", required=True, help="document shards: .jsonl, .jsonl.gz or .jsonl.zst")
+    p.add_argument("--out", required=True, help="folder: one NN-<stage> folder per stage and report.json")
+    p.add_argument("--pos", nargs="+", help="classifier stage: positive (high-quality) training files")
+    p.add_argument("--neg", nargs="+", help="classifier stage: negative training files")
+    p.add_argument("--model", help="classifier stage: a trained classifier folder instead of --pos/--neg")
+    p.add_argument("--workers", type=int, default=1, help="processes for the signal and scoring stages")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace stage outputs left by a run with other settings or inputs (matching ones are reused)")
 
     p = sub.add_parser("weightings", help="Dirichlet weightings over raters (Meta-rater)")
     p.add_argument("--signals", required=True, help="comma-separated rater / signal names")
@@ -175,6 +240,17 @@ def _prepare(selection_dirs: list[str], prepare_out: str, tokenizer: str) -> Non
     prepare_domains(domains, prepare_out, PrepareOptions(tokenizer=tokenizer, progress=False))
 
 
+def _fasttext_options(items: list[str]) -> dict:
+    """['bucket=100000', 'lr=0.05'] → {'bucket': 100000, 'lr': 0.05} (values parsed as YAML scalars)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SelectionError(f"--fasttext-option {item!r}: write KEY=VALUE, e.g. bucket=100000")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _tokenizer_arg(value: str | None) -> str | None:
     # A local folder is stored resolved (the settings are compared on rerun); a hub name as given.
     return str(Path(value).resolve()) if value and Path(value).exists() else value
@@ -222,25 +298,40 @@ def _run(args) -> int:
         for spec in SIGNALS:
             print(f"{spec.name:26s} {direction[spec.higher_is_better]:10s} {spec.doc}")
         return 0
-    if args.action == "signals":
+    if args.action in ("signals", "rate"):
+        from mixlm.selection.model_raters import model_table_fields
+
+        model_fields = model_table_fields(
+            args.model, args.columns, args.activation, config=getattr(args, "config", None),
+            perplexity=getattr(args, "perplexity", None), device=args.device, batch_size=args.batch_size,
+            max_length=args.max_length)
+        if args.action == "rate":
+            if not model_fields["model_raters"]:
+                raise SelectionError("select rate: give at least one --model NAME=DIR (or a --config listing models)")
+            return _compute(args, TableSettings(text_field=args.text_field, rules=False, table_format=args.format,
+                                                tokenizer=_tokenizer_arg(args.tokenizer), **model_fields))
         columns = tuple(c.strip() for c in args.rating_columns.split(",") if c.strip())
         return _compute(args, TableSettings(
             text_field=args.text_field, rules=not args.no_rules, rating_columns=columns,
             classifier=_classifier_dir(args.classifier, args.trust_pickle) if args.classifier else None,
-            tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format))
+            tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format, **model_fields))
     if args.action == "classifier" and args.classifier_action == "score":
         return _compute(args, TableSettings(
             text_field=args.text_field, rules=False, classifier=_classifier_dir(args.model, args.trust_pickle),
             classifier_signal=args.signal,
             tokenizer=_tokenizer_arg(args.tokenizer), table_format=args.format))
     if args.action == "classifier":
-        from mixlm.selection.classifier import train_classifier
+        from mixlm.selection.classifier import classifier_preset, train_classifier
 
+        overrides = _fasttext_options(args.fasttext_option)
+        preset = classifier_preset(args.preset, overrides) if args.preset else {}
+        backend = args.backend or preset.get("backend", "sklearn")
         pos = _read_texts(args.pos, args.text_field, args.max_docs)
         neg = _read_texts(args.neg, args.text_field, args.max_docs)
-        meta = train_classifier(pos, neg, args.out, backend=args.backend, signal=args.signal, seed=args.seed,
-                                val_fraction=args.val_fraction)
-        print(f"{args.backend} classifier on {counted(meta['train'], 'document')} → {args.out}; held out "
+        meta = train_classifier(pos, neg, args.out, backend=backend, signal=args.signal, seed=args.seed,
+                                val_fraction=args.val_fraction,
+                                fasttext_options=preset.get("fasttext_options", overrides))
+        print(f"{backend} classifier on {counted(meta['train'], 'document')} → {args.out}; held out "
               f"{meta['held_out']}: accuracy {meta.get('held_out_accuracy', float('nan')):.3f}")
         return 0
     if args.action == "pick":
@@ -248,9 +339,14 @@ def _run(args) -> int:
             raise SelectionError("--prepare-out needs --tokenizer (the tokenizer to prepare the selection with)")
         from mixlm.selection.scoring import select_documents
 
-        report = select_documents(args.signals, _load_weights(args.weights), args.out, budget=args.budget,
-                                  top_fraction=args.top_fraction, budget_unit=args.budget_unit,
-                                  random_out=args.random_out, seed=args.seed, plot=args.plot)
+        if args.mode == "top" and not args.weights:
+            raise SelectionError("--weights is needed with --mode top (or use --mode dsir-resample --signal COL)")
+        if args.mode == "dsir-resample" and not args.signal:
+            raise SelectionError("--mode dsir-resample needs --signal, the log-weight column (e.g. dsir_books)")
+        report = select_documents(args.signals, _load_weights(args.weights) if args.weights else None, args.out,
+                                  budget=args.budget, top_fraction=args.top_fraction, budget_unit=args.budget_unit,
+                                  random_out=args.random_out, seed=args.seed, plot=args.plot, mode=args.mode,
+                                  resample_signal=args.signal)
         unit = report["budget_unit"]
         print(f"kept {report['documents_out']:,} of {counted(report['documents_in'], 'document')}, "
               f"{report[unit + '_out']} of {report[unit + '_in']} {unit} → {args.out}")
@@ -260,6 +356,27 @@ def _run(args) -> int:
                   f"→ {args.random_out}")
         if args.prepare_out:
             _prepare([args.out] + ([args.random_out] if args.random_out else []), args.prepare_out, args.tokenizer)
+        return 0
+    if args.action == "dsir":
+        from mixlm.selection.dsir import DSIRSettings, parse_targets, score_dsir
+
+        if not args.target and not args.model:
+            raise SelectionError("select dsir needs --target NAME=PATH (one or more), or --model dsir_model.npz")
+        report = score_dsir(args.inputs, parse_targets(args.target), args.out,
+                            settings=DSIRSettings(args.buckets, args.ngrams, args.smoothing), raw=args.raw,
+                            model_path=args.model, text_field=args.text_field, table_format=args.format,
+                            strict=args.strict, overwrite=args.overwrite, workers=args.workers)
+        print(f"{', '.join(report['columns'])} for {counted(report['documents'], 'document')} in "
+              f"{counted(report['shards'], 'shard')} → {args.out} ({report['seconds']:.1f} s)")
+        return 0
+    if args.action == "run":
+        from mixlm.selection.pipeline import load_pipeline, run_pipeline
+
+        config = load_pipeline(args.config, {"pos": args.pos, "neg": args.neg, "model": args.model})
+        result = run_pipeline(config, args.input, args.out, workers=args.workers, overwrite=args.overwrite,
+                              progress=lambda line: print(line, flush=True))
+        print(f"kept {result['documents_out']:,} of {counted(result['documents_in'], 'document')} → "
+              f"{result['output']}; per stage: {Path(args.out) / 'report.json'}")
         return 0
     if args.action == "weightings":
         from mixlm.selection.scoring import sample_rater_weightings

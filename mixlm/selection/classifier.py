@@ -13,6 +13,7 @@ Two backends, one interface (`TextClassifier.score(texts) -> P(positive)`):
   return NaN or a one-label model; training checks for both and says so.
 
 A model folder holds the model and `classifier.json` (backend, signal column name, held-out metrics).
+`CLASSIFIER_PRESETS` names published recipes (`dclm`: DCLM-baseline's fastText settings).
 """
 
 from __future__ import annotations
@@ -73,6 +74,29 @@ def _sklearn_model(seed: int, c: float):
 # Our fastText defaults; `fasttext_options` overrides any of them (e.g. a bigger `dim` on real data).
 # 2**20 hash buckets x dim 64 x 4 bytes: a 256 MiB model.bin.
 FASTTEXT_DEFAULTS = {"epoch": 5, "lr": 0.1, "wordNgrams": 2, "dim": 64, "bucket": 2**20, "minCount": 1}
+
+
+# Named recipes for `classifier train --preset`. dclm: DCLM's OH-2.5 + ELI5 vs RefinedWeb classifier
+# (mlfoundations/dclm baselines/train_fasttext_classifier.py, "we did not deviate from [fastText's] default
+# values" except --wordNgrams 2): lr 0.1, dim 100, ws 5, epoch 5, minCount 1, fastText's 2,000,000 buckets
+# (a ~800 MB model.bin). DCLM-baseline then kept documents scoring >= 0.018112, about the top 10%.
+CLASSIFIER_PRESETS: dict[str, dict] = {
+    "dclm": {
+        "backend": "fasttext",
+        "fasttext_options": {"lr": 0.1, "dim": 100, "ws": 5, "epoch": 5, "minCount": 1, "wordNgrams": 2,
+                             "bucket": 2_000_000},
+        "keep_top_fraction": 0.1,
+    },
+}
+
+
+def classifier_preset(name: str, fasttext_overrides: Mapping | None = None) -> dict:
+    """{backend, fasttext_options, keep_top_fraction} of preset `name`, with `fasttext_overrides` applied
+    (e.g. a smaller `bucket` for a test)."""
+    if name not in CLASSIFIER_PRESETS:
+        raise SelectionError(f"classifier preset {name!r}: use one of {sorted(CLASSIFIER_PRESETS)}")
+    preset = CLASSIFIER_PRESETS[name]
+    return {**preset, "fasttext_options": {**preset["fasttext_options"], **dict(fasttext_overrides or {})}}
 
 
 _FIT_FASTTEXT = """
@@ -167,6 +191,8 @@ def train_classifier(pos_texts: Sequence[str], neg_texts: Sequence[str], out_dir
 
     meta = {"backend": backend, "signal": signal, "seed": seed, "positives": len(pos_texts),
             "negatives": len(neg_texts), "train": int(train_idx.size), "held_out": int(val.sum())}
+    if backend == "fasttext":
+        meta["fasttext_options"] = {**FASTTEXT_DEFAULTS, **dict(fasttext_options or {})}
     if val.any():
         val_texts = [texts[i] for i in np.flatnonzero(val)]
         probs = classifier.score(val_texts)

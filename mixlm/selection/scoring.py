@@ -7,6 +7,7 @@
   `signals.SIGNALS`; columns from the input or a classifier default to higher-is-better).
 * `combine_scores(columns, weights)` — sum_i w_i * percentile_i / sum_i w_i, in [0, 1].
 * `select_top(scores, sizes, budget=... | top_fraction=...)` and `select_random(sizes, budget, seed)`.
+* `importance_resample(log_weights, sizes, budget=..., seed=...)` — DSIR's resampling (Gumbel top-k).
 * `sample_rater_weightings(signals, n, seed, alpha)` — Meta-rater's Dirichlet weightings over raters.
 * `select_documents(signal_dirs, weights, out_dir, ...)` — all of the above over signal tables, writing
   the chosen documents (and the random baseline) with a report.
@@ -152,6 +153,22 @@ def select_random(sizes: np.ndarray, budget: float, seed: int) -> np.ndarray:
     return np.sort(order[:take])
 
 
+def importance_resample(log_weights: np.ndarray, sizes: np.ndarray, *, budget: float | None = None,
+                        top_fraction: float | None = None, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of a seeded sample without replacement, proportional to exp(log_weights) (DSIR's
+    importance resampling), to a `budget` or a `top_fraction` of the documents.
+
+    Gumbel top-k: each document's key is its log weight plus standard Gumbel noise; the documents in
+    descending key order are a draw without replacement with probabilities proportional to the weights
+    (Vieira 2014), then filled greedily to the budget as `select_top` does. NaN weights are never chosen.
+    """
+    log_weights = np.asarray(log_weights, np.float64)
+    noise = np.random.default_rng(seed).gumbel(size=log_weights.size)
+    keys = np.where(np.isnan(log_weights), -np.inf, log_weights + noise)
+    sizes = np.where(np.isnan(log_weights), 0, np.asarray(sizes, np.int64))
+    return select_top(keys, sizes, budget=budget, top_fraction=top_fraction)
+
+
 def sample_rater_weightings(signals: Sequence[str], n: int, seed: int,
                             alpha: float | Sequence[float] = 1.0) -> list[dict[str, float]]:
     """`n` weightings {signal: weight} (weights sum to 1) drawn from Dirichlet(alpha) over `signals`.
@@ -190,11 +207,18 @@ def summarize(columns: Mapping[str, np.ndarray], chosen: np.ndarray) -> dict[str
 BUDGET_COLUMNS = {"tokens": "num_tokens", "words": "word_count", "chars": "num_chars"}
 
 
-def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping, out_dir: str | Path, *,
+SELECTION_MODES = ("top", "dsir-resample")
+
+
+def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None, out_dir: str | Path, *,
                      budget: float | None = None, top_fraction: float | None = None,
                      budget_unit: str | None = None, random_out: str | Path | None = None, seed: int = 0,
-                     plot: bool = False) -> dict:
+                     plot: bool = False, mode: str = "top", resample_signal: str | None = None) -> dict:
     """Score the documents of `signal_dirs` with `weights`, keep the best, write them out.
+
+    mode "dsir-resample" instead samples without replacement proportional to exp(`resample_signal`), a log
+    importance weight column such as `dsir_books` (`importance_resample`, seeded by `seed`); `weights` is
+    then unused.
 
     `budget_unit` (tokens | words | chars) picks the size column; by default tokens, or chars for a
     `top_fraction` when the tables have no token counts. Writes `out_dir/documents.jsonl.zst` (the
@@ -218,10 +242,24 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping, out_di
         raise SelectionError(f"budget unit {budget_unit!r} needs column {size_column!r}, which the signal "
                              f"tables lack: {hint}, or choose another --budget-unit")
     columns = table.columns
-    parsed = parse_weights(weights, list(columns))
     sizes = columns[size_column].astype(np.int64)
-    scores = combine_scores(columns, parsed)
-    chosen = select_top(scores, sizes, budget=budget, top_fraction=top_fraction)
+    if mode == "top":
+        if weights is None:
+            raise SelectionError("mode 'top' needs --weights")
+        parsed = parse_weights(weights, list(columns))
+        scores = combine_scores(columns, parsed)
+        chosen = select_top(scores, sizes, budget=budget, top_fraction=top_fraction)
+        method = {"method": "top", "weights": [asdict(w) for w in parsed]}
+    elif mode == "dsir-resample":
+        if resample_signal not in columns:
+            raise SelectionError(f"--signal {resample_signal!r}: not a column of the signal tables"
+                                 f"{_closest(str(resample_signal), list(columns))}")
+        parsed = []
+        scores = columns[resample_signal]
+        chosen = importance_resample(scores, sizes, budget=budget, top_fraction=top_fraction, seed=seed)
+        method = {"method": "dsir-resample", "signal": resample_signal, "seed": seed}
+    else:
+        raise SelectionError(f"selection mode {mode!r}: use one of {SELECTION_MODES}")
 
     def write(where: str | Path, picked: np.ndarray, extra: dict) -> dict:
         where = Path(where)
@@ -242,11 +280,10 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping, out_di
         return report
 
     report = write(out_dir, chosen, {
-        "method": "top",
-        "weights": [asdict(w) for w in parsed],
+        **method,
         "budget": budget,
         "top_fraction": top_fraction,
-        "score_threshold": float(scores[chosen].min()) if chosen.size else None,
+        "score_threshold": float(scores[chosen].min()) if chosen.size and mode == "top" else None,
     })
     random_chosen = None
     if random_out is not None:
@@ -257,7 +294,7 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping, out_di
                                      f"{budget_unit}_out": baseline[f"{budget_unit}_out"]}
         (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=1))
     if plot:
-        shown = ["score"] + [w.signal for w in parsed]
+        shown = ["score"] + [w.signal for w in parsed] if parsed else ["score"]
         plot_selection({"score": scores, **columns}, shown, chosen, random_chosen,
                        Path(out_dir) / "signals.png")
     return report

@@ -3,14 +3,20 @@
 Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line with a text field.
 `compute_tables` writes, per input shard, `OUT/<index>-<name>.signals.parquet` (or `.signals.jsonl`)
 with one row per readable document: `file` (absolute path), `line` (1-based), `num_chars`, then
-`num_tokens` (with a tokenizer), the rule-based signals, the requested rating columns of the input and
-the classifier score; beside it `<index>-<name>.report.json` (documents, malformed lines, settings)
+`num_tokens` (with a tokenizer), the rule-based signals, the requested rating columns of the input,
+the classifier score, the model raters' columns (`mixlm.selection.model_raters`) and the perplexity
+columns (`mixlm.selection.perplexity`); beside it `<index>-<name>.report.json` (documents, malformed lines, settings)
 so an interrupted run redoes only unfinished shards. `OUT/signals_report.json`, written last, sums
 the shard reports and lists the run's tables; `load_tables` reads those back as a `SignalTable`.
 
 A malformed line (invalid UTF-8 or JSON, text field missing or not a string, blank text) is skipped
 and counted by kind, as `mixlm prepare` counts them, with the first few locations; `strict=True`
 raises instead. `num_tokens` counts the text's tokens without special tokens (prepare adds an EOS).
+
+Model columns are computed where the shard is read: with `workers` > 1 every worker process loads each
+model once (and keeps it for all its shards), with torch limited to its share of the CPU threads. On
+one accelerator, or with a large model, `workers=1` keeps a single copy; the rule signals are cheap
+beside a model's forward pass anyway.
 """
 
 from __future__ import annotations
@@ -111,6 +117,29 @@ class TableSettings:
     classifier_signal: str | None = None  # column name; default: the one saved with the classifier
     tokenizer: str | None = None  # HF tokenizer folder or hub name, loaded as `mixlm prepare` loads it
     table_format: str = "parquet"
+    # (name, folder, column names or (), activation) per model rater (mixlm.selection.model_raters)
+    model_raters: tuple[tuple[str, str, tuple[str, ...], str], ...] = ()
+    perplexity: str | None = None  # causal LM folder or mixlm checkpoint (mixlm.selection.perplexity)
+    batch_size: int = 32  # model raters and perplexity
+    max_length: int = 512  # tokens per document for model raters; perplexity's window (at most the context)
+    device: str = "auto"  # torch device of HF models: auto | cpu | cuda[:i]
+
+    def to_dict(self) -> dict:
+        """JSON-able (lists for tuples), as saved in the reports; the model fields only when set, so tables
+        computed before they existed still match."""
+        d = json.loads(json.dumps(asdict(self)))
+        if not (self.model_raters or self.perplexity):
+            for key in _MODEL_FIELDS:
+                d.pop(key)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TableSettings:
+        raters = tuple((n, f, tuple(c), a) for n, f, c, a in d.get("model_raters", ()))
+        return cls(**{**d, "rating_columns": tuple(d["rating_columns"]), "model_raters": raters})
+
+
+_MODEL_FIELDS = ("model_raters", "perplexity", "batch_size", "max_length", "device")
 
 
 def _shard_name(index: int, path: Path) -> str:
@@ -126,6 +155,38 @@ def _load_classifier(model_dir: str, signal: str | None):
     return load_classifier(model_dir, signal)
 
 
+@functools.lru_cache(maxsize=16)
+def _load_model_rater(name: str, folder: str, columns: tuple[str, ...], activation: str, device: str,
+                      batch_size: int, max_length: int):
+    from mixlm.selection.model_raters import load_rater
+
+    _limit_torch_threads()
+    return load_rater(name, folder, columns=columns, activation=activation, device=device,
+                      batch_size=batch_size, max_length=max_length)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_perplexity(folder: str, device: str, batch_size: int, max_length: int):
+    from mixlm.selection.perplexity import load_perplexity_scorer
+
+    _limit_torch_threads()
+    return load_perplexity_scorer(folder, device=device, batch_size=batch_size, max_length=max_length)
+
+
+_TORCH_THREADS: list[int] = []  # set in worker processes: this process's share of the CPU threads
+
+
+def _init_worker(threads: int) -> None:
+    _TORCH_THREADS.append(threads)
+
+
+def _limit_torch_threads() -> None:
+    if _TORCH_THREADS:
+        import torch
+
+        torch.set_num_threads(_TORCH_THREADS[-1])
+
+
 @functools.lru_cache(maxsize=2)
 def _load_tokenizer(tokenizer_json: str):
     from tokenizers import Tokenizer
@@ -137,7 +198,7 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
     """Worker: one input shard → one table + its report. Returns the report. on_documents(n), when given,
     is called as documents are read (a progress bar in the calling process)."""
     index, path, out_dir, settings_dict, tokenizer_json, strict, overwrite = job
-    settings = TableSettings(**{**settings_dict, "rating_columns": tuple(settings_dict["rating_columns"])})
+    settings = TableSettings.from_dict(settings_dict)
     name = _shard_name(index, Path(path))
     table_path = Path(out_dir) / f"{name}.signals.{settings.table_format}"
     report_path = Path(out_dir) / f"{name}.report.json"
@@ -152,6 +213,10 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
     start = time.time()
     classifier = _load_classifier(settings.classifier, settings.classifier_signal) if settings.classifier else None
     tokenizer = _load_tokenizer(tokenizer_json) if tokenizer_json else None
+    raters = [_load_model_rater(name, folder, cols, activation, settings.device, settings.batch_size,
+                                settings.max_length) for name, folder, cols, activation in settings.model_raters]
+    perplexity = _load_perplexity(settings.perplexity, settings.device, settings.batch_size,
+                                  settings.max_length) if settings.perplexity else None
     # Compact typed arrays, not lists of Python floats: a shard may hold millions of documents.
     columns: dict[str, array] = {"line": array("q"), "num_chars": array("q")}
     if tokenizer is not None:
@@ -161,6 +226,16 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
     columns.update({col: array("d") for col in settings.rating_columns})
     if classifier is not None:
         columns[classifier.signal] = array("d")
+    model_columns = [col for rater in raters for col in rater.columns]
+    if perplexity is not None:
+        from mixlm.selection.perplexity import COLUMNS as PERPLEXITY_COLUMNS
+
+        model_columns += PERPLEXITY_COLUMNS
+    for col in model_columns:
+        if col in columns:
+            raise SelectionError(f"column {col!r} would be written twice (a model rater's name or output clashes "
+                                 "with another column); rename the rater (--model OTHER=DIR or --columns)")
+        columns[col] = array("d")
 
     bad = BadLines()
     missing_ratings: Counter = Counter()
@@ -177,6 +252,13 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
             columns["num_tokens"].extend(len(e.ids) for e in tokenizer.encode_batch(pending, add_special_tokens=False))
         if classifier is not None:
             columns[classifier.signal].extend(classifier.score(pending).tolist())
+        for rater in raters if pending else ():
+            scores_NxK = rater.score(pending)
+            for k, col in enumerate(rater.columns):
+                columns[col].extend(scores_NxK[:, k].tolist())
+        if perplexity is not None and pending:
+            for col, values in perplexity.score(pending).items():
+                columns[col].extend(values.tolist())
         pending.clear()
 
     for number, obj, text in iter_documents(path, settings.text_field, bad, strict):
@@ -271,8 +353,11 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
     """
     if settings.table_format not in TABLE_FORMATS:
         raise SelectionError(f"table format {settings.table_format!r}: use one of {TABLE_FORMATS}")
-    if not (settings.rules or settings.rating_columns or settings.classifier):
-        raise SelectionError("nothing to compute: enable the rule signals, a rating column or a classifier")
+    if not (settings.rules or settings.rating_columns or settings.classifier or settings.model_raters
+            or settings.perplexity):
+        raise SelectionError("nothing to compute: enable the rule signals, a rating column, a classifier, a model "
+                             "rater or perplexity")
+    _check_model_folders(settings)
     paths = [Path(p).resolve() for p in inputs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -281,8 +366,7 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
         raise SelectionError("an input file is given twice; each shard must appear once")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings_dict = asdict(settings)
-    settings_dict["rating_columns"] = list(settings.rating_columns)
+    settings_dict = settings.to_dict()
     tokenizer_json = None
     if settings.tokenizer:
         from mixlm.data.prepare import load_tokenizer_spec
@@ -293,7 +377,9 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
     bar = _progress_bar(paths, settings.text_field, shards=workers > 1 and len(jobs) > 1) if progress else None
     try:
         if workers > 1 and len(jobs) > 1:
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            processes = min(workers, len(jobs))
+            threads = max(1, (os.cpu_count() or 1) // processes)
+            with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (threads,)) as pool:
                 reports = []
                 for report in pool.imap(_score_shard, jobs):
                     reports.append(report)
@@ -328,6 +414,19 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
     }
     _atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _check_model_folders(settings: TableSettings) -> None:
+    """Fails before any shard starts when a model folder is missing (a worker would fail per shard)."""
+    from mixlm.selection.model_raters import rater_folder_problem
+
+    for name, folder, _, _ in settings.model_raters:
+        problem = rater_folder_problem(folder)
+        if problem:
+            raise SelectionError(f"rater {name}: {problem}; pass --model {name}=DIR with a local model folder")
+    if settings.perplexity and not Path(settings.perplexity).is_dir():
+        raise SelectionError(f"--perplexity {settings.perplexity}: no such folder; pass a HF causal LM folder "
+                             "(mixlm export output included) or a mixlm run / checkpoint folder")
 
 
 def _read_columns(path: Path) -> dict[str, np.ndarray]:

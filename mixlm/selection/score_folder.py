@@ -1,0 +1,128 @@
+"""A signal folder from any batch scorer: the same tables and reports as `shards.compute_tables` writes.
+
+`write_score_folder(inputs, out_dir, scorer, settings=...)` reads every input shard, calls
+`scorer(texts) -> {column: float64 [n]}` on batches of documents, and writes per shard
+`<index>-<name>.signals.<format>` (file, line, num_chars, the scorer's columns) with its
+`<index>-<name>.report.json`, then `signals_report.json` listing the run's tables, so `shards.load_tables`
+(and so `select pick` / `select metarater`) joins it with other signal folders on (file, line). A shard
+whose saved report has the same `settings` and input size is not recomputed unless `overwrite`.
+DSIR (`dsir.py`) writes its columns this way.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mixlm.data.sources import MALFORMED_KINDS
+from mixlm.selection import SelectionError
+from mixlm.selection.shards import (
+    TABLE_FORMATS,
+    BadLines,
+    _atomic_write_text,
+    _shard_name,
+    _write_table,
+    iter_documents,
+)
+
+Scorer = Callable[[list[str]], Mapping[str, np.ndarray]]
+_BATCH = 512
+
+
+def _score_one(job: tuple) -> dict:
+    index, path, out, scorer, settings, text_field, table_format, strict, overwrite = job
+    name = _shard_name(index, path)
+    table_path, report_path = out / f"{name}.signals.{table_format}", out / f"{name}.report.json"
+    input_bytes = path.stat().st_size
+    if not overwrite and table_path.exists() and report_path.exists():
+        old = json.loads(report_path.read_text())
+        if (old.get("settings"), old.get("input"), old.get("input_bytes")) == (settings, str(path), input_bytes):
+            return old
+    start = time.time()
+    columns: dict[str, array] = {"line": array("q"), "num_chars": array("q")}
+    bad = BadLines()
+    pending: list[str] = []
+
+    def flush() -> None:
+        if not pending and len(columns) > 2:
+            return  # an empty shard still calls scorer([]) once, for its (empty) columns
+        for key, values in scorer(pending).items():
+            values = np.asarray(values, np.float64)
+            if values.shape != (len(pending),):
+                raise SelectionError(f"scorer column {key!r}: {values.shape} values for {len(pending)} documents")
+            columns.setdefault(key, array("d")).frombytes(values.tobytes())
+        pending.clear()
+
+    for number, _, text in iter_documents(path, text_field, bad, strict):
+        columns["line"].append(number)
+        columns["num_chars"].append(len(text))
+        pending.append(text)
+        if len(pending) >= _BATCH:
+            flush()
+    flush()
+    _write_table(str(path), columns, table_path)
+    report = {
+        "input": str(path), "input_bytes": input_bytes, "table": table_path.name,
+        "documents": len(columns["line"]), "malformed_lines": sum(bad.counts.values()),
+        "malformed": {k: bad.counts[k] for k in MALFORMED_KINDS if bad.counts[k]},
+        "malformed_examples": bad.examples, "missing_ratings": {},
+        "seconds": round(time.time() - start, 3), "settings": settings,
+    }
+    _atomic_write_text(report_path, json.dumps(report, indent=1))
+    return report
+
+
+def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """The input shards as absolute paths; an error names the missing ones, or says one is given twice."""
+    paths = [Path(p).resolve() for p in inputs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SelectionError(f"input files not found: {', '.join(missing)}")
+    if len(set(paths)) != len(paths):
+        raise SelectionError("an input file is given twice; each shard must appear once")
+    return paths
+
+
+def write_score_folder(inputs: Sequence[str | Path], out_dir: str | Path, scorer: Scorer, *, settings: dict,
+                       text_field: str = "text", table_format: str = "parquet", strict: bool = False,
+                       overwrite: bool = False, workers: int = 1) -> dict:
+    """Score every document of `inputs` into the signal folder `out_dir`; returns the summed report.
+
+    `settings` (JSON values) identifies the scorer: a rerun with equal settings reuses finished shards.
+    `workers` > 1 scores shards in that many spawned processes (the scorer is pickled to each).
+    """
+    if table_format not in TABLE_FORMATS:
+        raise SelectionError(f"table format {table_format!r}: use one of {TABLE_FORMATS}")
+    paths = resolve_inputs(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    jobs = [(i, p, out, scorer, settings, text_field, table_format, strict, overwrite) for i, p in enumerate(paths)]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            reports = pool.map(_score_one, jobs)
+    else:
+        reports = [_score_one(job) for job in jobs]
+    reasons: Counter = Counter()
+    for r in reports:
+        reasons.update(r["malformed"])
+    summary = {
+        "shards": len(reports),
+        "documents": sum(r["documents"] for r in reports),
+        "malformed_lines": sum(r["malformed_lines"] for r in reports),
+        "malformed": dict(reasons),
+        "malformed_examples": [e for r in reports for e in r["malformed_examples"]][:5],
+        "missing_ratings": {},
+        "seconds": round(time.time() - start, 3),
+        "settings": settings,
+        "tables": [{k: r[k] for k in ("table", "input", "input_bytes")} for r in reports],
+    }
+    _atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,96 @@
+"""Deduplication: exact duplicates after normalisation; MinHash-LSH finds planted near-duplicates (recall against
+the exact Jaccard similarity, computed here with Python sets), never merges distinct documents, keeps the first;
+the Bloom-filter variant drops documents whose n-grams were seen."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from mixlm.selection import SelectionError
+from mixlm.selection.dedup import (
+    BloomSettings,
+    MinHashSettings,
+    bloom_keep,
+    exact_keep,
+    fuzzy_keep,
+    minhash_signatures,
+    optimal_bands_rows,
+)
+from mixlm.selection.signals import normalized_words
+
+
+def test_exact_dedup_compares_normalised_text_and_keeps_the_first():
+    texts = ["Hello, World!", "a b c", "hello world", "HELLO   world ...", "a b  c d", "a b c"]
+    assert exact_keep(texts).tolist() == [True, True, False, False, True, False]
+
+
+def _jaccard(a, b, n=5):
+    def grams(text):
+        w = normalized_words(text)
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    ga, gb = grams(a), grams(b)
+    return len(ga & gb) / len(ga | gb)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """300 distinct documents, then 80 near-copies of the first 80 (1-3 words substituted)."""
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    base = [" ".join(rng.choice(vocab) for _ in range(rng.randint(150, 200))) for _ in range(300)]
+    copies = []
+    for i in range(80):
+        words = base[i].split()
+        for _ in range(rng.randint(1, 3)):
+            words[rng.randrange(len(words))] = rng.choice(vocab)
+        copies.append(" ".join(words))
+    return base, copies
+
+
+def test_minhash_finds_planted_near_duplicates_without_false_positives(planted):
+    base, copies = planted
+    threshold = 0.7
+    settings = MinHashSettings(ngram=5, num_perm=128, threshold=threshold, seed=0)
+    keep, labels = fuzzy_keep(base + copies, settings)
+    truth = np.array([_jaccard(base[i], c) for i, c in enumerate(copies)])
+    assert truth.min() >= threshold + 0.05  # every planted pair is a true duplicate at the threshold
+    found = labels[300:] == np.arange(80)  # each copy joined its original's cluster, labelled by the original
+    assert found.mean() >= 0.95
+    assert keep[:300].all()  # no distinct document merged with another (their Jaccard is ~0)
+    assert not keep[300:][found].any()  # the copies come later: the first of each cluster is kept
+
+
+def test_signature_agreement_estimates_the_jaccard_similarity():
+    words = [f"t{i}" for i in range(400)]
+    a = " ".join(words[:300])
+    b = " ".join(words[100:])  # shares 196 of 296 + 296 - 196 = 396 five-grams: J = 196 / 396
+    sigs, valid = minhash_signatures([a, b, "", "short text"], MinHashSettings(ngram=5, num_perm=512, seed=1))
+    assert valid.tolist() == [True, True, False, True]
+    assert (sigs[0] == sigs[1]).mean() == pytest.approx(_jaccard(a, b), abs=0.06)
+
+
+def test_band_settings_are_checked_and_chosen():
+    with pytest.raises(SelectionError, match="multiply to num_perm"):
+        MinHashSettings(num_perm=112, bands=10, rows=10).bands_rows()
+    assert MinHashSettings(num_perm=112, bands=14, rows=8).bands_rows() == (14, 8)
+    bands, rows = optimal_bands_rows(0.8, 112)
+    assert bands * rows == 112
+    # the chosen S-curve 1 - (1 - s^r)^b is steep around the threshold
+    p = 1 - (1 - np.array([0.5, 0.8, 0.95]) ** rows) ** bands
+    assert p[0] < 0.1 and p[1] > 0.3 and p[2] > 0.99
+
+
+def test_bloom_filter_drops_documents_whose_ngrams_were_seen(planted):
+    base = planted[0]
+    one_edit = []
+    for text in base[:40]:  # one substituted word: at most 13 of the 138+ 13-grams are new
+        words = text.split()
+        words[len(words) // 2] = "edited"
+        one_edit.append(" ".join(words))
+    keep = bloom_keep(base + one_edit + base[40:60], BloomSettings(ngram=13, threshold=0.8, expected_ngrams=100_000))
+    assert keep[:300].all() and not keep[300:].any()  # distinct kept; near and exact copies dropped
+    assert BloomSettings(expected_ngrams=1_000_000, false_positive_rate=0.01).size() == (9_585_059, 7)
