@@ -2,9 +2,10 @@
 Run each by path, or through `mixlm launch WHERE`; each has --help and --dry-run.
 
     local.py   N jax.distributed processes on this machine (python launch/local.py -n 2 -- train CONFIG)
-    tpu.py     every worker of a Cloud TPU VM slice, over gcloud ssh
+    tpu.py     every worker of a Cloud TPU VM slice, over gcloud ssh; optionally owns the slice: creates
+               it (queued resource) or reuses it, installs mixlm (git ref or wheel), deletes it on exit
     slurm.py   an sbatch script: one task per GPU, srun ... --distributed
-    sweep.py   a proxy sweep as a SLURM job array: task I runs `mixlm sweep ... --shard I/K`
+    sweep.py   a proxy sweep as a SLURM job array: task I runs `mixlm sweep ... [--swarm S] --shard I/K`
     common.py  what they share: the command check, quoting of user strings for shell and #SBATCH lines,
                sbatch header, argument helpers, error handling
 

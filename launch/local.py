@@ -112,8 +112,10 @@ def run_processes(
     log_dir: str | Path | None = None,
     out=None,
     stop_grace_s: float = STOP_GRACE_S,
+    label: str = "p",
 ) -> int:
     """Starts one process per command (output prefixed [p<i>], and in LOG_DIR/process_<i>.log) and waits.
+    `label`: the prefix's letter ([w<i>] for the workers of a TPU slice, launch/tpu.py).
 
     Every process is polled every POLL_S seconds; the first one found dead with a non-zero code is named on
     `out` and the others are stopped (SIGTERM, SIGKILL after `stop_grace_s`). Returns 0 when every process
@@ -127,7 +129,7 @@ def run_processes(
     procs, threads = [], []
     for i, cmd in enumerate(commands):
         proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        t = threading.Thread(target=_forward, args=(proc.stdout, f"[p{i}] ", logs[i] if logs else None, out),
+        t = threading.Thread(target=_forward, args=(proc.stdout, f"[{label}{i}] ", logs[i] if logs else None, out),
                              daemon=True)
         t.start()
         procs.append(proc)
@@ -148,7 +150,7 @@ def run_processes(
             if dead is not None:
                 i, failed = dead
                 alive = any(c is None for c in codes)
-                out.write(f"[p{i}] exited with {failed}" + ("; stopping the others\n" if alive else "\n"))
+                out.write(f"[{label}{i}] exited with {failed}" + ("; stopping the others\n" if alive else "\n"))
                 out.flush()
                 if alive:
                     _stop(procs, stop_grace_s)

@@ -144,6 +144,7 @@ class DataConfig:
     source: str = "synthetic"  # synthetic (in-memory token source) | prepared (ArrayRecord domains)
     prepared_dir: str = ""  # folder with one sub-folder per prepared domain
     mixture: dict = field(default_factory=dict)  # {domain: weight} or {weights: {...}, stages: [...]}
+    mixture_index: int = 0  # k >= 1: the k-th mixture of a `random:` spec in mixture (mixlm.data.random_mixtures)
     seq_len: int = 128
     packing: str = "concat"  # concat (concatenate-then-split) | first_fit (segment ids + positions)
     max_epochs: float = 0.0  # 0: unlimited; else the per-domain repetition limit (RegMix MAXIMUM_USAGE)
@@ -288,6 +289,7 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "schedule.warmup_fraction": Bound(0, 1),
     "schedule.min_lr": Bound(0),
     "schedule.decay_fraction": Bound(0, 1),
+    "data.mixture_index": Bound(0, why="0: data.mixture as written; k: the k-th mixture of a `random:` spec"),
     "data.seq_len": Bound(1),
     "data.max_epochs": Bound(0, why="0 means unlimited"),
     "data.num_workers": Bound(0),
@@ -593,6 +595,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             value = _read_yaml(mix_path)
         tree[section] = dict(tree[section], **{key: value})
         origin[f"{section}.{key}"] = f"override {text!r}"
+    from mixlm.data.random_mixtures import resolve_random_mixture  # imports mixlm.config itself
+
+    tree["data"] = resolve_random_mixture(tree.get("data", {}), origin)  # a `random:` spec -> one mixture
     sections = {name: _build_section(name, tree.get(name, {}), origin) for name in _SECTION_TYPES}
     cfg = ExperimentConfig(**sections)
     validate(cfg, origin)

@@ -234,6 +234,8 @@ TPU = ["--dry-run", "--tpu", "pod", "--zone", "us-central2-b", "--project", "p",
 SLURM = ["--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--workdir", "/shared/mixlm"]
 SWEEP = ["--dry-run", "--shards", "2", "--workdir", "/w"]
 TRAIN = ["--", "train", "c.yaml"]
+CREATE = ["--dry-run", "--tpu", "pod", "--zone", "us-east5-a", "--project", "p", "--create", "--spot",
+          "--accelerator-type", "v5p-32"]
 SWEEP_CMD = ["--", "sweep", "b.yaml", "--mixtures", "m/", "--out", "s/"]
 GOLDEN_CASES = {  # file name -> `mixlm launch` arguments
     "local-command": ["local", "--dry-run", "-n", "2", "--", "train", HOSTILE, f"train.output_dir={HOSTILE}"],
@@ -271,6 +273,27 @@ GOLDEN_CASES = {  # file name -> `mixlm launch` arguments
     "sweep-mixlm": ["slurm-sweep", *SWEEP, "--mixlm", HOSTILE_MIXLM, *SWEEP_CMD],
     "sweep-command": ["slurm-sweep", *SWEEP, "--", "sweep", HOSTILE, "--mixtures", HOSTILE, "--out", "s/"],
     "sweep-command-newline": ["slurm-sweep", *SWEEP, "--", "sweep", "b.yaml", "--out", NEWLINE],
+    # a job array of swarms (each task: mixlm sweep ... --swarm K --shard I/N)
+    "sweep-swarm": ["slurm-sweep", *SWEEP, "--swarm", "8", "--", "sweep", HOSTILE, "--mixtures", HOSTILE,
+                    "--out", f"s/{HOSTILE}", f"train.output_dir={HOSTILE}"],
+    "sweep-swarm-twice": ["slurm-sweep", *SWEEP, "--swarm", "8", *SWEEP_CMD, "--swarm", "4"],
+    # the slice's life: create (queued resource) or reuse, install at a ref / a wheel, per-worker run, delete
+    "tpu-create": ["tpu", *CREATE, "--install-ref", "v1.2", "--repo", "https://example.com/o/mixlm.git",
+                   "--delete-on-exit", "--", "train", HOSTILE, f"train.output_dir={HOSTILE}"],
+    "tpu-create-workers-stop": ["tpu", *CREATE[:8], "--accelerator-type", "v4-8", "--workers", "2", "--setup",
+                                "--stop-on-exit", *TRAIN],
+    "tpu-repo": ["tpu", *TPU[:-1], "--install-ref", "main", "--repo", HOSTILE, *TRAIN],
+    "tpu-install-ref": ["tpu", *TPU[:-1], "--install-ref", HOSTILE, "--repo", "r", *TRAIN],
+    "tpu-install-ref-option": ["tpu", *TPU[:-1], "--install-ref=--upload-pack=touch /tmp/pwned", "--repo", "r",
+                               *TRAIN],
+    "tpu-wheel": ["tpu", *TPU[:-1], "--wheel", f"/dist/{HOSTILE}.whl", "--upload", f"/cfg/{HOSTILE}",
+                  "--upload", "/cfg/two words", "--workdir", f"~/{HOSTILE}", *TRAIN],
+    "tpu-wheel-newline": ["tpu", *TPU[:-1], "--wheel", f"/dist/{NEWLINE}.whl", *TRAIN],
+    "tpu-accelerator-type": ["tpu", *CREATE[:-1], HOSTILE, *TRAIN],
+    "tpu-runtime-version-option": ["tpu", *CREATE, "--runtime-version=--zone=elsewhere", *TRAIN],
+    "tpu-queued-resource": ["tpu", *CREATE, "--queued-resource", "qr; touch /tmp/pwned", *TRAIN],
+    "tpu-spot-without-create": ["tpu", *TPU, "--spot", *TRAIN],
+    "tpu-delete-detached": ["tpu", *TPU, "--log", "run.log", "--delete-on-exit", *TRAIN],
 }
 
 
@@ -310,6 +333,9 @@ def test_hostile_values_match_the_golden_outputs(name, capsys):
     ("slurm-time", "--time"), ("tpu-workdir-newline", "--workdir"), ("tpu-tpu", "--tpu"), ("tpu-zone", "--zone"),
     ("tpu-project", "--project"), ("tpu-log-newline", "--log"), ("tpu-mixlm-unbalanced", "--mixlm"),
     ("sweep-job-name", "--job-name"), ("slurm-command-newline", "the command after --"),
+    ("tpu-install-ref", "--install-ref"), ("tpu-install-ref-option", "--install-ref"), ("tpu-wheel-newline", "--wheel"),
+    ("tpu-accelerator-type", "--accelerator-type"), ("tpu-runtime-version-option", "--runtime-version"),
+    ("tpu-queued-resource", "--queued-resource"), ("tpu-spot-without-create", "--spot"), ("sweep-swarm-twice", "--swarm"),
 ])
 def test_values_that_cannot_be_placed_are_refused_naming_the_flag(name, flag, capsys):
     code, _, stderr, _ = _launch_transcript(GOLDEN_CASES[name], capsys)
@@ -425,6 +451,75 @@ def test_hostile_tpu_commands_run_only_the_legit_command(tmp_path, monkeypatch, 
     assert _calls(log)[1]["argv"] == mixlm["argv"]
     assert [p.name for p in workdir.glob("run *.log.*")] == [f"{log_name}.{socket.gethostname()}"]
     assert not marker.exists() and not any(p.name == "pwned" for p in tmp_path.rglob("*"))
+
+
+def test_a_created_slice_is_installed_at_a_ref_run_per_worker_and_deleted_even_when_a_worker_fails(
+        tmp_path, monkeypatch, capsys):
+    """`mixlm launch tpu --create ... --install-ref --delete-on-exit` against a fake gcloud: the TPU VM is not
+    found, so the queued resource is created and polled until ACTIVE; each worker clones and checks out the
+    ref (git, make, pip and mixlm are fakes in the worker's home) with hostile --repo and command; one ssh
+    per worker, every line prefixed [w<i>]; worker 1 fails, the launch fails with its code, the queued
+    resource is deleted all the same, and no injected command ever runs."""
+    from launch import tpu as launch_tpu
+
+    marker, log, bin_dir, home = tmp_path / "pwned", tmp_path / "calls.jsonl", tmp_path / "bin", tmp_path / "home"
+    hostile = _hostile(marker)
+    workdir = home / "mixlm"
+    _fake_tool(workdir / ".venv" / "bin", "pip")
+    _fake_tool(workdir / ".venv" / "bin", "mixlm", "print('hello from', os.environ['WORKER'], flush=True)\n"
+                                                     "sys.exit(3 if os.environ['WORKER'] == '1' else 0)\n")
+    _fake_tool(bin_dir, "make")
+    _fake_tool(bin_dir, "git", "if sys.argv[1] == 'clone':\n    os.makedirs(os.path.join(sys.argv[-1], '.git'))\n")
+    _fake_tool(bin_dir, "gcloud", "home = os.environ['FAKE_HOME']\n"
+                                  "if sys.argv[3:5] == ['tpu-vm', 'describe']:\n    sys.exit(1)\n"
+                                  "if sys.argv[3:5] == ['queued-resources', 'describe']:\n    print('ACTIVE')\n"
+                                  "if '--command' in sys.argv:\n"
+                                  "    worker = [a for a in sys.argv if a.startswith('--worker=')][0][9:]\n"
+                                  "    sys.exit(subprocess.call(['bash', '-c', sys.argv[sys.argv.index('--command') + 1]],"
+                                  " cwd=home, env=dict(os.environ, HOME=home, WORKER=worker)))\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.setenv("FAKE_HOME", str(home))
+    monkeypatch.setattr(launch_tpu, "POLL_S", 0.0)
+    command = ["train", hostile, f"train.output_dir={hostile}"]
+    repo = f"https://example.com/{hostile}"
+    code = main(["launch", "tpu", "--tpu", "pod", "--zone", "us-east5-a", "--create", "--accelerator-type", "v4-16",
+                 "--install-ref", "v1.2", "--repo", repo, "--delete-on-exit", "--", *command])
+    out = capsys.readouterr().out
+    assert code == 3, out
+    calls = _calls(log)
+    gcloud = [c["argv"][:4] for c in calls if c["tool"] == "gcloud"]
+    assert gcloud[:4] == [["compute", "tpus", "tpu-vm", "describe"], ["compute", "tpus", "queued-resources", "create"],
+                          ["compute", "tpus", "queued-resources", "describe"], ["compute", "tpus", "tpu-vm", "ssh"]]
+    assert gcloud[-1] == ["compute", "tpus", "queued-resources", "delete"]
+    git = [c["argv"] for c in calls if c["tool"] == "git"]
+    assert git == [["clone", "--quiet", "--", repo, str(workdir)], ["fetch", "--quiet", "--", repo, "v1.2"],
+                   ["checkout", "--quiet", "--detach", "FETCH_HEAD"]]
+    runs = [c for c in calls if c["tool"] == "mixlm"]
+    assert len(runs) == 2 and all(c["argv"] == [*command, "--distributed"] for c in runs)
+    assert {Path(c["cwd"]) for c in runs} == {workdir}
+    assert "[w0] hello from 0" in out and "[w1] hello from 1" in out and "[w1] exited with 3" in out
+    assert not marker.exists()
+
+
+def test_a_job_array_of_swarms_passes_swarm_and_no_parallel(tmp_path):
+    """Each array task runs `mixlm sweep BASE --mixtures M --out O --swarm K --shard I/N`: a swarm trains its
+    members in one program, so no --parallel is added, whether --swarm comes from the launcher or the command."""
+    cmd = ["sweep", "b.yaml", "--mixtures", "m/", "--out", "s/"]
+    for script in (sweep_array_script(cmd, shards=4, workdir="/w", swarm=8),
+                   sweep_array_script([*cmd, "--swarm", "8"], shards=4, workdir="/w")):
+        run = [line for line in script.splitlines() if line.startswith(".venv/bin/mixlm")]
+        assert run == ['.venv/bin/mixlm sweep b.yaml --mixtures m/ --out s/ --swarm 8 --shard "$SLURM_ARRAY_TASK_ID/4"']
+    with pytest.raises(ConfigError, match="--swarm -1"):
+        sweep_array_script(cmd, shards=4, workdir="/w", swarm=-1)
+
+
+def test_workers_of_a_slice_type():
+    from launch.tpu import workers_for
+
+    assert [workers_for(t) for t in ("v5p-32", "v4-8", "v4-32", "v5litepod-8", "v5litepod-16", "v6e-256")] == \
+        [4, 1, 4, 1, 4, 64]
+    assert workers_for("v9-8") is None
 
 
 def test_tilde_is_expanded_explicitly_and_only_at_the_start():
