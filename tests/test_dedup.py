@@ -1,18 +1,23 @@
 """Deduplication: exact duplicates after normalisation; MinHash-LSH finds planted near-duplicates (recall against
 the exact Jaccard similarity, computed here with Python sets), never merges distinct documents, keeps the first;
-the Bloom-filter variant drops documents whose n-grams were seen."""
+the Bloom-filter variant drops documents whose n-grams were seen, and at paragraph level cuts planted duplicate
+paragraphs out of documents (also through `select run`, other fields kept)."""
 
 from __future__ import annotations
 
+import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
 
+from mixlm.cli import main
 from mixlm.selection import SelectionError
 from mixlm.selection.dedup import (
     BloomSettings,
     MinHashSettings,
+    bloom_dedup_paragraphs,
     bloom_keep,
     exact_keep,
     fuzzy_keep,
@@ -94,3 +99,51 @@ def test_bloom_filter_drops_documents_whose_ngrams_were_seen(planted):
     keep = bloom_keep(base + one_edit + base[40:60], BloomSettings(ngram=13, threshold=0.8, expected_ngrams=100_000))
     assert keep[:300].all() and not keep[300:].any()  # distinct kept; near and exact copies dropped
     assert BloomSettings(expected_ngrams=1_000_000, false_positive_rate=0.01).size() == (9_585_059, 7)
+
+
+@pytest.fixture(scope="module")
+def paragraph_docs():
+    """Paragraphs P0-P6 of 25 random words (13 13-grams each), P7 of 20; documents with planted duplicates and
+    the text each should become (None: dropped)."""
+    rng = random.Random(1)
+    vocab = [f"v{i}" for i in range(5000)]
+    p = [" ".join(rng.choice(vocab) for _ in range(25 if i < 7 else 20)) for i in range(8)]
+    cases = [
+        ("\n".join([p[0], p[1], p[2]]), "\n".join([p[0], p[1], p[2]])),  # all new
+        ("\n".join([p[3], p[1], p[4]]), "\n".join([p[3], p[4]])),  # P1 seen in the first document: cut out
+        ("\n".join([p[5], p[5], "ok thanks"]), "\n".join([p[5], "ok thanks"])),  # repeated inside; short line kept
+        ("\n".join([p[0], p[2]]), None),  # every n-gram seen: the whole document is a duplicate
+        ("\n".join([p[7], p[3]]), None),  # 13 of 21 n-grams seen (< 0.8): P3 cut, 20 words left < min_words 21
+        (p[6], p[6]),
+    ]
+    return cases
+
+
+def test_bloom_paragraph_dedup_removes_planted_duplicate_paragraphs(paragraph_docs):
+    counts: Counter = Counter()
+    settings = BloomSettings(ngram=13, threshold=0.8, expected_ngrams=10_000, paragraphs=True, min_words=21)
+    got = list(bloom_dedup_paragraphs([text for text, _ in paragraph_docs], settings, counts))
+    assert got == [want for _, want in paragraph_docs]
+    assert counts == {"duplicate_documents": 1, "too_short_documents": 1, "paragraphs_removed": 3}
+    # document level alone keeps all six whole: its n-grams span paragraph breaks, so the fourth document
+    # (P0 then P2) has 12 new 13-grams of 38 (0.68 seen < 0.8)
+    keep = bloom_keep([text for text, _ in paragraph_docs], BloomSettings(ngram=13, expected_ngrams=10_000))
+    assert keep.all()
+
+
+def test_select_run_bloom_paragraph_stage_rewrites_texts_and_keeps_fields(paragraph_docs, tmp_path):
+    import zstandard
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": i, "meta": {"body": text}}) + "\n"
+                            for i, (text, _) in enumerate(paragraph_docs)))
+    config = tmp_path / "bloom.yaml"
+    config.write_text("text_field: meta.body\nstages:\n  - {name: bloom, kind: bloom_dedup, ngram: 13, "
+                      "expected_ngrams: 10000, paragraphs: true, min_words: 21}\n")
+    assert main(["select", "run", str(config), "--input", str(docs), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "01-bloom" / "documents.jsonl.zst", "rb") as f:
+        rows = [json.loads(line) for line in zstandard.ZstdDecompressor().stream_reader(f).read().splitlines()]
+    kept = [(i, want) for i, (_, want) in enumerate(paragraph_docs) if want is not None]
+    assert [(r["id"], r["meta"]["body"]) for r in rows] == kept
+    report = json.loads((tmp_path / "out" / "01-bloom" / "report.json").read_text())
+    assert (report["documents_in"], report["documents_out"], report["paragraphs_removed"]) == (6, 4, 3)

@@ -91,13 +91,11 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(models):
-    """Two shards of TEXTS with Meta-rater's two input-only fields."""
+    """Two shards of TEXTS (all 25 Meta-rater raters are computed by mixlm; none is read from the input)."""
     shards = []
     for s in range(2):
         path = models["root"] / f"pool_{s}.jsonl"
-        rows = [{"text": t, "rps_doc_num_sentences": float(t.count(".") + 1),
-                 "rps_lines_numerical_chars_fraction": sum(c.isdigit() for c in t) / len(t)}
-                for t in TEXTS[s::2]]
+        rows = [{"text": t} for t in TEXTS[s::2]]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         shards.append(str(path))
     return shards
@@ -264,7 +262,8 @@ def test_metarater_25_config_runs_on_a_small_pool(models, pool, tmp_path, capsys
     cfg = load_rater_config(CONFIG_25)
     assert len(cfg.raters) == 25 and len({r.column for r in cfg.raters}) == 25
     sources = [r.source for r in cfg.raters]
-    assert (sources.count("rules") + sources.count("input"), sources.count("dsir"), sources.count("model")) == (11, 3, 11)
+    assert (sources.count("rules"), sources.count("dsir"), sources.count("model")) == (11, 3, 11)
+    assert cfg.input_columns() == []  # rps_doc_num_sentences and rps_lines_numerical_chars_fraction are rules now
     assert cfg.dsir_targets() == ["books", "wiki", "math"] and cfg.needs_perplexity(include_extra=True)
 
     # a model folder not given: one line naming the rater and the flag, exit 2
@@ -278,8 +277,7 @@ def test_metarater_25_config_runs_on_a_small_pool(models, pool, tmp_path, capsys
                **{name: dirs["edu"] for name in cfg.model_names() if name.startswith(("modernbert", "fineweb"))}}
     assert set(folders) == set(cfg.model_names())
     sig = {n: str(tmp_path / n) for n in ("rules", "dsir", "models")}
-    assert main(["select", "signals", *pool, "--rating-columns", ",".join(cfg.input_columns()), "--out", sig["rules"],
-                 "--no-progress"]) == 0
+    assert main(["select", "signals", *pool, "--out", sig["rules"], "--no-progress"]) == 0
     targets = {"books": TEXTS[1::3], "wiki": TEXTS[3::3], "math": TEXTS[5::3]}
     for name, texts in targets.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

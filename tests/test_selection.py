@@ -51,6 +51,15 @@ PROSE_EXPECTED = {
     "frac_lines_bullet": 0 / 3,
     "frac_dupe_lines": 1 / 3,  # line 2 repeats line 1
     "frac_chars_dupe_lines": 23 / (23 + 23 + 10),
+    "frac_dupe_paragraphs": 0 / 1,  # no blank line: one paragraph
+    "frac_chars_dupe_paragraphs": 0 / 58,
+    # whitespace words (14): The cat sat on the mat. (3 3 3 2 3 4 = 18) x2, Dogs bark! (4 5)
+    "ws_mean_word_length": (18 + 18 + 9) / 14,
+    "ws_symbol_to_word_ratio": 0 / 14,
+    "ws_frac_no_alpha_words": 0 / 14,
+    "gopher_stop_words": 4,  # The the The the ("on" is not one of Gopher's 8)
+    "num_sentences": 3,  # "The cat sat on the mat." x2, "Dogs bark!"
+    "frac_numeric_chars_per_line": 0.0,
     # top 2-gram: every repeated bigram occurs twice; the longest (6 chars) first one is "the cat",
     # at words 0-1 and 6-7: 12 of 42 characters
     "frac_chars_top_2gram": 12 / 42,
@@ -84,6 +93,18 @@ WEB_EXPECTED = {
     "frac_lines_bullet": 2 / 4,
     "frac_dupe_lines": 1 / 4,
     "frac_chars_dupe_lines": 10 / (12 + 10 + 10 + 7),
+    # paragraphs: "# BUY NOW..." and "- item one\n  - item one\n123 456", neither repeated
+    "frac_dupe_paragraphs": 0 / 2,
+    "frac_chars_dupe_paragraphs": 0 / (12 + 31),
+    # whitespace words (11): # BUY NOW... - item one - item one 123 456
+    "ws_mean_word_length": (1 + 3 + 6 + 1 + 4 + 3 + 1 + 4 + 3 + 3 + 3) / 11,
+    "ws_symbol_to_word_ratio": 2 / 11,  # '#', '...'
+    "ws_frac_no_alpha_words": 5 / 11,  # # - - 123 456
+    "gopher_stop_words": 0,
+    # "BUY NOW...", then from "item" to the end (no . ! ? after it)
+    "num_sentences": 2,
+    # normalised lines "buy now", "item one", "item one", "123 456" (6 digits of 7 characters)
+    "frac_numeric_chars_per_line": (0 + 0 + 0 + 6 / 7) / 4,
     "frac_chars_top_2gram": (4 + 3 + 4 + 3) / 26,  # "item one" twice
     "frac_chars_top_3gram": 0.0,  # no 3-gram repeats
     "frac_chars_top_4gram": 0.0,

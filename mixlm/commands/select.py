@@ -1,6 +1,9 @@
 """`mixlm select`: quality signals → weighted percentile score → the best documents up to a budget.
 
   mixlm select signals DOCS.jsonl.zst ... --out SIG [--tokenizer TOK] [--rating-columns a,b] [--workers N]
+                    [--classifier CLF] [--perplexity LM_DIR] [--model NAME=DIR ...] [--no-rules]
+  mixlm select rate DOCS.jsonl.zst ... --model fineweb_edu=DIR [--model NAME=DIR ...] --out SIG4
+                    [--config configs/selection/metarater-25.yaml] [--columns NAME=a,b] [--device cuda]
   mixlm select pick --signals SIG [SIG2 ...] --weights W.yaml (--budget 2B | --top-fraction 0.1)
                     --out SEL [--random-out RND --seed 0] [--plot] [--prepare-out PREP --tokenizer TOK]
   mixlm select pick --signals SIG --mode dsir-resample --signal dsir_books --budget 2M --seed 0 --out SEL
@@ -15,6 +18,10 @@
   mixlm select run configs/selection/dclm-baseline.yaml --input DOCS.jsonl.zst ... --out OUT
                     [--pos POS.jsonl --neg NEG.jsonl | --model CLF]  (a chain of stages; OUT/report.json)
   mixlm select list                                                       (the rule-based signals)
+
+`signals` computes the rule signals (`mixlm select list`) and, with the flags, classifier scores, perplexity
+(perplexity_nll, perplexity_bpb) and model-rater columns; `rate` only the model raters (HF classification /
+regression folders, or every model a rater config lists).
 
 A weights file is YAML `{signal: weight}` or `{signal: {weight: w, higher_is_better: false}}`; `--weights`
 also takes the mapping inline, e.g. `--weights '{classifier_score: 1}'`. The DCLM filter is
@@ -216,17 +223,10 @@ def _load_weights(text: str) -> dict:
 
 
 def _read_texts(paths: list[str], text_field: str, limit: int | None) -> list[str]:
-    from mixlm.selection.shards import BadLines, iter_documents
+    from mixlm.selection.shards import BadLines, read_texts
 
-    texts: list[str] = []
     bad = BadLines()
-    for path in paths:
-        if not Path(path).is_file():
-            raise SelectionError(f"{path}: file not found")
-        for _, _, text in iter_documents(path, text_field, bad):
-            texts.append(text)
-            if limit is not None and len(texts) >= limit:
-                return texts
+    texts = read_texts(paths, text_field, limit, bad=bad)
     if bad.counts:
         print(f"skipped {_bad_lines(dict(bad.counts))}; e.g. {bad.examples[0]}", file=sys.stderr)
     return texts
@@ -295,8 +295,9 @@ def _run(args) -> int:
         from mixlm.selection.signals import SIGNALS
 
         direction = {True: "higher", False: "lower", None: "(state it)"}
+        width = max(len(spec.name) for spec in SIGNALS)
         for spec in SIGNALS:
-            print(f"{spec.name:26s} {direction[spec.higher_is_better]:10s} {spec.doc}")
+            print(f"{spec.name:{width}s} {direction[spec.higher_is_better]:10s} {spec.doc}")
         return 0
     if args.action in ("signals", "rate"):
         from mixlm.selection.model_raters import model_table_fields

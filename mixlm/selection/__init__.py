@@ -2,21 +2,49 @@
 
 The pieces, each usable alone (the `mixlm select` verb chains them):
 
-* `signals.compute_signals(text)` — rule-based signals of one document (RedPajama / Gopher style).
-* `shards.compute_tables(inputs, out_dir, ...)` — signals (plus model-rating columns of the input, a
-  classifier score, token counts) for every document of every input shard, in parallel, one table
-  (parquet or jsonl) per shard keyed by `file` and `line`; `shards.load_tables(dirs)` reads them back as one `SignalTable`.
-* `scoring` — percentile normalisation, weighted combination, budgeted top-k selection, the seeded
-  random baseline, and `sample_rater_weightings` (Meta-rater's Dirichlet over raters).
-* `classifier` — the DCLM-style filter: hashed uni+bigrams + logistic regression (or fastText).
-* `perplexity.perplexity_scores(texts, cfg, graphdef, params, tokenizer)` — perplexity under a mixlm model.
-* `shards.write_selected(...)` — the chosen documents, verbatim, as jsonl.zst for `mixlm prepare`.
+* `signals.compute_signals(text)` — rule-based signals of one document (RedPajama-v2 / Gopher / DCLM style).
+* `heuristics` — threshold rules over those signals, as presets (`refinedweb`: DCLM's RefinedWeb filters)
+  or YAML rules; `apply_rules` counts what each rule dropped.
+* `shards` — input reading (`iter_documents`, `iter_texts`, `read_texts`, `resolve_inputs`),
+  `compute_tables(inputs, out_dir, ...)`: signals (plus rating columns of the input, a classifier score, model
+  raters, perplexity, token counts) for every document of every input shard, in parallel, one table (parquet
+  or jsonl) per shard keyed by `file` and `line`; `load_tables(dirs)` reads them back as one `SignalTable`;
+  `write_selected(...)` writes the chosen documents, verbatim, as jsonl.zst for `mixlm prepare`.
+* `score_folder.write_score_folder(inputs, out_dir, scorer)` — the same tables from any batch scorer.
+* `scoring` — percentile normalisation, weighted combination, budgeted top-k selection, DSIR's Gumbel
+  top-k resampling, the seeded random baseline, and `sample_rater_weightings` (Meta-rater's Dirichlet).
+* `classifier` — the DCLM-style filter: hashed uni+bigrams + logistic regression, or fastText (`dclm` preset).
+* `dsir` — DSIR importance weights against target sets (hashed n-gram models); `hashing` — the stable word
+  and n-gram hashes DSIR and dedup share.
+* `dedup` — exact, MinHash-LSH and Bloom-filter dedup (document level, or DCLM's paragraph level).
+* `pipeline` — a YAML chain of stages (heuristics → dedup → classifier), `mixlm select run`.
+* `model_raters` — HF classification / regression models and mixlm linear heads as raters;
+  `rater_config` — rater configs (Meta-rater's 25 in configs/selection/metarater-25.yaml).
+* `perplexity.perplexity_scores(texts, cfg, graphdef, params, tokenizer)` — perplexity under a mixlm model
+  (and HF causal LMs through `load_perplexity_scorer`).
+* `metarater` — Meta-rater's learned rater weights: proxies on sampled weightings, a fit, the best weighting.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from mixlm.config import ConfigError
 
 
 class SelectionError(ConfigError):
     """Bad input or settings for selection; the message names the file / key and what to do."""
+
+
+def load_yaml_file(path: str | Path, what: str):
+    """The YAML document at `path` (a selection config); a missing file or invalid YAML is a SelectionError
+    naming `what` (e.g. "pipeline config") and the path."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SelectionError(f"{what} {path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SelectionError(f"{what} {path}: not valid YAML ({e})") from None

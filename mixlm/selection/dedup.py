@@ -1,4 +1,4 @@
-"""Deduplication: exact (normalised-text hash) and fuzzy (MinHash-LSH); the first document of a cluster is kept.
+"""Deduplication: exact (normalised-text hash), fuzzy (MinHash-LSH) and Bloom-filter (document or paragraph level).
 
 * `exact_keep(texts)` — bool [n]: False for a document whose normalised text (`signals.normalized_words`
   joined by spaces: lower-cased, punctuation removed, whitespace collapsed) equals an earlier one's
@@ -17,6 +17,15 @@
   before it) in a fraction >= `threshold` is dropped, otherwise kept and its n-grams added. The filter is
   sized for `expected_ngrams` at `false_positive_rate`; a false positive can only make a document look more
   duplicated than it is.
+* `bloom_dedup_paragraphs(texts, BloomSettings(paragraphs=True, min_words=...))` — document then paragraph
+  level, as DCLM ran BFF (its README: `--remove-type naive-both` for the paper): paragraphs are lines
+  (`text.split("\\n")`, BFF's units), each with its own word `ngram`-grams (a paragraph of fewer than `ngram`
+  words has none: always kept, never added). A document whose paragraph n-grams were seen in a fraction >=
+  `threshold` is dropped whole; otherwise, in order, each paragraph whose n-grams were seen (in earlier
+  documents or earlier in this one) in a fraction >= `threshold` is removed, and every kept paragraph's n-grams
+  are added. A document left with fewer than `min_words` normalised words is dropped (BFF drops those left
+  empty: `min_words` 1). Yields the new text or None. BFF removes a paragraph above the threshold and compares
+  punctuation tokens too; here >= and normalised words, as at document level.
 
 Everything is numpy-vectorised over documents and permutations; signatures take 4 * num_perm bytes per
 document (112 values: 448 MB per million documents).
@@ -25,7 +34,8 @@ document (112 values: 448 MB per million documents).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,38 +210,94 @@ class BloomSettings:
     threshold: float = 0.8  # fraction of a document's n-grams already seen that makes it a duplicate
     expected_ngrams: int = 10_000_000  # distinct n-grams the filter is sized for
     false_positive_rate: float = 0.01
+    paragraphs: bool = False  # also remove duplicate paragraphs inside documents (`bloom_dedup_paragraphs`)
+    min_words: int = 1  # with paragraphs: drop a document left with fewer normalised words
 
     def size(self) -> tuple[int, int]:
         """(bits, hash functions) of the optimal Bloom filter: m = -n ln p / ln(2)^2, k = m / n ln 2."""
         if not 0 < self.threshold <= 1 or self.ngram < 1 or self.expected_ngrams < 1 \
-                or not 0 < self.false_positive_rate < 1:
-            raise SelectionError(f"Bloom settings: need 0 < threshold <= 1, ngram >= 1, expected_ngrams >= 1 and "
-                                 f"0 < false_positive_rate < 1; got {self}")
+                or not 0 < self.false_positive_rate < 1 or self.min_words < 0:
+            raise SelectionError(f"Bloom settings: need 0 < threshold <= 1, ngram >= 1, expected_ngrams >= 1, "
+                                 f"0 < false_positive_rate < 1 and min_words >= 0; got {self}")
         bits = int(np.ceil(-self.expected_ngrams * np.log(self.false_positive_rate) / np.log(2) ** 2))
         return bits, max(1, round(bits / self.expected_ngrams * np.log(2)))
 
 
+class BloomFilter:
+    """A Bloom filter of uint64 n-gram hashes sized by `BloomSettings.size()`; k positions per hash by double
+    hashing, h1 + i * h2 (mod bits)."""
+
+    def __init__(self, settings: BloomSettings):
+        self.bits, self.k = settings.size()
+        self.table = np.zeros((self.bits + 7) // 8, np.uint8)
+
+    def _positions(self, grams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h1, h2 = splitmix64(grams), splitmix64(grams ^ np.uint64(0x5BD1E995)) | np.uint64(1)
+        with np.errstate(over="ignore"):
+            pos_KxS = (h1[None, :] + np.arange(self.k, dtype=np.uint64)[:, None] * h2[None, :]) % np.uint64(self.bits)
+        return (pos_KxS >> np.uint64(3)).astype(np.int64), (pos_KxS & np.uint64(7)).astype(np.uint8)
+
+    def contains(self, grams: np.ndarray) -> np.ndarray:
+        """bool [s]: which of the hashes `grams` [s] are (probably) in the filter."""
+        byte, bit = self._positions(grams)
+        return ((self.table[byte] >> bit) & 1).all(axis=0)
+
+    def add(self, grams: np.ndarray) -> None:
+        byte, bit = self._positions(grams)
+        np.bitwise_or.at(self.table, byte.ravel(), (np.uint8(1) << bit).ravel())  # several bits may share a byte
+
+
 def bloom_keep(texts: Iterable[str], settings: BloomSettings = BloomSettings()) -> np.ndarray:
     """bool [n]: see the module docstring (documents without words are kept)."""
-    bits, k = settings.size()
-    table = np.zeros((bits + 7) // 8, np.uint8)
+    bloom = BloomFilter(settings)
     keep = []
     for text in texts:
         grams = shingles(text, settings.ngram)
         if grams.size == 0:
             keep.append(True)
             continue
-        # k positions per n-gram by double hashing: h1 + i * h2 (mod bits)
-        h1, h2 = splitmix64(grams), splitmix64(grams ^ np.uint64(0x5BD1E995)) | np.uint64(1)
-        with np.errstate(over="ignore"):
-            pos_KxS = (h1[None, :] + np.arange(k, dtype=np.uint64)[:, None] * h2[None, :]) % np.uint64(bits)
-        byte, bit = (pos_KxS >> np.uint64(3)).astype(np.int64), (pos_KxS & np.uint64(7)).astype(np.uint8)
-        seen = ((table[byte] >> bit) & 1).all(axis=0)
-        duplicate = seen.mean() >= settings.threshold
+        duplicate = bloom.contains(grams).mean() >= settings.threshold
         keep.append(not duplicate)
-        if not duplicate:  # ufunc.at: several bits may land in one byte
-            np.bitwise_or.at(table, byte.ravel(), (np.uint8(1) << bit).ravel())
+        if not duplicate:
+            bloom.add(grams)
     return np.array(keep, bool)
+
+
+def _paragraph_ngrams(paragraph: str, ngram: int) -> np.ndarray:
+    """uint64 [k]: distinct hashes of the paragraph's word `ngram`-grams; none when it has fewer words."""
+    hashes = word_hashes(normalized_words(paragraph))
+    return np.unique(ngram_hashes(hashes, ngram)) if hashes.size >= ngram else np.zeros(0, np.uint64)
+
+
+def bloom_dedup_paragraphs(texts: Iterable[str], settings: BloomSettings = BloomSettings(paragraphs=True),
+                           counts: Counter | None = None) -> Iterator[str | None]:
+    """Per document, in order: its text without duplicate paragraphs, or None when it is dropped (see the
+    module docstring). `counts`, when given, gets duplicate_documents, too_short_documents and
+    paragraphs_removed."""
+    bloom = BloomFilter(settings)
+    counts = counts if counts is not None else Counter()
+    for text in texts:
+        paragraphs = text.split("\n")
+        grams = [_paragraph_ngrams(p, settings.ngram) for p in paragraphs]
+        total = sum(g.size for g in grams)
+        if total and sum(int(bloom.contains(g).sum()) for g in grams) / total >= settings.threshold:
+            counts["duplicate_documents"] += 1
+            yield None
+            continue
+        kept = []
+        for paragraph, g in zip(paragraphs, grams):
+            if g.size and bloom.contains(g).mean() >= settings.threshold:
+                counts["paragraphs_removed"] += 1
+                continue
+            if g.size:
+                bloom.add(g)
+            kept.append(paragraph)
+        new_text = "\n".join(kept)
+        if len(normalized_words(new_text)) < settings.min_words:
+            counts["too_short_documents"] += 1
+            yield None
+        else:
+            yield new_text
 
 
 def fuzzy_keep(texts: Iterable[str], settings: MinHashSettings = MinHashSettings()

@@ -5,14 +5,16 @@ the signal times another column with `times` (a count from a fraction: stop word
 word_count). NaN (a signal undefined for the document) fails the rule. `apply_rules` checks rules in order
 and counts every dropped document against the first rule it fails, as DCLM's sequential filters do.
 
-The `refinedweb` preset is DCLM-baseline's RefinedWeb heuristics (DCLM `dclm_baseline_refinedweb.yaml`: word
-count 50..100000, mean word length 3..10, symbol/word <= 0.1, bullet lines <= 0.9, ellipsis lines <= 0.3,
-non-alphabetic words <= 0.2, >= 2 stop words, and Gopher's repetition filters) over mixlm's own signal
-definitions, which differ from DCLM's in three ways, each stated at its rule: words are mixlm's normalised
-or raw words rather than whitespace tokens; the stop-word list is mixlm's (larger) one; duplicate lines
-count repeats after the first occurrence (DCLM counts every copy). Not covered (no signal yet): Gopher's
-paragraph repetition (paragraphs split on blank lines), the URL and language-id filters, and DCLM's
-line-level modifiers with their word-removal-ratio filter.
+The `refinedweb` preset is DCLM-baseline's RefinedWeb heuristics (DCLM `dclm_baseline_refinedweb.yaml`, with
+DCLM's thresholds: word count 50..100000, mean word length 3..10, symbol/word <= 0.1, bullet lines <= 0.9,
+ellipsis lines <= 0.3, non-alphabetic words <= 0.2, >= 2 of Gopher's stop words, then Gopher's repetition
+filters in DCLM's order). Word length, symbols, non-alphabetic words and stop words are over whitespace words
+(`text.split()`) and the paragraph rules over blank-line paragraphs, as DCLM computes them. Where mixlm's
+signal still differs, the rule says so: the page length counts mixlm's normalised words (DCLM: fastText
+tokens without punctuation), duplicate lines count the repeats after the first occurrence (DCLM counts every
+copy; paragraphs count every copy, as DCLM), bullets and ellipses are mixlm's (wider) sets, and the n-gram rules use normalised (lower-cased) words
+(DCLM: Unicode word segments, case kept). Not covered:
+the URL and language-id filters, and DCLM's line-level modifiers with their word-removal-ratio filter.
 """
 
 from __future__ import annotations
@@ -60,18 +62,16 @@ _GOPHER_DUPE = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 PRESETS: dict[str, tuple[Rule, ...]] = {
     "refinedweb": (
         Rule("word_count", 50, 100_000, why="page length in words, punctuation ignored (DCLM: 50..100000)"),
-        Rule("mean_word_length", 3, 10, why="DCLM: 3..10 over whitespace tokens; here over normalised words"),
-        Rule("symbol_to_word_ratio", max=0.1,
-             why="'#' and ellipses per word (DCLM: per whitespace token; here per raw word, slightly lower)"),
+        Rule("ws_mean_word_length", 3, 10, why="mean whitespace-word length (DCLM: 3..10)"),
+        Rule("ws_symbol_to_word_ratio", max=0.1, why="'#' and ellipses per whitespace word (DCLM: 0.1)"),
         Rule("frac_lines_bullet", max=0.9, why="lines starting with a bullet (DCLM: 0.9)"),
         Rule("frac_lines_end_ellipsis", max=0.3, why="lines ending in an ellipsis (DCLM: 0.3)"),
-        Rule("frac_no_alpha_words", max=0.4,
-             why="DCLM: <= 0.2 of whitespace tokens without a letter; mixlm's raw words count punctuation "
-                 "runs as words (ordinary prose scores 0.15-0.35), so the bound is 0.4"),
-        Rule("stop_word_frac", min=2, times="word_count",
-             why="at least 2 stop words (DCLM: of the, be, to, of, and, that, have, with; here mixlm's list)"),
+        Rule("ws_frac_no_alpha_words", max=0.2, why="whitespace words without a letter (DCLM: 0.2)"),
+        Rule("gopher_stop_words", min=2, why="at least 2 of the, be, to, of, and, that, have, with (DCLM: 2)"),
         Rule("frac_dupe_lines", max=0.3, why="Gopher: duplicate lines <= 0.3 (here: repeats after the first)"),
+        Rule("frac_dupe_paragraphs", max=0.3, why="Gopher: duplicate paragraphs <= 0.3"),
         Rule("frac_chars_dupe_lines", max=0.2, why="Gopher: characters in duplicate lines <= 0.2"),
+        Rule("frac_chars_dupe_paragraphs", max=0.2, why="Gopher: characters in duplicate paragraphs <= 0.2"),
         *(Rule(f"frac_chars_top_{n}gram", max=v, why=f"Gopher: most common {n}-gram <= {v}")
           for n, v in _GOPHER_TOP.items()),
         *(Rule(f"frac_chars_dupe_{n}gram", max=v, why=f"Gopher: characters in repeated {n}-grams <= {v}")

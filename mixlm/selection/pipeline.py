@@ -10,7 +10,10 @@ out, what dropped them, seconds, and a fingerprint of its settings and inputs). 
 * `exact_dedup` — `dedup.exact_keep` (normalised-text hash, first kept).
 * `minhash_dedup` — `dedup.fuzzy_keep`; options: ngram, num_perm, bands, rows, threshold, seed, verify.
 * `bloom_dedup` — `dedup.bloom_keep` (DCLM's Bloom-filter variant, document level); options: ngram,
-  threshold, expected_ngrams, false_positive_rate.
+  threshold, expected_ngrams, false_positive_rate; with `paragraphs: true`, `dedup.bloom_dedup_paragraphs`
+  (DCLM's paragraph + document level): duplicate paragraphs are cut out of the documents, which are then
+  written with their text replaced (other fields kept), and a document left with fewer than `min_words`
+  words is dropped.
 * `classifier` — pos/neg training files (trained into `<stage>/model/`) or a trained `model` folder;
   preset (`classifier.CLASSIFIER_PRESETS`, e.g. dclm), backend, fasttext_options, seed, max_docs; keeps
   `keep_top_fraction` of its input by score (or the documents scoring >= `min_score`); scores in
@@ -30,14 +33,14 @@ import math
 import os
 import shutil
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from mixlm.selection import SelectionError
+from mixlm.selection import SelectionError, load_yaml_file
 
 STAGE_KINDS = ("heuristics", "exact_dedup", "minhash_dedup", "bloom_dedup", "classifier")
 DOCUMENTS = "documents.jsonl.zst"
@@ -45,7 +48,7 @@ _STAGE_OPTIONS = {
     "heuristics": {"rules"},
     "exact_dedup": set(),
     "minhash_dedup": {"ngram", "num_perm", "bands", "rows", "threshold", "seed", "verify"},
-    "bloom_dedup": {"ngram", "threshold", "expected_ngrams", "false_positive_rate"},
+    "bloom_dedup": {"ngram", "threshold", "expected_ngrams", "false_positive_rate", "paragraphs", "min_words"},
     "classifier": {"pos", "neg", "model", "preset", "backend", "fasttext_options", "seed", "max_docs",
                    "keep_top_fraction", "min_score", "signal", "val_fraction"},
 }
@@ -55,12 +58,7 @@ def load_pipeline(path: str | Path, classifier_data: Mapping | None = None) -> d
     """The validated config at `path`; `classifier_data` ({pos, neg, model}, from the CLI) fills the
     classifier stage. Errors name the stage and key."""
     path = Path(path)
-    if not path.is_file():
-        raise SelectionError(f"{path}: pipeline config not found")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SelectionError(f"{path}: not valid YAML ({e})") from e
+    config = load_yaml_file(path, "pipeline config")
     if not isinstance(config, dict) or not isinstance(config.get("stages"), list) or not config["stages"]:
         raise SelectionError(f"{path}: expected a mapping with a non-empty `stages` list")
     extra = set(config) - {"text_field", "stages", "description"}
@@ -97,23 +95,15 @@ def load_pipeline(path: str | Path, classifier_data: Mapping | None = None) -> d
     return config
 
 
-def _documents(paths: Sequence[Path], text_field: str, bad) -> Iterator[tuple[int, int, str]]:
-    from mixlm.selection.shards import iter_documents
-
-    for file_id, path in enumerate(paths):
-        for line, _, text in iter_documents(path, text_field, bad):
-            yield file_id, line, text
-
-
 def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: Callable) -> dict:
     """Runs `keep_fn(texts) -> bool [n]` over the documents of `inputs` and writes the kept ones."""
-    from mixlm.selection.shards import BadLines, SignalTable, write_selected
+    from mixlm.selection.shards import BadLines, SignalTable, iter_texts, write_selected
 
     bad = BadLines()
     keys: list[tuple[int, int]] = []
 
     def texts():
-        for file_id, line, text in _documents(inputs, text_field, bad):
+        for file_id, line, text in iter_texts(inputs, text_field, bad):
             keys.append((file_id, line))
             yield text
 
@@ -122,6 +112,43 @@ def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: C
     table = SignalTable([str(p) for p in inputs], ids[:, 0], ids[:, 1], {})
     write_selected(table, np.flatnonzero(keep), out / DOCUMENTS)
     return {"documents_in": len(keys), "documents_out": int(keep.sum()), "malformed_lines": sum(bad.counts.values())}
+
+
+def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
+                     rewrite_fn: Callable[[Iterator[str]], Iterator[str | None]]) -> dict:
+    """Runs `rewrite_fn(texts)`, one new text (or None: drop) per document in order, over the documents of
+    `inputs`, and writes each kept document's JSON object with its text field replaced."""
+    import zstandard
+
+    from mixlm.selection.shards import BadLines, iter_documents
+
+    bad = BadLines()
+    pending: deque[dict] = deque()  # the objects whose texts rewrite_fn has read and not yet answered
+
+    def texts() -> Iterator[str]:
+        for path in inputs:
+            for _, obj, text in iter_documents(path, text_field, bad):
+                pending.append(obj)
+                yield text
+
+    *parents, leaf = text_field.split(".")
+    documents_in = documents_out = 0
+    tmp = out / (DOCUMENTS + ".tmp")
+    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as sink:
+        for new_text in rewrite_fn(texts()):
+            obj = pending.popleft()
+            documents_in += 1
+            if new_text is None:
+                continue
+            target = obj
+            for key in parents:
+                target = target[key]
+            target[leaf] = new_text
+            sink.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+            documents_out += 1
+    os.replace(tmp, out / DOCUMENTS)
+    return {"documents_in": documents_in, "documents_out": documents_out,
+            "malformed_lines": sum(bad.counts.values())}
 
 
 def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int) -> dict:
@@ -142,24 +169,10 @@ def _settings(cls, stage: dict):
     return cls(**{k: v for k, v in stage.items() if k in known})
 
 
-def _read_texts(paths: Sequence[str], text_field: str, limit: int | None) -> list[str]:
-    from mixlm.selection.shards import BadLines
-
-    texts = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise SelectionError(f"{path}: classifier training file not found")
-    for _, _, text in _documents([Path(p) for p in paths], text_field, BadLines()):
-        texts.append(text)
-        if limit is not None and len(texts) >= limit:
-            break
-    return texts
-
-
 def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int) -> dict:
     from mixlm.selection.classifier import classifier_preset, train_classifier
     from mixlm.selection.scoring import select_top
-    from mixlm.selection.shards import TableSettings, compute_tables, load_tables, write_selected
+    from mixlm.selection.shards import TableSettings, compute_tables, load_tables, read_texts, write_selected
 
     report: dict = {}
     if stage.get("model"):
@@ -170,9 +183,11 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
         options = preset.get("fasttext_options") or stage.get("fasttext_options")
         limit = stage.get("max_docs")
         model_dir = out / "model"
+        what = "classifier training file"
         report["training"] = train_classifier(
-            _read_texts(stage["pos"], text_field, limit), _read_texts(stage["neg"], text_field, limit), model_dir,
-            backend=backend, signal=stage.get("signal", "classifier_score"), seed=stage.get("seed", 0),
+            read_texts(stage["pos"], text_field, limit, what=what),
+            read_texts(stage["neg"], text_field, limit, what=what), model_dir, backend=backend,
+            signal=stage.get("signal", "classifier_score"), seed=stage.get("seed", 0),
             val_fraction=stage.get("val_fraction", 0.1), fasttext_options=options)
     settings = TableSettings(text_field=text_field, rules=False, classifier=str(model_dir),
                              classifier_signal=stage.get("signal"))
@@ -191,22 +206,28 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
 
 
 def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int) -> dict:
-    from mixlm.selection.dedup import BloomSettings, MinHashSettings, bloom_keep, exact_keep, fuzzy_keep
+    from mixlm.selection import dedup
 
     kind = stage["kind"]
     if kind == "heuristics":
         return _heuristics(stage, inputs, text_field, out, workers)
     if kind == "exact_dedup":
-        return _keep_by_text(inputs, text_field, out, exact_keep)
+        return _keep_by_text(inputs, text_field, out, dedup.exact_keep)
     if kind == "minhash_dedup":
-        settings = _settings(MinHashSettings, stage)
+        settings = _settings(dedup.MinHashSettings, stage)
         bands, rows = settings.bands_rows()
-        report = _keep_by_text(inputs, text_field, out, lambda texts: fuzzy_keep(texts, settings)[0])
+        report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.fuzzy_keep(texts, settings)[0])
         return {**report, "bands": bands, "rows": rows}
     if kind == "bloom_dedup":
-        bloom = _settings(BloomSettings, stage)
+        bloom = _settings(dedup.BloomSettings, stage)
         bits, hashes = bloom.size()
-        report = _keep_by_text(inputs, text_field, out, lambda texts: bloom_keep(texts, bloom))
+        if bloom.paragraphs:
+            counts: Counter = Counter()
+            report = _rewrite_by_text(inputs, text_field, out,
+                                      lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts))
+            report.update({k: counts[k] for k in ("duplicate_documents", "too_short_documents", "paragraphs_removed")})
+        else:
+            report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.bloom_keep(texts, bloom))
         return {**report, "bloom_bits": bits, "bloom_hashes": hashes}
     return _classifier(stage, inputs, text_field, out, workers)
 
@@ -232,7 +253,7 @@ def _digest(fingerprint: dict) -> str:
 def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | Path, *, workers: int = 1,
                  overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Run every stage of `config` (from `load_pipeline`) on `inputs`; returns and writes OUT/report.json."""
-    from mixlm.selection.score_folder import resolve_inputs
+    from mixlm.selection.shards import resolve_inputs
 
     paths = resolve_inputs(inputs)
     out = Path(out_dir)

@@ -28,9 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from mixlm.selection import SelectionError
+from mixlm.selection import SelectionError, load_yaml_file
 
 SOURCES = ("rules", "input", "dsir", "model", "perplexity")
 
@@ -153,12 +151,7 @@ def _rater(entry, where: str, models: Mapping[str, ModelSpec]) -> Rater:
 def load_rater_config(path: str | Path) -> RaterConfig:
     """Reads and checks a rater config (see the module docstring); raises SelectionError naming the entry."""
     path = Path(path)
-    if not path.is_file():
-        raise SelectionError(f"rater config {path}: file not found")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SelectionError(f"rater config {path}: not valid YAML ({e})") from None
+    doc = load_yaml_file(path, "rater config")
     if not isinstance(doc, dict) or not isinstance(doc.get("raters"), list):
         raise SelectionError(f"rater config {path}: expected a mapping with a `raters:` list")
     models = {}

@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import time
 from array import array
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,10 +25,12 @@ from mixlm.selection import SelectionError
 from mixlm.selection.shards import (
     TABLE_FORMATS,
     BadLines,
-    _atomic_write_text,
-    _shard_name,
-    _write_table,
+    atomic_write_text,
     iter_documents,
+    resolve_inputs,
+    shard_name,
+    write_run_report,
+    write_table,
 )
 
 Scorer = Callable[[list[str]], Mapping[str, np.ndarray]]
@@ -38,7 +39,7 @@ _BATCH = 512
 
 def _score_one(job: tuple) -> dict:
     index, path, out, scorer, settings, text_field, table_format, strict, overwrite = job
-    name = _shard_name(index, path)
+    name = shard_name(index, path)
     table_path, report_path = out / f"{name}.signals.{table_format}", out / f"{name}.report.json"
     input_bytes = path.stat().st_size
     if not overwrite and table_path.exists() and report_path.exists():
@@ -67,7 +68,7 @@ def _score_one(job: tuple) -> dict:
         if len(pending) >= _BATCH:
             flush()
     flush()
-    _write_table(str(path), columns, table_path)
+    write_table(str(path), columns, table_path)
     report = {
         "input": str(path), "input_bytes": input_bytes, "table": table_path.name,
         "documents": len(columns["line"]), "malformed_lines": sum(bad.counts.values()),
@@ -75,19 +76,8 @@ def _score_one(job: tuple) -> dict:
         "malformed_examples": bad.examples, "missing_ratings": {},
         "seconds": round(time.time() - start, 3), "settings": settings,
     }
-    _atomic_write_text(report_path, json.dumps(report, indent=1))
+    atomic_write_text(report_path, json.dumps(report, indent=1))
     return report
-
-
-def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """The input shards as absolute paths; an error names the missing ones, or says one is given twice."""
-    paths = [Path(p).resolve() for p in inputs]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SelectionError(f"input files not found: {', '.join(missing)}")
-    if len(set(paths)) != len(paths):
-        raise SelectionError("an input file is given twice; each shard must appear once")
-    return paths
 
 
 def write_score_folder(inputs: Sequence[str | Path], out_dir: str | Path, scorer: Scorer, *, settings: dict,
@@ -110,19 +100,4 @@ def write_score_folder(inputs: Sequence[str | Path], out_dir: str | Path, scorer
             reports = pool.map(_score_one, jobs)
     else:
         reports = [_score_one(job) for job in jobs]
-    reasons: Counter = Counter()
-    for r in reports:
-        reasons.update(r["malformed"])
-    summary = {
-        "shards": len(reports),
-        "documents": sum(r["documents"] for r in reports),
-        "malformed_lines": sum(r["malformed_lines"] for r in reports),
-        "malformed": dict(reasons),
-        "malformed_examples": [e for r in reports for e in r["malformed_examples"]][:5],
-        "missing_ratings": {},
-        "seconds": round(time.time() - start, 3),
-        "settings": settings,
-        "tables": [{k: r[k] for k in ("table", "input", "input_bytes")} for r in reports],
-    }
-    _atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
-    return summary
+    return write_run_report(out, reports, settings, start)

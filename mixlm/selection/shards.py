@@ -5,8 +5,9 @@ Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line wi
 with one row per readable document: `file` (absolute path), `line` (1-based), `num_chars`, then
 `num_tokens` (with a tokenizer), the rule-based signals, the requested rating columns of the input,
 the classifier score, the model raters' columns (`mixlm.selection.model_raters`) and the perplexity
-columns (`mixlm.selection.perplexity`); beside it `<index>-<name>.report.json` (documents, malformed lines, settings)
-so an interrupted run redoes only unfinished shards. `OUT/signals_report.json`, written last, sums
+columns (`mixlm.selection.perplexity`); beside it `<index>-<name>.report.json` (documents, malformed lines,
+settings, the rule signal names) so an interrupted run redoes only unfinished shards, and a table made before
+a rule signal was added is made again. `OUT/signals_report.json`, written last, sums
 the shard reports and lists the run's tables; `load_tables` reads those back as a `SignalTable`.
 
 A malformed line (invalid UTF-8 or JSON, text field missing or not a string, blank text) is skipped
@@ -106,6 +107,40 @@ def iter_documents(path: str | Path, text_field: str, bad: BadLines, strict: boo
             yield number, obj, text
 
 
+def iter_texts(paths: Sequence[str | Path], text_field: str, bad: BadLines, strict: bool = False
+               ) -> Iterator[tuple[int, int, str]]:
+    """(index of the file in `paths`, line number from 1, text) for each good line of each file in order."""
+    for file_id, path in enumerate(paths):
+        for line, _, text in iter_documents(path, text_field, bad, strict):
+            yield file_id, line, text
+
+
+def read_texts(paths: Sequence[str | Path], text_field: str, limit: int | None = None, *,
+               bad: BadLines | None = None, what: str = "file") -> list[str]:
+    """The texts of the good lines of `paths`, in order, at most `limit` of them in all. A missing file is an
+    error naming it as `what` (e.g. "classifier training file"); skipped lines are counted in `bad`."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise SelectionError(f"{path}: {what} not found")
+    texts: list[str] = []
+    for _, _, text in iter_texts(paths, text_field, bad if bad is not None else BadLines()):
+        texts.append(text)
+        if limit is not None and len(texts) >= limit:
+            break
+    return texts
+
+
+def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """The input shards as absolute paths; an error names the missing ones, or says one is given twice."""
+    paths = [Path(p).resolve() for p in inputs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SelectionError(f"input files not found: {', '.join(missing)}")
+    if len(set(paths)) != len(paths):
+        raise SelectionError("an input file is given twice; each shard must appear once")
+    return paths
+
+
 @dataclass(frozen=True)
 class TableSettings:
     """What a signal table holds; a shard whose saved settings differ is recomputed."""
@@ -142,7 +177,7 @@ class TableSettings:
 _MODEL_FIELDS = ("model_raters", "perplexity", "batch_size", "max_length", "device")
 
 
-def _shard_name(index: int, path: Path) -> str:
+def shard_name(index: int, path: Path) -> str:
     stem = re.sub(r"\.jsonl?(\.gz|\.zst)?$", "", path.name)
     return f"{index:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}"
 
@@ -199,13 +234,16 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
     is called as documents are read (a progress bar in the calling process)."""
     index, path, out_dir, settings_dict, tokenizer_json, strict, overwrite = job
     settings = TableSettings.from_dict(settings_dict)
-    name = _shard_name(index, Path(path))
+    name = shard_name(index, Path(path))
     table_path = Path(out_dir) / f"{name}.signals.{settings.table_format}"
     report_path = Path(out_dir) / f"{name}.report.json"
     input_bytes = Path(path).stat().st_size
+    # A table of an older mixlm lacks rule signals added since: recompute it.
+    signal_names = list(SIGNAL_NAMES) if settings.rules else []
     if not overwrite and table_path.exists() and report_path.exists():
         old = json.loads(report_path.read_text())
-        if (old.get("settings"), old.get("input"), old.get("input_bytes")) == (settings_dict, path, input_bytes):
+        if (old.get("settings"), old.get("input"), old.get("input_bytes"), old.get("signals", [])) == (
+                settings_dict, path, input_bytes, signal_names):
             if on_documents is not None:
                 on_documents(old["documents"] + old["malformed_lines"])
             return old
@@ -282,7 +320,7 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
             flush()
     flush()
 
-    _write_table(path, columns, table_path)
+    write_table(path, columns, table_path)
     report = {
         "input": path,
         "input_bytes": input_bytes,
@@ -294,18 +332,19 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
         "missing_ratings": dict(missing_ratings),
         "seconds": round(time.time() - start, 3),
         "settings": settings_dict,
+        "signals": signal_names,
     }
-    _atomic_write_text(report_path, json.dumps(report, indent=1))
+    atomic_write_text(report_path, json.dumps(report, indent=1))
     return report
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _write_table(path: str, columns: dict[str, array], out: Path) -> None:
+def write_table(path: str, columns: dict[str, array], out: Path) -> None:
     """One row per document: file, then `columns` (int64 'q' / float64 'd' arrays of equal length)."""
     tmp = out.with_name(out.name + ".tmp")
     rows = len(columns["line"])
@@ -358,12 +397,7 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
         raise SelectionError("nothing to compute: enable the rule signals, a rating column, a classifier, a model "
                              "rater or perplexity")
     _check_model_folders(settings)
-    paths = [Path(p).resolve() for p in inputs]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SelectionError(f"input files not found: {', '.join(missing)}")
-    if len(set(paths)) != len(paths):
-        raise SelectionError("an input file is given twice; each shard must appear once")
+    paths = resolve_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings_dict = settings.to_dict()
@@ -395,6 +429,11 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
         if bar is not None:
             bar.close()
 
+    return write_run_report(out, reports, settings_dict, start)
+
+
+def write_run_report(out: Path, reports: Sequence[dict], settings: dict, start: float) -> dict:
+    """Sums the shard reports of a run into `out/signals_report.json` (written last, atomically) and returns it."""
     reasons: Counter = Counter()
     missing_ratings: Counter = Counter()
     for r in reports:
@@ -408,11 +447,11 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
         "malformed_examples": [e for r in reports for e in r["malformed_examples"]][:_MAX_EXAMPLES],
         "missing_ratings": dict(missing_ratings),
         "seconds": round(time.time() - start, 3),
-        "settings": settings_dict,
+        "settings": settings,
         # The tables of this run: `load_tables` reads these and no stale file of an earlier run.
         "tables": [{k: r[k] for k in ("table", "input", "input_bytes")} for r in reports],
     }
-    _atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
     return summary
 
 

@@ -1,12 +1,20 @@
 """Rule-based quality signals of one document (RedPajama-v2 / Gopher style), as plain floats.
 
-Every signal is defined on three views of the text, fixed here so that values are reproducible:
+Every signal is defined on one of five views of the text, fixed here so that values are reproducible:
 
 * **normalised words** — the text lower-cased, every character that is neither a letter, a digit nor
   whitespace removed (so `don't` → `dont`, `_` removed too), then split on whitespace.
 * **raw words** — `re.findall(r"\\w+|[^\\w\\s]+", text)`: runs of word characters and runs of
   punctuation/symbols, each a word (`"Hi, you!"` → `Hi` `,` `you` `!`).
 * **lines** — `text.split("\\n")` with trailing whitespace stripped, blank lines dropped.
+* **whitespace words** — `text.split()`, as DCLM's RefinedWeb / Gopher filters count words (`ws_*` signals and
+  `gopher_stop_words`).
+* **paragraphs** — `text.split("\\n\\n")`, each stripped, empty ones dropped (DCLM's Gopher paragraphs).
+
+The Gopher repetition signals over paragraphs count every copy of a repeated paragraph, as DCLM does
+(`frac_dupe_lines` counts only the repeats after the first). `num_sentences` and
+`frac_numeric_chars_per_line` follow RedPajama-v2 (`rps_doc_num_sentences`,
+`rps_lines_numerical_chars_fraction`).
 
 A signal that is undefined for a document (a ratio over zero words or lines) is NaN; scoring ranks NaN
 last. `compute_signals(text)` returns every signal in `SIGNALS` order.
@@ -23,10 +31,15 @@ import numpy as np
 
 _NON_WORD = re.compile(r"[^\w\s]|_")
 _RAW_WORD = re.compile(r"\w+|[^\w\s]+")
+_SENTENCE = re.compile(r"\b[^.!?]+[.!?]*")  # RedPajama-v2's rps_doc_num_sentences pattern
 
 # The Gopher / RedPajama symbols: '#' and ellipses, counted as substrings of the raw text.
 SYMBOLS = ("#", "...", "…")
 ELLIPSES = ("...", "…")
+# DCLM's symbol_ratio_filter symbols, counted per whitespace word ('. . .' too).
+WS_SYMBOLS = ("#", "...", ". . .", "…")
+# Gopher's stop words (Rae et al. 2021): a document needs two of them; DCLM compares whitespace words lower-cased.
+GOPHER_STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 # A line "ends in punctuation" (C4's terminal-punctuation rule, with closing quotes).
 TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’")
 BULLETS = ("•", "●", "○", "▪", "■", "‣", "◦", "·", "-", "*", "–", "—")
@@ -81,6 +94,21 @@ def _specs() -> tuple[SignalSpec, ...]:
         SignalSpec("frac_lines_bullet", False, "lines starting (after indentation) with a BULLET / lines"),
         SignalSpec("frac_dupe_lines", False, "lines equal to an earlier line / lines"),
         SignalSpec("frac_chars_dupe_lines", False, "characters of those repeated lines / line characters"),
+        SignalSpec("frac_dupe_paragraphs", False,
+                   "paragraphs occurring more than once, every copy counted / paragraphs (Gopher, DCLM)"),
+        SignalSpec("frac_chars_dupe_paragraphs", False,
+                   "characters of those paragraphs, every copy / paragraph characters (Gopher, DCLM)"),
+        SignalSpec("ws_mean_word_length", None, "mean characters per whitespace word (DCLM word_length_filter)"),
+        SignalSpec("ws_symbol_to_word_ratio", False,
+                   "occurrences of '#', '...', '. . .', '…' / whitespace words (DCLM symbol_ratio_filter)"),
+        SignalSpec("ws_frac_no_alpha_words", False,
+                   "whitespace words without an alphabetic character / whitespace words (DCLM)"),
+        SignalSpec("gopher_stop_words", True,
+                   "whitespace words that lower-cased are one of the, be, to, of, and, that, have, with"),
+        SignalSpec("num_sentences", None, "matches of RedPajama-v2's sentence pattern \\b[^.!?]+[.!?]* in the text"),
+        SignalSpec("frac_numeric_chars_per_line", False,
+                   "mean over lines of numeric characters / characters of the line's normalised words joined "
+                   "by spaces (RedPajama-v2 per-line score; 0 for a line without words)"),
     ]
     specs += [
         SignalSpec(f"frac_chars_top_{n}gram", False,
@@ -167,6 +195,32 @@ def _covered_chars(starts: np.ndarray, n: int, lengths: np.ndarray) -> int:
     return int(lengths[np.cumsum(cover[:-1]) > 0].sum())
 
 
+def _paragraph_repetition(text: str) -> dict[str, float]:
+    """Gopher's paragraph repetition as DCLM computes it: paragraphs split on a blank line, every copy of a
+    paragraph that occurs more than once counted (NaN without paragraphs)."""
+    paragraphs = [p for p in (part.strip() for part in text.split("\n\n")) if p]
+    repeated = [(p, c) for p, c in Counter(paragraphs).items() if c > 1]
+    return {
+        "frac_dupe_paragraphs": _ratio(sum(c for _, c in repeated), len(paragraphs)),
+        "frac_chars_dupe_paragraphs": _ratio(sum(len(p) * c for p, c in repeated), sum(map(len, paragraphs))),
+    }
+
+
+def _whitespace_word_signals(text: str) -> dict[str, float]:
+    ws = text.split()
+    return {
+        "ws_mean_word_length": _ratio(sum(map(len, ws)), len(ws)),
+        "ws_symbol_to_word_ratio": _ratio(sum(text.count(s) for s in WS_SYMBOLS), len(ws)),
+        "ws_frac_no_alpha_words": _ratio(sum(not any(ch.isalpha() for ch in w) for w in ws), len(ws)),
+        "gopher_stop_words": float(sum(w.lower() in GOPHER_STOP_WORDS for w in ws)),
+    }
+
+
+def _numeric_fraction(line: str) -> float:
+    normalised = " ".join(normalized_words(line))
+    return sum(ch.isnumeric() for ch in normalised) / len(normalised) if normalised else 0.0
+
+
 def compute_signals(text: str) -> dict[str, float]:
     """All rule-based signals of `text` (definitions in `SIGNALS` and the module docstring)."""
     words = normalized_words(text)
@@ -208,5 +262,9 @@ def compute_signals(text: str) -> dict[str, float]:
         "frac_dupe_lines": _ratio(dupe_lines, num_lines),
         "frac_chars_dupe_lines": _ratio(dupe_line_chars, sum(len(line.strip()) for line in lines)),
     }
+    values.update(_paragraph_repetition(text))
+    values.update(_whitespace_word_signals(text))
+    values["num_sentences"] = float(len(_SENTENCE.findall(text)))
+    values["frac_numeric_chars_per_line"] = _ratio(sum(map(_numeric_fraction, lines)), num_lines)
     values.update(_ngram_coverage(words))
     return {name: float(values[name]) for name in SIGNAL_NAMES}
