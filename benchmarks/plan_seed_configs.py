@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,20 +27,15 @@ from machine import describe_machine
 GIB = 1 << 30
 
 
-def model_overrides(model_yaml: str) -> list[str]:
-    """`model.key=value` for every field of a model YAML (metarater-1.3b has no experiment file of its own)."""
-    fields = yaml.safe_load((ROOT / model_yaml).read_text())
-    return [f"model.{k}={v}" for k, v in fields.items()]
-
-
 # (label, experiment, overrides, devices, device kind, hardware as published)
 SEED_LINES = [
     ("regmix-1b", "configs/experiments/regmix-1b.yaml", [], 8, "h100", "8 x H100 (one host)"),
     ("regmix-1b", "configs/experiments/regmix-1b.yaml", [], 16, "v5p", "TPU v5p-32 (16 chips, 4 hosts)"),
     ("dclm-1b", "configs/experiments/dclm-1b.yaml", [], 8, "h100", "8 x H100 (one host)"),
-    ("metarater-1.3b", "configs/experiments/metarater-3.3b.yaml", model_overrides("configs/models/metarater-1.3b.yaml"),
-     32, "a100", "32 x A800 80GB (as A100 80GB)"),
-    ("metarater-3.3b", "configs/experiments/metarater-3.3b.yaml", [], 32, "a100", "32 x A800 80GB (as A100 80GB)"),
+    ("metarater-1.3b", "configs/experiments/metarater-1.3b-random.yaml", [], 32, "a100",
+     "32 x A800 80GB (as A100 80GB)"),
+    ("metarater-3.3b", "configs/experiments/metarater-3.3b-random.yaml", [], 32, "a100",
+     "32 x A800 80GB (as A100 80GB)"),
 ]
 
 
