@@ -25,6 +25,13 @@ Guarantees, and who gives them:
 * Restore targets the *current* mesh (`TrainSetup.abstract_state` carries its shardings), so a run saved
   on 8 devices resumes on 4 or on 1. Embedding rows are padded to a multiple of the device count; a
   difference in that padding (and nothing else) is absorbed by truncating/zero-padding the padding rows.
+* Elastic resume: a step saved by P processes restores on any other process count Q (and device count)
+  for which the config still validates (train.global_batch_size divisible by Q and by the data-parallel
+  size). Orbax reads every saving process's OCDBT folder onto the current mesh's shardings; the data state is
+  global (one copy, from process 0; see mixlm.data.pipeline), so the next global batches are the ones the
+  uninterrupted run would have trained on; checksums are verified by `checksum_owner` for the current count;
+  the meta item's process_count and mesh are recorded and reported on such a resume, never checked. Nothing
+  else depends on the process count (tests/test_elastic_resume.py: 2 processes -> 1 and -> 4).
 * Resuming with a different config is refused naming the keys (`config_diff`), except RESUMABLE_KEYS and
   RESUMABLE_SECTIONS below; `allow_config_change` (CLI: --allow-config-change) resumes anyway.
 * A save that fails (disk full, permissions) raises CheckpointSaveError naming the step folder and the
@@ -92,7 +99,7 @@ _OCDBT_PREFIX = "ocdbt.process_"
 # save, the device layout, the loader's worker count (batches do not depend on it), the multi-process
 # heartbeat, and how attention is computed / what is rematerialised (same math, other kernels and memory).
 RESUMABLE_KEYS = ("train.steps", "train.output_dir", "train.heartbeat_timeout_s", "data.num_workers", "model.attention",
-                  "model.remat")
+                  "model.remat", "train.grad_accum_steps")  # same math: micro-batch sums add up to the batch
 RESUMABLE_SECTIONS = ("mesh", "checkpoint", "eval", "logging")
 
 
@@ -616,6 +623,7 @@ class RunCheckpoints:
                     state = None
                 if _all_processes(not problem):
                     self._move_aside(bad, good=step)
+                    self._report_elastic(step, meta, abstract_state)
                     return Restored(step=step, state=state, data_state=data_state, meta=meta,
                                     path=str(step_dir))
             bad.append((step, problem or _ON_ANOTHER_PROCESS))
@@ -626,6 +634,22 @@ class RunCheckpoints:
                 "the folder away to start from scratch"
             )
         return None
+
+    def _report_elastic(self, step: int, meta: dict, abstract_state) -> None:
+        """One line when the step was saved by another number of processes or on another mesh."""
+        meshes = [x.sharding.mesh for x in jax.tree.leaves(abstract_state)
+                  if hasattr(getattr(x, "sharding", None), "mesh")]
+        mesh_now = dict(meshes[0].shape) if meshes else {}
+        saved_count, saved_mesh = meta.get("process_count"), meta.get("mesh") or {}
+        if saved_count is None or (saved_count, saved_mesh) == (jax.process_count(), mesh_now):
+            return
+
+        def processes(n: int) -> str:
+            return f"{n} process" if n == 1 else f"{n} processes"
+
+        self.log(f"elastic resume: checkpoint step {step} was saved by {processes(saved_count)} on mesh "
+                 f"{saved_mesh}; restored onto {processes(jax.process_count())} on mesh {mesh_now} (the "
+                 "data state is global: the next global batches are the same)")
 
     def _move_aside(self, bad: list[tuple[int, str]], *, good: int) -> None:
         """Warns about each bad step and moves it to checkpoints_corrupt/ (kept for inspection; out of the way

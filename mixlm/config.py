@@ -374,12 +374,14 @@ def validate_for_mesh(cfg: ExperimentConfig, data_parallel: int, process_count: 
         )
     if gbs % process_count:
         raise ConfigError(f"train.global_batch_size={gbs} is not divisible by the {process_count} processes; "
-                          f"use a multiple of {math.lcm(process_count, data_parallel)}")
+                          f"use a multiple of {math.lcm(process_count, data_parallel)} (resuming a run, which keeps its "
+                          "global batch: run on a process count that divides it)")
     host_batch = gbs // process_count
     if host_batch % k:
         raise ConfigError(f"train.grad_accum_steps={k} does not divide the per-host batch {host_batch} "
                           f"(train.global_batch_size={gbs} over {process_count} processes); "
-                          f"use a global batch that is a multiple of {process_count * k}")
+                          f"use a global batch that is a multiple of {process_count * k} (or, resuming on more processes, "
+                          "a smaller train.grad_accum_steps: it may change on resume)")
 
 
 # Names other codebases use for our keys (HF, nanoGPT, MaxText, Levanter): suggested before spelling matches.

@@ -18,7 +18,8 @@ def make_train_source(cfg: ExperimentConfig, *, process_index: int = 0, process_
     if cfg.train.global_batch_size % process_count:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
-            f"{process_count} processes; choose a multiple of {process_count}"
+            f"{process_count} processes; choose a multiple of {process_count} (resuming a run, which keeps its "
+            "global batch: run on a process count that divides it)"
         )
     host_batch = cfg.train.global_batch_size // process_count
     if cfg.data.source == "synthetic":

@@ -8,6 +8,16 @@
 The global batch at step i depends only on (data, mixture, seq_len, seed, i): not on the number of hosts,
 workers or threads. The iterator state is the step (plus, for first-fit packing, three integers per
 domain locating the packing cursor), so resume is exact, also across a stage change.
+
+Elastic resume: the state is global. `get_state()` is the same on every process and does not depend on
+process_index / process_count (the checkpoint saves it once, from process 0); the first-fit cursors are those
+of the global element counts, and mixture updates (`set_weights`) are kept as a (step, weights) history that
+`set_state` replays. So a state saved by a run on P processes restores on any other process count Q that
+divides the global batch (also 1), and processes 0..Q-1 then read the rows [q*b, (q+1)*b), b = G / Q, of the
+very global batches the uninterrupted run would have read (tests/test_elastic_resume.py: 2 -> 1 and 2 -> 4
+processes, first-fit packing, a mixture update before and a stage change after the checkpoint). What cannot
+change on resume is what the batches depend on: a changed global batch, seq_len, packing, seed, mixture or
+prepared data gives a fingerprint mismatch (warned; later batches follow the new settings).
 """
 
 from __future__ import annotations
@@ -150,6 +160,17 @@ class PreparedMixtureSource:
         self.updates: list[tuple[int, dict[str, float]]] = []  # (step, weights) set during the run (set_weights)
         self.cfg, self.packing, self.seq_len = cfg, data.packing, data.seq_len
         self.global_batch = cfg.train.global_batch_size
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ConfigError(f"process_index={process_index} of process_count={process_count}: expected "
+                              "0 <= process_index < process_count (jax.process_index(), jax.process_count())")
+        if self.global_batch % process_count:
+            fits = [n for n in range(1, self.global_batch + 1) if self.global_batch % n == 0]
+            near = [max(n for n in fits if n < process_count)] + [n for n in fits if n > process_count][:1]
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch} does not split over {process_count} processes; "
+                f"run on a process count that divides it (e.g. {' or '.join(map(str, near))}): the global "
+                "batch is part of the data order, so a resumed run must keep it"
+            )
         self.host_batch = self.global_batch // process_count
         self.process_index, self.process_count = process_index, process_count
         self.read_threads, self.prefetch = read_threads, prefetch
@@ -330,7 +351,9 @@ class PreparedMixtureSource:
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
     def get_state(self) -> dict:
-        """JSON-serialisable: {'version', 'step', 'fingerprint'[, 'anchors': {domain: [block, row, tokens]}]}."""
+        """JSON-serialisable: {'version', 'step', 'fingerprint'[, 'mixture_updates': [[step, weights], ...]]
+        [, 'anchors': {domain: [block, row, tokens]}]}. Global: the same on every process and for any process
+        count (see the module docstring), so process 0's copy resumes a run on any number of processes."""
         state = {"version": STATE_VERSION, "step": self._step, "fingerprint": self.fingerprint()}
         if self.updates:
             state["mixture_updates"] = [[step, w] for step, w in self.updates]
@@ -342,7 +365,8 @@ class PreparedMixtureSource:
         return state
 
     def set_state(self, state: dict) -> None:
-        """Restores `get_state()` output: the next batches are the ones that followed it."""
+        """Restores `get_state()` output (saved by a run on any number of processes): the next global batches
+        are the ones that followed it, of which this process reads its rows."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"data iterator state version {state.get('version')!r}, expected {STATE_VERSION}"

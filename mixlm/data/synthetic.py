@@ -2,7 +2,8 @@
 
 Each sequence is drawn from a fixed random bigram table, so a model has something learnable.
 It honours the same interface as the prepared-mixture source (`next_batch`, `get_state`,
-`set_state`, `tokens_seen`): batch i of host p depends only on (seed, i, p), so resume is exact.
+`set_state`, `tokens_seen`): its rows are keyed by the global row index, so
+the global batch i depends only on (seed, i) and resume is exact, also on another number of hosts.
 """
 
 from __future__ import annotations
