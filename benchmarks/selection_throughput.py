@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from mixlm.selection.classifier import classifier_preset, load_classifier, train_classifier
     from mixlm.selection.dedup import BloomSettings, MinHashSettings, bloom_keep, exact_keep, fuzzy_keep
     from mixlm.selection.dsir import DSIRSettings, bucket_counts, fit_dsir
-    from mixlm.selection.signals import compute_signals
+    from mixlm.selection.signals import SIGNALS, compute_signals
 
     start_all = time.perf_counter()
     docs = synthetic_documents(args.docs, seed=0)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((stage, len(subset), cpu, wall, note))
         print(f"{stage}: {len(subset) / cpu:,.1f} docs per CPU second", file=sys.stderr, flush=True)
 
-    add("rule signals", lambda d: [compute_signals(t) for t in d], docs, "signals.compute_signals: all 27 signals")
+    add("rule signals", lambda d: [compute_signals(t) for t in d], docs, f"signals.compute_signals: all {len(SIGNALS)} signals")
     dsir_settings = DSIRSettings()
     add("DSIR fit (bag of n-grams)", lambda d: bucket_counts(d, dsir_settings), docs,
         "10,000 buckets, uni+bigrams; one pass over the pool (and each target set)")
