@@ -8,6 +8,7 @@ directly into those shardings (never materialised on one device).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -30,10 +31,10 @@ from mixlm.metrics import MetricsLog, peak_flops_per_device
 from mixlm.models import forward
 from mixlm.models.forward import token_losses
 from mixlm.optim import make_optimizer
-from mixlm.sharding import DEFAULT_RULES, Layout, make_mesh, replicated, to_global_batch
+from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh, replicated, to_global_batch
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums", "build_setup", "evaluate",
-           "token_losses", "train"]
+           "program_key", "token_losses", "train"]
 
 
 @flax.struct.dataclass
@@ -124,6 +125,10 @@ class TrainSetup:
     init_state: Callable  # jitted: key -> TrainState, born sharded
     train_step: Callable  # jitted, donates the state
     eval_step: Callable
+    # The same three functions before jit, for programs built around them (mixlm.swarm maps them over members).
+    init_fn: Callable | None = None  # key -> TrainState
+    step_fn: Callable | None = None  # (state, batch) -> (state, metrics)
+    eval_fn: Callable | None = None  # (params, batch) -> (nll_sum, tokens)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -134,20 +139,62 @@ class TrainSetup:
         return models.flops_per_token(self.cfg.model, self.cfg.data.seq_len, causal=True)
 
 
-def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
-    """Shardings, optimizer and the jitted functions for `cfg` on `mesh` (rules: DEFAULT_RULES with
-    mesh.rules over them). The vocabulary is padded to a multiple of the mesh axes that split it (and of
-    model.vocab_multiple), not of the device count, so checkpoints keep their shapes across meshes."""
-    layout = Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules), strict=cfg.mesh.strict)
-    vocab_multiple_of = layout.axis_size("vocab")
-    graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
-    p_shardings = layout.param_shardings(abstract_params, logical_axes)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps, logical_axes)
+# Config keys that never reach the compiled programs: runs that differ only in these share one TrainSetup.
+PROGRAM_FREE_SECTIONS = ("data", "eval", "logging", "checkpoint")
+PROGRAM_FREE_TRAIN_KEYS = ("seed", "output_dir", "heartbeat_timeout_s")
+SETUP_CACHE_SIZE = 8
+_setup_cache: collections.OrderedDict = collections.OrderedDict()
+
+
+def program_key(cfg: ExperimentConfig) -> str:
+    """The parts of `cfg` that change build_setup's jitted programs (model, optimizer, schedule, mesh, the
+    train keys other than seed / output_dir): proxies of a sweep, which differ in mixture, seed and output
+    folder, have one key. Batch shapes are not in it: jit itself compiles once per shape."""
+    d = cfg.to_dict()
+    for section in PROGRAM_FREE_SECTIONS:
+        d.pop(section, None)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in PROGRAM_FREE_TRAIN_KEYS}
+    return json.dumps(d, sort_keys=True, default=repr)
+
+
+def make_init_fn(cfg: ExperimentConfig, tx: optax.GradientTransformation, vocab_multiple_of: int) -> Callable:
+    """init_fn(key) -> TrainState: step 0, params from `key`, a fresh optimizer state."""
 
     def init_fn(key) -> TrainState:
         model = models.build_model(cfg.model, rngs=nnx.Rngs(params=key), vocab_multiple_of=vocab_multiple_of)
         _, params = models.split_params(model)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init_fn
+
+
+def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, *, rules: AxisRules | None = None) -> TrainSetup:
+    """Shardings, optimizer and the jitted functions for `cfg` on `mesh` (rules: DEFAULT_RULES with
+    mesh.rules over them, or `rules` as given). The vocabulary is padded to a multiple of the mesh axes that
+    split it (and of model.vocab_multiple), not of the device count, so checkpoints keep their shapes across
+    meshes.
+
+    Cached: a config with the same program_key on the same mesh (the next proxy of an in-process sweep) gets
+    the same jitted functions back, with its own `cfg`, so it compiles nothing again."""
+    key = (program_key(cfg), mesh, rules)
+    cached = _setup_cache.get(key)
+    if cached is not None:
+        _setup_cache.move_to_end(key)
+        return dataclasses.replace(cached, cfg=cfg)
+    setup = _build_setup(cfg, mesh, rules)
+    _setup_cache[key] = setup
+    while len(_setup_cache) > SETUP_CACHE_SIZE:
+        _setup_cache.popitem(last=False)
+    return setup
+
+
+def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRules | None) -> TrainSetup:
+    layout = Layout(mesh, rules or DEFAULT_RULES.with_overrides(cfg.mesh.rules), strict=cfg.mesh.strict)
+    vocab_multiple_of = layout.axis_size("vocab")
+    graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
+    p_shardings = layout.param_shardings(abstract_params, logical_axes)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps, logical_axes)
+    init_fn = make_init_fn(cfg, tx, vocab_multiple_of)
 
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     opt_shardings = optax.tree_map_params(
@@ -161,12 +208,13 @@ def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> TrainSetup:
         graphdef, tx, schedule, vocab_size=cfg.model.vocab_size, z_loss=cfg.train.z_loss,
         grad_accum_steps=cfg.train.grad_accum_steps, layout=layout,
     )
+    eval_fn = make_eval_step(graphdef, vocab_size=cfg.model.vocab_size, layout=layout)
     return TrainSetup(
         cfg=cfg, layout=layout, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
         abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_fn, out_shardings=state_shardings),
         train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh))),
-        eval_step=jax.jit(make_eval_step(graphdef, vocab_size=cfg.model.vocab_size, layout=layout)),
+        eval_step=jax.jit(eval_fn), init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn,
     )
 
 

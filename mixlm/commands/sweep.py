@@ -1,4 +1,7 @@
-"""mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N] [section.key=value ...]
+"""mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N | --swarm K] [--shard I/N] [key=value ...]
+
+With --swarm K the proxies train K at a time in one process and one jitted step (mixlm.swarm: params stacked on
+a member axis, sharded over the devices); --shard then hands out whole swarms.
 
 With --parallel N on a GPU host each worker process gets its own GPUs (CUDA_VISIBLE_DEVICES; workers sharing a
 GPU also get XLA_PYTHON_CLIENT_MEM_FRACTION); on TPU --parallel > 1 is refused (one process per host); on CPU
@@ -21,26 +24,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how --parallel workers get devices (auto: JAX_PLATFORMS, a TPU VM, nvidia-smi)")
     parser.add_argument("--gpus", default=None,
                         help="GPU ids the workers split, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES or all GPUs)")
+    parser.add_argument("--swarm", type=int, default=0, metavar="K",
+                        help="train K proxies at once in this process, in one jitted step (their own mixture, data "
+                             "and seed; --parallel does not apply); a sweep of N mixtures runs as ceil(N/K) swarms")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N mixtures")
     parser.add_argument("--shard", default="",
-                        help="I/K: train every K-th mixture from the I-th and leave results.csv alone (one "
-                             "shard per machine or array task); then run once without --shard to record them")
+                        help="I/K: train every K-th mixture (with --swarm: every K-th swarm) from the I-th and leave "
+                             "results.csv alone (one shard per machine or array task); then run once without "
+                             "--shard to record them")
 
 
 def run(args) -> int:
-    from mixlm.config import load_config
+    from mixlm.config import ConfigError, load_config
     from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
 
+    if args.swarm < 0:
+        raise ConfigError(f"--swarm {args.swarm}: expected a member count K >= 1 (or 0: no swarm)")
     path = Path(args.mixtures)
     table = read_csv(path / "mixtures.csv" if path.is_dir() else path)
     if args.limit:
         table = table.rows(table.index_N[: args.limit])
     cfg = load_config(args.config, args.overrides)
-    runs = plan_sweep(args.config, shard_of(table, args.shard), args.out, args.overrides)
+    runs = plan_sweep(args.config, shard_of(table, args.shard, group=max(args.swarm, 1)), args.out, args.overrides)
     gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
     results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel,
-                        record=not args.shard, accelerator=args.accelerator, gpus=gpus)
+                        record=not args.shard, accelerator=args.accelerator, gpus=gpus, swarm=args.swarm)
     if args.shard:
         print(f"shard {args.shard}: {len(runs)} runs trained; record them with the same command without --shard")
     else:

@@ -9,6 +9,13 @@ its final per-domain validation losses are appended to `<out>/results.csv` in Re
 `metric/val_loss`, the token-weighted total). Runs in parallel are separate processes; the parent is
 the only writer of results.csv.
 
+Swarms (`run_sweep(..., swarm=K)`, `mixlm sweep --swarm K`): runs k*K .. k*K+K-1 of the plan train together
+in one process and one jitted step (mixlm.swarm), their state and checkpoints in `<out>/swarms/<first>-<last>/`,
+each member still writing `<out>/runs/<index>/metrics.jsonl`, so results.csv, --shard (whole swarms:
+`shard_of(..., group=K)`) and the record pass read them as they read single runs. A rerun skips finished
+swarms and resumes an unfinished one from its checkpoint; a member that went non-finite gets no row, like a
+failed run.
+
 Parallel workers and devices (`worker_envs`): on a GPU host each of the `parallel` worker slots gets its own
 GPUs through CUDA_VISIBLE_DEVICES (G GPUs over P workers: G/P each when P divides G; P/G workers per GPU, each
 capped by XLA_PYTHON_CLIENT_MEM_FRACTION, when G divides P); a TPU host's chips belong to one process, so
@@ -56,6 +63,10 @@ def final_losses(run_dir: Path, steps: int) -> dict[str, float] | None:
     return final
 
 
+# The single-run command's overrides that a swarm member leaves out: the swarm checkpoints as configured.
+SINGLE_RUN_ONLY = ("checkpoint.save_at_end=false", "checkpoint.every=0")
+
+
 def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides: list[str] = ()) -> list[ProxyRun]:
     """One ProxyRun per mixture row; writes each run's mixture.yaml (the only file planning creates)."""
     out_dir = Path(out_dir)
@@ -72,7 +83,7 @@ def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides
         command = (
             sys.executable, "-m", "mixlm.cli", "train", str(base_config), *overrides,
             f"data.mixture={mixture_path}", f"train.output_dir={run_dir}", "logging.progress=false",
-            "checkpoint.save_at_end=false", "checkpoint.every=0",
+            *SINGLE_RUN_ONLY,
         )
         runs.append(ProxyRun(int(index), weights, run_dir, command))
     return runs
@@ -99,14 +110,20 @@ def append_result(out_dir: Path, run: ProxyRun, domains: list[str], losses: dict
         f.write(",".join([str(run.index), *(repr(float(value.get(c, float("nan")))) for c in columns)]) + "\n")
 
 
-def train_in_process(run: ProxyRun) -> dict[str, float]:
-    from mixlm.config import load_config
+def run_config(run: ProxyRun, *, swarm: bool = False):
+    """The ExperimentConfig that `run.command` trains (vocabulary from the prepared data, as `mixlm train` does);
+    swarm=True: as a swarm member, without SINGLE_RUN_ONLY."""
     from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
+
+    args = [a for a in run.command[run.command.index("train") + 1:] if not (swarm and a in SINGLE_RUN_ONLY)]
+    cfg = load_config(args[0], args[1:])
+    return resolve_vocab(cfg, explicit=vocab_size_is_explicit(args[0], args[1:]))
+
+
+def train_in_process(run: ProxyRun) -> dict[str, float]:
     from mixlm.train import train
 
-    args = list(run.command[run.command.index("train") + 1:])
-    cfg = load_config(args[0], args[1:])
-    cfg = resolve_vocab(cfg, explicit=vocab_size_is_explicit(args[0], args[1:]))  # from the prepared data
+    cfg = run_config(run)  # train() reuses the compiled step of an earlier run with the same shapes
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     return {k: v for k, v in train(cfg).eval.items() if k.startswith("val_loss")}
@@ -116,9 +133,9 @@ def _no_record(*_args) -> None:
     """A shard's runs are recorded later, by one process (see run_sweep's record)."""
 
 
-def shard_of(table: Table, shard: str) -> Table:
-    """The rows of shard 'I/K' (0 <= I < K): every K-th mixture from the I-th, so shards take similar
-    numbers of runs. '' is every row."""
+def shard_of(table: Table, shard: str, group: int = 1) -> Table:
+    """The rows of shard 'I/K' (0 <= I < K): every K-th group of `group` consecutive mixtures (one swarm;
+    1: one mixture) from the I-th, so shards take similar numbers of runs. '' is every row."""
     if not shard:
         return table
     try:
@@ -127,7 +144,8 @@ def shard_of(table: Table, shard: str) -> Table:
         raise ConfigError(f"--shard {shard!r}: expected I/K with 0 <= I < K, e.g. 0/4") from None
     if not 0 <= i < k:
         raise ConfigError(f"--shard {shard!r}: expected I/K with 0 <= I < K, e.g. 0/4")
-    return table.rows(table.index_N[i::k])
+    groups = [table.index_N[j:j + group] for j in range(0, len(table.index_N), group)]
+    return table.rows([index for g in groups[i::k] for index in g])
 
 
 def done_indices(out_dir: Path) -> set[int]:
@@ -208,14 +226,76 @@ def worker_envs(parallel: int, accelerator: str, gpus: Sequence[str] = ()) -> li
             for i in range(parallel)]
 
 
+def swarms_of(runs: list[ProxyRun], swarm: int) -> list[list[ProxyRun]]:
+    """Consecutive groups of `swarm` runs (the last may be smaller): the plan's swarms."""
+    return [runs[j:j + swarm] for j in range(0, len(runs), swarm)]
+
+
+def swarm_dir_of(out_dir: Path, members: list[ProxyRun]) -> Path:
+    return Path(out_dir) / "swarms" / f"{members[0].index:04d}-{members[-1].index:04d}"
+
+
+def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, swarm: int,
+               record: bool = True, log=print) -> Path:
+    """run_sweep with swarm=K: each group of K runs (swarms_of) trains as one mixlm.swarm in this process."""
+    from mixlm.swarm import read_swarm_done, train_swarm
+
+    out_dir = Path(out_dir)
+    finished = done_indices(out_dir)
+    record_result = append_result if record else _no_record
+    groups = swarms_of(runs, swarm)
+    trained = {r.index for r in runs if r.index not in finished and final_losses(r.run_dir, steps) is not None}
+    todo = [r for r in runs if r.index not in finished and (record or r.index not in trained)]
+    log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {out_dir / RESULTS}, {len(todo)} to run "
+        f"in swarms of {swarm}")
+    failures, reasons = [], []
+    for members in groups:
+        if all(r.index in finished for r in members):
+            continue
+        where = swarm_dir_of(out_dir, members)
+        done = read_swarm_done(where)
+        if not all(r.index in finished or r.index in trained for r in members) and done is None:
+            started = time.time()
+            result = train_swarm([run_config(r, swarm=True) for r in members], where, log_fn=log)
+            if result.preempted_at is not None:
+                raise RuntimeError(f"sweep: swarm {where.name} stopped after step {result.preempted_at} "
+                                   "(checkpoint saved); rerun the same command to resume it")
+            log(f"sweep: swarm {where.name} ({len(members)} members) done in {time.time() - started:.0f}s")
+            done = read_swarm_done(where)
+        failed = {int(m): v for m, v in (done or {}).get("failed", {}).items()}
+        for m, run in enumerate(members):
+            if run.index in finished:
+                continue
+            losses = final_losses(run.run_dir, steps)
+            if losses is None:
+                failures.append(run.index)
+                why = failed.get(m, {})
+                reasons.append(f"run {run.index}: {why.get('reason', 'no final validation row')} at step "
+                               f"{why.get('step', '?')}")
+                log(f"sweep: run {run.index} failed in swarm {where.name}: {reasons[-1]}; see {where / 'swarm.json'}")
+                continue
+            record_result(out_dir, run, domains, losses)
+            if record:
+                log(f"sweep: run {run.index} done, val_loss {losses['val_loss']:.4f}")
+    if failures:
+        raise RuntimeError(f"sweep: runs {failures} failed ({'; '.join(reasons)}); a finished swarm reports its "
+                           "failed members again on a rerun: train them alone (without --swarm) or with another "
+                           "config, or delete their swarm folder to train it again")
+    return out_dir / RESULTS
+
+
 def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, parallel: int = 1,
-              record: bool = True, log=print, accelerator: str = "auto", gpus: Sequence[str] | None = None) -> Path:
+              record: bool = True, log=print, accelerator: str = "auto", gpus: Sequence[str] | None = None,
+              swarm: int = 0) -> Path:
     """Runs every unfinished proxy (up to `parallel` processes at once; 0: in this process, one after
     another) and appends its losses. record=False (one shard of a sweep spread over machines, which
     must not write one shared file at once): train only; a later run with record=True writes the
     finished runs' losses to results.csv without training them again. Each worker process gets the
     devices of its slot (worker_envs; `accelerator` 'auto' detects the host, `gpus` defaults to the
-    visible ones)."""
+    visible ones). swarm=K > 0: K runs at a time in one jitted step in this process (run_swarms; `parallel`,
+    `accelerator` and `gpus` do not apply)."""
+    if swarm:
+        return run_swarms(runs, out_dir, domains, steps=steps, swarm=swarm, record=record, log=log)
     out_dir = Path(out_dir)
     if accelerator == "auto":
         accelerator = detect_accelerator()

@@ -1,0 +1,228 @@
+"""Proxy swarms (mixlm.swarm, `mixlm sweep --swarm K`): each member of a K = 4 swarm trains as its own separate
+run would (per-step losses and validation losses), its data stream holds its mixture, a swarm resumes bitwise,
+a member that goes non-finite is isolated, the member axis sharded over 8 fake devices equals one device, and
+a swarm sweep writes the results.csv a sweep of single runs writes, also sharded and resumed."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+import mixlm.swarm as swarm_module
+from mixlm.cli import main
+from mixlm.config import load_config
+from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
+from mixlm.data.prepare import load_tokenizer_spec
+from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
+from mixlm.mixing.sweep import shard_of
+from mixlm.sharding import make_mesh
+from mixlm.swarm import member_source, swarm_mesh, train_swarm
+from mixlm.train import build_setup, train
+
+MIXTURES = [
+    {"arithmetic": 1.0, "code": 0.0, "prose": 0.0, "records": 0.0},
+    {"arithmetic": 0.2, "code": 0.0, "prose": 0.5, "records": 0.3},
+    {"arithmetic": 0.0, "code": 0.5, "prose": 0.5, "records": 0.0},
+    {"arithmetic": 0.1, "code": 0.2, "prose": 0.3, "records": 0.4},
+]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("swarm")
+    data = prepare_demo_data(root / "data", docs_per_domain=150, vocab_size=320, target_domains=("office",))
+    vocab = load_tokenizer_spec(str(data["tokenizer"])).vocab_size
+    base = root / "proxy.yaml"
+    base.write_text(yaml.safe_dump({
+        "model": {"family": "llama", "num_layers": 1, "d_model": 32, "num_heads": 2, "mlp_dim": 64,
+                  "vocab_size": vocab, "max_seq_len": 16, "vocab_multiple": 8},
+        "data": {"source": "prepared", "prepared_dir": str(data["prepared"]), "seq_len": 16,
+                 "mixture": {"arithmetic": 1.0}},
+        "optimizer": {"lr": 1e-2},
+        "schedule": {"kind": "constant", "warmup_steps": 2},
+        "train": {"steps": STEPS, "global_batch_size": 8},
+        "eval": {"batches": 1, "every": 2, "domains": ["office"]},
+        "logging": {"every": 1, "tensorboard": False, "progress": False},
+        "checkpoint": {"every": 0, "save_at_end": False},
+    }))
+    return root, data, base
+
+
+def member_cfgs(demo, name: str, *overrides: str):
+    """The four members (own mixture, data.seed and train.seed), each with its own output folder."""
+    root, _, base = demo
+    return [load_config(base, [f"data.mixture={json.dumps(mix)}", f"data.seed={k}", f"train.seed={10 + k}",
+                               f"train.output_dir={root / name / f'm{k}'}", *overrides])
+            for k, mix in enumerate(MIXTURES)]
+
+
+def logged(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def swarm_run(demo):
+    """The K = 4 swarm on all 8 devices: members over data=4, each member's rows over fsdp=2."""
+    cfgs = member_cfgs(demo, "swarm")
+    result = train_swarm(cfgs, demo[0] / "swarm" / "swarm")
+    return cfgs, result, jax.device_get(result.state.params)
+
+
+def test_each_member_equals_its_separate_run(demo, swarm_run):
+    cfgs, result, _ = swarm_run
+    assert not result.failed
+    for k, cfg in enumerate(cfgs):
+        alone = dataclasses.replace(cfg.train, output_dir=str(demo[0] / "alone" / f"m{k}"))
+        single = train(cfg.replace(train=alone))
+        losses = [r["loss"] for r in single.history]
+        assert len(losses) == STEPS
+        np.testing.assert_allclose([r["loss"] for r in result.history[k]], losses, rtol=1e-5)
+        assert result.eval[k].keys() == single.eval.keys() and "val_loss/office" in single.eval
+        for key, value in single.eval.items():
+            assert result.eval[k][key] == pytest.approx(value, rel=1e-5), (k, key)
+        # the member's own metrics.jsonl has the single run's rows: losses per step, the step-2 and final evals
+        rows, single_rows = logged(Path(cfg.train.output_dir)), logged(demo[0] / "alone" / f"m{k}")
+        evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        single_evals = [(r["step"], r["val_loss"]) for r in single_rows if "val_loss" in r]
+        assert [s for s, _ in evals] == [s for s, _ in single_evals] == [2, STEPS]
+        np.testing.assert_allclose([v for _, v in evals], [v for _, v in single_evals], rtol=1e-5)
+    # members really differ (own mixture and seed)
+    assert len({round(e["val_loss"], 6) for e in result.eval}) == 4
+    # the four separate runs compiled their step once: mixture, seeds and output folder are not in the program
+    steps = {id(build_setup(cfg, make_mesh(cfg.mesh)).train_step) for cfg in cfgs}
+    assert len(steps) == 1 and build_setup(cfgs[0], make_mesh(cfgs[0].mesh)).train_step._cache_size() == 1
+    other = load_config(demo[2], ["optimizer.lr=0.5"])
+    assert build_setup(other, make_mesh(other.mesh)).train_step is not build_setup(cfgs[0], make_mesh(
+        cfgs[0].mesh)).train_step
+
+
+def test_member_streams_hold_their_mixture_shares(demo):
+    sources = [member_source(cfg) for cfg in member_cfgs(demo, "shares")]
+    try:
+        for src, mix in zip(sources, MIXTURES):
+            domain_N, _ = src.schedule.assign(np.arange(2000))  # the rows of the first 250 batches of 8
+            shares = np.bincount(domain_N, minlength=len(src.domains)) / 2000
+            assert dict(zip([d.name for d in src.domains], shares)) == pytest.approx(mix, abs=0.01)
+            for _ in range(3):
+                src.next_batch()
+            seen = src.tokens_seen()  # what the served batches held
+            assert sum(seen.values()) == 3 * 8 * 16
+            assert all(seen[d] == 0 for d, w in mix.items() if w == 0)
+    finally:
+        for src in sources:
+            src.close()
+
+
+def test_resume_mid_swarm_is_bitwise(demo, swarm_run):
+    _, reference, params = swarm_run
+    cfgs = member_cfgs(demo, "resumed", "checkpoint.every=2", "checkpoint.async_save=false")
+    where = demo[0] / "resumed" / "swarm"
+    stopped = train_swarm(cfgs, where, stop_after_step=3)
+    assert stopped.preempted_at == 3 and not (where / "swarm.json").exists()
+    assert sorted(p.name for p in (where / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    resumed = train_swarm(cfgs, where)
+    assert (where / "swarm.json").exists()
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed.state.params)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    for k in range(4):
+        assert logged(demo[0] / "resumed" / f"m{k}") == logged(demo[0] / "swarm" / f"m{k}")
+    assert resumed.eval == reference.eval
+
+
+def test_sharded_member_axis_equals_one_device(demo, swarm_run):
+    _, sharded, params = swarm_run
+    spec = sharded.state.params["embed_tokens"].sharding.spec
+    assert spec[0] == "data" and dict(sharded.state.params["embed_tokens"].sharding.mesh.shape)["data"] == 4
+    cfgs = member_cfgs(demo, "one_device")
+    one = train_swarm(cfgs, demo[0] / "one_device" / "swarm", mesh=swarm_mesh(4, cfgs[0], jax.devices()[:1]))
+    for k in range(4):
+        np.testing.assert_allclose([r["loss"] for r in one.history[k]], [r["loss"] for r in sharded.history[k]],
+                                   rtol=1e-5)
+        for key, value in one.eval[k].items():
+            assert sharded.eval[k][key] == pytest.approx(value, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 jax.device_get(one.state.params), params)
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(demo):
+    """8 sampled mixtures and the results.csv of today's sweep (single runs, in this process) over them."""
+    root, data, base = demo
+    prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
+    write_csv(root / "mixtures.csv", mixtures_table(sample_mixtures(prior, 8, seed=0), prior.domains))
+    assert main(["sweep", str(base), "--mixtures", str(root / "mixtures.csv"), "--out", str(root / "single"),
+                 "--parallel", "0"]) == 0
+    return root / "mixtures.csv", read_csv(root / "single" / "results.csv")
+
+
+def assert_same_results(results, reference, indices):
+    assert results.columns == reference.columns  # the same layout: `mix fit` reads it unchanged
+    np.testing.assert_allclose(results.rows(indices).values_NxC, reference.rows(indices).values_NxC, rtol=1e-5)
+
+
+def test_a_swarm_sweep_writes_todays_results_sharded_and_resumed(demo, sweep_inputs, capsys):
+    _, _, base = demo
+    mixtures, reference = sweep_inputs
+    sweep = demo[0] / "swarm_sweep"
+    command = ["sweep", str(base), "--mixtures", str(mixtures), "--out", str(sweep), "--swarm", "4"]
+    for shard in ("0/2", "1/2"):  # the two tasks of a job array: one whole swarm each
+        assert main([*command, "--shard", shard]) == 0
+        assert f"shard {shard}: 4 runs trained" in capsys.readouterr().out
+        assert not (sweep / "results.csv").exists()
+    assert sorted(p.name for p in (sweep / "swarms").iterdir()) == ["0001-0004", "0005-0008"]
+    trained = {p.parent.name: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/metrics.jsonl")}
+    assert main(command) == 0  # the record pass trains nothing
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (sweep / "runs").glob("*/metrics.jsonl")} == trained
+    results = read_csv(sweep / "results.csv")
+    assert sorted(results.index_N.tolist()) == list(range(1, 9))
+    assert_same_results(results, reference, list(range(1, 9)))
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "sweep: 8 runs, 8 already in" in capsys.readouterr().out
+    # --limit and --shard compose with --swarm: the first 6 mixtures in swarms of 4, shard 1/2 is the last 2
+    assert shard_of(read_csv(mixtures).rows(list(range(1, 7))), "1/2", group=4).index_N.tolist() == [5, 6]
+
+
+def test_a_member_that_goes_non_finite_is_isolated(demo, sweep_inputs, monkeypatch):
+    """Member 2 (run 3) starts from non-finite weights: it is marked failed at step 1, gets no row in
+    results.csv (as a failed single run), the sweep says so, and the other members' rows equal their runs'."""
+    mixtures, reference = sweep_inputs
+    real_build = swarm_module.build_swarm_setup
+
+    def poisoned(cfg, members, mesh):
+        setup = real_build(cfg, members, mesh)
+
+        def init_state(keys):
+            state = setup.init_state(keys)
+            nan_member = jax.tree.map(lambda x: x.at[2].set(jnp.nan), state.params)
+            return state.replace(params=nan_member)
+
+        return dataclasses.replace(setup, init_state=init_state)
+
+    monkeypatch.setattr(swarm_module, "build_swarm_setup", poisoned)
+    sweep = demo[0] / "failing"
+    command = ["sweep", str(demo[2]), "--mixtures", str(mixtures), "--out", str(sweep), "--swarm", "4",
+               "--limit", "4"]
+    with pytest.raises(RuntimeError, match=r"runs \[3\] failed \(run 3: loss is nan.* at step 1"):
+        main(command)
+    results = read_csv(sweep / "results.csv")
+    assert sorted(results.index_N.tolist()) == [1, 2, 4]
+    assert_same_results(results, reference, [1, 2, 4])
+    done = json.loads((sweep / "swarms" / "0001-0004" / "swarm.json").read_text())
+    assert list(done["failed"]) == ["2"] and done["failed"]["2"]["step"] == 1
+    rows = logged(sweep / "runs" / "0003")
+    assert rows[-1]["failed"].startswith("loss is nan") and not any("val_loss" in r for r in rows)
+    assert all(math.isfinite(r["loss"]) for r in logged(sweep / "runs" / "0002") if "loss" in r)
+    # a rerun trains nothing and reports the failed member again
+    before = (sweep / "runs" / "0002" / "metrics.jsonl").stat().st_mtime_ns
+    with pytest.raises(RuntimeError, match=r"runs \[3\] failed"):
+        main(command)
+    assert (sweep / "runs" / "0002" / "metrics.jsonl").stat().st_mtime_ns == before
+    assert sorted(read_csv(sweep / "results.csv").index_N.tolist()) == [1, 2, 4]
