@@ -14,6 +14,9 @@ proxy and results.csv), opt_<target>.yaml and final/ (the comparison runs). Reru
 proxies and finished comparison runs are read back, not retrained. Prints Markdown and writes it to
 benchmarks/results/demo_sweep.md, with the figures beside it.
 
+How well the cheap proxies' ranking carries to the larger budget (Spearman, top-k overlap, repetition):
+benchmarks/proxy_fidelity.py runs `mixlm mix fidelity` over the same mixtures at two budgets.
+
 Three targets, searched for separately from the same sweep:
   office, homework
           the validation loss of an eval-only domain (`eval.domains`) that no run trains on: fresh documents

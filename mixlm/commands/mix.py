@@ -1,9 +1,12 @@
-"""`mixlm mix sample|fit|predict|optimize`: RegMix-style mixture search.
+"""`mixlm mix sample|fit|predict|optimize|fidelity`: RegMix-style mixture search.
 
   mixlm mix sample   --prior PRIOR -n N --out DIR          N mixture YAMLs + DIR/mixtures.csv
-  mixlm mix fit      --mixtures CSV --results CSV --target COL[,COL] --out DIR
+  mixlm mix fit      --mixtures CSV [CSV ...] --results CSV [CSV ...] --target COL[,COL] --out DIR
+                     [--regressors all|K,K] [--domains D,D]   (--domains: reuse runs of other domain sets)
   mixlm mix predict  --model DIR --mixtures CSV --out CSV
-  mixlm mix optimize --model DIR --prior PRIOR --out YAML
+  mixlm mix optimize --model DIR --prior PRIOR --out YAML [--max-kl X] [--max-l1 X] [--max-epochs E
+                     --token-budget T] [--min-weight W|D=W,..] [--max-weight W|D=W,..] [--zero-below W]
+  mixlm mix fidelity SWEEP SWEEP [...] [--large RESULTS.csv] [--target COL] [--top-k K]
 
 PRIOR is a prepared-data directory (`<dir>/<domain>/manifest.json`) or a YAML {domain: tokens or share}.
 """
@@ -37,9 +40,11 @@ def _add_prior_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-strengths", type=int, default=15, help="log-spaced concentration strengths")
     parser.add_argument(
         "--max-usage",
+        "--max-epochs",
+        dest="max_usage",
         type=float,
         default=15.0,
-        help="epochs a domain may be repeated: weight <= max_usage * tokens / token_budget",
+        help="epochs a domain may be repeated: weight <= max_epochs * tokens / token_budget",
     )
     parser.add_argument(
         "--token-budget",
@@ -71,13 +76,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sample.add_argument("--oversample", type=int, default=100, help="draw N x this, de-duplicate, keep N")
 
     fit = actions.add_parser("fit", help="fit a regression from mixture weights to a loss")
-    fit.add_argument("--mixtures", type=Path, required=True, help="CSV: index + one column per domain weight")
     fit.add_argument(
-        "--results", type=Path, required=True, help="CSV: index + loss columns (metric/..._val_loss)"
+        "--mixtures", type=Path, nargs="+", required=True,
+        help="CSV(s): index + one column per domain weight; several are pooled (a column one lacks weighs 0)",
+    )
+    fit.add_argument(
+        "--results", type=Path, nargs="+", required=True, help="CSV(s): index + loss columns (metric/..._val_loss)"
+    )
+    fit.add_argument(
+        "--domains", default=None,
+        help="today's training domains (comma-separated); runs on a removed domain are dropped, the rest reused",
     )
     fit.add_argument("--target", required=True, help="loss column, or several separated by commas (averaged)")
     fit.add_argument("--out", type=Path, required=True, help="directory for the model, scores and plots")
-    fit.add_argument("--regressors", default="lightgbm,linear,loglinear")
+    fit.add_argument(
+        "--regressors",
+        default="lightgbm,linear,loglinear",
+        help="comma-separated, or 'all': lightgbm, linear, loglinear, dml, gp, bimix, perdomain[:BASE], "
+        "stacked[:A+B+...]",
+    )
     fit.add_argument("--folds", type=int, default=5)
     fit.add_argument(
         "--repeats",
@@ -106,10 +123,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optimize.add_argument(
         "--out", type=Path, required=True, help="mixture YAML for `mixlm train` (data.mixture)"
     )
+    optimize.add_argument("--max-kl", type=float, default=None, help="KL(mixture || prior token shares) <= X nats")
+    optimize.add_argument("--max-l1", type=float, default=None, help="sum |mixture - prior token shares| <= X")
+    optimize.add_argument("--min-weight", default="0", help="W for every domain, or D=W,D=W")
+    optimize.add_argument("--max-weight", default="1", help="W for every domain, or D=W,D=W")
+    optimize.add_argument(
+        "--zero-below", type=float, default=1e-4, help="weights below this are written as exactly 0"
+    )
+
+    fidelity = actions.add_parser(
+        "fidelity", help="rank agreement of sweeps at different proxy sizes or budgets over the same mixtures"
+    )
+    fidelity.add_argument("sweeps", nargs="+", type=Path, help="sweep folders (results.csv inside) or CSVs")
+    fidelity.add_argument("--large", type=Path, default=None, help="results of larger runs (folder or CSV)")
+    fidelity.add_argument("--target", default="metric/val_loss", help="loss column(s), comma-separated: mean")
+    fidelity.add_argument("--top-k", type=int, default=5)
+    fidelity.add_argument(
+        "--target-budget", type=float, default=None, help="tokens of the target run (default: the larger runs')"
+    )
+    fidelity.add_argument(
+        "--budgets", default=None, help="tokens per run of each sweep, comma-separated (default: from config.yaml)"
+    )
+    fidelity.add_argument(
+        "--prior", default=None, help="tokens per domain: prepared dir or YAML (default: the runs' prepared_dir)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"sample": _sample, "fit": _fit, "predict": _predict, "optimize": _optimize}[args.action](args)
+    actions = {"sample": _sample, "fit": _fit, "predict": _predict, "optimize": _optimize, "fidelity": _fidelity}
+    return actions[args.action](args)
+
+
+def _bounds(text: str, flag: str) -> float | dict[str, float]:
+    """'0.05' -> 0.05; 'a=0.1,b=0.2' -> {'a': 0.1, 'b': 0.2}."""
+    from mixlm.config import ConfigError
+
+    try:
+        if "=" not in text:
+            return float(text)
+        pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+        return {d.strip(): float(w) for d, w in pairs}
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected a weight (0.05) or domain=weight pairs (code=0.1,web=0.3)") from None
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -146,9 +201,17 @@ def _fit(args: argparse.Namespace) -> int:
         save_model,
     )
     from mixlm.mixing.plots import plot_fit
+    from mixlm.mixing.regressors import REGRESSORS
+    from mixlm.mixing.reuse import pool_tables, reuse_runs
 
-    mixtures, results = read_csv(args.mixtures), read_csv(args.results)
-    regressors = [r.strip() for r in args.regressors.split(",") if r.strip()]
+    pooled = [read_csv(p) for p in args.mixtures]
+    results = pool_tables([read_csv(p) for p in args.results])
+    domains = _domains(args)
+    mixtures, reused = reuse_runs(pooled, domains)
+    if domains is not None or len(pooled) > 1:
+        print(f"runs: {reused.note()}")
+    text = args.regressors.strip()
+    regressors = list(REGRESSORS) if text == "all" else [r.strip() for r in text.split(",") if r.strip()]
     result = fit(
         mixtures,
         results,
@@ -158,6 +221,8 @@ def _fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         repeats=args.repeats,
     )
+    if reused.untrained:
+        result.warnings.append(reused.note())
     save_model(result, args.out)
     plot_fit(result, args.out / "scatter.png")
     per_domain = domain_loss_columns(result.domains, results.columns)
@@ -192,30 +257,44 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from mixlm.mixing import load_model, load_prior, optimize, plot_mixture, write_mixture_yaml
+    from mixlm.mixing import load_model, load_prior, plot_mixture, write_mixture_yaml
+    from mixlm.mixing.optimize import Constraints, propose
 
     model = load_model(args.model)
     prior = load_prior(args.prior, _domains(args) or model.domains).reorder(model.domains)
-    weights = optimize(
+    constraints = Constraints(
+        min_weight=_bounds(args.min_weight, "--min-weight"),
+        max_weight=_bounds(args.max_weight, "--max-weight"),
+        max_kl=args.max_kl,
+        max_l1=args.max_l1,
+        zero_below=args.zero_below,
+    )
+    proposal = propose(
         model,
         prior,
+        constraints=constraints,
         n_samples=args.samples,
         top_k=args.top_k,
         seed=args.seed,
         regressor=args.regressor,
         **_prior_settings(args),
     )
-    predicted = float(model.predict(np.array([[weights[d] for d in model.domains]]), args.regressor)[0])
+    weights = proposal.weights
     kind = args.regressor or model.primary
+    interval = "" if proposal.predicted_std is None else f" ± {proposal.predicted_std:.4f} ({kind} std)"
+    predicted = f"predicted {model.target_label} = {proposal.predicted:.4f}{interval}"
+    checks = [check.line() for check in proposal.checks]
     write_mixture_yaml(
         args.out,
         weights,
-        comment=(
-            f"mixlm mix optimize: mean of the top {args.top_k} of {args.samples} simulated mixtures by {kind}\n"
-            f"predicted {model.target_label} = {predicted:.4f}"
-        ),
+        comment="\n".join([
+            (
+                f"mixlm mix optimize: mean of the top {args.top_k} of {proposal.accepted} simulated mixtures "
+                f"that met the constraints (of {proposal.drawn}) by {kind}"
+            ),
+            predicted,
+            *checks,
+        ]),
     )
     png = args.out.with_suffix(".png")
     plot_mixture(
@@ -225,5 +304,36 @@ def _optimize(args: argparse.Namespace) -> int:
     )
     for d, w in sorted(weights.items(), key=lambda kv: -kv[1]):
         print(f"  {d:40s} {w:.4f}")
-    print(f"predicted {model.target_label}: {predicted:.4f}\nwrote {args.out} and {png}")
+    print(f"{predicted}\n{proposal.accepted} of {proposal.drawn} simulated mixtures met the constraints")
+    for line in checks:
+        print(f"constraint: {line}")
+    if proposal.zeroed:
+        print(f"written as 0 (below {args.zero_below:g}): {', '.join(proposal.zeroed)}")
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    from mixlm.config import ConfigError
+    from mixlm.mixing import load_prior
+    from mixlm.mixing.fidelity import fidelity, format_report, load_sweep
+
+    budgets: list[float | None] = [None] * len(args.sweeps)
+    if args.budgets:
+        try:
+            budgets = [float(b) for b in args.budgets.split(",")]
+        except ValueError:
+            raise ConfigError(f"--budgets {args.budgets!r}: expected tokens per sweep, e.g. 153600,460800") from None
+        if len(budgets) != len(args.sweeps):
+            raise ConfigError(f"--budgets has {len(budgets)} values for {len(args.sweeps)} sweeps: give one each")
+    tokens = None
+    if args.prior:
+        prior = load_prior(args.prior)
+        if prior.tokens_D is None:
+            raise ConfigError(f"--prior {args.prior}: gives shares, not token counts; give counts or a prepared dir")
+        tokens = dict(zip(prior.domains, prior.tokens_D.tolist()))
+    sweeps = [load_sweep(p, budget_tokens=b, tokens=tokens) for p, b in zip(args.sweeps, budgets)]
+    large = load_sweep(args.large, tokens=tokens) if args.large else None
+    report = fidelity(sweeps, args.target, large=large, top_k=args.top_k, target_budget=args.target_budget)
+    print(format_report(report), end="")
     return 0

@@ -8,14 +8,20 @@ weights to proxy losses, and optimise the mixture through it.
     save_model(result, "runs/regmix_fit")
     best = optimize(result, prior)                         # {domain: weight}
     write_mixture_yaml("configs/mixtures/regmix.yaml", best)
+    proposal = propose(result, prior, constraints=Constraints(max_kl=0.5, min_weight={"code": 0.05}))
+    print([c.line() for c in proposal.checks])             # which constraints bind
+
+Regressors: `mixlm.mixing.regressors` (lightgbm, linear, loglinear, dml, gp, bimix, perdomain, stacked);
+mixture reuse over changed domain sets: `reuse_runs`; proxy fidelity across sweeps: `mixlm.mixing.fidelity`.
 
 lightgbm, scipy and matplotlib are imported only by the functions that need them.
 """
 
-from mixlm.mixing.optimize import optimize
+from mixlm.mixing.optimize import Constraints, optimize, propose
 from mixlm.mixing.plots import plot_loss_vs_weight, plot_mixture, plot_predictions
 from mixlm.mixing.prior import DomainPrior, load_prior, prior_from_mapping
 from mixlm.mixing.regression import (
+    DEFAULT_REGRESSORS,
     REGRESSORS,
     CVScore,
     FitResult,
@@ -26,6 +32,8 @@ from mixlm.mixing.regression import (
     parse_target,
     save_model,
 )
+from mixlm.mixing.regressors import make_regressor
+from mixlm.mixing.reuse import reuse_runs
 from mixlm.mixing.sample import dirichlet_draws, quantize, sample_mixtures, strength_grid
 from mixlm.mixing.tables import (
     Table,
@@ -39,8 +47,10 @@ from mixlm.mixing.tables import (
 )
 
 __all__ = [
+    "DEFAULT_REGRESSORS",
     "REGRESSORS",
     "CVScore",
+    "Constraints",
     "DomainPrior",
     "FitResult",
     "Table",
@@ -52,6 +62,7 @@ __all__ = [
     "load_model",
     "load_prior",
     "loss_column",
+    "make_regressor",
     "mixtures_table",
     "optimize",
     "parse_target",
@@ -59,9 +70,11 @@ __all__ = [
     "plot_mixture",
     "plot_predictions",
     "prior_from_mapping",
+    "propose",
     "quantize",
     "read_csv",
     "read_mixture_yaml",
+    "reuse_runs",
     "sample_mixtures",
     "save_model",
     "strength_grid",

@@ -56,11 +56,13 @@ def plot_predictions(
     the per-fold scores) on a second line."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * len(predicted), 4.2))
+    cols = min(len(predicted), 4)  # a panel of 8 regressors wraps onto two rows
+    rows = math.ceil(len(predicted) / cols)
+    fig = Figure(figsize=(4.2 * cols, 4.2 * rows))
     lo = min(actual_N.min(), *(p.min() for p in predicted.values()))
     hi = max(actual_N.max(), *(p.max() for p in predicted.values()))
     for j, (kind, predicted_N) in enumerate(predicted.items()):
-        ax = fig.add_subplot(1, len(predicted), j + 1)
+        ax = fig.add_subplot(rows, cols, j + 1)
         ax.scatter(predicted_N, actual_N, s=8, alpha=0.6)
         ax.plot([lo, hi], [lo, hi], color="grey", linewidth=0.8, linestyle="--")
         line = (

@@ -1,13 +1,8 @@
-"""Regression from mixture weights to a proxy run's loss: LightGBM (RegMix's model) and two linear
-baselines, scored by repeated k-fold Spearman and Pearson correlation on held-out runs; `choose_model`
-picks the one `predict` and `optimize` use, never one whose held-out score is undefined.
-
-Regressors:
-  lightgbm   gbdt, 1000 rounds, learning rate 1e-2, early stopping (3 rounds) on a validation split
-             of the training rows: RegMix's settings (sail-sg/regmix regression_fitting).
-  linear     loss = sum_d c_d * w_d (the weights sum to 1, so this already has an intercept).
-  loglinear  loss = b + sum_d c_d * log(w_d + eps): diminishing returns per domain (eps picked
-             from a small grid by training error).
+"""Regression from mixture weights to a proxy run's loss: the regressors of `mixlm.mixing.regressors`
+(LightGBM, RegMix's model; linear and log-linear; Data Mixing Laws' exponential; a Gaussian process; BiMix-
+style; per-domain; stacked), each scored by repeated k-fold Spearman and Pearson correlation on held-out
+runs; `choose_model` picks the one `predict` and `optimize` use, never one whose held-out score is
+undefined. `save_model` / `load_model` write and read the fit (every kind round-trips).
 """
 
 from __future__ import annotations
@@ -21,140 +16,36 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.config import ConfigError
+from mixlm.mixing.regressors import (
+    DEFAULT_REGRESSORS,
+    REGRESSORS,
+    GaussianProcessRegression,
+    LightGBMRegression,
+    LinearRegression,
+    fit_regressor,
+    load_regressor,
+    make_regressor,
+)
 from mixlm.mixing.stats import mean_std_se, pearson, spearman, undefined_reason
 from mixlm.mixing.tables import Table, read_csv, write_csv
 
-REGRESSORS = ("lightgbm", "linear", "loglinear")
-
-
-class LightGBMRegression:
-    """RegMix's LightGBM regressor. One thread by default: with a few hundred rows, threads only
-    add overhead (and the CPU is shared)."""
-
-    kind = "lightgbm"
-
-    def __init__(
-        self,
-        *,
-        num_rounds: int = 1000,
-        learning_rate: float = 1e-2,
-        early_stopping_rounds: int = 3,
-        valid_fraction: float = 0.1,
-        seed: int = 0,
-        num_threads: int = 1,
-    ):
-        self.num_rounds = num_rounds
-        self.learning_rate = learning_rate
-        self.early_stopping_rounds = early_stopping_rounds
-        self.valid_fraction = valid_fraction
-        self.seed = seed
-        self.num_threads = num_threads
-        self.booster = None
-        self.min_data_in_leaf = 20  # LightGBM's (and RegMix's) default; lowered for tiny sweeps in fit()
-
-    def params(self) -> dict:
-        return {
-            "objective": "regression",
-            "boosting": "gbdt",
-            "metric": "l2",
-            "learning_rate": self.learning_rate,
-            "num_threads": self.num_threads,
-            "seed": self.seed,
-            "deterministic": True,
-            "min_data_in_leaf": self.min_data_in_leaf,
-            "verbosity": -1,
-        }
-
-    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray) -> LightGBMRegression:
-        import lightgbm as lgb
-
-        order_N = np.random.default_rng(self.seed).permutation(len(y_N))
-        n_valid = max(1, round(self.valid_fraction * len(y_N)))
-        valid, train = order_N[:n_valid], order_N[n_valid:]
-        # RegMix fits hundreds of runs; with a few dozen, 20 rows per leaf allows one split per tree and the
-        # model predicts a constant. Keep 20 from 200 rows up, scale down below that.
-        self.min_data_in_leaf = int(min(20, max(2, len(train) // 10)))
-        train_set = lgb.Dataset(
-            x_NxD[train], y_N[train], free_raw_data=False, params={"min_data_in_leaf": self.min_data_in_leaf}
-        )
-        valid_set = lgb.Dataset(x_NxD[valid], y_N[valid], reference=train_set)
-        self.booster = lgb.train(
-            self.params(),
-            train_set,
-            num_boost_round=self.num_rounds,
-            valid_sets=[valid_set],
-            callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
-        )
-        return self
-
-    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
-        return self.booster.predict(x_MxD, num_iteration=self.booster.best_iteration or None)
-
-    def save(self, directory: Path) -> dict:
-        self.booster.save_model(str(directory / "lightgbm.txt"))
-        return {"file": "lightgbm.txt", "best_iteration": int(self.booster.best_iteration or 0)}
-
-    @classmethod
-    def load(cls, directory: Path, state: dict) -> LightGBMRegression:
-        import lightgbm as lgb
-
-        model = cls()
-        model.booster = lgb.Booster(model_file=str(directory / state["file"]))
-        model.booster.best_iteration = state.get("best_iteration", 0)
-        return model
-
-
-class LinearRegression:
-    """Least squares on w (kind 'linear') or on log(w + eps) with an intercept (kind 'loglinear'; eps
-    is picked from EPS_GRID by training error, since how fast returns diminish differs by target)."""
-
-    EPS_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-    def __init__(self, kind: str = "linear", eps: float | None = None):
-        if kind not in ("linear", "loglinear"):
-            raise ValueError(f"kind={kind!r}")
-        self.kind = kind
-        self.eps = eps
-        self.coef_F: np.ndarray | None = None
-
-    def features(self, x_MxD: np.ndarray, eps: float | None = None) -> np.ndarray:
-        if self.kind == "linear":
-            return x_MxD
-        eps = self.eps if eps is None else eps
-        return np.concatenate([np.ones((len(x_MxD), 1)), np.log(x_MxD + eps)], axis=1)
-
-    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray) -> LinearRegression:
-        best = None
-        for eps in [None] if self.kind == "linear" else self.EPS_GRID:
-            features_NxF = self.features(x_NxD, eps)
-            coef_F = np.linalg.lstsq(features_NxF, y_N, rcond=None)[0]
-            error = float(((features_NxF @ coef_F - y_N) ** 2).sum())
-            if best is None or error < best[0]:
-                best = (error, eps, coef_F)
-        _, self.eps, self.coef_F = best
-        return self
-
-    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
-        return self.features(x_MxD) @ self.coef_F
-
-    def save(self, directory: Path) -> dict:
-        return {"eps": self.eps, "coef": self.coef_F.tolist()}
-
-    @classmethod
-    def load(cls, kind: str, state: dict) -> LinearRegression:
-        model = cls(kind, state["eps"])
-        model.coef_F = np.asarray(state["coef"], dtype=np.float64)
-        return model
-
-
-def make_regressor(kind: str, seed: int = 0):
-    """A fresh, unfitted regressor of the given kind (one of REGRESSORS)."""
-    if kind == "lightgbm":
-        return LightGBMRegression(seed=seed)
-    if kind in ("linear", "loglinear"):
-        return LinearRegression(kind)
-    raise ConfigError(f"unknown regressor {kind!r}; choose from {', '.join(REGRESSORS)}")
-
+__all__ = [  # the regressors are re-exported: callers import them from here as before
+    "DEFAULT_REGRESSORS",
+    "REGRESSORS",
+    "CVScore",
+    "FitResult",
+    "GaussianProcessRegression",
+    "LightGBMRegression",
+    "LinearRegression",
+    "choose_model",
+    "cv_table",
+    "fit",
+    "join_runs",
+    "load_model",
+    "make_regressor",
+    "parse_target",
+    "save_model",
+]
 
 @dataclass(frozen=True)
 class CVScore:
@@ -233,6 +124,16 @@ class FitResult:
             raise ConfigError(f"mixtures have shape {weights_MxD.shape}; expected [M, {len(self.domains)}]")
         return self.regressors[kind].predict(weights_MxD)
 
+    def predict_std(self, weights_MxD: np.ndarray, regressor: str | None = None) -> np.ndarray | None:
+        """The regressor's predictive standard deviation per mixture ([M]; the GP's posterior), or None
+        for a regressor without one."""
+        kind = regressor or self.primary
+        self.predict(weights_MxD[:1] if len(weights_MxD) else weights_MxD, kind)  # same checks as predict
+        model = self.regressors[kind]
+        if not getattr(model, "has_std", False):
+            return None
+        return model.predict_std(np.asarray(weights_MxD, dtype=np.float64))
+
 
 def _format_score(mean: float, se: float) -> str:
     if not math.isfinite(mean):
@@ -283,7 +184,7 @@ LIGHTGBM_RUNS_PER_DOMAIN = 10
 
 def runs_needed(kind: str, domains: int, folds: int) -> int:
     """Runs `kind` needs for `domains` weights under k-fold CV (a heuristic, see RUNS_PER_DOMAIN)."""
-    if kind == "lightgbm":
+    if "lightgbm" in kind:  # lightgbm itself, or a per-domain / stacked model built on it
         return LIGHTGBM_RUNS_PER_DOMAIN * domains
     coefficients = domains + (kind == "loglinear")
     return math.ceil((coefficients + 1) * folds / (folds - 1))
@@ -322,6 +223,14 @@ def join_runs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs present in both tables with a finite target: (index_N, weights_NxD, target_N), the
     weights in `mixtures.weight_columns()` order and the target the mean of its columns."""
+    index_N, weights_NxD, target_N, _ = join_run_losses(mixtures, results, target)
+    return index_N, weights_NxD, target_N
+
+
+def join_run_losses(
+    mixtures: Table, results: Table, target: str | Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """As `join_runs`, plus the target's loss columns per run, [N, T] (their mean is target_N)."""
     target = parse_target(target)
     domains = mixtures.weight_columns()
     if not domains:
@@ -329,11 +238,12 @@ def join_runs(
     losses_NxT = results.select(target, source="results")
     common = np.intersect1d(mixtures.index_N, results.index_N)
     at_results = {int(i): r for r, i in enumerate(results.index_N)}
-    target_N = np.array([losses_NxT[at_results[int(i)]].mean() for i in common])
+    parts_NxT = np.array([losses_NxT[at_results[int(i)]] for i in common]).reshape(len(common), len(target))
+    target_N = parts_NxT.mean(axis=1)
     finite = np.isfinite(target_N)
     index_N = common[finite]
     weights_NxD = mixtures.rows(index_N).select(domains)
-    return index_N, weights_NxD, target_N[finite]
+    return index_N, weights_NxD, target_N[finite], parts_NxT[finite]
 
 
 def fit(
@@ -341,7 +251,7 @@ def fit(
     results: Table,
     target: str | Sequence[str],
     *,
-    regressors: Sequence[str] = REGRESSORS,
+    regressors: Sequence[str] = DEFAULT_REGRESSORS,
     folds: int = 5,
     seed: int = 0,
     repeats: int | None = None,
@@ -357,7 +267,7 @@ def fit(
     Returns a FitResult (see there) with the model `choose_model` picks as primary; `save_model` writes it.
     """
     target = parse_target(target)
-    index_N, weights_NxD, target_N = join_runs(mixtures, results, target)
+    index_N, weights_NxD, target_N, parts_NxT = join_run_losses(mixtures, results, target)
     if folds < 2 or len(target_N) < 2 * folds:
         raise ConfigError(
             f"{len(target_N)} runs with a target cannot be split into {folds} folds (need >= 2 per fold)"
@@ -380,7 +290,9 @@ def fit(
         for r in range(repeats):
             for k in range(folds):
                 held = fold_of_RxN[r] == k
-                model = make_regressor(kind, seed).fit(weights_NxD[~held], target_N[~held])
+                model = fit_regressor(
+                    make_regressor(kind, seed), weights_NxD[~held], target_N[~held], parts_NxT[~held]
+                )
                 oof_RxN[r, held] = model.predict(weights_NxD[held])
                 reason = undefined_reason(target_N[held], oof_RxN[r, held])
                 if reason:
@@ -406,7 +318,7 @@ def fit(
             pooled_pearson=pearson(target_N, oof_N),
         )
         oof[kind] = oof_N
-        fitted[kind] = make_regressor(kind, seed).fit(weights_NxD, target_N)
+        fitted[kind] = fit_regressor(make_regressor(kind, seed), weights_NxD, target_N, parts_NxT)
     result = FitResult(mixtures.weight_columns(), target, fitted, cv, index_N, target_N, oof)
     few = few_runs_warning(len(target_N), len(result.domains), regressors, folds)
     result.warnings = [few] if few else []
@@ -465,10 +377,17 @@ _CV_FLOATS = (
 )
 
 
+def _save_regressor(kind: str, model, directory: Path) -> dict:
+    """model.save's state; every kind but the first three writes files named after itself (no clashes)."""
+    if kind in DEFAULT_REGRESSORS:
+        return model.save(directory)
+    return model.save(directory, kind.replace(":", "_").replace("+", "_"))
+
+
 def save_model(result: FitResult, directory: str | Path) -> Path:
     """Writes DIR/model.json (domains, target, primary and the reason it was chosen, warnings, k-fold scores,
-    linear coefficients),
-    DIR/lightgbm.txt when fitted and DIR/cv_predictions.csv (out-of-fold predictions). Returns the
+    every regressor's state: coefficients, law parameters, the GP's rows and kernel),
+    DIR/lightgbm.txt (and DIR/<kind>_*.txt for LightGBM inside other kinds) when fitted and DIR/cv_predictions.csv (out-of-fold predictions). Returns the
     directory. The figure of the fit (DIR/scatter.png) is drawn by `mixlm.mixing.plots.plot_fit`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -480,7 +399,7 @@ def save_model(result: FitResult, directory: str | Path) -> Path:
         "warnings": list(result.warnings),
         "runs": len(result.actual_N),
         "cv": {kind: _json_safe(dict(vars(score))) for kind, score in result.cv.items()},
-        "regressors": {kind: model.save(directory) for kind, model in result.regressors.items()},
+        "regressors": {kind: _save_regressor(kind, model, directory) for kind, model in result.regressors.items()},
     }
     (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     kinds = list(result.oof_N)
@@ -502,13 +421,7 @@ def load_model(directory: str | Path) -> FitResult:
     if not meta_path.is_file():
         raise ConfigError(f"{directory}: no model.json; write one with `mixlm mix fit --out {directory}`")
     meta = json.loads(meta_path.read_text())
-    regressors = {}
-    for kind, state in meta["regressors"].items():
-        regressors[kind] = (
-            LightGBMRegression.load(directory, state)
-            if kind == "lightgbm"
-            else LinearRegression.load(kind, state)
-        )
+    regressors = {kind: load_regressor(kind, directory, state) for kind, state in meta["regressors"].items()}
     cv = {
         kind: CVScore(**{k: float("nan") if k in _CV_FLOATS and v is None else v for k, v in score.items()})
         for kind, score in meta["cv"].items()

@@ -1,0 +1,600 @@
+"""The mixing-law regressors: models from mixture weights [N, D] (rows on the simplex) to a loss [N], all
+under one interface, made by `make_regressor(kind)` and scored and chosen by `mixlm.mixing.regression`.
+
+    model = make_regressor("gp", seed=0).fit(weights_NxD, loss_N)      # -> the model
+    loss_M = model.predict(weights_MxD)
+    std_M = model.predict_std(weights_MxD)                           # only where `has_std`
+    state = model.save(directory); same = load_regressor("gp", directory, state)
+
+Kinds:
+  lightgbm   gbdt, 1000 rounds, learning rate 1e-2, early stopping (3 rounds) on a validation split of the
+             training rows: RegMix's settings (sail-sg/regmix regression_fitting); min_data_in_leaf scaled
+             down below 200 rows (small sweeps).
+  linear     loss = sum_d c_d * w_d (the weights sum to 1, so this already has an intercept).
+  loglinear  loss = b + sum_d c_d * log(w_d + eps): diminishing returns per domain (eps picked from a
+             small grid by training error).
+  dml        Data Mixing Laws (Ye et al. 2024): loss = c + k * exp(sum_d t_d w_d), by scipy least squares
+             from several starts (t_D = 0: the weights sum to 1, so one t is redundant with k).
+  gp         Gaussian process (scikit-learn): ARD RBF + white noise on standardised log(w + 1e-3), y
+             normalised, hyper-parameters by L-BFGS (at most 100 iterations, one start); `predict_std`
+             gives the posterior standard deviation.
+  bimix      BiMix-style power law (Ge et al. 2024: a domain's loss is A / r^alpha in its own proportion r,
+             at a fixed step count), made a mixture -> loss regression: loss = C + A * (eps + sum_d m_d w_d)
+             ** -alpha with transfer shares m = softmax(z) >= 0 learned (m on one domain is BiMix's own-
+             proportion law; others' mass is transfer). Four starts, seeded on the two domains whose weight
+             tracks the loss most.
+  perdomain[:BASE]
+             for a target that is the mean of several loss columns: one BASE model (default loglinear) per
+             column, predictions averaged (std: sqrt(sum std^2) / T, taking the columns' errors as
+             independent). With one column it is BASE.
+  stacked[:A+B+...]
+             non-negative least-squares weights (plus an intercept) over the bases' out-of-fold predictions
+             (an inner 5-fold split of the training rows), then every base refit on all rows. Default bases:
+             lightgbm, loglinear, dml, bimix (and perdomain, perdomain:lightgbm when the target has several
+             columns); the GP only when named (stacked:gp+lightgbm+...): its inner folds reuse the kernel
+             hyper-parameters fitted on all of the stack's rows (one search, not six).
+
+Models that use the target's loss columns (perdomain, stacked) have `uses_parts = True` and take them as
+`fit(x, y, parts_NxT)`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mixlm.config import ConfigError
+
+DEFAULT_REGRESSORS = ("lightgbm", "linear", "loglinear")  # what `mix fit` fits unless told otherwise
+REGRESSORS = ("lightgbm", "linear", "loglinear", "dml", "gp", "bimix", "perdomain", "stacked")
+
+
+class LightGBMRegression:
+    """RegMix's LightGBM regressor. One thread by default: with a few hundred rows, threads only
+    add overhead (and the CPU is shared)."""
+
+    kind = "lightgbm"
+    has_std = False
+
+    def __init__(
+        self,
+        *,
+        num_rounds: int = 1000,
+        learning_rate: float = 1e-2,
+        early_stopping_rounds: int = 3,
+        valid_fraction: float = 0.1,
+        seed: int = 0,
+        num_threads: int = 1,
+    ):
+        self.num_rounds = num_rounds
+        self.learning_rate = learning_rate
+        self.early_stopping_rounds = early_stopping_rounds
+        self.valid_fraction = valid_fraction
+        self.seed = seed
+        self.num_threads = num_threads
+        self.booster = None
+        self.min_data_in_leaf = 20  # LightGBM's (and RegMix's) default; lowered for tiny sweeps in fit()
+
+    def params(self) -> dict:
+        return {
+            "objective": "regression",
+            "boosting": "gbdt",
+            "metric": "l2",
+            "learning_rate": self.learning_rate,
+            "num_threads": self.num_threads,
+            "seed": self.seed,
+            "deterministic": True,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "verbosity": -1,
+        }
+
+    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray) -> LightGBMRegression:
+        import lightgbm as lgb
+
+        order_N = np.random.default_rng(self.seed).permutation(len(y_N))
+        n_valid = max(1, round(self.valid_fraction * len(y_N)))
+        valid, train = order_N[:n_valid], order_N[n_valid:]
+        # RegMix fits hundreds of runs; with a few dozen, 20 rows per leaf allows one split per tree and the
+        # model predicts a constant. Keep 20 from 200 rows up, scale down below that.
+        self.min_data_in_leaf = int(min(20, max(2, len(train) // 10)))
+        train_set = lgb.Dataset(
+            x_NxD[train], y_N[train], free_raw_data=False, params={"min_data_in_leaf": self.min_data_in_leaf}
+        )
+        valid_set = lgb.Dataset(x_NxD[valid], y_N[valid], reference=train_set)
+        self.booster = lgb.train(
+            self.params(),
+            train_set,
+            num_boost_round=self.num_rounds,
+            valid_sets=[valid_set],
+            callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
+        )
+        return self
+
+    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
+        return self.booster.predict(x_MxD, num_iteration=self.booster.best_iteration or None)
+
+    def save(self, directory: Path, name: str = "lightgbm") -> dict:
+        self.booster.save_model(str(directory / f"{name}.txt"))
+        return {"file": f"{name}.txt", "best_iteration": int(self.booster.best_iteration or 0)}
+
+    @classmethod
+    def load(cls, directory: Path, state: dict) -> LightGBMRegression:
+        import lightgbm as lgb
+
+        model = cls()
+        model.booster = lgb.Booster(model_file=str(directory / state["file"]))
+        model.booster.best_iteration = state.get("best_iteration", 0)
+        return model
+
+
+class LinearRegression:
+    """Least squares on w (kind 'linear') or on log(w + eps) with an intercept (kind 'loglinear'; eps
+    is picked from EPS_GRID by training error, since how fast returns diminish differs by target)."""
+
+    EPS_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    has_std = False
+
+    def __init__(self, kind: str = "linear", eps: float | None = None):
+        if kind not in ("linear", "loglinear"):
+            raise ValueError(f"kind={kind!r}")
+        self.kind = kind
+        self.eps = eps
+        self.coef_F: np.ndarray | None = None
+
+    def features(self, x_MxD: np.ndarray, eps: float | None = None) -> np.ndarray:
+        if self.kind == "linear":
+            return x_MxD
+        eps = self.eps if eps is None else eps
+        return np.concatenate([np.ones((len(x_MxD), 1)), np.log(x_MxD + eps)], axis=1)
+
+    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray) -> LinearRegression:
+        best = None
+        for eps in [None] if self.kind == "linear" else self.EPS_GRID:
+            features_NxF = self.features(x_NxD, eps)
+            coef_F = np.linalg.lstsq(features_NxF, y_N, rcond=None)[0]
+            error = float(((features_NxF @ coef_F - y_N) ** 2).sum())
+            if best is None or error < best[0]:
+                best = (error, eps, coef_F)
+        _, self.eps, self.coef_F = best
+        return self
+
+    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
+        return self.features(x_MxD) @ self.coef_F
+
+    def save(self, directory: Path, name: str = "") -> dict:
+        return {"eps": self.eps, "coef": self.coef_F.tolist()}
+
+    @classmethod
+    def load(cls, kind: str, state: dict) -> LinearRegression:
+        model = cls(kind, state["eps"])
+        model.coef_F = np.asarray(state["coef"], dtype=np.float64)
+        return model
+
+
+class _LeastSquaresLaw:
+    """A parametric law fit by scipy least squares from several starts (the best training error wins).
+    Subclasses define `law(params, x)`, `starts(x, y)` and `bounds(n_params)`."""
+
+    has_std = False
+    kind = ""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.params_P: np.ndarray | None = None
+
+    def law(self, params_P: np.ndarray, x_MxD: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def starts(self, x_NxD: np.ndarray, y_N: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def jacobian(self, params_P: np.ndarray, x_MxD: np.ndarray) -> np.ndarray:
+        """d law / d params, [M, P]."""
+        raise NotImplementedError
+
+    def bounds(self, n_params: int, dims: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.full(n_params, -np.inf), np.full(n_params, np.inf)
+
+    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray):
+        from scipy.optimize import least_squares
+
+        best = None
+        for start_P in self.starts(x_NxD, y_N):
+            lower_P, upper_P = self.bounds(len(start_P), x_NxD.shape[1])
+            start_P = np.clip(start_P, lower_P + 1e-9, upper_P - 1e-9)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                if not np.all(np.isfinite(self.law(start_P, x_NxD))):
+                    continue
+                found = least_squares(
+                    lambda p: np.nan_to_num(self.law(p, x_NxD) - y_N, nan=1e6, posinf=1e6, neginf=-1e6),
+                    start_P,
+                    jac=lambda p: np.nan_to_num(self.jacobian(p, x_NxD), nan=0.0, posinf=1e6, neginf=-1e6),
+                    bounds=(lower_P, upper_P),
+                    method="trf",
+                    x_scale="jac",
+                    max_nfev=100 * (len(start_P) + 1),
+                )
+            if best is None or found.cost < best.cost:
+                best = found
+        if best is None:
+            raise ConfigError(f"{self.kind}: no start gave a finite fit; the law does not suit these losses")
+        self.params_P = best.x
+        return self
+
+    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self.law(self.params_P, np.asarray(x_MxD, dtype=np.float64))
+
+    def save(self, directory: Path, name: str = "") -> dict:
+        return {"params": self.params_P.tolist()}
+
+    @classmethod
+    def load(cls, state: dict):
+        model = cls()
+        model.params_P = np.asarray(state["params"], dtype=np.float64)
+        return model
+
+
+class ExponentialLawRegression(_LeastSquaresLaw):
+    """Data Mixing Laws' form: loss = c + exp(b + sum_{d<D} t_d w_d) (k = exp(b) > 0, t_D = 0).
+    params: [c, b, t_1 .. t_{D-1}]."""
+
+    kind = "dml"
+
+    def law(self, params_P: np.ndarray, x_MxD: np.ndarray) -> np.ndarray:
+        return params_P[0] + np.exp(params_P[1] + x_MxD[:, :-1] @ params_P[2:])
+
+    def jacobian(self, params_P: np.ndarray, x_MxD: np.ndarray) -> np.ndarray:
+        e_M = np.exp(params_P[1] + x_MxD[:, :-1] @ params_P[2:])
+        return np.concatenate([np.ones((len(x_MxD), 1)), e_M[:, None], e_M[:, None] * x_MxD[:, :-1]], axis=1)
+
+    def starts(self, x_NxD: np.ndarray, y_N: np.ndarray) -> list[np.ndarray]:
+        # For a few offsets c below the smallest loss, log(y - c) is linear in w: least squares gives b, t.
+        spread = max(float(np.ptp(y_N)), 1e-6)
+        design_NxF = np.concatenate([np.ones((len(y_N), 1)), x_NxD[:, :-1]], axis=1)
+        starts = []
+        for offset in (0.02, 0.1, 0.3, 1.0, 3.0):
+            c = float(y_N.min()) - offset * spread
+            coef_F = np.linalg.lstsq(design_NxF, np.log(y_N - c), rcond=None)[0]
+            starts.append(np.concatenate([[c], coef_F]))
+        return starts
+
+
+class PowerLawRegression(_LeastSquaresLaw):
+    """BiMix-style: loss = C + exp(a) * (exp(e) + sum_d m_d w_d) ** -exp(l), m = softmax(z).
+    params: [C, a, l, e, z_1 .. z_D]."""
+
+    kind = "bimix"
+    STARTS_PER_DOMAIN = 2  # seeded on the domains whose weight tracks the loss most
+
+    def law(self, params_P: np.ndarray, x_MxD: np.ndarray) -> np.ndarray:
+        z_D = params_P[4:]
+        m_D = np.exp(z_D - z_D.max())
+        m_D /= m_D.sum()
+        return params_P[0] + np.exp(params_P[1]) * (np.exp(params_P[3]) + x_MxD @ m_D) ** -np.exp(params_P[2])
+
+    def jacobian(self, params_P: np.ndarray, x_MxD: np.ndarray) -> np.ndarray:
+        z_D = params_P[4:]
+        m_D = np.exp(z_D - z_D.max())
+        m_D /= m_D.sum()
+        amplitude, alpha, eps = np.exp(params_P[1]), np.exp(params_P[2]), np.exp(params_P[3])
+        u_M = eps + x_MxD @ m_D
+        power_M = amplitude * u_M**-alpha
+        slope_M = -alpha * power_M / u_M  # d law / d u
+        du_dz_MxD = m_D * (x_MxD - (x_MxD @ m_D)[:, None])  # softmax: d(m.x)/dz_j = m_j (x_j - m.x)
+        return np.concatenate(
+            [
+                np.ones((len(x_MxD), 1)),
+                power_M[:, None],
+                (-np.log(u_M) * alpha * power_M)[:, None],
+                (slope_M * eps)[:, None],
+                slope_M[:, None] * du_dz_MxD,
+            ],
+            axis=1,
+        )
+
+    def bounds(self, n_params: int, dims: int) -> tuple[np.ndarray, np.ndarray]:
+        lower_P = np.concatenate([[-np.inf, -20.0, math.log(1e-3), math.log(1e-6)], np.full(dims, -12.0)])
+        upper_P = np.concatenate([[np.inf, 20.0, math.log(5.0), 0.0], np.full(dims, 12.0)])
+        return lower_P, upper_P
+
+    def starts(self, x_NxD: np.ndarray, y_N: np.ndarray) -> list[np.ndarray]:
+        from mixlm.mixing.stats import spearman
+
+        dims = x_NxD.shape[1]
+        tracking_D = np.array(
+            [-spearman(x_NxD[:, d], y_N) if np.ptp(x_NxD[:, d]) > 0 else -np.inf for d in range(dims)]
+        )
+        seeds = [z for z in np.argsort(-np.nan_to_num(tracking_D, nan=-np.inf))[: self.STARTS_PER_DOMAIN]]
+        # A uniform start converges slowly (thousands of evaluations on RegMix's runs) to the same optimum.
+        z_starts = [np.where(np.arange(dims) == d, 4.0, 0.0) for d in seeds] or [np.zeros(dims)]
+        starts = []
+        for z_D in z_starts:
+            for alpha, eps in ((0.3, 1e-2), (1.0, 1e-3)):
+                m_D = np.exp(z_D) / np.exp(z_D).sum()
+                feature_N = (eps + x_NxD @ m_D) ** -alpha
+                design_Nx2 = np.stack([np.ones_like(feature_N), feature_N], axis=1)
+                c, a = np.linalg.lstsq(design_Nx2, y_N, rcond=None)[0]
+                starts.append(
+                    np.concatenate([[c, math.log(max(a, 1e-6)), math.log(alpha), math.log(eps)], z_D])
+                )
+        return starts
+
+
+class GaussianProcessRegression:
+    """scikit-learn's GaussianProcessRegressor on standardised log(w + EPS): ARD RBF x constant + white
+    noise, y normalised, `restarts` restarts of the hyper-parameter search. Saved as its training rows and
+    fitted kernel hyper-parameters (a reload refits nothing)."""
+
+    kind = "gp"
+    has_std = True
+    EPS = 1e-3
+
+    MAX_ITERATIONS = 100  # of L-BFGS on the hyper-parameters: the fit's cost on a few hundred rows
+
+    def __init__(self, seed: int = 0, restarts: int = 0):
+        self.seed = seed
+        self.restarts = restarts
+        self.gp = None
+        self.center_D = self.scale_D = None
+        self.fixed_kernel = None  # set by fixed_copy: fit without a hyper-parameter search
+
+    def features(self, x_MxD: np.ndarray) -> np.ndarray:
+        return (np.log(np.asarray(x_MxD, dtype=np.float64) + self.EPS) - self.center_D) / self.scale_D
+
+    @staticmethod
+    def kernel(dims: int):
+        from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+        return ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(dims), (1e-2, 1e3)) + WhiteKernel(
+            1e-2, (1e-8, 1.0)
+        )
+
+    def _regressor(self, kernel, optimize: bool):
+        from sklearn.gaussian_process import GaussianProcessRegressor
+
+        return GaussianProcessRegressor(
+            kernel,
+            normalize_y=True,
+            n_restarts_optimizer=self.restarts if optimize else 0,
+            optimizer=self._lbfgs if optimize else None,
+            random_state=self.seed,
+        )
+
+    def _lbfgs(self, objective, theta, bounds):
+        from scipy.optimize import minimize
+
+        found = minimize(objective, theta, method="L-BFGS-B", jac=True, bounds=bounds,
+                         options={"maxiter": self.MAX_ITERATIONS})
+        return found.x, found.fun
+
+    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray) -> GaussianProcessRegression:
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        logs_NxD = np.log(x_NxD + self.EPS)
+        self.center_D = logs_NxD.mean(axis=0)
+        self.scale_D = np.where(logs_NxD.std(axis=0) > 0, logs_NxD.std(axis=0), 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # a bound reached is a fitted value, not an error
+            kernel = self.kernel(x_NxD.shape[1]) if self.fixed_kernel is None else self.fixed_kernel
+            self.gp = self._regressor(kernel, self.fixed_kernel is None).fit(self.features(x_NxD), y_N)
+        return self
+
+    def fixed_copy(self) -> GaussianProcessRegression:
+        """An unfitted GP that reuses this one's fitted kernel hyper-parameters (no search): the stacked
+        model's inner folds, at a fraction of the cost."""
+        copy = GaussianProcessRegression(self.seed, self.restarts)
+        copy.fixed_kernel = self.gp.kernel_
+        return copy
+
+    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
+        return self.gp.predict(self.features(x_MxD))
+
+    def predict_std(self, x_MxD: np.ndarray) -> np.ndarray:
+        return self.gp.predict(self.features(x_MxD), return_std=True)[1]
+
+    def save(self, directory: Path, name: str = "") -> dict:
+        return {
+            "theta": self.gp.kernel_.theta.tolist(),
+            "center": self.center_D.tolist(),
+            "scale": self.scale_D.tolist(),
+            "x": self.gp.X_train_.tolist(),
+            "y": (self.gp.y_train_ * self.gp._y_train_std + self.gp._y_train_mean).tolist(),
+        }
+
+    @classmethod
+    def load(cls, state: dict) -> GaussianProcessRegression:
+        model = cls()
+        model.center_D, model.scale_D = np.asarray(state["center"]), np.asarray(state["scale"])
+        features_NxD, y_N = np.asarray(state["x"]), np.asarray(state["y"])
+        kernel = cls.kernel(features_NxD.shape[1]).clone_with_theta(np.asarray(state["theta"]))
+        model.gp = model._regressor(kernel, False).fit(features_NxD, y_N)
+        return model
+
+
+class PerDomainRegression:
+    """One `base` model per loss column of the target, predictions averaged (the target is their mean)."""
+
+    uses_parts = True
+
+    def __init__(self, base: str = "loglinear", seed: int = 0):
+        self.base = base
+        self.seed = seed
+        self.kind = f"perdomain:{base}" if base != "loglinear" else "perdomain"
+        self.models: list = []
+
+    @property
+    def has_std(self) -> bool:
+        return getattr(make_regressor(self.base), "has_std", False)
+
+    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray, parts_NxT: np.ndarray | None = None):
+        columns_TxN = [y_N] if parts_NxT is None or parts_NxT.shape[1] == 1 else list(parts_NxT.T)
+        self.models = [fit_regressor(make_regressor(self.base, self.seed), x_NxD, c_N) for c_N in columns_TxN]
+        return self
+
+    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
+        return np.mean([m.predict(x_MxD) for m in self.models], axis=0)
+
+    def predict_std(self, x_MxD: np.ndarray) -> np.ndarray:
+        variance_M = np.sum([m.predict_std(x_MxD) ** 2 for m in self.models], axis=0)
+        return np.sqrt(variance_M) / len(self.models)
+
+    def save(self, directory: Path, name: str = "perdomain") -> dict:
+        return {
+            "base": self.base,
+            "models": [m.save(directory, f"{name}_{t}") for t, m in enumerate(self.models)],
+        }
+
+    @classmethod
+    def load(cls, directory: Path, state: dict) -> PerDomainRegression:
+        model = cls(state["base"])
+        model.models = [load_regressor(state["base"], directory, s) for s in state["models"]]
+        return model
+
+
+class StackedRegression:
+    """Non-negative weights over base models' out-of-fold predictions (see the module docstring)."""
+
+    uses_parts = True
+    has_std = False
+    DEFAULT_BASES = ("lightgbm", "loglinear", "dml", "bimix")  # no GP by default: its search is the slowest fit
+    INNER_FOLDS = 5
+
+    def __init__(self, bases: tuple[str, ...] | None = None, seed: int = 0):
+        self.bases = None if bases is None else tuple(bases)
+        self.seed = seed
+        self.kind = "stacked" if bases is None else "stacked:" + "+".join(bases)
+        self.models: dict = {}
+        self.weights_B: np.ndarray | None = None
+        self.intercept = 0.0
+
+    def base_kinds(self, parts_NxT: np.ndarray | None) -> tuple[str, ...]:
+        if self.bases is not None:
+            return self.bases
+        several = parts_NxT is not None and parts_NxT.shape[1] > 1
+        return self.DEFAULT_BASES + (("perdomain", "perdomain:lightgbm") if several else ())
+
+    def fit(self, x_NxD: np.ndarray, y_N: np.ndarray, parts_NxT: np.ndarray | None = None):
+        from scipy.optimize import nnls
+
+        kinds = self.base_kinds(parts_NxT)
+        folds = min(self.INNER_FOLDS, len(y_N) // 2)
+        fold_N = np.empty(len(y_N), dtype=np.int64)
+        for k, rows in enumerate(np.array_split(np.random.default_rng(self.seed + 1).permutation(len(y_N)), folds)):
+            fold_N[rows] = k
+        # Every base on all rows first: the final models, and the GP's hyper-parameters for the inner folds
+        # (which only weigh the blend; the rows the stack is scored on are never among these).
+        finals = {kind: fit_regressor(make_regressor(kind, self.seed), x_NxD, y_N, parts_NxT) for kind in kinds}
+        oof_NxB = np.empty((len(y_N), len(kinds)))
+        for k in range(folds):
+            held = fold_N == k
+            parts = None if parts_NxT is None else parts_NxT[~held]
+            for b, kind in enumerate(kinds):
+                fresh = finals[kind].fixed_copy() if hasattr(finals[kind], "fixed_copy") else make_regressor(kind, self.seed)
+                model = fit_regressor(fresh, x_NxD[~held], y_N[~held], parts)
+                oof_NxB[held, b] = model.predict(x_NxD[held])
+        usable_B = np.all(np.isfinite(oof_NxB), axis=0)
+        weights_B = np.zeros(len(kinds))
+        if usable_B.any():
+            centered_NxB = oof_NxB[:, usable_B] - oof_NxB[:, usable_B].mean(axis=0)
+            weights_B[usable_B] = nnls(centered_NxB, y_N - y_N.mean())[0]
+        if weights_B.sum() == 0:  # nothing helps: an equal blend of the usable bases
+            weights_B = usable_B / max(usable_B.sum(), 1)
+        self.models = {kind: finals[kind] for kind, w in zip(kinds, weights_B) if w > 0}
+        self.weights_B = weights_B[weights_B > 0]
+        self.intercept = float(y_N.mean() - oof_NxB[:, weights_B > 0].mean(axis=0) @ self.weights_B)
+        return self
+
+    @property
+    def blend(self) -> dict[str, float]:
+        """{base kind: its weight} of the fitted blend."""
+        return dict(zip(self.models, self.weights_B.tolist()))
+
+    def predict(self, x_MxD: np.ndarray) -> np.ndarray:
+        return self.intercept + sum(w * m.predict(x_MxD) for w, m in zip(self.weights_B, self.models.values()))
+
+    def save(self, directory: Path, name: str = "stacked") -> dict:
+        return {
+            "bases": None if self.bases is None else list(self.bases),
+            "intercept": self.intercept,
+            "weights": self.weights_B.tolist(),
+            "models": {
+                kind: m.save(directory, f"{name}_{kind.replace(':', '_')}") for kind, m in self.models.items()
+            },
+        }
+
+    @classmethod
+    def load(cls, directory: Path, state: dict) -> StackedRegression:
+        model = cls(None if state["bases"] is None else tuple(state["bases"]))
+        model.intercept = float(state["intercept"])
+        model.weights_B = np.asarray(state["weights"], dtype=np.float64)
+        model.models = {kind: load_regressor(kind, directory, s) for kind, s in state["models"].items()}
+        return model
+
+
+def _split_kind(kind: str) -> tuple[str, str]:
+    family, _, argument = kind.partition(":")
+    return family, argument
+
+
+def make_regressor(kind: str, seed: int = 0):
+    """A fresh, unfitted regressor of the given kind (see the module docstring; one of REGRESSORS, or
+    perdomain:BASE / stacked:A+B+...)."""
+    family, argument = _split_kind(kind)
+    if family not in REGRESSORS or (argument and family not in ("perdomain", "stacked")):
+        raise ConfigError(
+            f"unknown regressor {kind!r}; choose from {', '.join(REGRESSORS)} (or perdomain:BASE, stacked:A+B)"
+        )
+    if family == "lightgbm":
+        return LightGBMRegression(seed=seed)
+    if family in ("linear", "loglinear"):
+        return LinearRegression(family)
+    if family == "dml":
+        return ExponentialLawRegression(seed)
+    if family == "bimix":
+        return PowerLawRegression(seed)
+    if family == "gp":
+        return GaussianProcessRegression(seed)
+    if family == "perdomain":
+        base = argument or "loglinear"
+        if _split_kind(base)[0] in ("perdomain", "stacked"):
+            raise ConfigError(f"regressor {kind!r}: the per-domain base must be a single model, not {base!r}")
+        make_regressor(base)  # an unknown base fails here, not at fit time
+        return PerDomainRegression(base, seed)
+    bases = tuple(b for b in argument.split("+") if b) if argument else None
+    for base in bases or ():
+        if _split_kind(base)[0] == "stacked":
+            raise ConfigError(f"regressor {kind!r}: a stacked model cannot stack another")
+        make_regressor(base)
+    return StackedRegression(bases, seed)
+
+
+def fit_regressor(model, x_NxD: np.ndarray, y_N: np.ndarray, parts_NxT: np.ndarray | None = None):
+    """model.fit(x, y), passing the target's loss columns to the models that use them. Returns the model."""
+    if getattr(model, "uses_parts", False):
+        return model.fit(x_NxD, y_N, parts_NxT)
+    return model.fit(x_NxD, y_N)
+
+
+def load_regressor(kind: str, directory: Path, state: dict):
+    """The fitted regressor `kind` from the state its `save` returned (files under `directory`)."""
+    family, _ = _split_kind(kind)
+    if family == "lightgbm":
+        return LightGBMRegression.load(directory, state)
+    if family in ("linear", "loglinear"):
+        return LinearRegression.load(family, state)
+    if family == "dml":
+        return ExponentialLawRegression.load(state)
+    if family == "bimix":
+        return PowerLawRegression.load(state)
+    if family == "gp":
+        return GaussianProcessRegression.load(state)
+    if family == "perdomain":
+        return PerDomainRegression.load(directory, state)
+    if family == "stacked":
+        return StackedRegression.load(directory, state)
+    raise ConfigError(f"model.json names regressor {kind!r}, which this mixlm cannot load")
