@@ -302,42 +302,9 @@ def _checks(
     return checks
 
 
-def optimize(
-    model: FitResult,
-    prior: DomainPrior | Mapping[str, float],
-    *,
-    n_samples: int = 100_000,
-    top_k: int = 128,
-    seed: int = 0,
-    temperature: float = 0.5,
-    min_strength: float = 0.1,
-    max_strength: float = 5.0,
-    num_strengths: int = 15,
-    max_usage: float = 15.0,
-    token_budget: float | None = None,
-    regressor: str | None = None,
-    constraints: Constraints | None = None,
-) -> dict[str, float]:
-    """The predicted-best mixture {domain: weight} over `model.domains` (sums to 1): `propose(...).weights`.
-
-    Draws n_samples mixtures the way `sample_mixtures` does (same temperature, strength grid and
-    repetition bound; no minimum or rounding), drops those over the bound (and outside `constraints`),
-    predicts each with the model's `regressor` (default: its primary one) and returns the mean of the
-    top_k lowest. Shares below constraints.zero_below (default NEGLIGIBLE_WEIGHT) are 0 (the rest
-    renormalised).
-    """
-    return propose(
-        model,
-        prior,
-        constraints=constraints,
-        n_samples=n_samples,
-        top_k=top_k,
-        seed=seed,
-        temperature=temperature,
-        min_strength=min_strength,
-        max_strength=max_strength,
-        num_strengths=num_strengths,
-        max_usage=max_usage,
-        token_budget=token_budget,
-        regressor=regressor,
-    ).weights
+def optimize(model: FitResult, prior: DomainPrior | Mapping[str, float], **options) -> dict[str, float]:
+    """The predicted-best mixture {domain: weight} over `model.domains` (sums to 1): `propose(model, prior,
+    **options).weights`, with propose's keyword options (n_samples, top_k, seed, the sampler's temperature and
+    strength grid, max_usage / token_budget, regressor, constraints). Shares below constraints.zero_below
+    (default NEGLIGIBLE_WEIGHT) are 0 (the rest renormalised)."""
+    return propose(model, prior, **options).weights
