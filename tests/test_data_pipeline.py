@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from corpus import alphabet_docs
 
 from mixlm.config import ConfigError, DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mixlm.data import make_train_source
@@ -19,21 +20,11 @@ ALPHABETS = {"alpha": "abcdefgh", "digits": "0123456789", "upper": "ABCDEFGH", "
 VOCAB = 300
 
 
-def _docs(alphabet, n, rng):
-    return [
-        " ".join(
-            "".join(rng.choice(list(alphabet), size=int(rng.integers(1, 6))))
-            for _ in range(int(rng.integers(2, 40)))
-        )
-        for _ in range(n)
-    ]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("markers")
     rng = np.random.default_rng(0)
-    texts = {name: _docs(alphabet, 300, rng) for name, alphabet in ALPHABETS.items()}
+    texts = {name: alphabet_docs(alphabet, 300, rng) for name, alphabet in ALPHABETS.items()}
     sources = {}
     for name, docs in texts.items():
         path = root / f"{name}.jsonl"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import xla_flags
+from corpus import alphabet_docs
 from elastic_worker import run_job
 from ports import free_port
 
@@ -38,22 +39,12 @@ WORKER = Path(__file__).with_name("elastic_worker.py")
 FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 
 
-def _docs(alphabet: str, n: int, rng) -> list[str]:
-    return [
-        " ".join(
-            "".join(rng.choice(list(alphabet), size=int(rng.integers(1, 6))))
-            for _ in range(int(rng.integers(2, 30)))
-        )
-        for _ in range(n)
-    ]
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("elastic_data")
     rng = np.random.default_rng(0)
     texts = {
-        name: _docs(alphabet, 120, rng)
+        name: alphabet_docs(alphabet, 120, rng, words=(2, 30))
         for name, alphabet in {"alpha": "abcdefgh", "digits": "0123456789", "upper": "ABCDEFGH"}.items()
     }
     sources = {}

@@ -14,6 +14,7 @@ import json
 
 import numpy as np
 import pytest
+from corpus import alphabet_docs
 
 from mixlm.cli import main as cli_main
 from mixlm.config import (
@@ -34,11 +35,6 @@ VOCAB = 300
 SEQ_LEN = 64
 
 
-def _docs(alphabet, n, rng):
-    return [" ".join("".join(rng.choice(list(alphabet), size=int(rng.integers(1, 5))))
-                     for _ in range(int(rng.integers(2, 8)))) for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Two prepared domains (with BOS and EOS, 12 held-out documents each), a 3-step first_fit run on them with
@@ -50,7 +46,7 @@ def run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("domains")
     rng = np.random.default_rng(0)
-    texts = {name: _docs(alphabet, 120, rng) for name, alphabet in ALPHABETS.items()}
+    texts = {name: alphabet_docs(alphabet, 120, rng, word_len=(1, 5), words=(2, 8)) for name, alphabet in ALPHABETS.items()}
     sources = {}
     for name, docs in texts.items():
         sources[name] = str(root / f"{name}.jsonl")
