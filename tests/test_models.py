@@ -179,6 +179,26 @@ def test_packed_segments_equal_separate_runs(cfg):
     assert np.abs(unpacked_BxLxV[0, 3:8] - logits_BxLxV[0, 3:8]).max() > 1e-3
 
 
+
+def test_rope_tables_default_positions_equal_explicit_ones():
+    """The host-constant tables (positions None) equal the traced ones for positions 0..L-1 and the hand
+    formula cos/sin(p * base^(-2i/Dh)); the model's logits do not depend on which path built them."""
+    head_dim, base, length = 8, 500000.0, 12
+    cos_1xLxH, sin_1xLxH = layers.rope_tables(None, length, head_dim, base)
+    positions_BxL = jnp.tile(jnp.arange(length, dtype=jnp.int32), (2, 1))
+    cos_BxLxH, sin_BxLxH = jax.jit(lambda p: layers.rope_tables(p, length, head_dim, base))(positions_BxL)
+    angles = np.arange(length)[:, None] * base ** (-np.arange(0, head_dim, 2) / head_dim)[None, :]
+    np.testing.assert_allclose(np.asarray(cos_1xLxH)[0], np.cos(angles), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(sin_1xLxH)[0], np.sin(angles), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(cos_BxLxH), np.broadcast_to(cos_1xLxH, (2, length, 4)), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(sin_BxLxH), np.broadcast_to(sin_1xLxH, (2, length, 4)), atol=2e-6)
+    cfg = dataclasses.replace(LLAMA, num_kv_heads=2, rope_base=base)
+    graphdef, params = randomized_params(cfg)
+    forward = jitted_forward(graphdef)
+    tokens_BxL = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, length)))
+    np.testing.assert_allclose(np.asarray(forward(params, tokens_BxL)),
+                               np.asarray(forward(params, tokens_BxL, positions_BxL)), atol=1e-5, rtol=0)
+
 SEED_COUNTS = {  # config: (total, non_embedding); None where DESIGN.md gives no exact number
     "metarater-3.3b": (3_335_989_760, None),
     "metarater-1.3b": (1_364_297_728, None),

@@ -90,18 +90,28 @@ def default_positions(tokens_BxL: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :], (batch, length))
 
 
-def apply_rope(x: jax.Array, positions_BxL: jax.Array, base: float, *, heads_axis: int = 2) -> jax.Array:
-    """Rotary embedding in the HF `rotate_half` convention: dim i pairs with dim i + Dh/2.
+def rope_tables(positions_BxL: jax.Array | None, length: int, head_dim: int, base: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) of the rotary angles, [B or 1, L, Dh/2] float32, computed once per forward and shared by
+    every layer's q and k (and their backward). The frequencies are base^(-2i/Dh) for i < Dh/2 (HF
+    LlamaRotaryEmbedding). With positions_BxL None (positions 0..L-1 in every row) the tables are
+    constants built on the host, so XLA never evaluates cos/sin inside the fused q/k multiplies."""
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    if positions_BxL is None:
+        angles = np.arange(length, dtype=np.float32)[None, :, None] * inv_freq[None, None, :].astype(np.float32)
+        return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    angles = positions_BxL.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
 
-    The frequencies are base^(-2i/Dh) for i < Dh/2 (HF LlamaRotaryEmbedding), so HF checkpoints map
-    onto ours with no q/k permutation. x is [B, L, H, Dh] (heads_axis=2) or [B, H, L, Dh] (heads_axis=1).
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array], *, heads_axis: int = 2) -> jax.Array:
+    """Rotary embedding in the HF `rotate_half` convention: dim i pairs with dim i + Dh/2, so HF checkpoints
+    map onto ours with no q/k permutation. `rope` is rope_tables' (cos, sin) [B, L, Dh/2]; x is [B, L, H, Dh]
+    (heads_axis=2) or [B, H, L, Dh] (heads_axis=1).
     Written on the two halves (x1·cos − x2·sin, x2·cos + x1·sin): one concatenation, cheap backward.
     """
     head_dim = x.shape[-1]
-    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_BxLxHalf = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-    angles = jnp.expand_dims(angles_BxLxHalf, heads_axis)  # broadcast over the heads
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = (jnp.expand_dims(t, heads_axis) for t in rope)  # broadcast over the heads
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

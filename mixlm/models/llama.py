@@ -44,10 +44,11 @@ class Attention(nnx.Module):
         self.num_heads, self.kv_heads, self.head_dim, self.rope_base = h, k, dh, cfg.rope_base
         self.attention_impl = attention_impl  # model.attention (mixlm.models.attention)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layout=None):
+    def __call__(self, x_BxLxD, rope, segment_ids_BxL, layout=None):
+        """`rope`: layers.rope_tables' (cos, sin) of the batch's positions."""
         impl = attention.resolve_impl(self.attention_impl, self.q_proj.dtype)
         if attention.takes_head_major(impl):
-            return self._head_major(x_BxLxD, positions_BxL, segment_ids_BxL, impl, layout)
+            return self._head_major(x_BxLxD, rope, segment_ids_BxL, impl, layout)
         b, length, _ = x_BxLxD.shape
         q_BxLxHxDh = self.q_proj(x_BxLxD).reshape(b, length, self.num_heads, self.head_dim)
         k_BxLxKxDh = self.k_proj(x_BxLxD).reshape(b, length, self.kv_heads, self.head_dim)
@@ -55,14 +56,14 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_BxLxHxDh = self.q_norm(q_BxLxHxDh)
             k_BxLxKxDh = self.k_norm(k_BxLxKxDh)
-        q_BxLxHxDh = layers.apply_rope(q_BxLxHxDh, positions_BxL, self.rope_base)
-        k_BxLxKxDh = layers.apply_rope(k_BxLxKxDh, positions_BxL, self.rope_base)
+        q_BxLxHxDh = layers.apply_rope(q_BxLxHxDh, rope)
+        k_BxLxKxDh = layers.apply_rope(k_BxLxKxDh, rope)
         out_BxLxHxDh = attention.attend(
             q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL, impl=impl, layout=layout
         )
         return self.o_proj(out_BxLxHxDh.reshape(b, length, self.num_heads * self.head_dim))
 
-    def _head_major(self, x_BxLxD, positions_BxL, segment_ids_BxL, impl, layout):
+    def _head_major(self, x_BxLxD, rope, segment_ids_BxL, impl, layout):
         """The same attention with q, k, v computed straight into [B, heads, L, Dh], the layout of the blocked
         (CPU) and splash kernels: on CPU this saves layout copies that cost about as much as the attention."""
         q_BxHxLxDh = layers.project_heads(x_BxLxD, self.q_proj, self.num_heads)
@@ -71,8 +72,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_BxHxLxDh = self.q_norm(q_BxHxLxDh)
             k_BxKxLxDh = self.k_norm(k_BxKxLxDh)
-        q_BxHxLxDh = layers.apply_rope(q_BxHxLxDh, positions_BxL, self.rope_base, heads_axis=1)
-        k_BxKxLxDh = layers.apply_rope(k_BxKxLxDh, positions_BxL, self.rope_base, heads_axis=1)
+        q_BxHxLxDh = layers.apply_rope(q_BxHxLxDh, rope, heads_axis=1)
+        k_BxKxLxDh = layers.apply_rope(k_BxKxLxDh, rope, heads_axis=1)
         out_BxHxLxDh = attention.attend(
             q_BxHxLxDh, k_BxKxLxDh, v_BxKxLxDh, segment_ids_BxL=segment_ids_BxL, impl=impl, layout=layout,
             head_major=True,
@@ -102,8 +103,8 @@ class Block(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, layout=None):
-        x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, segment_ids_BxL, layout)
+    def __call__(self, x_BxLxD, rope, segment_ids_BxL, layout=None):
+        x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), rope, segment_ids_BxL, layout)
         return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD))
 
 
@@ -135,17 +136,17 @@ class Llama(nnx.Module):
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
     def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
-        if positions_BxL is None:
-            positions_BxL = layers.default_positions(tokens_BxL)
+        # RoPE's cos/sin once for every layer (host constants when positions are 0..L-1 in every row)
+        rope = layers.rope_tables(positions_BxL, tokens_BxL.shape[1], self.cfg.dim_per_head, self.cfg.rope_base)
         x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
         x_BxLxD = layers.constrain(x_BxLxD, layers.RESIDUAL_AXES, layout)
-        run_block = layers.remat_block(lambda block, x, pos, seg: block(x, pos, seg, layout), self.cfg.remat)
+        run_block = layers.remat_block(lambda block, x, rope, seg: block(x, rope, seg, layout), self.cfg.remat)
         if self.cfg.scan_layers:
-            x_BxLxD = stacked.scan_blocks(self.layers, run_block, x_BxLxD, positions_BxL, segment_ids_BxL,
+            x_BxLxD = stacked.scan_blocks(self.layers, run_block, x_BxLxD, rope, segment_ids_BxL,
                                           constrain=lambda x: layers.constrain(x, layers.RESIDUAL_AXES, layout))
         else:
             for block in self.layers:
-                x_BxLxD = layers.constrain(run_block(block, x_BxLxD, positions_BxL, segment_ids_BxL),
+                x_BxLxD = layers.constrain(run_block(block, x_BxLxD, rope, segment_ids_BxL),
                                            layers.RESIDUAL_AXES, layout)
         x_BxLxD = self.norm(x_BxLxD)
         kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
