@@ -22,14 +22,15 @@ from pathlib import Path
 
 from mixlm.config import ConfigError
 
-# Verbs that take --coordinator/--num-processes/--process-id (or --distributed).
-MULTI_PROCESS_VERBS = ("train",)
+# Verbs that take --coordinator/--num-processes/--process-id (or --distributed); `sweep` only with --swarm K.
+MULTI_PROCESS_VERBS = ("train", "sweep")
 # The mixlm command on the cluster's machines, relative to the repo folder (`make install` creates it).
 DEFAULT_EXECUTABLE = ".venv/bin/mixlm"
 
 
 def check_command(argv: Sequence[str]) -> list[str]:
-    """`argv` is a mixlm command line without the program name: ['train', CONFIG, overrides...]."""
+    """`argv` is a mixlm command line without the program name: ['train', CONFIG, overrides...] or
+    ['sweep', CONFIG, ..., '--swarm', K] (one sweep of swarms spanning every process)."""
     argv = list(argv)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -38,6 +39,10 @@ def check_command(argv: Sequence[str]) -> list[str]:
             f"launch runs one of {', '.join(MULTI_PROCESS_VERBS)} on every process, got "
             f"{shlex.join(argv) or 'nothing'}; e.g. `mixlm launch local -n 2 -- train CONFIG`"
         )
+    if argv[0] == "sweep" and not any(a == "--swarm" or a.startswith("--swarm=") for a in argv):
+        raise ConfigError(f"launch runs `sweep` on every process only as swarms spanning them: add --swarm K "
+                          f"(K a multiple of the process count) to {shlex.join(argv)}, or run a job array of "
+                          "shards with `mixlm launch slurm-sweep`")
     for flag in ("--coordinator", "--num-processes", "--process-id", "--distributed"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
             raise ConfigError(f"{flag} is set by the launcher; leave it out of the command")

@@ -1,4 +1,5 @@
-"""Run `mixlm train ... --distributed` on every worker of a Cloud TPU VM pod slice, and (optionally) own the
+"""Run `mixlm train ... --distributed` (or a sweep of swarms spanning the slice, `mixlm sweep ... --swarm K
+--distributed`) on every worker of a Cloud TPU VM pod slice, and (optionally) own the
 slice's life: create it as a queued resource or reuse it, install mixlm on every worker, run, stream each
 worker's output, stop or delete it on exit.
 

@@ -94,12 +94,13 @@ class WandbSink:
 
 
 class MetricsLog:
-    """Writes metric dicts to metrics.jsonl, TensorBoard and (`wandb=True`) Weights & Biases (process 0 only)
-    and to a tqdm bar."""
+    """Writes metric dicts to metrics.jsonl, TensorBoard and (`wandb=True`) Weights & Biases (process 0 only,
+    or the process `writer` says: a swarm member's owner) and to a tqdm bar."""
 
     def __init__(self, out_dir: Path, *, total_steps: int, start_step: int, jsonl: bool, tensorboard: bool,
-                 progress: bool, wandb: bool = False, wandb_project: str = "mixlm", run_config: dict | None = None):
-        self.is_main = jax.process_index() == 0
+                 progress: bool, wandb: bool = False, wandb_project: str = "mixlm", run_config: dict | None = None,
+                 writer: bool | None = None):
+        self.is_main = jax.process_index() == 0 if writer is None else writer
         self._wandb = WandbSink(out_dir, project=wandb_project, config=run_config) if wandb and self.is_main else None
         # Kept open for the run (closed in close()): one line per logged step.
         self._jsonl = open(out_dir / "metrics.jsonl", "a") if (jsonl and self.is_main) else None  # noqa: SIM115
@@ -156,10 +157,11 @@ class MetricsLog:
             self._wandb.close()
 
     @classmethod
-    def for_run(cls, out_dir: Path, cfg, *, start_step: int) -> MetricsLog:
+    def for_run(cls, out_dir: Path, cfg, *, start_step: int, writer: bool | None = None) -> MetricsLog:
         """The log of a training run from its ExperimentConfig's `logging` section (jsonl, tensorboard,
-        progress, wandb, wandb_project); the whole config goes to W&B as the run's config."""
+        progress, wandb, wandb_project); the whole config goes to W&B as the run's config. `writer`: whether
+        this process writes it (default: process 0)."""
         lc = cfg.logging
         return cls(out_dir, total_steps=cfg.train.steps, start_step=start_step, jsonl=lc.jsonl,
                    tensorboard=lc.tensorboard, progress=lc.progress, wandb=lc.wandb,
-                   wandb_project=lc.wandb_project, run_config=cfg.to_dict())
+                   wandb_project=lc.wandb_project, run_config=cfg.to_dict(), writer=writer)

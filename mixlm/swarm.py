@@ -22,6 +22,11 @@ Checkpoints (mixlm.checkpoint.RunCheckpoints over `<swarm_dir>/checkpoints/`, on
 as configured) hold the stacked state and, as the data state, every member's source state and the failed
 members, so a rerun resumes exactly; SIGTERM/SIGINT save the current step and stop, as in a single run.
 `<swarm_dir>/swarm.json` marks a finished swarm (its members and which failed).
+
+Several jax.distributed processes (a pod, or `mixlm sweep --swarm K --coordinator ...`) train one swarm
+together: the member axis spans the processes' devices, each member on one process (member_owners), which
+reads that member's data, writes its metrics.jsonl and reports its failure; the checkpoint's data state
+and swarm.json gather every member's (allgather_json). Member folders must be on storage every process sees.
 """
 
 from __future__ import annotations
@@ -103,10 +108,16 @@ class SwarmSetup:
     train_step: Callable  # jitted: (state, alive [K] bool, batch [K, B, L]) -> (state, alive, metrics [K]); donates
     eval_step: Callable  # jitted: (params, batch [K, B, L]) -> (nll_sum [K], tokens [K])
     member_map: str = "vmap"  # how the step maps over members: 'vmap' (batched) or 'scan' (one after another)
+    owners: tuple[int, ...] = ()  # the process whose devices hold member m (member_owners)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
         return self.member.mesh
+
+    @property
+    def local_members(self) -> list[int]:
+        """The members this process feeds, logs and evaluates (all of them in one process)."""
+        return [m for m, p in enumerate(self.owners) if p == jax.process_index()]
 
     def batch_sharding(self, ndim: int) -> NamedSharding:
         """[K, B, ...]: members over the member axis, each member's rows over its batch rule's axes."""
@@ -114,9 +125,83 @@ class SwarmSetup:
         return NamedSharding(self.mesh, P(MEMBER_AXIS, rows or None, *([None] * (ndim - 2))))
 
     def put_batch(self, host_batches: Sequence[dict]) -> dict:
-        """K host batches (one per member, same keys and shapes) -> one stacked device batch per key."""
-        return {k: jax.device_put(np.stack([b[k] for b in host_batches]), self.batch_sharding(v.ndim + 1))
-                for k, v in host_batches[0].items()}
+        """The local members' host batches (one per member of local_members, same keys and shapes) -> one
+        stacked [K, ...] device batch per key (in one process: all K members' batches)."""
+        if jax.process_count() == 1:
+            return {k: jax.device_put(np.stack([b[k] for b in host_batches]), self.batch_sharding(v.ndim + 1))
+                    for k, v in host_batches[0].items()}
+        local = self.local_members
+
+        def put(key: str) -> jax.Array:
+            mine = {m: b[key] for m, b in zip(local, host_batches)}
+
+            def block(index):  # called for this process's devices only: their members are all in `mine`
+                members = range(*index[0].indices(self.members))
+                return np.stack([mine[m] for m in members])[(slice(None), *index[1:])]
+
+            shape = (self.members, *host_batches[0][key].shape)
+            return jax.make_array_from_callback(shape, self.batch_sharding(len(shape)), block)
+
+        return {k: put(k) for k in host_batches[0]}
+
+    def put_members(self, values: np.ndarray) -> jax.Array:
+        """A [K] vector every process knows whole -> the device vector over the member axis."""
+        values = np.asarray(values)
+        return jax.make_array_from_callback(values.shape, self.member_sharding, lambda index: values[index])
+
+
+def host_view(tree):
+    """[K, ...] device arrays -> numpy with this process's members filled (the others 0): in one process
+    jax.device_get; across processes only the addressable shards are read (no collective)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+
+    def one(a: jax.Array) -> np.ndarray:
+        out = np.zeros(a.shape, a.dtype)
+        for shard in a.addressable_shards:
+            out[shard.index] = np.asarray(shard.data)
+        return out
+
+    return jax.tree.map(one, tree)
+
+
+def allgather_json(obj) -> list:
+    """`obj` (JSON-able) of every process, in process order; [obj] in one process. A collective: every
+    process calls it at the same point."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(gathered[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+
+
+def gather_members(local: dict[int, Any]) -> dict[int, Any]:
+    """{member: value} of this process's members -> {member: value} of every member (allgather_json)."""
+    merged: dict[int, Any] = {}
+    for part in allgather_json({str(m): v for m, v in local.items()}):
+        merged.update({int(m): v for m, v in part.items()})
+    return merged
+
+
+def member_owners(mesh: jax.sharding.Mesh, members: int) -> tuple[int, ...]:
+    """The process holding each member. Raises ConfigError unless every member sits on one process's devices
+    (that process then feeds the member's whole batch)."""
+    placed: list[set[int]] = [set() for _ in range(members)]
+    for device, index in NamedSharding(mesh, P(MEMBER_AXIS)).devices_indices_map((members,)).items():
+        for m in range(*index[0].indices(members)):
+            placed[m].add(device.process_index)
+    if any(len(p) != 1 for p in placed):
+        split = next(m for m, p in enumerate(placed) if len(p) != 1)
+        raise ConfigError(f"swarm member {split} of {members} would span processes {sorted(placed[split])}: a "
+                          f"swarm over {jax.process_count()} processes needs each member on one process's "
+                          f"devices; use a member count K that is a multiple of {jax.process_count()} (members "
+                          "spread over processes), or --shard I/N to give each host its own swarms")
+    return tuple(p.pop() for p in placed)
 
 
 def all_finite(metrics: dict) -> jax.Array:
@@ -195,7 +280,7 @@ def _build_swarm_setup(cfg: ExperimentConfig, members: int, mesh: jax.sharding.M
         train_step=jax.jit(swarm_step, donate_argnums=(0,),
                            out_shardings=(state_shardings, member_sharding, member_sharding)),
         eval_step=jax.jit(over_members(member.eval_fn, member_map), out_shardings=member_sharding),
-        member_map=member_map,
+        member_map=member_map, owners=member_owners(mesh, members),
     )
 
 
@@ -239,7 +324,8 @@ def member_source(cfg: ExperimentConfig):
 
 
 def stacked_eval_batches(sources: Sequence, num_batches: int) -> tuple[dict[str, list[list[dict]]], list[str]]:
-    """({domain: [[member 0's batch j, member 1's batch j, ...] for each j]}, eval-only domains)."""
+    """({domain: [[member 0's batch j, member 1's batch j, ...] for each j]}, eval-only domains), over the
+    given (this process's) members' sources."""
     per_member = [src.eval_batches(num_batches) for src in sources]
     first = per_member[0]
     for k, batches in enumerate(per_member[1:], start=1):
@@ -253,14 +339,15 @@ def stacked_eval_batches(sources: Sequence, num_batches: int) -> tuple[dict[str,
 def evaluate_members(setup: SwarmSetup, params, eval_batches: dict[str, list[list[dict]]],
                      eval_only: Sequence[str] = ()) -> list[dict[str, float]]:
     """mixlm.hooks.evaluate for every member at once: per member `val_loss/<domain>` and the token-weighted
-    `val_loss` over the trained domains (eval_only domains reported, not totalled)."""
+    `val_loss` over the trained domains (eval_only domains reported, not totalled). `eval_batches` holds this
+    process's members' batches (stacked_eval_batches); the other processes' members get {}."""
     k = setup.members
     out = [{} for _ in range(k)]
     total_nll, total_tokens = np.zeros(k), np.zeros(k)
     for domain, batches in eval_batches.items():
         nll, tokens = [0.0] * k, [0.0] * k
         for member_batches in batches:
-            s_K, n_K = jax.device_get(setup.eval_step(params, setup.put_batch(member_batches)))
+            s_K, n_K = host_view(setup.eval_step(params, setup.put_batch(member_batches)))
             nll = [a + float(b) for a, b in zip(nll, s_K)]
             tokens = [a + float(b) for a, b in zip(tokens, n_K)]
         for m in range(k):
@@ -269,7 +356,8 @@ def evaluate_members(setup: SwarmSetup, params, eval_batches: dict[str, list[lis
             total_nll, total_tokens = total_nll + np.array(nll), total_tokens + np.array(tokens)
     for m in range(k):
         out[m]["val_loss"] = float(total_nll[m]) / max(float(total_tokens[m]), 1.0)
-    return out
+    local = set(setup.local_members) if setup.owners else set(range(k))
+    return [values if m in local else {} for m, values in enumerate(out)]
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
@@ -292,24 +380,26 @@ def read_swarm_done(swarm_dir: str | Path) -> dict | None:
 
 
 class _MemberLogs:
-    """Each member's metrics.jsonl (and TensorBoard if configured), one step late like mixlm.hooks.StepMeter."""
+    """This process's members' metrics.jsonl (and TensorBoard if configured), one step late like
+    mixlm.hooks.StepMeter. `failed` collects the failures of these members (member -> {'step', 'reason'})."""
 
-    def __init__(self, cfgs: Sequence[ExperimentConfig], *, start_step: int, tokens_before: list[float],
-                 failed: dict[int, dict], say: Callable[[str], None]):
-        self.cfgs, self.failed, self.say = cfgs, failed, say
-        self.logs = []
-        for cfg in cfgs:
-            out = Path(cfg.train.output_dir)
+    def __init__(self, cfgs: Sequence[ExperimentConfig], local: Sequence[int], *, start_step: int,
+                 tokens_before: dict[int, float], failed: dict[int, dict], say: Callable[[str], None]):
+        self.cfgs, self.local, self.failed, self.say = cfgs, list(local), failed, say
+        self.logs: dict[int, MetricsLog] = {}
+        for m in self.local:
+            out = Path(cfgs[m].train.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-            trim_metrics_log(out / "metrics.jsonl", start_step)
-            quiet = cfg.replace(logging=dataclasses.replace(cfg.logging, progress=False, wandb=False))
-            self.logs.append(MetricsLog.for_run(out, quiet, start_step=start_step))
-        self.tokens_total = list(tokens_before)
+            save_config(cfgs[m], out / "config.yaml")
+            trim_metrics_log(out / "metrics.jsonl", start_step, writer=True)
+            quiet = cfgs[m].replace(logging=dataclasses.replace(cfgs[m].logging, progress=False, wandb=False))
+            self.logs[m] = MetricsLog.for_run(out, quiet, start_step=start_step, writer=True)  # its owner writes
+        self.tokens_total = dict(tokens_before)
         self.history: list[list[dict]] = [[] for _ in cfgs]
         self._pending = None
         self.every, self.steps, self.start_step = cfgs[0].logging.every, cfgs[0].train.steps, start_step
         self._window = (time.perf_counter(), 0.0)  # (since, loss tokens of all members since then)
+        self._whose = "" if len(self.local) == len(cfgs) else f" on process {jax.process_index()}"
 
     def record(self, step: int, alive_dev, metrics_dev) -> None:
         """Takes the device metrics of `step` and reads those of the step before."""
@@ -325,8 +415,8 @@ class _MemberLogs:
             return
         step, alive_dev, metrics_dev = self._pending
         self._pending = None
-        alive, metrics = jax.device_get((alive_dev, metrics_dev))
-        for m, log in enumerate(self.logs):
+        alive, metrics = host_view((alive_dev, metrics_dev))
+        for m, log in self.logs.items():
             if m in self.failed:
                 continue
             row = {k: float(v[m]) for k, v in metrics.items()}
@@ -344,23 +434,25 @@ class _MemberLogs:
                 self.history[m].append({"step": step, **row})
                 log.write(step, row)
         if step != self.start_step + 1:
-            self._window = (self._window[0], self._window[1] + float(np.sum(metrics["tokens_step"])))
+            mine = float(sum(metrics["tokens_step"][m] for m in self.local))
+            self._window = (self._window[0], self._window[1] + mine)
         if step % self.every == 0 or step == self.steps:
             now = time.perf_counter()
-            live = [float(metrics["loss"][m]) for m in range(len(self.logs)) if m not in self.failed]
+            live = [float(metrics["loss"][m]) for m in self.local if m not in self.failed]
             loss = f"loss {min(live):.4f}..{max(live):.4f}" if live else "every member failed"
             rate = self._window[1] / max(now - self._window[0], 1e-9)
-            self.say(f"swarm step {step}: {loss} over {len(live)}/{len(self.logs)} members, {rate:,.0f} "
-                     "tokens/s (all members together)")
+            together = "this process's members together" if self._whose else "all members together"
+            self.say(f"swarm step {step}: {loss} over {len(live)}/{len(self.local)} members{self._whose}, "
+                     f"{rate:,.0f} tokens/s ({together})")
             self._window = (now, 0.0)
 
     def write_eval(self, step: int, values: list[dict[str, float]]) -> None:
-        for m, log in enumerate(self.logs):
+        for m, log in self.logs.items():
             if m not in self.failed:
                 log.write(step, values[m])
 
     def close(self) -> None:
-        for log in self.logs:
+        for log in self.logs.values():
             log.close()
 
 
@@ -371,6 +463,8 @@ def _swarm_config(cfgs: Sequence[ExperimentConfig], swarm_dir: Path) -> Experime
 
 def _restore(checkpoints: RunCheckpoints, setup: SwarmSetup, base: ExperimentConfig, cfgs, sources, *,
              allow_config_change: bool, say) -> tuple[Any, int, dict[int, dict]] | None:
+    """The newest good checkpoint's stacked state, step and failed members (every member's); `sources` (this
+    process's members', in local_members order) get their saved states."""
     resumed = checkpoints.restore_latest(setup.abstract_state, base, allow_config_change=allow_config_change)
     if resumed is None:
         return None
@@ -379,7 +473,8 @@ def _restore(checkpoints: RunCheckpoints, setup: SwarmSetup, base: ExperimentCon
     if data.get("runs") != runs:
         raise ConfigMismatchError(f"{checkpoints.directory} holds a swarm of {data.get('runs')}, not of {runs}; "
                                   "use another swarm folder (or the mixtures it was made for)")
-    for m, (src, saved) in enumerate(zip(sources, data["members"])):
+    for m, src in zip(setup.local_members, sources):
+        saved = data["members"][m]
         fingerprint = getattr(src, "fingerprint", lambda: None)()
         if fingerprint is not None and saved.get("fingerprint") != fingerprint and not allow_config_change:
             raise ConfigMismatchError(f"swarm member {m} ({runs[m]}): its data pipeline (mixture, seed, prepared "
@@ -397,12 +492,13 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
     """Trains the members (equal but for MEMBER_KEYS) together to train.steps; resumes from the newest good
     checkpoint under `<swarm_dir>/checkpoints/`. `stop_after_step` ends the run after that step with a
     checkpoint of it, as a preemption would. `setup` reuses programs from build_swarm_setup (same config and
-    member count). Single-process only (members spread over this host's devices)."""
+    member count). `sources`: this process's members' data sources (default: member_source of each).
+
+    With several jax.distributed processes every process calls this with the same configs; each feeds, logs
+    and evaluates its own members (SwarmSetup.local_members), so `eval`, `history` and the returned state's
+    readable shards cover those members; `failed` and swarm.json cover all of them."""
     cfgs = list(member_cfgs)
     check_members(cfgs)
-    if jax.process_count() > 1:
-        raise ConfigError("a swarm runs in one process (its members spread over that host's devices); spread a "
-                          "sweep over hosts with --shard I/N")
     swarm_dir = Path(swarm_dir)
     base = _swarm_config(cfgs, swarm_dir)
     k, steps = len(cfgs), base.train.steps
@@ -410,8 +506,12 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
         mesh = mesh or swarm_mesh(k, base)
         validate_for_mesh(base, Layout(mesh, member_rules(base)).axis_size("batch"), 1)
         setup = build_swarm_setup(base, k, mesh)
+    local = setup.local_members
+    lead = jax.process_index() == 0
     say = log_fn or (lambda text: print(text, flush=True))
-    sources = list(sources) if sources is not None else [member_source(c) for c in cfgs]
+    sources = list(sources) if sources is not None else [member_source(cfgs[m]) for m in local]
+    if len(sources) != len(local):
+        raise ValueError(f"train_swarm got {len(sources)} data sources for this process's {len(local)} members")
     swarm_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = RunCheckpoints(checkpoint_dir(swarm_dir), base.checkpoint, log=say)
     logs = guard = None
@@ -422,26 +522,30 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
             state, start, failed = setup.init_state(member_keys([c.train.seed for c in cfgs])), 0, {}
         else:
             state, start, failed = restored
-        save_config(base, swarm_dir / "config.yaml")
-        logs = _MemberLogs(cfgs, start_step=start, tokens_before=[sum(s.tokens_seen().values()) for s in sources],
-                           failed=failed, say=say)
+        if lead:
+            save_config(base, swarm_dir / "config.yaml")
+        logs = _MemberLogs(cfgs, local, start_step=start, failed=failed, say=say,
+                           tokens_before={m: sum(s.tokens_seen().values()) for m, s in zip(local, sources)})
+        spread = f", {len(local)} on each of {jax.process_count()} processes" if len(local) != k else ""
         say(f"mixlm swarm: {k} members of {base.model.name or base.model.family} in one step, mesh "
-            f"{dict(setup.mesh.shape)} (members over '{MEMBER_AXIS}'), {base.train.global_batch_size} x "
+            f"{dict(setup.mesh.shape)} (members over '{MEMBER_AXIS}'{spread}), {base.train.global_batch_size} x "
             f"{base.data.seq_len} tokens/step each, steps {start + 1}..{steps}")
-        alive = jax.device_put(np.array([m not in failed for m in range(k)]), setup.member_sharding)
+        alive = setup.put_members(np.array([m not in failed for m in range(k)]))
         guard = PreemptionGuard(checkpoints, log=say).install()
         eval_cache = None
         preempted_at = None
 
         def save(step: int) -> None:
             logs.flush()  # the failed members of this step are known before it is saved
-            tokens = [s.tokens_seen() for s in sources]
+            mine = {m: {"state": s.get_state(), "tokens": s.tokens_seen()} for m, s in zip(local, sources)}
+            every = gather_members(mine)
+            tokens = [every[m]["tokens"] for m in range(k)]
             meta = run_metadata(base, step, tokens_seen={d: sum(t.get(d, 0) for t in tokens)
                                                          for d in tokens[0]}, mesh=setup.mesh)
             meta["members"] = [{"output_dir": c.train.output_dir, "tokens_seen": t} for c, t in zip(cfgs, tokens)]
             data_state = {"version": SWARM_STATE_VERSION, "runs": [str(c.train.output_dir) for c in cfgs],
-                          "members": [s.get_state() for s in sources],
-                          "failed": {str(m): v for m, v in failed.items()}}
+                          "members": [every[m]["state"] for m in range(k)],
+                          "failed": {str(m): v for m, v in sorted(gather_members(failed).items())}}
             checkpoints.save(step, state, data_state=data_state, meta=meta)
 
         def run_eval(step: int) -> list[dict[str, float]]:
@@ -472,14 +576,16 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
                 break
         logs.flush()
         final = [{} for _ in range(k)]
+        failed = gather_members(failed)
         if preempted_at is None:
             if base.eval.batches:
                 final = run_eval(steps)
             for m in failed:
                 final[m] = {}
-            (swarm_dir / SWARM_DONE).write_text(json.dumps({
-                "runs": [str(c.train.output_dir) for c in cfgs], "steps": steps,
-                "failed": {str(m): v for m, v in failed.items()}}, indent=1) + "\n")
+            if lead:
+                (swarm_dir / SWARM_DONE).write_text(json.dumps({
+                    "runs": [str(c.train.output_dir) for c in cfgs], "steps": steps,
+                    "failed": {str(m): v for m, v in sorted(failed.items())}}, indent=1) + "\n")
         return SwarmResult(state=state, eval=final, failed=dict(failed), swarm_dir=swarm_dir,
                            preempted_at=preempted_at, history=logs.history)
     finally:

@@ -245,10 +245,11 @@ def state_from_params(setup: TrainSetup, params: dict) -> TrainState:
     return fresh(params)
 
 
-def trim_metrics_log(path: Path, last_step: int) -> None:
+def trim_metrics_log(path: Path, last_step: int, *, writer: bool | None = None) -> None:
     """Keeps the rows of metrics.jsonl up to `last_step` (dropping a torn last line), so that a resumed run
-    continues the file instead of repeating the steps it redoes."""
-    if jax.process_index() != 0 or not path.is_file():
+    continues the file instead of repeating the steps it redoes. `writer`: whether this process owns the file
+    (default: process 0)."""
+    if not (jax.process_index() == 0 if writer is None else writer) or not path.is_file():
         return
     kept = []
     for line in path.read_text().splitlines():

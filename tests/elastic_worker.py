@@ -89,12 +89,11 @@ def run_job(job: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     process_id, num_processes, port, job_path = int(argv[0]), int(argv[1]), argv[2], argv[3]
+    from ports import start_worker
+
+    start_worker(process_id, num_processes, port)
     import jax
 
-    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py sets in-process
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
-    )
     with open(job_path) as f:
         job = json.load(f)
     record = run_job(job)

@@ -8,18 +8,15 @@ count does not divide."""
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import xla_flags
 from corpus import alphabet_docs
 from elastic_worker import run_job
-from ports import free_port
+from ports import launch
 
 from mixlm.config import ConfigError, load_config
 from mixlm.data import make_train_source
@@ -34,9 +31,6 @@ STEPS = STOP_AT + RESUMED
 UPDATE = [2, {"alpha": 0.2, "digits": 0.5, "upper": 0.3}]  # set_weights after step 2: before the checkpoint
 STAGE_AT = 12  # a configured stage change: after the checkpoint
 WORKER = Path(__file__).with_name("elastic_worker.py")
-# Subprocesses only (compilation is most of their time; several share 2 cores): less LLVM optimisation and no
-# spinning Eigen threads. Same math up to float rounding, which the loss tolerance allows.
-FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
 
 
 @pytest.fixture(scope="module")
@@ -119,35 +113,11 @@ def start_processes(tmp_path: Path, name: str, the_job: dict, processes: int):
     a function that waits for them and returns process 0's record."""
     job_file = tmp_path / f"{name}.json"
     job_file.write_text(json.dumps(the_job))
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=xla_flags(8 // processes) + FAST_COMPILE,
-        PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
-    )
-    port, procs = str(free_port()), []
-    for i in range(processes):
-        with open(tmp_path / f"{name}.p{i}.log", "w") as log:  # the child keeps its own copy of the file
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(i), str(processes), port, str(job_file)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )
+    wait_all = launch(tmp_path / f"{name}.logs", lambda i, port: [
+        sys.executable, str(WORKER), str(i), str(processes), port, str(job_file)], processes)
 
     def wait() -> dict:
-        try:
-            for p in procs:
-                p.wait(timeout=300)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        logs = [(tmp_path / f"{name}.p{i}.log").read_text() for i in range(processes)]
-        assert [p.returncode for p in procs] == [0] * processes, "\n".join(text[-3000:] for text in logs)
+        wait_all()
         return json.loads(Path(the_job["out"]).read_text())
 
     return wait

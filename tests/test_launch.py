@@ -132,8 +132,11 @@ def test_slurm_script_has_one_task_per_gpu_and_is_valid_bash(tmp_path):
 def test_launch_refuses_flags_it_sets_and_verbs_that_are_single_process():
     with pytest.raises(ConfigError, match="--coordinator is set by the launcher"):
         check_command(["train", "c.yaml", "--coordinator", "h:1"])
-    with pytest.raises(ConfigError, match="launch runs one of train"):
+    with pytest.raises(ConfigError, match="launch runs one of train, sweep"):
         check_command(["eval", "hf/model"])
+    with pytest.raises(ConfigError, match="launch runs `sweep` on every process only as swarms spanning them"):
+        check_command(["sweep", "b.yaml", "--mixtures", "m/", "--out", "s/"])
+    assert check_command(["sweep", "b.yaml", "--mixtures", "m/", "--out", "s/", "--swarm", "8"])[-1] == "8"
     with pytest.raises(ConfigError, match="nodes=0"):
         slurm_script(["train", "c.yaml"], nodes=0, gpus_per_node=8, workdir="/w")
     with pytest.raises(ConfigError, match="a job array runs `sweep"):

@@ -1,11 +1,14 @@
 """Proxy swarms (mixlm.swarm, `mixlm sweep --swarm K`): each member of a K = 4 swarm trains as its own separate
 run would (per-step losses and validation losses), its data stream holds its mixture, a swarm resumes bitwise,
 a member that goes non-finite is isolated, the member axis sharded over 8 fake devices equals one device, and
-a swarm sweep writes the results.csv a sweep of single runs writes, also sharded and resumed."""
+a swarm sweep writes the results.csv a sweep of single runs writes, also sharded and resumed. A swarm spread
+over two jax.distributed processes (and a distributed `mixlm sweep --swarm`) equals the one-process swarm and
+its checkpoint resumes on one process."""
 
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from ports import launch
 
 import mixlm.swarm as swarm_module
 from mixlm.cli import main
@@ -226,3 +230,58 @@ def test_a_member_that_goes_non_finite_is_isolated(demo, sweep_inputs, monkeypat
         main(command)
     assert (sweep / "runs" / "0002" / "metrics.jsonl").stat().st_mtime_ns == before
     assert sorted(read_csv(sweep / "results.csv").index_N.tolist()) == [1, 2, 4]
+
+
+WORKER = Path(__file__).with_name("swarm_worker.py")
+
+
+def test_a_swarm_over_two_processes_equals_one_process_and_resumes_on_one(demo, swarm_run, sweep_inputs, capsys):
+    """Two processes x 4 devices: members over data=4 (members 0-1 on process 0, 2-3 on process 1), each
+    member's rows over fsdp=2 (a swarm of 1, whose member would span both processes, is refused). Stopped
+    after step 3 and resumed in this process (8 devices): every member's
+    logged losses and validation losses equal the one-process swarm's. Beside it, `mixlm sweep --swarm 4`
+    over the same two-process layout writes the results.csv of today's sweep."""
+    root = demo[0]
+    _, reference, _ = swarm_run
+    cfgs = member_cfgs(demo, "two_processes", "checkpoint.every=2", "checkpoint.async_save=false")
+    where = root / "two_processes" / "swarm"
+    job = root / "two_processes.json"
+    job.write_text(json.dumps({"configs": [c.to_dict() for c in cfgs], "swarm_dir": str(where),
+                               "stop_after_step": 3, "out": str(root / "two_processes")}))
+    swarm_wait = launch(root / "two_processes_logs",
+                        lambda i, port: [sys.executable, str(WORKER), str(i), "2", port, str(job)], 2)
+    mixtures, results = sweep_inputs
+    sweep = root / "distributed_sweep"
+    sweep_wait = launch(root / "distributed_sweep_logs", lambda i, port: [
+        sys.executable, "-m", "mixlm.cli", "sweep", str(demo[2]), "--mixtures", str(mixtures), "--out", str(sweep),
+        "--swarm", "4", "--limit", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+        "--process-id", str(i)], 2)
+    swarm_logs = swarm_wait()
+    records = [json.loads((root / f"two_processes.p{i}.json").read_text()) for i in range(2)]
+    assert [r["local"] for r in records] == [[0, 1], [2, 3]] and all(r["process_count"] == 2 for r in records)
+    assert [r["preempted_at"] for r in records] == [3, 3] and "2 on each of 2 processes" in swarm_logs[0]
+    # a swarm of 1 on the 8 devices of both processes: that member would span them, refused in one line
+    assert "swarm member 0 of 1 would span processes [0, 1]" in records[0]["refused"]
+    for r in records:
+        for m, rows in r["history"].items():
+            np.testing.assert_allclose([x["loss"] for x in rows], [x["loss"] for x in reference.history[int(m)][:3]],
+                                       rtol=1e-5)
+    assert sorted(p.name for p in (where / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    resumed = train_swarm(cfgs, where)  # one process, 8 devices: the data states of both processes' members
+    assert (where / "swarm.json").exists() and not resumed.failed
+    for k in range(4):
+        rows, one = logged(root / "two_processes" / f"m{k}"), logged(root / "swarm" / f"m{k}")
+        assert [r["step"] for r in rows] == [r["step"] for r in one]
+        np.testing.assert_allclose([r.get("loss", r.get("val_loss")) for r in rows],
+                                   [r.get("loss", r.get("val_loss")) for r in one], rtol=1e-5)
+        for key, value in reference.eval[k].items():
+            assert resumed.eval[k][key] == pytest.approx(value, rel=1e-5), (k, key)
+    # a distributed sweep trains swarms: without --swarm it is refused in one line, before any device work
+    assert main(["sweep", str(demo[2]), "--mixtures", str(mixtures), "--out", str(root / "refused"),
+                 "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "--distributed/--coordinator need --swarm K" in capsys.readouterr().err
+    sweep_logs = sweep_wait()
+    assert "results:" in sweep_logs[0]
+    assert_same_results(read_csv(sweep / "results.csv"), results, [1, 2, 3, 4])
+    assert len((sweep / "results.csv").read_text().splitlines()) == 5  # process 0 alone wrote it
+

@@ -1,7 +1,9 @@
 """mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N | --swarm K] [--shard I/N] [key=value ...]
 
 With --swarm K the proxies train K at a time in one process and one jitted step (mixlm.swarm: params stacked on
-a member axis, sharded over the devices); --shard then hands out whole swarms.
+a member axis, sharded over the devices); --shard then hands out whole swarms. With --swarm K and --distributed
+(or --coordinator HOST:PORT --num-processes N --process-id I) every process of a pod or cluster job runs the
+same command and each swarm spans all their devices (K a multiple of N; process 0 writes results.csv).
 
 With --parallel N on a GPU host each worker process gets its own GPUs (CUDA_VISIBLE_DEVICES; workers sharing a
 GPU also get XLA_PYTHON_CLIENT_MEM_FRACTION); on TPU --parallel > 1 is refused (one process per host); on CPU
@@ -27,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--swarm", type=int, default=0, metavar="K",
                         help="train K proxies at once in this process, in one jitted step (their own mixture, data "
                              "and seed; --parallel does not apply); a sweep of N mixtures runs as ceil(N/K) swarms")
+    parser.add_argument("--distributed", action="store_true",
+                        help="with --swarm: call jax.distributed.initialize() (TPU pods, SLURM); every process "
+                             "runs this command and the swarms span all their devices")
+    parser.add_argument("--coordinator", default="", help="with --swarm: host:port of process 0 (multi-process "
+                                                          "without a cluster)")
+    parser.add_argument("--num-processes", type=int, default=0)
+    parser.add_argument("--process-id", type=int, default=-1)
     parser.add_argument("--limit", type=int, default=0, help="run only the first N mixtures")
     parser.add_argument("--shard", default="",
                         help="I/K: train every K-th mixture (with --swarm: every K-th swarm) from the I-th and leave "
@@ -46,6 +55,13 @@ def run(args) -> int:
     if args.limit:
         table = table.rows(table.index_N[: args.limit])
     cfg = load_config(args.config, args.overrides)
+    if (args.distributed or args.coordinator) and not args.swarm:
+        raise ConfigError("--distributed/--coordinator need --swarm K (one sweep spanning processes trains "
+                          "swarms); without --swarm give each host its own --shard I/N")
+    if args.distributed or args.coordinator:
+        from mixlm.commands.train import initialize_distributed
+
+        initialize_distributed(args, cfg.train.heartbeat_timeout_s)
     runs = plan_sweep(args.config, shard_of(table, args.shard, group=max(args.swarm, 1)), args.out, args.overrides)
     gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
     results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel,

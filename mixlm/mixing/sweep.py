@@ -77,9 +77,11 @@ def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides
         weights = {d: float(w) for d, w in zip(mixtures.weight_columns(), row)}
         run_dir = out_dir / "runs" / f"{int(index):04d}"
         mixture_path = run_dir / "mixture.yaml"
-        if not mixture_path.exists():
+        if not mixture_path.exists():  # written whole (the processes of a distributed sweep all plan it)
             mixture_path.parent.mkdir(parents=True, exist_ok=True)
-            mixture_path.write_text(f"# sweep run {int(index)}\n" + yaml.safe_dump(weights, sort_keys=False))
+            partial = mixture_path.with_name(f".mixture.yaml.{os.getpid()}")
+            partial.write_text(f"# sweep run {int(index)}\n" + yaml.safe_dump(weights, sort_keys=False))
+            os.replace(partial, mixture_path)
         command = (
             sys.executable, "-m", "mixlm.cli", "train", str(base_config), *overrides,
             f"data.mixture={mixture_path}", f"train.output_dir={run_dir}", "logging.progress=false",
@@ -237,9 +239,16 @@ def swarm_dir_of(out_dir: Path, members: list[ProxyRun]) -> Path:
 
 def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, swarm: int,
                record: bool = True, log=print) -> Path:
-    """run_sweep with swarm=K: each group of K runs (swarms_of) trains as one mixlm.swarm in this process."""
+    """run_sweep with swarm=K: each group of K runs (swarms_of) trains as one mixlm.swarm in this process. With
+    several jax.distributed processes every process runs this; each swarm spans them all (mixlm.swarm), and
+    process 0 alone writes results.csv, after every process has finished the swarm (the member folders must be
+    on storage all processes see)."""
+    import jax
+
     from mixlm.swarm import read_swarm_done, train_swarm
 
+    lead = jax.process_index() == 0
+    record = record and lead
     out_dir = Path(out_dir)
     finished = done_indices(out_dir)
     record_result = append_result if record else _no_record
@@ -257,6 +266,10 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
         if not all(r.index in finished or r.index in trained for r in members) and done is None:
             started = time.time()
             result = train_swarm([run_config(r, swarm=True) for r in members], where, log_fn=log)
+            if jax.process_count() > 1:  # every member's metrics.jsonl and swarm.json are written
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"mixlm sweep: swarm {where.name} done")
             if result.preempted_at is not None:
                 raise RuntimeError(f"sweep: swarm {where.name} stopped after step {result.preempted_at} "
                                    "(checkpoint saved); rerun the same command to resume it")
