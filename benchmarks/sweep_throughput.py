@@ -4,7 +4,7 @@
                                                     compilation cache shared by the sweep's processes)
     sequential          mixlm sweep --parallel 0   (one process, proxies one after another; the compiled step
                                                     is reused, mixlm.train.build_setup's cache)
-    swarm of K          mixlm sweep --swarm K      (K proxies in one jitted step, mixlm.swarm), K = 4, 8, 16
+    swarm of K          mixlm sweep --swarm K      (K proxies in one jitted step, mixlm.swarm), K = 4, 8, 16, 32, 64
 
 Each way is one `mixlm sweep` command in a fresh process on the demo corpus (mixlm.data.demo_corpus), timed from
 start to exit (start-up, data set-up, compilation, training, validation, results.csv), on one CPU device (the
@@ -14,6 +14,11 @@ the demo tokenizer's vocabulary (1024 instead of 50432) at seq 128 (instead of 2
 proxy finishes in seconds on this CPU. Prints the table with ratios to process-per-proxy and writes
 benchmarks/results/sweep_throughput_cpu.md (machine, command, load average). Never asserts a time.
 
+The one-swarm rows (proxies = K, K >= 16) are fitted as wall = F + c*K (least squares): F is what a swarm pays
+once (start-up, data set-up, compilation), c what each member adds (its training and validation). A swarm's rate
+can approach but never pass (process-per-proxy seconds per proxy) / c, however large K: that ceiling is printed
+beside the table, so a target above it shows as out of reach on this host rather than as a shortfall of K.
+
     python benchmarks/sweep_throughput.py                    # the three ways (~5-10 min on the 2-core host)
     python benchmarks/sweep_throughput.py --sweep48          # also a 48-proxy sweep, process-per-proxy vs swarm
 """
@@ -21,13 +26,16 @@ benchmarks/results/sweep_throughput_cpu.md (machine, command, load average). Nev
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +86,54 @@ def timed_sweep(base: Path, mixtures: Path, out: Path, proxies: int, extra: list
     return wall
 
 
+def training_rates(out: Path, rows: list[tuple[str, int, float]]) -> tuple[float | None, dict[int, float]]:
+    """(mean tokens/s of the sequential way's single runs over their logged steps, {K: tokens/s of all members of
+    the swarm way together}), read from what the runs logged (metrics.jsonl, the sweep logs)."""
+    single = []
+    for path in sorted((out / "way1" / "runs").glob("*/metrics.jsonl")):
+        rates = [r["tokens_per_s"] for r in map(json.loads, path.read_text().splitlines()) if "tokens_per_s" in r]
+        single += rates[-1:]
+    swarms = {}
+    for i, (name, _, _) in enumerate(rows):
+        if name.startswith("swarm of "):
+            found = re.findall(r"swarm step \d+: .*?([\d,]+) tokens/s", (out / f"way{i}" / "sweep.log").read_text())
+            if found:
+                swarms[int(name.split()[2])] = float(np.mean([float(x.replace(",", "")) for x in found]))
+    return (float(np.mean(single)) if single else None), swarms
+
+
+def cost_model(rows: list[tuple[str, int, float]], big: list[tuple[str, float]],
+               rates: tuple[float | None, dict[int, float]]) -> list[str]:
+    """Lines fitting wall = F + c*K over the one-swarm rows (K >= 16, proxies = K), and the ceiling it implies."""
+    fit = [(proxies, wall) for name, proxies, wall in rows if name.startswith("swarm of ")
+           and proxies == int(name.split()[2]) and proxies >= 16]
+    if len(fit) < 2:
+        return []
+    k = np.array([p for p, _ in fit], dtype=float)
+    wall = np.array([w for _, w in fit])
+    c, fixed = np.polyfit(k, wall, 1)
+    per_proxy = rows[0][2] / rows[0][1]
+    lines = ["", (f"Swarm cost model, least squares over the one-swarm rows (K = {', '.join(str(int(x)) for x in k)}): "
+                  f"wall = F + c*K with F = {fixed:.1f} s per swarm (start-up, data set-up, compilation) and "
+                  f"c = {c:.2f} s per member (its training and validation steps, its data and logs; the largest "
+                  f"residual is {np.max(np.abs(wall - (fixed + c * k))):.1f} s).")]
+    lines.append(f"Process per proxy costs {per_proxy:.2f} s per proxy (its row above), so on this host a swarm's rate "
+                 f"approaches at most {per_proxy:.2f} / {c:.2f} = **{per_proxy / c:.2f}x** process-per-proxy as K "
+                 "grows.")
+    if big and big[0][0] == "process per proxy":
+        marginal = (big[0][1] - rows[0][2]) / (48 - rows[0][1])
+        lines.append(f"In the 48-proxy sweep process per proxy cost {marginal:.2f} s for each proxy after the first "
+                     f"{rows[0][1]} ((48-proxy wall - {rows[0][1]}-proxy wall) / {48 - rows[0][1]}): ceiling "
+                     f"{marginal / c:.2f}x on that basis.")
+    single, swarms = rates
+    if single and swarms:
+        together = ", ".join(f"K={kk}: {v:,.0f}" for kk, v in sorted(swarms.items()))
+        lines.append(f"Training rates as logged: a single run of the sequential way {single:,.0f} tokens/s (its last "
+                     f"logged window, mean over its runs); a swarm's members together {together} tokens/s "
+                     f"({min(swarms.values()) / single:.2f}-{max(swarms.values()) / single:.2f}x the single run's).")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="/tmp/mixlm-sweep-throughput", help="scratch folder (data, sweeps)")
@@ -86,10 +142,11 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--process-proxies", type=int, default=4, help="proxies timed one process each")
     parser.add_argument("--sequential-proxies", type=int, default=8)
-    parser.add_argument("--swarms", default="4,8,16", help="member counts K")
+    parser.add_argument("--swarms", default="4,8,16,32,64", help="member counts K")
     parser.add_argument("--swarm-proxies", type=int, default=8, help="proxies per swarm way: max(K, this)")
     parser.add_argument("--sweep48", action="store_true",
-                        help="also time a whole 48-proxy sweep process-per-proxy and as swarms of 16 (~+20 min)")
+                        help="also time a whole 48-proxy sweep process-per-proxy, as swarms of 16 and as one swarm "
+                             "of 48 (~+6 min on a quiet 2-core host)")
     parser.add_argument("--no-save", action="store_true", help="print only; leave the results file alone")
     args = parser.parse_args()
 
@@ -105,13 +162,15 @@ def main() -> int:
     base.write_text(yaml.safe_dump(proxy_config(data["prepared"], vocab, args.steps, args.batch, args.seq_len)))
     prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
     mixtures = out / "mixtures.csv"
-    write_csv(mixtures, mixtures_table(sample_mixtures(prior, 48, seed=0), prior.domains))
+    counts = [int(x) for x in args.swarms.split(",")]
+    write_csv(mixtures, mixtures_table(sample_mixtures(prior, max(48, *counts, args.sequential_proxies,
+                                                                  args.swarm_proxies), seed=0), prior.domains))
     tokens = args.steps * args.batch * args.seq_len
 
     ways = [("process per proxy (`--parallel 1`)", args.process_proxies, ["--parallel", "1"]),
             ("sequential, one process (`--parallel 0`)", args.sequential_proxies, ["--parallel", "0"])]
     ways += [(f"swarm of {k} (`--swarm {k}`)", max(k, args.swarm_proxies), ["--swarm", str(k)])
-             for k in (int(x) for x in args.swarms.split(","))]
+             for k in counts]
     rows = []
     for i, (name, proxies, extra) in enumerate(ways):
         sweep = out / f"way{i}"
@@ -121,7 +180,8 @@ def main() -> int:
         print(f"{name}: {proxies} proxies in {wall:.1f} s", flush=True)
     big = []
     if args.sweep48:
-        for name, extra in (("process per proxy", ["--parallel", "1"]), ("swarms of 16", ["--swarm", "16"])):
+        for name, extra in (("process per proxy", ["--parallel", "1"]), ("swarms of 16", ["--swarm", "16"]),
+                            ("one swarm of 48", ["--swarm", "48"])):
             sweep = out / f"sweep48-{extra[1]}"
             subprocess.run(["rm", "-rf", str(sweep)], check=True)
             wall = timed_sweep(base, mixtures, sweep, 48, extra)
@@ -157,6 +217,7 @@ def main() -> int:
                   "| way | wall s | x process per proxy |", "|---|---:|---:|"]
         for name, wall in big:
             lines.append(f"| {name} | {wall:.1f} | {big[0][1] / wall:.2f} |")
+    lines += cost_model(rows, big, training_rates(out, rows))
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_save:
