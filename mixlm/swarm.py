@@ -356,7 +356,7 @@ def evaluate_members(setup: SwarmSetup, params, eval_batches: dict[str, list[lis
             total_nll, total_tokens = total_nll + np.array(nll), total_tokens + np.array(tokens)
     for m in range(k):
         out[m]["val_loss"] = float(total_nll[m]) / max(float(total_tokens[m]), 1.0)
-    local = set(setup.local_members) if setup.owners else set(range(k))
+    local = set(setup.local_members)
     return [values if m in local else {} for m, values in enumerate(out)]
 
 
