@@ -21,7 +21,8 @@ and has no final validation row.
 Checkpoints (mixlm.checkpoint.RunCheckpoints over `<swarm_dir>/checkpoints/`, on checkpoint.every / at the end
 as configured) hold the stacked state and, as the data state, every member's source state and the failed
 members, so a rerun resumes exactly; SIGTERM/SIGINT save the current step and stop, as in a single run.
-`<swarm_dir>/swarm.json` marks a finished swarm (its members and which failed).
+`<swarm_dir>/swarm.json` marks a finished swarm (its members and which failed). Process 0 shows the swarm's
+steps and the time left on a progress bar (logging.progress), as a single run does.
 
 Several jax.distributed processes (a pod, or `mixlm sweep --swarm K --coordinator ...`) train one swarm
 together: the member axis spans the processes' devices, each member on one process (member_owners), which
@@ -381,11 +382,16 @@ def read_swarm_done(swarm_dir: str | Path) -> dict | None:
 
 class _MemberLogs:
     """This process's members' metrics.jsonl (and TensorBoard if configured), one step late like
-    mixlm.hooks.StepMeter. `failed` collects the failures of these members (member -> {'step', 'reason'})."""
+    mixlm.hooks.StepMeter, and the swarm's progress bar (steps done, ETA; process 0, logging.progress) as a
+    single run's MetricsLog shows it. `failed` collects the failures of these members (member -> {'step',
+    'reason'})."""
 
-    def __init__(self, cfgs: Sequence[ExperimentConfig], local: Sequence[int], *, start_step: int,
+    def __init__(self, cfgs: Sequence[ExperimentConfig], local: Sequence[int], *, swarm_dir: Path, start_step: int,
                  tokens_before: dict[int, float], failed: dict[int, dict], say: Callable[[str], None]):
         self.cfgs, self.local, self.failed, self.say = cfgs, list(local), failed, say
+        self.progress = MetricsLog(swarm_dir, total_steps=cfgs[0].train.steps, start_step=start_step, jsonl=False,
+                                   tensorboard=False, progress=cfgs[0].logging.progress,
+                                   writer=jax.process_index() == 0)
         self.logs: dict[int, MetricsLog] = {}
         for m in self.local:
             out = Path(cfgs[m].train.output_dir)
@@ -416,6 +422,7 @@ class _MemberLogs:
         step, alive_dev, metrics_dev = self._pending
         self._pending = None
         alive, metrics = host_view((alive_dev, metrics_dev))
+        self.progress.advance()
         for m, log in self.logs.items():
             if m in self.failed:
                 continue
@@ -452,6 +459,7 @@ class _MemberLogs:
                 log.write(step, values[m])
 
     def close(self) -> None:
+        self.progress.close()
         for log in self.logs.values():
             log.close()
 
@@ -524,8 +532,10 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
             state, start, failed = restored
         if lead:
             save_config(base, swarm_dir / "config.yaml")
-        logs = _MemberLogs(cfgs, local, start_step=start, failed=failed, say=say,
+        logs = _MemberLogs(cfgs, local, swarm_dir=swarm_dir, start_step=start, failed=failed, say=say,
                            tokens_before={m: sum(s.tokens_seen().values()) for m, s in zip(local, sources)})
+        if log_fn is None and lead:  # printed above the progress bar, as a single run prints
+            say = checkpoints.log = logs.say = logs.progress.message
         spread = f", {len(local)} on each of {jax.process_count()} processes" if len(local) != k else ""
         say(f"mixlm swarm: {k} members of {base.model.name or base.model.family} in one step, mesh "
             f"{dict(setup.mesh.shape)} (members over '{MEMBER_AXIS}'{spread}), {base.train.global_batch_size} x "

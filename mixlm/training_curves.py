@@ -2,8 +2,13 @@
 
     train_loss.png   train loss against step, one line per run
     val_loss.png     validation loss against step, one panel per domain (val_loss/<domain>) plus the total
-    mixture.png      the mixture weights in force against step, one panel per run (only when some run's mixture
-                     changes: config stages, or mixture updates saved in its newest checkpoint's data state)
+    mixture.png      each run's mixture: one stacked bar per run when every mixture is fixed; else the weights
+                     in force stacked against step, one panel per run (config stages, or mixture updates saved
+                     in its newest checkpoint's data state)
+
+Many runs (a sweep's proxies) stay readable: every run has its own colour and linestyle (run_styles), legends sit
+outside the axes, short series get markers, and when each run has only its final eval the validation panels are
+bars of the final values.
 
 Everything comes from the run folder: metrics.jsonl (rows of {"step", "loss", "val_loss/<domain>", ...}),
 config.yaml (data.mixture and its stages) and checkpoints/<step>/data (mixture updates made during the run).
@@ -13,6 +18,7 @@ config.yaml (data.mixture and its stages) and checkpoints/<step>/data (mixture u
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -112,77 +118,208 @@ def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
     return sorted(schedule, key=lambda s: s[0])
 
 
-def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Writes train_loss.png, val_loss.png (when any run has validation losses) and mixture.png (when any run's
-    mixture changes) into `out_dir`; returns the files written. Raises PlotError for a folder without metrics."""
-    import matplotlib
+# Up to 10 runs take matplotlib's default colours; more take tab20, then evenly spaced turbo colours, and
+# every 10 runs change linestyle, so no two of up to 40 runs look alike.
+LINESTYLES = ("-", "--", ":", "-.")
+FEW_POINTS = 20  # a line with this many points or fewer also gets markers (one eval point is then visible)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def run_styles(names: list[str]) -> dict[str, dict]:
+    """{run name: {'color', 'linestyle'}}: one style per run, the same in every figure."""
+    from matplotlib import colormaps
+
+    n = len(names)
+    if n <= 10:
+        colors = [f"C{i}" for i in range(n)]
+    elif n <= 20:
+        colors = [colormaps["tab20"](i) for i in range(n)]
+    else:
+        colors = [colormaps["turbo"](0.05 + 0.9 * i / (n - 1)) for i in range(n)]
+    return {name: {"color": colors[i], "linestyle": LINESTYLES[(i // 10) % len(LINESTYLES)]}
+            for i, name in enumerate(names)}
+
+
+LABELLED_RUNS = 40  # more runs than this: no legend, and every k-th run named on a per-run axis
+
+
+def _legend(fig, axes, count: int) -> None:
+    """One legend for the figure, outside the axes on the right (never over the lines), in columns of 20."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    if 1 < count <= LABELLED_RUNS and handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7 if count > 10 else 8,
+                   ncols=-(-count // 20), title="run")
+
+
+def _runs_axis(ax, names: list[str]) -> None:
+    """A y axis of one row per run, the first on top; with many runs every k-th is named."""
+    every = -(-len(names) // LABELLED_RUNS)
+    ax.set_yticks(range(0, len(names), every), names[::every], fontsize=7 if len(names) > 10 else 8)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+
+
+def _runs_height(count: int) -> float:
+    return 0.25 * min(count, LABELLED_RUNS) + 1.4
+
+
+def _line(ax, steps: list[float], values: list[float], name: str, style: dict) -> None:
+    marker = {"marker": "o", "markersize": 3} if len(steps) <= FEW_POINTS else {}
+    ax.plot(steps, values, label=name, linewidth=1.2, **style, **marker)
+
+
+def load_runs(run_dirs: list[str | Path]) -> dict[str, tuple[Path, list[dict]]]:
+    """{run name (its folder's name; a repeated name gets a '): (folder, metrics rows)}. Raises PlotError."""
     runs = {}
     for run_dir in run_dirs:
         name = Path(run_dir).resolve().name
         while name in runs:
             name += "'"
         runs[name] = (Path(run_dir), read_metrics(run_dir))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    return runs
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def train_loss_figure(runs: dict[str, tuple[Path, list[dict]]]):
+    """Train loss against step, one line per run (a Figure; legend outside the axes when several runs)."""
+    from matplotlib.figure import Figure
+
+    styles = run_styles(list(runs))
+    fig = Figure(figsize=(7 + (1.5 if len(runs) > 1 else 0), 4.5), layout="constrained")
+    ax = fig.add_subplot()
     for name, (_, rows) in runs.items():
         steps, values = series(rows, "loss")
         if steps:
-            ax.plot(steps, values, label=name)
-    ax.set(xlabel="step", ylabel="train loss (nats/token)", title="train loss")
+            _line(ax, steps, values, name, styles[name])
+    title = f"train loss: {next(iter(runs))}" if len(runs) == 1 else "train loss"
+    if len(runs) > LABELLED_RUNS:
+        title += f" ({len(runs)} runs, coloured in order)"
+    ax.set(xlabel="step", ylabel="train loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "train_loss.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "train_loss.png")
+    _legend(fig, [ax], len(runs))
+    return fig
+
+
+def val_loss_figure(runs: dict[str, tuple[Path, list[dict]]]):
+    """One panel per validation key (val_loss/<domain>, then the total): lines against step, one per run; when
+    no run has more than one eval point (a sweep's proxies: only the final eval), each run's
+    final value instead (a dot per run). None when no run has validation losses."""
+    from matplotlib.figure import Figure
 
     domains = list(dict.fromkeys(d for _, rows in runs.values() for d in val_domains(rows)))
     keys = [f"val_loss/{d}" for d in domains] + (["val_loss"] if any(series(r, "val_loss")[0]
                                                                        for _, r in runs.values()) else [])
-    if keys:
-        cols = min(3, len(keys))
-        nrows = -(-len(keys) // cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
+    if not keys:
+        return None
+    styles = run_styles(list(runs))
+    finals_only = all(len(series(rows, key)[0]) <= 1 for _, rows in runs.values() for key in keys)
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    height = _runs_height(len(runs)) if finals_only else 3.5
+    fig = Figure(figsize=(4.5 * cols + (1.5 if len(runs) > 1 and not finals_only else 0), height * nrows),
+                 layout="constrained")
+    axes = [fig.add_subplot(nrows, cols, i + 1) for i in range(len(keys))]
+    for ax, key in zip(axes, keys):
+        title = key if key != "val_loss" else "val_loss (total)"
+        if finals_only:
+            names = list(runs)
+            points = [series(rows, key) for _, rows in runs.values()]
+            values = [v[0] if v else float("nan") for _, v in points]
+            steps = sorted({int(s[0]) for s, _ in points if s})
+            # dots, not bars: the axis is zoomed to the values, where a bar's length would mislead
+            ax.scatter(values, range(len(names)), c=[styles[n]["color"] for n in names], s=36, zorder=3)
+            _runs_axis(ax, names)
+            finite = [v for v in values if math.isfinite(v)]
+            if finite:  # zoomed to the values: the differences between runs are what matters
+                lo, hi = min(finite), max(finite)
+                pad = 0.1 * (hi - lo) or 0.05 * abs(hi) or 0.1
+                ax.set_xlim(lo - pad, hi + pad)
+            at = f", step {steps[0]}" if len(steps) == 1 else ""
+            ax.set(xlabel="nats/token", title=f"{title} (final{at})")
+            ax.grid(alpha=0.3)
+        else:
             for name, (_, rows) in runs.items():
                 steps, values = series(rows, key)
                 if steps:
-                    ax.plot(steps, values, marker="o", markersize=3, label=name)
-            ax.set(xlabel="step", ylabel="nats/token", title=key if key != "val_loss" else "val_loss (total)")
+                    _line(ax, steps, values, name, styles[name])
+            ax.set(xlabel="step", ylabel="nats/token", title=title)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(keys):]:
-            ax.set_visible(False)
-        fig.tight_layout()
-        fig.savefig(out / "val_loss.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "val_loss.png")
+    if not finals_only:
+        _legend(fig, axes, len(runs))
+    return fig
 
+
+def _stage_end(schedule: list[tuple[int, dict[str, float]]], rows: list[dict]) -> float:
+    return max([s for s, _ in schedule] + series(rows, "loss")[0] + [1.0])
+
+
+def mixture_figure(runs: dict[str, tuple[Path, list[dict]]], schedules: dict[str, list]):
+    """The mixture of every run that has one: when none changes, one stacked horizontal bar per run (its
+    domains' shares); else one panel per run, the weights stacked against step. None when no run has one."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    shown = {name: s for name, s in schedules.items() if s}
+    if not shown:
+        return None
+    domains = list(dict.fromkeys(d for s in shown.values() for _, w in s for d in w))
+    palette = colormaps["tab20"] if len(domains) > 10 else None
+    colors = {d: palette(i) if palette else f"C{i}" for i, d in enumerate(domains)}
+    if all(len(s) == 1 for s in shown.values()):
+        fig = Figure(figsize=(8, _runs_height(len(shown))), layout="constrained")
+        ax = fig.add_subplot()
+        names = list(shown)
+        left = [0.0] * len(names)
+        for d in domains:
+            widths = [shown[n][0][1].get(d, 0.0) for n in names]
+            ax.barh(range(len(names)), widths, left=left, color=colors[d], label=d)
+            left = [a + b for a, b in zip(left, widths)]
+        _runs_axis(ax, names)
+        ax.set(xlim=(0, 1), xlabel="weight (fixed for the whole run)", title="mixture")
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="domain")
+        return fig
+    cols = min(4, len(shown))
+    nrows = -(-len(shown) // cols)
+    fig = Figure(figsize=(4.5 * cols + 1.5, 3.4 * nrows), layout="constrained")
+    axes = []
+    for i, (name, schedule) in enumerate(shown.items()):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        axes.append(ax)
+        last = _stage_end(schedule, runs[name][1])
+        xs = [step for i, (start, _) in enumerate(schedule)
+              for step in (start, schedule[i + 1][0] if i + 1 < len(schedule) else last)]
+        ys = [[w.get(d, 0.0) for _, w in schedule for _ in (0, 1)] for d in domains]
+        ax.stackplot(xs, ys, labels=domains, colors=[colors[d] for d in domains])
+        ax.set(xlabel="step", ylabel="weight", title=f"mixture: {name}", ylim=(0, 1), xlim=(xs[0], xs[-1]))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="domain")
+    return fig
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, log=None) -> list[Path]:
+    """Writes train_loss.png, val_loss.png (when any run has validation losses) and mixture.png (when any run
+    has a mixture in its config.yaml) into `out_dir`; returns the files written. `log` (a str -> None) hears
+    why a figure is not written or which runs it leaves out. Raises PlotError for a folder without metrics."""
+    say = log or (lambda _text: None)
+    runs = load_runs(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig, filename: str) -> None:
+        fig.savefig(out / filename, dpi=110)
+        written.append(out / filename)
+
+    save(train_loss_figure(runs), "train_loss.png")
+    fig = val_loss_figure(runs)
+    if fig is None:
+        say("val_loss.png not written: no run has validation losses (val_loss rows) in its metrics.jsonl")
+    else:
+        save(fig, "val_loss.png")
     schedules = {name: mixture_schedule(run_dir) for name, (run_dir, _) in runs.items()}
-    if any(len(s) > 1 for s in schedules.values()):
-        shown = {name: s for name, s in schedules.items() if s}
-        fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.8), squeeze=False)
-        for ax, (name, schedule) in zip(axes.flat, shown.items()):
-            last = max([s for s, _ in schedule] + series(runs[name][1], "loss")[0] + [1.0])
-            for domain in dict.fromkeys(d for _, w in schedule for d in w):
-                xs, ys = [], []
-                for i, (start, weights) in enumerate(schedule):
-                    end = schedule[i + 1][0] if i + 1 < len(schedule) else last
-                    xs += [start, end]
-                    ys += [weights.get(domain, 0.0)] * 2
-                ax.plot(xs, ys, label=domain)
-            ax.set(xlabel="step", ylabel="weight", title=f"mixture: {name}", ylim=(0, 1))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "mixture.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "mixture.png")
+    missing = [name for name, s in schedules.items() if not s]
+    fig = mixture_figure(runs, schedules)
+    if fig is None:
+        say("mixture.png not written: no run has a data.mixture in its config.yaml (synthetic data, or not a "
+            "training run's folder)")
+    else:
+        save(fig, "mixture.png")
+        if missing:
+            say(f"mixture.png leaves out {', '.join(missing)}: no data.mixture in their config.yaml")
     return written

@@ -360,6 +360,48 @@ def test_compare_tables_and_bar_chart(tiny, demo_results, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _hand_made_results(name: str, quiz_acc: float, web_nll: float, web_bpb: float) -> dict:
+    """A results document like `eval --mc-task quiz=... --domains web.jsonl` writes, from hand-set scores."""
+    from mixlm.eval.results import finish_results
+
+    suite = suite_from_dict({"name": "local", "tasks": [
+        {"task": "quiz"}, {"task": "web", "metric": "nll_per_token", "average": False},
+        {"task": "web_bpb", "metric": "bits_per_byte", "average": False}]})
+    scored = score_suite(suite, {0: {"quiz": {"acc,none": quiz_acc}, "web": {"nll_per_token,none": web_nll},
+                                     "web_bpb": {"bits_per_byte,none": web_bpb}}})
+    return finish_results(scored, suite, name=name, args={})
+
+
+def test_compare_bolds_by_direction_and_shows_losses_in_their_unit(tmp_path, capsys):
+    """Losses are lower-is-better and not percentages: in `eval compare` the lower NLL / bits per byte is bold,
+    the higher accuracy is bold; NLL prints as 5.4326 (not 543.26) in compare and in the results table; the
+    chart puts accuracies on a % axis and each loss on an axis of its own, at its own value."""
+    from mixlm.eval.compare import compare_figure
+    from mixlm.eval.report import markdown_table
+
+    small = _hand_made_results("small", quiz_acc=0.6, web_nll=5.4326, web_bpb=1.25)
+    large = _hand_made_results("large", quiz_acc=0.7, web_nll=4.0, web_bpb=0.9)
+    paths = []
+    for doc in (small, large):
+        paths.append(tmp_path / f"{doc['name']}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert cli_main(["eval", "compare", *map(str, paths), "--out", str(tmp_path / "cmp")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["quiz"] == "| quiz | acc | 60.00 | **70.00** |"
+    assert rows["web"] == "| web | nll_per_token | 5.4326 | **4.0000** |"
+    assert rows["web_bpb"] == "| web_bpb | bits_per_byte | 1.2500 | **0.9000** |"
+    assert "| web | nll_per_token | 0 | 5.4326 |" in markdown_table(small)
+
+    fig = compare_figure([small, large])
+    by_label = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert set(by_label) == {"score (%, higher is better)", "nll_per_token (lower is better)",
+                             "bits_per_byte (lower is better)"}
+    heights = {label: sorted(round(p.get_height(), 6) for p in ax.patches) for label, ax in by_label.items()}
+    assert heights["score (%, higher is better)"] == [60.0, 60.0, 70.0, 70.0]  # quiz and the Average row
+    assert heights["nll_per_token (lower is better)"] == [4.0, 5.4326]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["small", "large"]
+
+
 # --- errors --------------------------------------------------------------------------------------------------------
 
 

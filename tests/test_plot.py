@@ -44,9 +44,103 @@ def test_plot_two_runs_writes_pngs(tmp_path, capsys):
         assert data[:8] == PNG and len(data) > 1000, name
     assert "wrote" in capsys.readouterr().err
 
-    # a run whose mixture never changes: no mixture plot
+    # a run whose mixture never changes still has its mixture drawn (one stage)
     written = plot_runs([tmp_path / "a"], tmp_path / "only_a")
-    assert sorted(p.name for p in written) == ["train_loss.png", "val_loss.png"]
+    assert sorted(p.name for p in written) == ["mixture.png", "train_loss.png", "val_loss.png"]
+
+
+def _write_sweep_run(folder, index: int, rng) -> dict:
+    """A proxy of a sweep: train loss every 10 steps, one eval (the final one) and a fixed mixture."""
+    folder.mkdir(parents=True)
+    weights = dict(zip(("code", "prose", "web"), (float(w) for w in rng.dirichlet([1.0, 1.0, 1.0]))))
+    rows = [{"step": step, "loss": 5.0 - 0.01 * step - 0.05 * index} for step in range(10, 101, 10)]
+    final = {"val_loss/code": 4.0 - 0.03 * index, "val_loss/prose": 4.4 + 0.01 * index, "val_loss": 4.2}
+    rows.append({"step": 100, **final})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"data": {"mixture": weights}}))
+    return {"weights": weights, **final}
+
+
+def test_a_sweeps_runs_plot_readably(tmp_path):
+    """16 proxies of a sweep (one final eval each, fixed mixtures): 16 distinct line styles with the legend
+    outside the axes, a dot per run of its final validation losses, and mixture.png with each run's mixture
+    as a stacked bar (the shares of one bar add up to 1)."""
+    import numpy as np
+    from matplotlib.colors import to_rgba
+
+    from mixlm.training_curves import load_runs, mixture_figure, train_loss_figure, val_loss_figure
+
+    rng = np.random.default_rng(0)
+    truth = {f"{i:04d}": _write_sweep_run(tmp_path / "runs" / f"{i:04d}", i, rng) for i in range(1, 17)}
+    runs = load_runs(sorted((tmp_path / "runs").iterdir()))
+
+    fig = train_loss_figure(runs)
+    (ax,) = fig.axes
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == list(truth)
+    styles = {(to_rgba(line.get_color()), line.get_linestyle()) for line in lines}
+    assert len(styles) == 16  # no two runs look alike
+    assert ax.get_legend() is None and len(fig.legends) == 1  # the legend is the figure's, outside the axes
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(truth)
+    fig.canvas.draw()
+    assert fig.legends[0].get_window_extent().x0 >= ax.get_window_extent().x1  # right of the axes, not on them
+
+    fig = val_loss_figure(runs)
+    panels = {a.get_title(): a for a in fig.axes}
+    assert set(panels) == {"val_loss/code (final, step 100)", "val_loss/prose (final, step 100)",
+                           "val_loss (total) (final, step 100)"}
+    code = panels["val_loss/code (final, step 100)"]
+    (dots,) = code.collections
+    np.testing.assert_allclose(dots.get_offsets()[:, 0], [t["val_loss/code"] for t in truth.values()])
+    assert [t.get_text() for t in code.get_yticklabels()] == list(truth)
+
+    fig = mixture_figure(runs, {name: [(0, t["weights"])] for name, t in truth.items()})
+    (ax,) = fig.axes
+    widths = np.zeros(16)
+    for bar in ax.patches:
+        widths[round(bar.get_y() + bar.get_height() / 2)] += bar.get_width()
+    np.testing.assert_allclose(widths, 1.0, atol=1e-9)
+    prose = [bar.get_width() for bar in ax.containers[1]]  # the second domain's segment of every run
+    np.testing.assert_allclose(prose, [t["weights"]["prose"] for t in truth.values()])
+
+    out = tmp_path / "plots"
+    assert cli_main(["plot", *(str(p) for p in sorted((tmp_path / "runs").iterdir())), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mixture.png", "train_loss.png", "val_loss.png"]
+
+
+def test_plot_says_why_a_figure_is_not_written(tmp_path, capsys):
+    run = tmp_path / "synthetic"  # a run on synthetic data: no data.mixture, and no eval rows
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    assert cli_main(["plot", str(run), "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "mixlm plot: mixture.png not written: no run has a data.mixture in its config.yaml" in err
+    assert "mixlm plot: val_loss.png not written: no run has validation losses" in err
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["train_loss.png"]
+
+
+def test_the_fits_loss_vs_weight_plot_shows_the_search_target(tmp_path):
+    """Each domain's panel has its own loss and the target's loss against that domain's weight."""
+    import numpy as np
+
+    from mixlm.mixing.plots import loss_vs_weight_figure, plot_loss_vs_weight
+
+    rng = np.random.default_rng(0)
+    weights_NxD = rng.dirichlet([1.0, 1.0], size=12)
+    own = {"code": 4.0 - weights_NxD[:, 0], "prose": 4.5 - weights_NxD[:, 1]}
+    target_N = 5.0 - 0.5 * weights_NxD[:, 1]
+    fig = loss_vs_weight_figure(weights_NxD, ["code", "prose"], own, ("metric/office_val_loss", target_N))
+    for ax, domain in zip(fig.axes, ["code", "prose"]):
+        assert ax.get_title() == domain
+        by_label = {c.get_label(): c.get_offsets() for c in ax.collections}
+        assert set(by_label) == {"the domain's own loss", "target: metric/office_val_loss"}
+        np.testing.assert_allclose(by_label["target: metric/office_val_loss"][:, 1], target_N)
+        np.testing.assert_allclose(by_label["the domain's own loss"][:, 1], own[domain])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["the domain's own loss",
+                                                                  "target: metric/office_val_loss"]
+    path = plot_loss_vs_weight(weights_NxD, ["code", "prose"], own, tmp_path / "lvw.png",
+                               target=("metric/office_val_loss", target_N))
+    assert path.read_bytes()[:8] == PNG
 
 
 def test_plot_a_folder_without_metrics_is_one_line(tmp_path, capsys):

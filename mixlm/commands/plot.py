@@ -1,5 +1,5 @@
-"""mixlm plot RUN_DIR... [--out DIR]: train loss, validation loss per domain and (when it changes) the mixture
-over time of one or more training runs, side by side, as PNGs (mixlm.training_curves)."""
+"""mixlm plot RUN_DIR... [--out DIR]: train loss, validation loss per domain and the mixture (over time, when it
+changes) of one or more training runs, side by side, as PNGs (mixlm.training_curves)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training output folders (train.output_dir) "
                         "holding metrics.jsonl")
     parser.add_argument("--out", default="plots", help="folder for train_loss.png, val_loss.png, mixture.png "
-                        "(default: plots)")
+                        "(each run's mixture; when a figure cannot be drawn the output says why) (default: plots)")
 
 
 def run(args: argparse.Namespace) -> int:
     from mixlm.training_curves import PlotError, plot_runs
 
     try:
-        written = plot_runs(args.runs, args.out)
+        written = plot_runs(args.runs, args.out, log=lambda text: print(f"mixlm plot: {text}", file=sys.stderr))
     except PlotError as e:
         print(f"mixlm plot: {e}", file=sys.stderr)
         return 2

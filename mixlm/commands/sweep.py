@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import sys
+
     from mixlm.config import ConfigError, load_config
     from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
@@ -64,8 +66,23 @@ def run(args) -> int:
         initialize_distributed(args, cfg.train.heartbeat_timeout_s)
     runs = plan_sweep(args.config, shard_of(table, args.shard, group=max(args.swarm, 1)), args.out, args.overrides)
     gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
-    results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps, parallel=args.parallel,
-                        record=not args.shard, accelerator=args.accelerator, gpus=gpus, swarm=args.swarm)
+    from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
+    from mixlm.data.prepared import DataError
+
+    # The exit codes of `mixlm train`: 2 another sweep / config holds the folder, 4 checkpoints, 5 data.
+    try:
+        results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps,
+                            parallel=args.parallel, record=not args.shard, accelerator=args.accelerator, gpus=gpus,
+                            swarm=args.swarm)
+    except (ConfigMismatchError, RunFolderLockedError) as e:
+        print(f"mixlm sweep: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"mixlm sweep: {e}", file=sys.stderr)
+        return 4
+    except DataError as e:
+        print(f"mixlm sweep: data error: {e}", file=sys.stderr)
+        return 5
     if args.shard:
         print(f"shard {args.shard}: {len(runs)} runs trained; record them with the same command without --shard")
     else:

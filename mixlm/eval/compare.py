@@ -11,7 +11,7 @@ from pathlib import Path
 from mixlm.eval.errors import EvalError
 from mixlm.eval.report import format_score, is_percent, table_rows
 from mixlm.eval.results import load_results
-from mixlm.eval.scoring import LOWER_IS_BETTER
+from mixlm.eval.scoring import lower_is_better
 
 
 def _unique_names(docs: Sequence[dict]) -> list[str]:
@@ -46,12 +46,12 @@ def compare_markdown(docs: Sequence[dict]) -> str:
     for label, metric, *values in rows:
         pct = is_percent(metric)
         numbers = [v for v in values if v is not None]
-        best = (min if metric.removeprefix("centered_") in LOWER_IS_BETTER else max)(numbers) if len(numbers) > 1 else None
+        best = (min if lower_is_better(metric) else max)(numbers) if len(numbers) > 1 else None
         cells = [format_score(v, pct, bold=v is not None and v == best) for v in values]
         lines.append(f"| {label} | {metric} | " + " | ".join(cells) + " |")
     suites = sorted({d.get("suite", "") for d in docs})
-    return "\n".join(lines) + f"\n\nScores in % except perplexity / bits per byte; best per row in bold. Suite: " \
-        f"{', '.join(suites)}.\n"
+    return "\n".join(lines) + "\n\nAccuracies in %, losses / perplexities / bits per byte as they are; best per " \
+        f"row in bold (lowest for losses, perplexities, bits per byte). Suite: {', '.join(suites)}.\n"
 
 
 def compare_csv(docs: Sequence[dict]) -> str:
@@ -67,8 +67,18 @@ def compare_csv(docs: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
-def compare_bar_chart(docs: Sequence[dict], path: str | Path) -> Path:
-    """A grouped bar chart PNG of the accuracy-like rows (tasks, groups, average), one bar per run."""
+def _chart_panels(rows: list[list]) -> list[tuple[str, list[list], bool]]:
+    """(y-axis label, rows, percent) per panel: the accuracies together in %, each other metric on its own axis."""
+    panels = [("score (%, higher is better)", [r for r in rows if is_percent(r[1])], True)]
+    for metric in dict.fromkeys(r[1] for r in rows if not is_percent(r[1])):
+        direction = "lower" if lower_is_better(metric) else "higher"
+        panels.append((f"{metric} ({direction} is better)", [r for r in rows if r[1] == metric], False))
+    return [p for p in panels if p[1]]
+
+
+def compare_figure(docs: Sequence[dict]):
+    """A matplotlib Figure of grouped bars, one bar per run: accuracies (tasks, groups, average) in % on one
+    axis, each other metric (NLL, perplexity, bits per byte) on an axis of its own, in its own unit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,22 +86,34 @@ def compare_bar_chart(docs: Sequence[dict], path: str | Path) -> Path:
     import numpy as np
 
     header, rows = compare_rows(docs)
-    rows = [r for r in rows if is_percent(r[1])]
-    if not rows:
-        raise EvalError("nothing to plot: no accuracy-like scores in these results")
+    panels = _chart_panels(rows)
+    if not panels:
+        raise EvalError("nothing to plot: no scores in these results")
     names = header[2:]
-    x = np.arange(len(rows))
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * max(1, len(names)) ** 0.5 + 2), 4.5))
-    for i, name in enumerate(names):
-        heights = [100 * r[2 + i] if r[2 + i] is not None else np.nan for r in rows]
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=name)
-    ax.set_xticks(x, [r[0] for r in rows], rotation=45, ha="right")
-    ax.set_ylabel("score (%)")
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_title(f"mixlm eval compare: {', '.join(sorted({d.get('suite', '') for d in docs}))}")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    widths = [max(3.0, 0.6 * len(p[1]) * max(1, len(names)) ** 0.5 + 1.5) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 2, 4.5), squeeze=False, layout="constrained",
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (label, panel_rows, percent) in zip(axes[0], panels):
+        x = np.arange(len(panel_rows))
+        scale = 100 if percent else 1
+        for i, name in enumerate(names):
+            heights = [scale * r[2 + i] if r[2 + i] is not None else np.nan for r in panel_rows]
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=name)
+        ax.set_xticks(x, [r[0] for r in panel_rows], rotation=45, ha="right")
+        ax.set_ylabel(label)
+        ax.axhline(0, color="black", linewidth=0.6)
+    fig.suptitle(f"mixlm eval compare: {', '.join(sorted({d.get('suite', '') for d in docs}))}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="outside right upper")
+    return fig
+
+
+def compare_bar_chart(docs: Sequence[dict], path: str | Path) -> Path:
+    """Writes compare_figure(docs) as a PNG at `path`; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = compare_figure(docs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from mixlm.eval.scoring import LOWER_IS_BETTER
+# Scores that are fractions of examples (0..1), shown in %; every other metric (NLL, perplexity, bits per byte,
+# BLEU, which lm-eval already reports on 0..100) is shown as it is. "mean" is the average row (accuracies only).
+PERCENT_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "contains", "f1", "mean"})
 
 
 def is_percent(metric: str) -> bool:
-    """Accuracy-like metrics are shown as percentages; perplexities and bits per byte as they are."""
-    return metric.removeprefix("centered_").partition(" ")[0] not in LOWER_IS_BETTER
+    """Whether `metric` (as a table shows it: 'centered_acc', 'acc_norm (mean over 0-5 shots)') is an accuracy,
+    shown as a percentage; anything else (losses, perplexities, bits per byte) is shown as it is."""
+    return metric.removeprefix("centered_").partition(" ")[0] in PERCENT_METRICS
 
 
 def format_score(value: float | None, percent: bool, bold: bool = False) -> str:

@@ -13,7 +13,17 @@ from collections.abc import Sequence
 from mixlm.eval.errors import EvalError
 from mixlm.eval.suites import Suite, SuiteTask
 
-LOWER_IS_BETTER = frozenset({"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity"})
+LOWER_IS_BETTER = frozenset({"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "nll_per_token",
+                             "token_perplexity", "ter"})
+# Losses by name: a metric naming one of these is lower-is-better even when not listed above.
+_LOSS_WORDS = ("loss", "nll", "perplexity", "bits_per_")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller `metric` is better: losses, NLL, perplexities, bits per byte, TER. Takes a table's
+    metric name as shown ('centered_acc', 'nll_per_token (mean over 0-5 shots)', 'val_loss/web')."""
+    name = metric.removeprefix("centered_").partition(" ")[0]
+    return name in LOWER_IS_BETTER or any(word in name for word in _LOSS_WORDS)
 
 
 def finite_number(x) -> float | None:
@@ -108,7 +118,7 @@ def score_suite(suite: Suite, results_by_shot: dict[int, dict[str, dict]]) -> di
                              "shots": list(task.shots), "score": score, "stderr": stderr, "raw_score": raw,
                              "chance": task.chance, "centered": centered,
                              # perplexities and bits per byte are never averaged with accuracies
-                             "average": task.average and metric not in LOWER_IS_BETTER}
+                             "average": task.average and not lower_is_better(metric)}
     groups = {}
     for name, members in suite.groups:
         counted = [m for m in members if tasks[m]["average"]]

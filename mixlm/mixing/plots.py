@@ -104,28 +104,50 @@ def plot_fit(result: FitResult, path: str | Path) -> Path:
     )
 
 
-def plot_loss_vs_weight(
-    weights_NxD: np.ndarray, domains: Sequence[str], losses: Mapping[str, np.ndarray], path: str | Path
-) -> Path:
-    """One panel per domain in `losses` ({domain: loss per run [N]}): that domain's weight (x, log
-    scale, zero weights at the left edge) against its loss (y) over the proxy runs."""
+def loss_vs_weight_figure(
+    weights_NxD: np.ndarray,
+    domains: Sequence[str],
+    losses: Mapping[str, np.ndarray],
+    target: tuple[str, np.ndarray] | None = None,
+):
+    """The Figure of plot_loss_vs_weight: one panel per domain that has a weight, its weight (x, log scale, zero
+    weights at the left edge) against its own validation loss (`losses[domain]`, blue, where given) and the
+    search target's loss (`target` = (label, loss per run [N]), orange) over the proxy runs."""
     from matplotlib.figure import Figure
 
-    names = [d for d in domains if d in losses]
+    names = [d for d in domains if d in losses or target is not None]
     cols = math.ceil(math.sqrt(len(names)))
     rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.8 * rows))
+    fig = Figure(figsize=(3.2 * cols + (1.6 if target is not None else 0), 2.8 * rows), layout="constrained")
     for j, domain in enumerate(names):
         ax = fig.add_subplot(rows, cols, j + 1)
         weight_N = weights_NxD[:, list(domains).index(domain)]
         floor = weight_N[weight_N > 0].min() / 2 if np.any(weight_N > 0) else 1e-4
-        ax.scatter(np.maximum(weight_N, floor), losses[domain], s=5, alpha=0.5)
+        x_N = np.maximum(weight_N, floor)
+        if domain in losses:
+            ax.scatter(x_N, losses[domain], s=5, alpha=0.5, color="C0", label="the domain's own loss")
+        if target is not None:
+            ax.scatter(x_N, target[1], s=7, alpha=0.7, color="C1", marker="^", label=f"target: {target[0]}")
         ax.set_xscale("log")
         ax.set_title(domain, fontsize=8)
         ax.tick_params(labelsize=7)
     fig.supxlabel("domain weight")
-    fig.supylabel("domain validation loss")
-    return _save(fig, path)
+    fig.supylabel("validation loss" if target is not None else "domain validation loss")
+    if target is not None and fig.axes:
+        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7, markerscale=2)
+    return fig
+
+
+def plot_loss_vs_weight(
+    weights_NxD: np.ndarray,
+    domains: Sequence[str],
+    losses: Mapping[str, np.ndarray],
+    path: str | Path,
+    target: tuple[str, np.ndarray] | None = None,
+) -> Path:
+    """loss_vs_weight_figure written as a PNG at `path` ({domain: loss per run [N]}; `target`: (label, the search
+    target's loss per run [N]) drawn in every panel); returns the path."""
+    return _save(loss_vs_weight_figure(weights_NxD, domains, losses, target), path)
 
 
 def _correlation(value: float) -> str:
@@ -135,6 +157,7 @@ def _correlation(value: float) -> str:
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -16,6 +16,10 @@ each member still writing `<out>/runs/<index>/metrics.jsonl`, so results.csv, --
 swarms and resumes an unfinished one from its checkpoint; a member that went non-finite gets no row, like a
 failed run.
 
+Each finished run prints its loss on the search target (search_target: the eval-only domains of eval.domains,
+else val_loss) with how many runs (or swarms) are left and about how long; every sweep ends with sweep_summary,
+the best runs on that target and their mixtures.
+
 Parallel workers and devices (`worker_envs`): on a GPU host each of the `parallel` worker slots gets its own
 GPUs through CUDA_VISIBLE_DEVICES (G GPUs over P workers: G/P each when P divides G; P/G workers per GPU, each
 capped by XLA_PYTHON_CLIENT_MEM_FRACTION, when G divides P); a TPU host's chips belong to one process, so
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,8 +68,85 @@ def final_losses(run_dir: Path, steps: int) -> dict[str, float] | None:
     return final
 
 
-# The single-run command's overrides that a swarm member leaves out: the swarm checkpoints as configured.
-SINGLE_RUN_ONLY = ("checkpoint.save_at_end=false", "checkpoint.every=0")
+def search_target(runs: Sequence[ProxyRun], domains: Sequence[str]) -> tuple[str, ...]:
+    """The loss keys a sweep searches on, from its base config: `val_loss/<d>` of every eval-only domain
+    (eval.domains not among the mixture's `domains`: a target no run trains on; several are averaged, as
+    `mix fit --target a,b`), else ('val_loss',), the token-weighted loss over the trained domains."""
+    if not runs:
+        return ("val_loss",)
+    args = list(runs[0].command[runs[0].command.index("train") + 1:])
+    held_out = [d for d in load_config(args[0], args[1:]).eval.domains if d not in domains]
+    return tuple(f"val_loss/{d}" for d in dict.fromkeys(held_out)) or ("val_loss",)
+
+
+def target_value(losses: Mapping[str, float], target: Sequence[str]) -> float:
+    """The mean of the target's losses in one run's final losses (NaN where one is missing)."""
+    return sum(float(losses.get(k, float("nan"))) for k in target) / len(target)
+
+
+def target_label(target: Sequence[str]) -> str:
+    """'val_loss/office', or 'mean of val_loss/a, val_loss/b'."""
+    return target[0] if len(target) == 1 else "mean of " + ", ".join(target)
+
+
+def target_columns(target: Sequence[str]) -> str:
+    """The results.csv column(s) of the target, as `mix fit --target` takes them."""
+    return ",".join(f"{METRIC_PREFIX}val_loss" if k == "val_loss" else loss_column(k.split("/", 1)[1])
+                    for k in target)
+
+
+def _run_line(run: ProxyRun, losses: Mapping[str, float], target: Sequence[str], took: str = "") -> str:
+    """The line a finished run prints: its search target first, then the trained domains' loss."""
+    line = f"sweep: run {run.index} done{took}, {target_label(target)} {target_value(losses, target):.4f}"
+    return line if tuple(target) == ("val_loss",) else line + f" (trained domains' val_loss {losses['val_loss']:.4f})"
+
+
+SUMMARY_TOP = 5
+
+
+def sweep_summary(runs: Sequence[ProxyRun], steps: int, target: Sequence[str], top: int = SUMMARY_TOP) -> str:
+    """The lines that end a sweep: how many of `runs` finished, and the `top` best on the search target (lowest
+    first), each with its loss and its mixture (non-zero weights, largest first)."""
+    finished = []
+    for run in runs:
+        losses = final_losses(run.run_dir, steps)
+        if losses is not None:
+            finished.append((target_value(losses, target), run))
+    finished.sort(key=lambda item: (math.isnan(item[0]), item[0]))  # a NaN target last
+    head = (f"sweep summary: {len(finished)} of {len(runs)} runs finished; best {min(top, len(finished))} on "
+            f"{target_label(target)} (mix fit --target {target_columns(target)}), lowest first:")
+    lines = [head]
+    width = max((len(str(r.index)) for _, r in finished[:top]), default=1)
+    for value, run in finished[:top]:
+        weights = sorted(((w, d) for d, w in run.weights.items() if w > 0), reverse=True)
+        mixture = ", ".join(f"{d} {100 * w:.1f}%" if w >= 0.001 else f"{d} <0.1%" for w, d in weights)
+        lines.append(f"  run {run.index:>{width}}  {value:.4f}  {mixture}")
+    return "\n".join(lines)
+
+
+class _Eta:
+    """Work items done of a total and the time left at the mean pace so far (this process's items only)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.time()
+
+    def step(self, n: int = 1) -> str:
+        self.done += n
+        left = self.total - self.done
+        if left <= 0:
+            return f"{self.done}/{self.total}"
+        seconds = (time.time() - self.started) / self.done * left
+        return f"{self.done}/{self.total}, about {_duration(seconds)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{seconds:.0f}s" if seconds < 90 else f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+# The single-run command's overrides that a swarm member leaves out: the swarm checkpoints as configured, and
+# shows its progress bar as configured (a run in a worker process writes to its train.log: no bar there).
+SINGLE_RUN_ONLY = ("logging.progress=false", "checkpoint.save_at_end=false", "checkpoint.every=0")
 
 
 def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides: list[str] = ()) -> list[ProxyRun]:
@@ -84,8 +166,7 @@ def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides
             os.replace(partial, mixture_path)
         command = (
             sys.executable, "-m", "mixlm.cli", "train", str(base_config), *overrides,
-            f"data.mixture={mixture_path}", f"train.output_dir={run_dir}", "logging.progress=false",
-            *SINGLE_RUN_ONLY,
+            f"data.mixture={mixture_path}", f"train.output_dir={run_dir}", *SINGLE_RUN_ONLY,
         )
         runs.append(ProxyRun(int(index), weights, run_dir, command))
     return runs
@@ -117,7 +198,9 @@ def run_config(run: ProxyRun, *, swarm: bool = False):
     swarm=True: as a swarm member, without SINGLE_RUN_ONLY."""
     from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
 
-    args = [a for a in run.command[run.command.index("train") + 1:] if not (swarm and a in SINGLE_RUN_ONLY)]
+    args = list(run.command[run.command.index("train") + 1:])
+    if swarm:  # plan_sweep puts them last: the user's own overrides (logging.progress=false too) stay
+        args = args[:len(args) - len(SINGLE_RUN_ONLY)]
     cfg = load_config(args[0], args[1:])
     return resolve_vocab(cfg, explicit=vocab_size_is_explicit(args[0], args[1:]))
 
@@ -237,14 +320,30 @@ def swarm_dir_of(out_dir: Path, members: list[ProxyRun]) -> Path:
     return Path(out_dir) / "swarms" / f"{members[0].index:04d}-{members[-1].index:04d}"
 
 
+def _locked_swarm_message(where: Path, out_dir: Path) -> str:
+    """One line for a swarm folder another process holds: who holds it and what to do."""
+    from mixlm.checkpoint import LOCK_FILE
+
+    try:
+        info = json.loads((where / LOCK_FILE).read_text())
+        who = f"host {info['host']}, pid {info['pid']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "a process that is just starting"
+    return (f"swarm {where} is being trained by another process ({who}): another `mixlm sweep` on {out_dir} is "
+            "running; wait for it to finish (a rerun then records its runs) or stop it, or give this sweep "
+            "another --out")
+
+
 def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, swarm: int,
-               record: bool = True, log=print) -> Path:
+               record: bool = True, log=print, target: Sequence[str] = ("val_loss",)) -> Path:
     """run_sweep with swarm=K: each group of K runs (swarms_of) trains as one mixlm.swarm in this process. With
     several jax.distributed processes every process runs this; each swarm spans them all (mixlm.swarm), and
     process 0 alone writes results.csv, after every process has finished the swarm (the member folders must be
-    on storage all processes see)."""
+    on storage all processes see). A swarm folder another process is training raises RunFolderLockedError
+    (one line: who holds it, what to do)."""
     import jax
 
+    from mixlm.checkpoint import RunFolderLockedError
     from mixlm.swarm import read_swarm_done, train_swarm
 
     lead = jax.process_index() == 0
@@ -257,6 +356,9 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
     todo = [r for r in runs if r.index not in finished and (record or r.index not in trained)]
     log(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} already in {out_dir / RESULTS}, {len(todo)} to run "
         f"in swarms of {swarm}")
+    to_train = [g for g in groups if not all(r.index in finished or r.index in trained for r in g)
+                and read_swarm_done(swarm_dir_of(out_dir, g)) is None]
+    eta = _Eta(len(to_train))
     failures, reasons = [], []
     for members in groups:
         if all(r.index in finished for r in members):
@@ -265,7 +367,12 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
         done = read_swarm_done(where)
         if not all(r.index in finished or r.index in trained for r in members) and done is None:
             started = time.time()
-            result = train_swarm([run_config(r, swarm=True) for r in members], where, log_fn=log)
+            log(f"sweep: swarm {where.name} ({eta.done + 1} of {eta.total} to train, {len(members)} members)")
+            try:  # print (the default log): the swarm prints above its progress bar
+                result = train_swarm([run_config(r, swarm=True) for r in members], where,
+                                     log_fn=None if log is print else log)
+            except RunFolderLockedError:
+                raise RunFolderLockedError(_locked_swarm_message(where, out_dir)) from None
             if jax.process_count() > 1:  # every member's metrics.jsonl and swarm.json are written
                 from jax.experimental import multihost_utils
 
@@ -273,7 +380,8 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
             if result.preempted_at is not None:
                 raise RuntimeError(f"sweep: swarm {where.name} stopped after step {result.preempted_at} "
                                    "(checkpoint saved); rerun the same command to resume it")
-            log(f"sweep: swarm {where.name} ({len(members)} members) done in {time.time() - started:.0f}s")
+            log(f"sweep: swarm {where.name} ({len(members)} members) done in {time.time() - started:.0f}s; swarms "
+                f"{eta.step()}")
             done = read_swarm_done(where)
         failed = {int(m): v for m, v in (done or {}).get("failed", {}).items()}
         for m, run in enumerate(members):
@@ -289,7 +397,9 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
                 continue
             record_result(out_dir, run, domains, losses)
             if record:
-                log(f"sweep: run {run.index} done, val_loss {losses['val_loss']:.4f}")
+                log(_run_line(run, losses, target))
+    if lead:
+        log(sweep_summary(runs, steps, target))
     if failures:
         raise RuntimeError(f"sweep: runs {failures} failed ({'; '.join(reasons)}); a finished swarm reports its "
                            "failed members again on a rerun: train them alone (without --swarm) or with another "
@@ -299,16 +409,18 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
 
 def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, steps: int, parallel: int = 1,
               record: bool = True, log=print, accelerator: str = "auto", gpus: Sequence[str] | None = None,
-              swarm: int = 0) -> Path:
+              swarm: int = 0, target: Sequence[str] | None = None) -> Path:
     """Runs every unfinished proxy (up to `parallel` processes at once; 0: in this process, one after
     another) and appends its losses. record=False (one shard of a sweep spread over machines, which
     must not write one shared file at once): train only; a later run with record=True writes the
     finished runs' losses to results.csv without training them again. Each worker process gets the
     devices of its slot (worker_envs; `accelerator` 'auto' detects the host, `gpus` defaults to the
     visible ones). swarm=K > 0: K runs at a time in one jitted step in this process (run_swarms; `parallel`,
-    `accelerator` and `gpus` do not apply)."""
+    `accelerator` and `gpus` do not apply). Each finished run prints its loss on the search target (`target`,
+    default search_target: the eval-only domains, else val_loss); the sweep ends with sweep_summary."""
+    target = tuple(target or search_target(runs, domains))
     if swarm:
-        return run_swarms(runs, out_dir, domains, steps=steps, swarm=swarm, record=record, log=log)
+        return run_swarms(runs, out_dir, domains, steps=steps, swarm=swarm, record=record, log=log, target=target)
     out_dir = Path(out_dir)
     if accelerator == "auto":
         accelerator = detect_accelerator()
@@ -326,6 +438,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / ".jax_cache"))  # proxies share one shape
     running: list[tuple[ProxyRun, subprocess.Popen, float, int]] = []  # each Popen owns its log file
     failures = []
+    eta = _Eta(len(todo))
 
     def reap(block: bool) -> None:
         for item in list(running):
@@ -338,16 +451,17 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
             losses = final_losses(run.run_dir, steps)
             if proc.returncode != 0 or losses is None:
                 failures.append(run.index)
-                log(f"sweep: run {run.index} failed (exit {proc.returncode}); see {run.run_dir / 'train.log'}")
+                log(f"sweep: run {run.index} failed (exit {proc.returncode}); see {run.run_dir / 'train.log'}; runs "
+                    f"{eta.step()}")
                 continue
             record_result(out_dir, run, domains, losses)
-            log(f"sweep: run {run.index} done in {time.time() - started:.0f}s, val_loss {losses['val_loss']:.4f}")
+            log(_run_line(run, losses, target, f" in {time.time() - started:.0f}s") + f"; runs {eta.step()}")
 
     for run in todo:
         if parallel == 0:  # in this process, one after another (no per-run start-up cost)
             losses = final_losses(run.run_dir, steps) or train_in_process(run)
             record_result(out_dir, run, domains, losses)
-            log(f"sweep: run {run.index} done, val_loss {losses['val_loss']:.4f}")
+            log(_run_line(run, losses, target) + f"; runs {eta.step()}")
             continue
         while len(running) >= parallel:
             reap(block=False)
@@ -355,6 +469,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
         losses = final_losses(run.run_dir, steps)
         if losses is not None:  # trained but not recorded (the sweep was stopped in between)
             record_result(out_dir, run, domains, losses)
+            eta.total -= 1
             continue
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted run starts over
@@ -369,6 +484,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
         running.append((run, proc, time.time(), slot))
     while running:
         reap(block=True)
+    log(sweep_summary(runs, steps, target))
     if failures:
         raise RuntimeError(f"sweep: runs {failures} failed; rerun the same command to retry them")
     return out_dir / RESULTS
