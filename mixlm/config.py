@@ -593,12 +593,14 @@ def _read_yaml(path: Path) -> Any:
     return load_yaml(text, str(path)) or {}
 
 
-def _resolve(path: Path, what: str = "config file") -> Path:
-    """`path` made absolute with symlinks followed; a symlink loop is a one-line ConfigError."""
+def _resolve(path: Path, named_by: str = "") -> Path:
+    """`path` made absolute with symlinks followed; a symlink loop is a one-line ConfigError naming the file
+    that named the path (`named_by`, e.g. "`base:` in exp.yaml")."""
     try:
         return path.resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: Python 3.11's "Symlink loop from ..."
-        raise ConfigError(f"{path}: cannot follow the {what} path ({e}); point it at a YAML file") from None
+        via = f" ({named_by})" if named_by else ""
+        raise ConfigError(f"{path}{via}: cannot follow the path ({e}); point it at a YAML file") from None
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -626,7 +628,7 @@ def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
         raise ConfigError(f"{path}: `base:` must be a file path or a list of them, got {_short(bases)}")
     for b in bases:
-        sub, sub_origin = _load_tree(path.parent / b, stack + (path,))
+        sub, sub_origin = _load_tree(_resolve(path.parent / b, f"`base:` in {path}"), stack + (path,))
         merged = _deep_merge(merged, sub)
         origin.update(sub_origin)
     for section, value in raw.items():
@@ -634,7 +636,7 @@ def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
             raise ConfigError(f"{path}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
         section_file = path
         if isinstance(value, str):  # the section lives in its own file
-            section_file = _resolve(path.parent / value, f"{section} section file")
+            section_file = _resolve(path.parent / value, f"section {section!r} in {path}")
             value = _read_yaml(section_file)
             if not isinstance(value, dict):
                 raise ConfigError(f"{section_file}: expected a mapping for section {section!r}")

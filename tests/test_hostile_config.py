@@ -261,11 +261,14 @@ def test_a_symlink_loop_as_config_or_base_is_one_line_exit_2(tmp_path, capsys):
     with_base.write_text(yaml.safe_dump({"base": "a.yaml", **TINY}))
     section = tmp_path / "section.yaml"
     section.write_text(yaml.safe_dump({**TINY, "model": "a.yaml"}))
-    for config in (tmp_path / "a.yaml", with_base, section):
+    for config, named_by in ((tmp_path / "a.yaml", ""), (with_base, f" (`base:` in {with_base})"),
+                             (section, f" (section 'model' in {section})")):
         assert main(["train", str(config), f"train.output_dir={tmp_path / 'run'}"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("mixlm train: config error: ") and err.count("\n") == 1, err
-        assert "a.yaml" in err and ("Symlink loop" in err or "symbolic links" in err), err
+        assert err.startswith(f"mixlm train: config error: {tmp_path / 'a.yaml'}") and err.count("\n") == 1, err
+        if sys.version_info < (3, 13):  # 3.13's resolve() leaves the loop to open(): "cannot read the config file"
+            assert err.startswith(f"mixlm train: config error: {tmp_path / 'a.yaml'}{named_by}: cannot follow "
+                                  "the path (Symlink loop from "), err
     assert main(["params", str(tmp_path / "a.yaml")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "run").exists()
