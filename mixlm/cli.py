@@ -66,6 +66,24 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().format_help()
 
 
+OVERRIDES = "overrides"  # the positional of every verb that takes section.key=value config overrides
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """The `section.key=value ...` positional of a verb that takes config overrides (after its CONFIG
+    positional); `parse_verb_args` lets them stand anywhere on the command line, before or after flags."""
+    parser.add_argument(OVERRIDES, nargs="*", metavar="section.key=value", help=f"config overrides, e.g. {example}")
+
+
+def parse_verb_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`argv` parsed by a verb's parser. For a verb with an overrides positional (add_overrides_argument)
+    flags and positionals may interleave, so `mixlm plan C --devices 8 model.remat=full` works as it reads
+    (argparse's intermixed parsing); an unknown --flag is still an error (exit 2)."""
+    if any(action.dest == OVERRIDES and not action.option_strings for action in parser._actions):
+        return parser.parse_intermixed_args(argv)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = ArgumentParser(prog="mixlm", description=DESCRIPTION)
@@ -82,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"mixlm.commands.{COMMANDS[verb][0]}")
     verb_parser = ArgumentParser(prog=f"mixlm {verb}", description=COMMANDS[verb][1])
     module.add_arguments(verb_parser)
-    args = verb_parser.parse_args(argv[1:])
+    args = parse_verb_args(verb_parser, argv[1:])
     from mixlm.config import ConfigError
 
     try:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,7 @@ class MeshConfig:
         for name, axes in self.rules.items():
             listed = [] if axes is None else [axes] if isinstance(axes, str) else axes
             if not isinstance(listed, list) or any(a not in ("data", "fsdp", "tensor") for a in listed):
-                raise ConfigError(f"mesh.rules.{name}: expected a list of mesh axes (data, fsdp, tensor), got {axes!r}")
+                raise ConfigError(f"mesh.rules.{name}: expected a list of mesh axes (data, fsdp, tensor), got {_short(axes)}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,10 @@ _SECTION_TYPES = {
 }
 
 
+def _number(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)  # ints exactly: 2147483647, not 2.14748e+09
+
+
 @dataclass(frozen=True)
 class Bound:
     """The allowed range of a numeric field: low <= v (low < v when low_open), v <= high (v < high when
@@ -252,17 +258,22 @@ class Bound:
         return self.high is None or (v < self.high if self.high_open else v <= self.high)
 
     def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         elif self.low is not None:
-            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+            text = f"{'>' if self.low_open else '>='} {low}"
         else:
-            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+            text = f"{'<' if self.high_open else '<='} {high}"
         text += "".join(f" or {a}" for a in self.also)
         return text + (f" ({self.why})" if self.why else "")
 
 
-# Every bounded numeric field, checked up front (before jax or any device is touched) by `validate`.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1  # any integer field: numpy and jax hold integers as int64 at most
+
+# Every bounded numeric field, checked up front (before jax or any device is touched) by `validate`. An integer
+# field with no upper bound here is still bounded by INT64_MAX.
 FIELD_BOUNDS: dict[str, Bound] = {
     "model.num_layers": Bound(1),
     "model.d_model": Bound(1),
@@ -270,9 +281,9 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "model.num_kv_heads": Bound(0, why="0 means num_heads"),
     "model.head_dim": Bound(0, why="0 means d_model // num_heads"),
     "model.mlp_dim": Bound(1),
-    "model.vocab_size": Bound(1),
+    "model.vocab_size": Bound(1, INT32_MAX, why="token ids are int32"),
     "model.vocab_multiple": Bound(0),
-    "model.max_seq_len": Bound(1),
+    "model.max_seq_len": Bound(1, INT32_MAX, why="positions are int32"),
     "model.rope_base": Bound(0, low_open=True),
     "model.norm_eps": Bound(0),
     "model.init_std": Bound(0),
@@ -285,18 +296,21 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "optimizer.eps": Bound(0, low_open=True, why="Adam divides by sqrt(v) + eps; 0 gives NaN where a gradient is 0"),
     "optimizer.weight_decay": Bound(0),
     "optimizer.clip_norm": Bound(0, why="0 disables clipping"),
-    "schedule.warmup_steps": Bound(0),
+    "schedule.warmup_steps": Bound(0, INT32_MAX, why="optax counts steps in int32"),
     "schedule.warmup_fraction": Bound(0, 1),
     "schedule.min_lr": Bound(0),
     "schedule.decay_fraction": Bound(0, 1),
     "data.mixture_index": Bound(0, why="0: data.mixture as written; k: the k-th mixture of a `random:` spec"),
-    "data.seq_len": Bound(1),
+    "data.seq_len": Bound(1, INT32_MAX, why="positions are int32"),
+    "data.seed": Bound(0, INT64_MAX, why="numpy seeds are non-negative"),
     "data.max_epochs": Bound(0, why="0 means unlimited"),
     "data.num_workers": Bound(0),
-    "train.steps": Bound(1, why="the number of optimizer steps to run"),
-    "train.global_batch_size": Bound(1, why="sequences per optimizer step over all hosts"),
+    "train.steps": Bound(1, INT32_MAX, why="the number of optimizer steps to run; optax counts them in int32"),
+    "train.global_batch_size": Bound(1, INT32_MAX, why="sequences per optimizer step over all hosts; "
+                                                       "steps x global_batch_size row indices are int64"),
     "train.grad_accum_steps": Bound(1, why="1 means no accumulation"),
     "train.z_loss": Bound(0),
+    "train.seed": Bound(0, 2**32 - 1, why="jax.random.key keeps 32 bits, so a larger seed repeats a smaller one"),
     "train.heartbeat_timeout_s": Bound(1, why="seconds"),
     "checkpoint.every": Bound(0, why="0 saves only at the end"),
     "checkpoint.keep_last": Bound(0, why="0 keeps all"),
@@ -316,6 +330,11 @@ def _check_bounds(section: str, values: Any) -> None:
         sec, name = key.split(".")
         if sec == section and not bound.allows(getattr(values, name)):
             raise ConfigError(f"{key}={getattr(values, name)!r} is out of range: must be {bound.describe()}")
+    for f in dataclasses.fields(values):  # every other integer: what numpy and jax can hold
+        v = getattr(values, f.name)
+        if isinstance(v, int) and not isinstance(v, bool) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+            raise ConfigError(f"{section}.{f.name}={v!r} is out of range: must fit in int64, <= {INT64_MAX} "
+                              "(numpy and jax hold integers as int64)")
 
 
 def validate(cfg: ExperimentConfig, origin: dict | None = None) -> None:
@@ -356,14 +375,65 @@ def validate(cfg: ExperimentConfig, origin: dict | None = None) -> None:
     if cfg.schedule.kind != "constant" and cfg.schedule.min_lr > cfg.optimizer.lr:
         fail("schedule.min_lr", f"schedule.min_lr={cfg.schedule.min_lr:g} is above optimizer.lr="
                                 f"{cfg.optimizer.lr:g}, so the {cfg.schedule.kind} decay would rise; lower it")
+    for key, what in (("tasks", "an lm-eval task or tag name"), ("domains", "a prepared domain name")):
+        for i, entry in enumerate(getattr(cfg.eval, key)):
+            if not isinstance(entry, str) or not entry.strip():
+                fail(f"eval.{key}", f"eval.{key}[{i}]: expected {what} (a string), got {_short(entry)}; "
+                                    f"write eval.{key} as a list of names")
 
 
-def validate_for_mesh(cfg: ExperimentConfig, data_parallel: int, process_count: int = 1) -> None:
+# The per-host batch as a data source hands it over: int32 inputs and targets and a float32 loss mask per token.
+BATCH_BYTES_PER_TOKEN = 12
+GIB = 1 << 30
+
+
+def this_host_memory_bytes() -> int:
+    """This host's physical memory in bytes, or the cgroup v2 limit of its container / job when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def mesh_memory_bytes(devices: Iterable, host_memory_bytes: int) -> int | None:
+    """The memory of a mesh's `devices` (jax Devices) together: CPU devices share their host's
+    `host_memory_bytes` (counted once per process); accelerators report memory_stats()['bytes_limit'], taken
+    from the first that answers, times the device count. None when none answers."""
+    devices = list(devices)
+    if devices and all(d.platform == "cpu" for d in devices):
+        return host_memory_bytes * len({d.process_index for d in devices})
+    for device in devices:
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except (RuntimeError, ValueError, NotImplementedError):  # another process's device, or no stats
+            continue
+        if limit:
+            return int(limit) * len(devices)
+    return None
+
+
+def min_param_count(model: ModelConfig) -> tuple[int, int]:
+    """(embedding, blocks): a lower bound on the model's parameters from its sizes alone, no jax: the token
+    embedding (and the LM head when untied) and per layer the q, k, v, o projections and two MLP matrices;
+    biases, norms and a third MLP matrix are left out. mixlm.models.param_counts is the exact count."""
+    m = model
+    embedding = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    per_layer = m.d_model * m.dim_per_head * 2 * (m.num_heads + m.kv_heads) + 2 * m.d_model * m.mlp_dim
+    return embedding, m.num_layers * per_layer
+
+
+def validate_for_mesh(cfg: ExperimentConfig, data_parallel: int, process_count: int = 1, *,
+                      host_memory_bytes: int | None = None, devices: Iterable = ()) -> None:
     """`validate(cfg)` plus the batch rules that need the mesh, as plain ints (no jax here): the global batch
     must split evenly over the `data_parallel` devices that share the batch rows (the mesh axes of the
     'batch' rule, data x fsdp by default) and over `process_count` hosts, and each host's rows over
-    train.grad_accum_steps micro-batches. mixlm.train.train calls it right after making the mesh, before
-    anything is built or compiled. Raises a one-line ConfigError."""
+    train.grad_accum_steps micro-batches. Then sizes no host or device can hold: each host's batch of tokens
+    against `host_memory_bytes` (default this_host_memory_bytes(); 0 skips it: mixlm plan sizes runs for other
+    machines), and with `devices` (the mesh's jax Devices) the training state of min_param_count against
+    their memory together (mesh_memory_bytes). mixlm.train.train calls it right after making the mesh, before
+    anything is built, allocated or compiled. Raises a one-line ConfigError."""
     validate(cfg)
     gbs, k = cfg.train.global_batch_size, cfg.train.grad_accum_steps
     if gbs % data_parallel:
@@ -382,6 +452,29 @@ def validate_for_mesh(cfg: ExperimentConfig, data_parallel: int, process_count: 
                           f"(train.global_batch_size={gbs} over {process_count} processes); "
                           f"use a global batch that is a multiple of {process_count * k} (or, resuming on more processes, "
                           "a smaller train.grad_accum_steps: it may change on resume)")
+    if host_memory_bytes == 0:
+        return
+    host_memory = host_memory_bytes or this_host_memory_bytes()
+    tokens = host_batch * cfg.data.seq_len
+    if tokens * BATCH_BYTES_PER_TOKEN > host_memory:
+        raise ConfigError(
+            f"train.global_batch_size={gbs} x data.seq_len={cfg.data.seq_len} is {tokens:,} tokens per step on each "
+            f"of the {process_count} host(s): {tokens * BATCH_BYTES_PER_TOKEN / GIB:,.1f} GiB for its int32 inputs "
+            f"and targets and float32 loss mask alone, more than the host's {host_memory / GIB:,.1f} GiB of memory; "
+            "lower train.global_batch_size (train.grad_accum_steps does not shrink what a host loads per step)")
+    devices = list(devices)
+    memory = mesh_memory_bytes(devices, host_memory)
+    embedding, blocks = min_param_count(cfg.model)
+    per_param = 12 + (2 if cfg.optimizer.moments_dtype == "bfloat16" else 4)  # fp32 params, grads, nu; mu
+    if memory is not None and (embedding + blocks) * per_param > memory:
+        m = cfg.model
+        raise ConfigError(
+            f"the model has at least {embedding + blocks:,} parameters ({embedding:,} in the embedding: "
+            f"model.vocab_size={m.vocab_size} x model.d_model={m.d_model}{'' if m.tie_embeddings else ' x 2 (untied)'}; "
+            f"{blocks:,} in model.num_layers={m.num_layers} blocks) and training holds {per_param} bytes of each "
+            f"(fp32 params and gradients, AdamW moments): {(embedding + blocks) * per_param / GIB:,.1f} GiB, more "
+            f"than the {memory / GIB:,.1f} GiB of the {len(devices)} devices together; make the model smaller "
+            "or use more devices")
 
 
 # Names other codebases use for our keys (HF, nanoGPT, MaxText, Levanter): suggested before spelling matches.
@@ -430,13 +523,84 @@ def _closest(name: str, options) -> str:
     return f" Closest valid keys: {', '.join(close)}." if close else f" Valid keys: {', '.join(options)}."
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+# A config holds a few hundred values, but YAML aliases (`*name`) repeat what their anchor holds, so a 1 KB file
+# of nested aliases can stand for billions of values (an alias bomb). Past this many values, counted with every
+# alias expanded, a document is refused while it is parsed, before anything copies or writes it.
+YAML_VALUE_LIMIT = 100_000
+CONFIG_FILE_BYTES_LIMIT = 10 << 20  # a config file is a few KB; this stops a read of /dev/zero or a stray dump
+
+
+class _YamlRefused(yaml.YAMLError):
+    """A document refused by _CountingLoader; the message says why."""
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that gives every node its size with aliases expanded (`expanded`, merge keys included)
+    as it is composed, and refuses a document past YAML_VALUE_LIMIT or an alias inside its own anchor."""
+
+    def compose_node(self, parent, index):
+        alias = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+        node = super().compose_node(parent, index)
+        if alias is not None:  # the anchored node, counted when it was composed, unless the alias sits inside it
+            if not hasattr(node, "expanded"):
+                raise _YamlRefused(f"the alias *{alias.anchor} at line {alias.start_mark.line + 1} sits inside the "
+                                   "value it refers to (a recursive value); write the value out instead")
+            return node
+        if isinstance(node, yaml.SequenceNode):
+            node.expanded = 1 + sum(child.expanded for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            node.expanded = 1 + sum(k.expanded + v.expanded for k, v in node.value)
+        else:
+            node.expanded = 1
+        if node.expanded > YAML_VALUE_LIMIT:
+            raise _YamlRefused(f"more than {YAML_VALUE_LIMIT:,} values once its aliases (*name) are expanded (the "
+                               f"value at line {node.start_mark.line + 1} alone holds {node.expanded:,}); a config "
+                               "needs a few hundred: write the values out or use fewer aliases")
+        return node
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """One YAML document -> plain Python values (yaml.SafeLoader's), with a bound on its size: `where` (a file
+    or an override) starts the one-line ConfigError for invalid YAML, an alias bomb (more than
+    YAML_VALUE_LIMIT values once aliases are expanded), a recursive alias, or nesting too deep to parse."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.load(text, Loader=_CountingLoader)
+    except _YamlRefused as e:
+        raise ConfigError(f"{where}: refused: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: refused: values nested too deeply to parse; a config nests a few levels") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_FILE_BYTES_LIMIT + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML file") from None
+    except OSError as e:  # a symlink loop, no permission: one line, not a traceback
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e}); give the path of a YAML file") from None
+    if len(data) > CONFIG_FILE_BYTES_LIMIT:
+        raise ConfigError(f"{path}: larger than {CONFIG_FILE_BYTES_LIMIT >> 20} MB, which no config is; "
+                          "give the path of a YAML config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); give the path of a YAML config") from None
+    return load_yaml(text, str(path)) or {}
+
+
+def _resolve(path: Path, named_by: str = "") -> Path:
+    """`path` made absolute with symlinks followed; a symlink loop is a one-line ConfigError naming the file
+    that named the path (`named_by`, e.g. "`base:` in exp.yaml")."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: Python 3.11's "Symlink loop from ..."
+        via = f" ({named_by})" if named_by else ""
+        raise ConfigError(f"{path}{via}: cannot follow the path ({e}); point it at a YAML file") from None
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -451,7 +615,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
     """Returns (raw nested dict, origin: 'section.key' -> file that set it)."""
-    path = path.resolve()
+    path = _resolve(path)
     if path in stack:
         raise ConfigError(f"{path}: circular `base:` include via {' -> '.join(map(str, stack))}")
     raw = _read_yaml(path)
@@ -460,8 +624,11 @@ def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
     merged: dict = {}
     origin: dict = {}
     bases = raw.pop("base", []) or []
-    for b in [bases] if isinstance(bases, str) else bases:
-        sub, sub_origin = _load_tree(path.parent / b, stack + (path,))
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: `base:` must be a file path or a list of them, got {_short(bases)}")
+    for b in bases:
+        sub, sub_origin = _load_tree(_resolve(path.parent / b, f"`base:` in {path}"), stack + (path,))
         merged = _deep_merge(merged, sub)
         origin.update(sub_origin)
     for section, value in raw.items():
@@ -469,7 +636,7 @@ def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
             raise ConfigError(f"{path}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
         section_file = path
         if isinstance(value, str):  # the section lives in its own file
-            section_file = (path.parent / value).resolve()
+            section_file = _resolve(path.parent / value, f"section {section!r} in {path}")
             value = _read_yaml(section_file)
             if not isinstance(value, dict):
                 raise ConfigError(f"{section_file}: expected a mapping for section {section!r}")
@@ -484,6 +651,12 @@ def _load_tree(path: Path, stack: tuple = ()) -> tuple[dict, dict]:
             if key != "mixture" or "data.mixture" not in origin or section != "data":
                 origin[f"{section}.{key}"] = str(section_file)
     return merged, origin
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: an error line stays one short line whatever the value holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _type_name(tp) -> str:
@@ -501,7 +674,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+        raise ConfigError(f"{where}: expected {tp}, got {_short(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -526,7 +699,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return [v for v in value.split(",") if v]
     else:
         return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
 
 
 def _build_section(section: str, values: dict, origin: dict) -> Any:
@@ -548,18 +721,15 @@ def _build_section(section: str, values: dict, origin: dict) -> Any:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """'optimizer.lr=1e-3' -> ('optimizer', 'lr', 0.001); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. optimizer.lr=1e-3")
+        raise ConfigError(f"override {_short(text, 200)}: expected section.key=value, e.g. optimizer.lr=1e-3")
     dotted, raw_value = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2:
-        raise ConfigError(f"override {text!r}: expected exactly section.key on the left, e.g. train.steps=100")
+        raise ConfigError(f"override {_short(text, 200)}: expected exactly section.key on the left, e.g. train.steps=100")
     section, key = parts
     if section not in _SECTION_TYPES:
-        raise ConfigError(f"override {text!r}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+        raise ConfigError(f"override {_short(text, 200)}: unknown section {section!r}.{_closest(section, _SECTION_TYPES)}")
+    value = load_yaml(raw_value, f"override {_short(text, 200)}: value") if raw_value.strip() else ""
     if isinstance(value, str) and _looks_float(value):  # YAML 1.1 reads "1e-3" as a string
         value = float(value)
     return section, key, value
@@ -596,7 +766,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             mix_path = Path(value)
             value = _read_yaml(mix_path)
         tree[section] = dict(tree[section], **{key: value})
-        origin[f"{section}.{key}"] = f"override {text!r}"
+        origin[f"{section}.{key}"] = f"override {_short(text, 200)}"
     from mixlm.data.random_mixtures import resolve_random_mixture  # imports mixlm.config itself
 
     tree["data"] = resolve_random_mixture(tree.get("data", {}), origin)  # a `random:` spec -> one mixture
@@ -615,16 +785,34 @@ def config_from_dict(tree: dict) -> ExperimentConfig:
     return ExperimentConfig(**{n: _build_section(n, tree.get(n, {}), origin) for n in _SECTION_TYPES})
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    """A model YAML on its own (configs/models/*.yaml): the fields of the `model` section."""
+def _is_experiment(raw: dict) -> bool:
+    return "base" in raw or any(key in _SECTION_TYPES for key in raw)
+
+
+def is_experiment_file(path: str | Path) -> bool:
+    """True for an experiment YAML (a `base:` or a section key), False for a model YAML (model fields only)."""
+    raw = _read_yaml(Path(path))
+    return isinstance(raw, dict) and _is_experiment(raw)
+
+
+def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """A model YAML on its own (configs/models/*.yaml: the fields of the `model` section) with `model.key=value`
+    overrides, or the model of an experiment YAML (then any override applies, as in load_config)."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of model fields")
-    if "model" in raw and isinstance(raw["model"], (dict, str)):  # an experiment file
-        return load_config(path).model
+    if _is_experiment(raw):
+        return load_config(path, overrides).model
     origin = {f"model.{k}": str(path) for k in raw}
-    return _build_section("model", _fix_yaml_floats(raw), origin)
+    raw = _fix_yaml_floats(raw)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section != "model":
+            raise ConfigError(f"override {_short(text, 200)}: {path} is a model YAML, which takes model.* overrides only")
+        raw[key] = value
+        origin[f"model.{key}"] = f"override {_short(text, 200)}"
+    return _build_section("model", raw, origin)
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

@@ -342,11 +342,17 @@ def compiled_memory(setup, batch) -> CompiledMemory:
     )
 
 
+def _divisors(n: int) -> list[int]:
+    """The divisors of n >= 1, ascending (trial division to sqrt(n): 46k steps for a batch of 2**31)."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return small + [n // k for k in reversed(small) if k * k != n]
+
+
 def _fitting_micro_batches(cfg, layout, param_shapes, logical_axes, moment_itemsize, device, remat) -> int | None:
     """The fewest train.grad_accum_steps (dividing the batch over its shards) at which `remat` fits."""
     rows, shards = cfg.train.global_batch_size, layout.axis_size("batch")
-    for k in range(1, rows + 1):
-        if rows % k or (rows // k) % shards:
+    for k in _divisors(rows):
+        if (rows // k) % shards:
             continue
         mem = analytic_memory(cfg, layout, param_shapes, logical_axes, moment_itemsize=moment_itemsize,
                               remat=remat, grad_accum_steps=k)
@@ -388,7 +394,7 @@ def make_plan(cfg: ExperimentConfig, *, devices: Sequence, device_kind_name: str
     cfg = cfg.replace(mesh=dataclasses.replace(cfg.mesh, strict=False))  # report replicated weights, don't refuse
     mesh = make_mesh(cfg.mesh, devices)
     layout = Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules))
-    validate_for_mesh(cfg, layout.axis_size("batch"), 1)
+    validate_for_mesh(cfg, layout.axis_size("batch"), 1, host_memory_bytes=0)  # sized for the target, not this host
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ShardingFallbackWarning)  # listed in the plan instead
         setup = build_setup(cfg, mesh)

@@ -327,7 +327,7 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
     the current step with a checkpoint of it (`TrainResult.preempted_at`)."""
     mesh = mesh or make_mesh(cfg.mesh)
     validate_for_mesh(cfg, Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules)).axis_size("batch"),
-                      jax.process_count())  # sizes checked before anything is built or compiled
+                      jax.process_count(), devices=mesh.devices.flat)  # sizes checked before anything is built
     setup = build_setup(cfg, mesh)
     source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     hooks = default_hooks(cfg) if hooks is None else list(hooks)

@@ -135,3 +135,30 @@ def test_planning_allocates_nothing(tmp_path):
     plan = make_plan(load_config(huge), devices=jax.devices()[:8])
     assert plan.compiled.params == plan.analytic.params > 2 * GIB
     assert live_bytes() <= before + 1024
+
+
+def test_overrides_after_the_flags_as_the_readme_writes_them_and_as_the_hint_says(capsys):
+    """README: `mixlm plan configs/experiments/regmix-1b.yaml --devices 8 --device-kind h100 model.remat=full
+    train.grad_accum_steps=2` (issue 24: `unrecognized arguments`); then plan's own "to fit" hint pasted after
+    the flags."""
+    regmix = "configs/experiments/regmix-1b.yaml"
+    assert main(["plan", regmix, "--devices", "8", "--device-kind", "h100", "--analytic-only"]) == 0
+    hints = [line.split("to fit: ", 1)[1] for line in capsys.readouterr().out.splitlines() if "to fit: " in line]
+    assert hints, "regmix-1b at its published batch does not fit 8 x h100: plan suggests what would"
+    assert main(["plan", regmix, "--devices", "8", "--device-kind", "h100", "model.remat=full",
+                 "train.grad_accum_steps=2", "--analytic-only", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["remat"] == "full" and out["grad_accum_steps"] == 2 and out["fits"] is True
+    pasted = hints[-1].rsplit(" (", 1)[0].split()  # 'model.remat=full train.grad_accum_steps=K (x GiB)'
+    assert main(["plan", regmix, "--devices", "8", "--device-kind", "h100", "--analytic-only", *pasted]) == 0
+    assert "fits h100 (72.0 GiB usable = 90% of 80 GiB): yes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # an unknown flag is still refused
+        main(["plan", regmix, "--devicez", "8", "model.remat=full"])
+    assert e.value.code == 2 and "unrecognized arguments: --devicez" in capsys.readouterr().err
+
+
+def test_the_fit_search_visits_divisors_only():
+    from mixlm.plan import _divisors
+
+    assert _divisors(1) == [1] and _divisors(12) == [1, 2, 3, 4, 6, 12] and _divisors(49) == [1, 7, 49]
+    assert _divisors(2**31 - 1) == [1, 2**31 - 1]  # a prime batch: 46k trial divisions, not 2**31 plans

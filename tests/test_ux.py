@@ -176,3 +176,54 @@ def test_release_dry_run_writes_a_card_preview_beside_the_folder(demo_data, tmp_
     assert (folder / "README.md").read_text() == card and not (folder / "README.preview.md").exists()
     assert main(["release", str(folder), "--repo-id", "org/model", "--dry-run", "--preview", "-"]) == 0
     assert "library_name: transformers" in capsys.readouterr().out  # the card itself, printed
+
+
+# --- issue 24: overrides anywhere on the command line; params resolves the vocabulary as train does ------------
+TINY = {"model": {"family": "llama", "num_layers": 1, "d_model": 32, "num_heads": 4, "mlp_dim": 64, "vocab_size": 200,
+                  "max_seq_len": 16, "vocab_multiple": 8},
+        "data": {"seq_len": 16}, "train": {"steps": 2, "global_batch_size": 8}}
+
+
+@pytest.mark.parametrize("verb,flags", [
+    ("train", [["--allow-config-change"], ["--num-processes", "0"]]),
+    ("sweep", [["--mixtures", "MIXTURES"], ["--out", "OUT"], ["--limit", "1"]]),
+    ("plan", [["--devices", "8"], ["--analytic-only"]]),
+    ("params", [["--seq-len", "16"], ["--vocab-multiple-of", "8"]]),
+])
+def test_overrides_are_taken_before_between_and_after_flags(verb, flags, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    (tmp_path / "mix.csv").write_text("index,a,b\n1,0.5,0.5\n")
+    named = {"MIXTURES": str(tmp_path / "mix.csv"), "OUT": str(tmp_path / "sweep")}
+    first, *rest = [[named.get(f, f) for f in group] for group in flags]
+    rest = [f for group in rest for f in group]
+    bad = "model.num_heads=0"  # refused by load_config, so it shows the override reached the config
+    for argv in ([*first, *rest, "train.steps=3", bad], [bad, *first, *rest], [*first, bad, *rest]):
+        assert main([verb, str(config), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert "config error: " in err and f"override '{bad}': model.num_heads=0 is out of range" in err, (argv, err)
+        assert "unrecognized arguments" not in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:  # an unknown flag is still an error
+        main([verb, str(config), *first, *rest, "--no-such-flag", "train.steps=3"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_params_takes_overrides_and_the_vocabulary_of_the_prepared_data(demo_data, capsys):
+    vocab = json.loads((demo_data["prepared"] / "prose" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    assert main(["params", str(CPU_PROXY), "--vocab-multiple-of", "8", f"data.prepared_dir={demo_data['prepared']}",
+                 "model.num_layers=3"]) == 0
+    out = capsys.readouterr().out
+    assert "(llama, 3 layers, d_model 128)" in out
+    assert f"vocab           {vocab:,} -> " in out and "from the tokenizer of the prepared data in" in out
+    assert main(["params", str(CPU_PROXY)]) == 0  # no prepared folder reachable: the placeholder, said plainly
+    out = capsys.readouterr().out
+    assert "vocab           256 -> 256 padded rows (the config's placeholder: train takes it from the prepared " \
+           "data's tokenizer, but data.prepared_dir is not set" in out
+    assert main(["params", str(CPU_PROXY), "model.vocab_size=1000"]) == 0
+    assert "1,000 -> 1,024 padded rows (set by the config)" in capsys.readouterr().out
+    models = REPO / "configs/models/gpt2-70m.yaml"
+    assert main(["params", str(models), "--seq-len", "64", "model.num_layers=2"]) == 0
+    assert "(gpt2, 2 layers, d_model 512)" in capsys.readouterr().out
+    assert main(["params", str(models), "train.steps=3"]) == 2
+    assert "is a model YAML, which takes model.* overrides only" in capsys.readouterr().err

@@ -25,13 +25,13 @@ TINY = {
 
 # (override, what the message must say)
 BAD_VALUES = [
-    ("train.steps=-5", r"train.steps=-5 is out of range: must be >= 1"),
+    ("train.steps=-5", r"train.steps=-5 is out of range: must be in \[1, 2147483647\] \(the number of optimizer"),
     ("train.steps=0", r"train.steps=0 is out of range"),
     ("optimizer.lr=-0.01", r"optimizer.lr=-0.01 is out of range: must be >= 0 \(a negative learning rate"),
     ("optimizer.lr=.nan", r"optimizer.lr=nan is out of range"),
-    ("data.seq_len=0", r"data.seq_len=0 is out of range: must be >= 1"),
+    ("data.seq_len=0", r"data.seq_len=0 is out of range: must be in \[1, 2147483647\]"),
     ("data.seq_len=32", r"data.seq_len=32 is longer than model.max_seq_len=16; lower data.seq_len or raise"),
-    ("train.global_batch_size=0", r"train.global_batch_size=0 is out of range: must be >= 1"),
+    ("train.global_batch_size=0", r"train.global_batch_size=0 is out of range: must be in \[1, 2147483647\]"),
     ("train.grad_accum_steps=0", r"train.grad_accum_steps=0 is out of range"),
     ("train.grad_accum_steps=3", r"train.grad_accum_steps=3 does not divide train.global_batch_size=8"),
     ("eval.batches=-1", r"eval.batches=-1 is out of range: must be >= 0"),

@@ -11,12 +11,13 @@ import os
 import subprocess
 import sys
 
+from mixlm.cli import add_overrides_argument
 from mixlm.plan import DEVICE_MEMORY_GIB
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (configs/experiments/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.remat=full train.grad_accum_steps=4")
+    add_overrides_argument(parser, "model.remat=full train.grad_accum_steps=4")
     parser.add_argument("--devices", type=int, default=8, help="accelerators the run would use (default 8)")
     parser.add_argument("--device-kind", default="h100", choices=sorted(DEVICE_MEMORY_GIB),
                         help="target device: its memory and dense bf16 peak (default h100)")

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixlm.cli import add_overrides_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="base experiment YAML of the proxy runs (data.source: prepared)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
+    add_overrides_argument(parser, "train.steps=100 (applied to every run)")
     parser.add_argument("--mixtures", required=True,
                         help="a `mixlm mix sample` folder (its mixtures.csv) or a CSV: index + one column per domain")
     parser.add_argument("--out", required=True, help="sweep folder: runs/<index>/ and results.csv")

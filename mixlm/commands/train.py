@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixlm.cli import add_overrides_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (configs/experiments/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optimizer.lr=1e-3 train.steps=200")
+    add_overrides_argument(parser, "optimizer.lr=1e-3 train.steps=200")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)")
     parser.add_argument("--coordinator", default="", help="host:port of process 0 (multi-process without a cluster)")

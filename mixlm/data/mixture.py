@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixlm.config import ConfigError
+from mixlm.config import INT32_MAX, ConfigError
 
 BLOCK_ROWS = 1 << 18  # rows in one repeat of a stage's pattern: weights are exact to 1 / 262144
 
@@ -111,10 +111,11 @@ def parse_mixture(
         for i, st in enumerate(stages_raw):
             w = f"{where}.stages[{i}]"
             if not isinstance(st, Mapping) or "step" not in st or "weights" not in st:
-                raise ConfigError(f"{w}: expected {{step: N, weights: {{domain: weight}}}}, got {st!r}")
+                raise ConfigError(f"{w}: expected {{step: N, weights: {{domain: weight}}}}, got {repr(st)[:80]}")
             step = st["step"]
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ConfigError(f"{w}.step: expected an integer >= 0, got {step!r}")
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= INT32_MAX:
+                raise ConfigError(f"{w}.step: expected an integer in [0, {INT32_MAX}] (train.steps' range), "
+                                  f"got {repr(step)[:40]}")
             if stage_list and step <= stage_list[-1][0]:
                 raise ConfigError(
                     f"{w}.step: {step} must be greater than the previous stage's {stage_list[-1][0]}"

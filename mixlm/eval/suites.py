@@ -172,6 +172,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 def adhoc_suite(tasks: Sequence[str], shots: Sequence[int] = (0,)) -> Suite:
     """A suite for `--tasks a,b,c`: each task its own row, scored by the first of ADHOC_PREFERENCE it reports."""
+    odd = [t for t in tasks if not isinstance(t, str)]
+    if odd:  # eval.tasks is validated by mixlm.config; a caller may still pass anything
+        raise EvalError(f"tasks: expected lm-eval task names (strings), got {repr(odd[0])[:80]}")
     names = [t.strip() for t in tasks if t and t.strip()]
     if not names:
         raise EvalError("--tasks: no task names given")
