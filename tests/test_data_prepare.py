@@ -79,6 +79,26 @@ def test_tokenizer_train_loads_with_auto_tokenizer(tmp_path, tokenizer):
     assert len(AutoTokenizer.from_pretrained(str(tmp_path / "t"))) == 280
 
 
+def test_tokenizer_train_says_what_it_skipped_and_stops_at_a_cut_file(tmp_path, capsys):
+    import zstandard
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts(50, "c")) + '{"text": 3}\n{oops\n')
+    capsys.readouterr()
+    assert cli_main(["tokenizer", "train", "--out", str(tmp_path / "t"), "--vocab-size", "280", "--no-progress",
+                     "--domain", f"c={corpus}"]) == 0
+    assert f"tokenizer train: skipped 2 malformed records in {corpus} (1 invalid json, 1 missing field)" in \
+        capsys.readouterr().err
+    whole = zstandard.ZstdCompressor().compress(corpus.read_bytes())
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert cli_main(["tokenizer", "train", "--out", str(tmp_path / "t2"), "--vocab-size", "280", "--no-progress",
+                     "--domain", f"c={cut}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cut}: the zstd data ends in the middle of a compressed frame" in err
+    assert not (tmp_path / "t2").exists()
+
+
 def test_every_input_format_round_trips(tmp_path, tokenizer):
     import datasets
     import pyarrow as pa
@@ -330,3 +350,227 @@ def test_corrupt_shard_during_training_is_one_line_naming_the_file(tmp_path, tok
     # ...and re-running prepare finds the same-size corruption by checksum and rewrites the domain.
     prepare_domain("t", [str(src)], tmp_path / "prep", opts)
     assert all(shard.read_bytes() == data for shard, data in originals.items())
+
+
+# ---- compressed inputs cut short or mislabelled: an error naming the file, never a short read ------------
+def _jsonl_bytes(texts) -> bytes:
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+
+
+def _lines_before_the_cut(decompressed_prefix: bytes) -> int:
+    return decompressed_prefix.count(b"\n")  # the complete lines a streaming reader got before the cut
+
+
+def _prepare_cli(tmp_path, tokenizer, source, *extra):
+    return cli_main(["prepare", "--out", str(tmp_path / "out"), "--tokenizer", tokenizer, "--no-progress",
+                     "--validation-docs", "1", "--domain", f"z={source}", *extra])
+
+
+@pytest.mark.parametrize("docs", [400, 20], ids=["several-blocks", "one-block"])
+def test_a_cut_zstd_input_is_an_error_naming_the_file_and_the_documents_read(tmp_path, tokenizer, capsys, docs):
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress(_jsonl_bytes(_texts(docs, "z")))
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole[: len(whole) // 2])
+    read = _lines_before_the_cut(zstandard.ZstdDecompressor().decompressobj().decompress(cut.read_bytes()))
+    assert read < docs // 2 + 20  # (the small file's one block decompresses to nothing before its end)
+    for strict in ([], ["--strict"]):
+        capsys.readouterr()
+        assert _prepare_cli(tmp_path, tokenizer, cut, *strict) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mixlm prepare: error: "), err
+        assert f"{cut}: the zstd data ends in the middle of a compressed frame: the file is cut short" in err
+        assert f"stopped after {read:,} lines ({read:,} documents) read" in err
+        assert not (tmp_path / "out" / "z" / "manifest.json").exists()
+
+
+def test_zstd_frames_gzip_cuts_and_mislabelled_files(tmp_path, tokenizer, capsys):
+    import zstandard
+
+    texts = _texts(300, "f")
+    frames = [zstandard.ZstdCompressor().compress(_jsonl_bytes(part)) for part in (texts[:100], texts[100:])]
+    (tmp_path / "frames.jsonl.zst").write_bytes(frames[0] + frames[1])  # as pzstd / zstd -T writes
+    m = prepare_domain("frames", [str(tmp_path / "frames.jsonl.zst")], tmp_path / "ok", _opts(tokenizer))
+    assert m.documents == 300
+    # cut inside the second frame: the first frame's documents and the second's complete lines were read
+    cut_frames = tmp_path / "cut-frames.jsonl.zst"
+    cut_frames.write_bytes(frames[0] + frames[1][: len(frames[1]) // 2])
+    read = 100 + _lines_before_the_cut(
+        zstandard.ZstdDecompressor().decompressobj().decompress(frames[1][: len(frames[1]) // 2]))
+    with pytest.raises(PrepareError, match=f"stopped after {read:,} lines \\({read:,} documents\\) read"):
+        prepare_domain("cut", [str(cut_frames)], tmp_path / "out", _opts(tokenizer))
+
+    whole = gzip.compress(_jsonl_bytes(texts))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    import zlib
+
+    read = _lines_before_the_cut(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(cut.read_bytes()))
+    capsys.readouterr()
+    assert _prepare_cli(tmp_path, tokenizer, cut) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cut}: the gzip data ends in the middle" in err, err
+    assert f"stopped after {read:,} lines ({read:,} documents) read" in err
+
+    plain = tmp_path / "plain.jsonl.zst"
+    plain.write_bytes(_jsonl_bytes(texts))  # not compressed at all
+    assert _prepare_cli(tmp_path, tokenizer, plain) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{plain}: is not zstd data although its name ends in .zst" in err
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    assert _prepare_cli(tmp_path, tokenizer, broken) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{broken}: not a readable parquet file" in err, err
+
+
+# ---- one prepare at a time in a domain folder ------------------------------------------------------------
+def test_a_second_prepare_on_a_domain_folder_is_refused_naming_the_first(tmp_path, tokenizer):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    repo = Path(__file__).resolve().parents[1]
+    src = _write_jsonl(tmp_path / "d.jsonl", _texts(60, "d"))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    # A real prepare, stopped while it tokenizes (it holds the folder's lock then, as a long run does).
+    spec = prepare_mod.load_tokenizer_spec(tokenizer)  # handed over: the holder need not import transformers
+    holder_code = textwrap.dedent(f"""
+        import time
+        from mixlm.data import prepare
+        def stalled(*args, **kwargs):
+            print("tokenizing", flush=True)
+            time.sleep(600)
+        prepare._tokenize_units = stalled
+        prepare.prepare_domain("d", [{str(src)!r}], {str(out)!r},
+                               prepare.PrepareOptions(tokenizer={tokenizer!r}, progress=False, validation_docs=3),
+                               tokenizer=prepare.TokenizerSpec(*{(spec.name, spec.backend_json, spec.vocab_size,
+                                                                 spec.eos_id, spec.bos_id)!r}))
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True, cwd=repo,
+                              env=env)
+    try:
+        assert holder.stdout.readline().strip() == "tokenizing"
+        before = _file_bytes(out)
+        second = subprocess.run(
+            [sys.executable, "-m", "mixlm.cli", "prepare", "--out", str(out), "--tokenizer", tokenizer,
+             "--no-progress", "--validation-docs", "3", "--domain", f"d={src}"],
+            capture_output=True, text=True, cwd=repo, env=env, timeout=300, check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert lines[0].startswith(f"mixlm prepare: error: {out / 'd'} is being written by another mixlm prepare "
+                                   f"(host {socket.gethostname()}, pid {holder.pid}, since ")
+        assert "wait for it to finish" in lines[0] and "choose another --out" in lines[0]
+        assert _file_bytes(out) == before  # the refused prepare touched nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    # The kernel dropped the killed holder's lock: a rerun finishes, as an undisturbed prepare would.
+    prepare_domain("d", [str(src)], out, _opts(tokenizer))
+    prepare_domain("d", [str(src)], tmp_path / "clean", _opts(tokenizer))
+    assert _file_bytes(out) == _file_bytes(tmp_path / "clean")
+
+
+# ---- long documents: tokenized in pieces when that gives the same ids, else refused over a limit --------
+def _tokenizer_variant(base: str, out: Path, edit) -> str:
+    """A copy of the tokenizer folder `base` with its tokenizer.json edited by `edit(dict)`."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((Path(base) / "tokenizer.json").read_text())
+    edit(spec)
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|pad|>")
+    fast.save_pretrained(str(out))
+    return str(out)
+
+
+def _tricky_text(n_fragments: int, seed: int) -> str:
+    """Text that exercises the pre-tokenizer at cuts: contractions, digits, punctuation, whitespace runs of
+    every kind, non-Latin scripts, combining marks, emoji, special tokens, underscores."""
+    fragments = ["it's", "don't", "we'll", "O'Neil", "naïve", "cafe\u0301", "中文字", "ß", "Ω", "12345", "3.14", "...",
+                 "!!", "--", "_x_", "a_b", "hello", "World", "x", "😀", "<|endoftext|>", "'s", "\u00a0", "\u2003",
+                 "e\u0301", "(see", "ok)", "$9", "#tag"]
+    separators = [" ", " ", " ", "", "  ", "   ", "\n", "\n\n", " \n ", "\t", " \t ", "\r\n"]
+    rng = np.random.default_rng(seed)
+    return "".join(str(rng.choice(fragments)) + str(rng.choice(separators)) for _ in range(n_fragments))
+
+
+def test_pieces_cut_before_a_space_between_words_give_the_ids_of_the_whole_text(tmp_path, tokenizer):
+    from tokenizers import Tokenizer
+
+    def neox_like(spec):  # GPT-NeoX's differences: NFC, whitespace-run added tokens; and a prefix space
+        spec["normalizer"] = {"type": "NFC"}
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+        for i, content in enumerate(["  ", "   ", "<|x|>"]):
+            spec["added_tokens"].append({"id": 320 + i, "content": content, "single_word": False,
+                                         "lstrip": content == "<|x|>", "rstrip": False, "normalized": True,
+                                         "special": False})
+
+    variants = {"trained": tokenizer, "neox-like": _tokenizer_variant(tokenizer, tmp_path / "neox", neox_like)}
+    text = _tricky_text(1500, seed=0) + " <|x|> end"
+    for name, folder in variants.items():
+        spec = prepare_mod.load_tokenizer_spec(folder)
+        assert prepare_mod.piecewise_problem(spec) is None, name
+        tok = Tokenizer.from_str(spec.backend_json)
+        whole = tok.encode(text, add_special_tokens=False).ids
+        for piece_chars in (1, 7, 64):  # 1: a cut at every place one is allowed
+            pieces = prepare_mod.document_pieces(text, piece_chars)
+            assert "".join(pieces) == text and len(pieces) > 1
+            assert all(p[0] == " " and p[1] != " " for p in pieces[1:])
+            ids = [i for piece in pieces for i in tok.encode(piece, add_special_tokens=False).ids]
+            assert ids == whole, (name, piece_chars)
+
+    def lowercase(spec):
+        spec["normalizer"] = {"type": "Lowercase"}
+
+    def spaced_token(spec):
+        spec["added_tokens"].append({"id": 320, "content": "New York", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": False})
+
+    for edit, reason in ((lowercase, "normalizer is Lowercase"), (spaced_token, "'New York' could span a cut")):
+        spec = prepare_mod.load_tokenizer_spec(_tokenizer_variant(tokenizer, tmp_path / edit.__name__, edit))
+        assert reason in prepare_mod.piecewise_problem(spec)
+
+
+def test_long_documents_are_tokenized_in_pieces_or_refused_over_the_limit(tmp_path, tokenizer, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    long_text = " ".join(_texts(120, "long"))  # ~11,000 characters
+    src = _write_jsonl(tmp_path / "long.jsonl", ["short one", long_text, "short two"])
+    seen = []
+    real_tokenize = prepare_mod._tokenize
+    monkeypatch.setattr(prepare_mod, "_tokenize", lambda item: seen.extend(len(piece) for doc in item[2] for piece in doc)
+                        or real_tokenize(item))
+    opts = _opts(tokenizer, validation_docs=0, max_document_chars=100)
+    prepare_domain("long", [str(src)], tmp_path / "out", opts)
+    assert max(seen) <= 100 and sum(seen) == len(long_text) + len("short one") + len("short two")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    docs = {tuple(d.tolist()) for d in _all_docs(PreparedDomain(tmp_path / "out", "long"))}
+    assert tuple(tok(long_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) in docs
+    # the limit does not change the output: a domain prepared with the default is up to date
+    prepare_domain("long", [str(src)], tmp_path / "out", _opts(tokenizer, validation_docs=0))
+
+    # a stretch with no space between two words to cut at, over the limit: refused naming file, line, size
+    unbroken = _write_jsonl(tmp_path / "unbroken.jsonl", ["fine", "ab " + "x" * 150 + " cd"])
+    with pytest.raises(PrepareError, match=(f"{unbroken}: the document at line 2 \\(156 characters\\) holds a "
+                                            "stretch of 15[0-9] characters with no space")):
+        prepare_domain("unbroken", [str(unbroken)], tmp_path / "out", opts)
+    # a tokenizer that cannot be cut safely: a document over the limit is refused, one line in the CLI
+    lower = _tokenizer_variant(tokenizer, tmp_path / "lower", lambda s: s.update(normalizer={"type": "Lowercase"}))
+    capsys.readouterr()
+    assert cli_main(["prepare", "--out", str(tmp_path / "out2"), "--tokenizer", lower, "--no-progress",
+                     "--max-document-chars", "1000", "--domain", f"long={src}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{src}: the document at line 2 ({len(long_text):,} characters) cannot be tokenized in pieces" in err
+    assert "its normalizer is Lowercase" in err and "over --max-document-chars 1,000" in err
+    assert cli_main(["prepare", "--out", str(tmp_path / "out2"), "--tokenizer", lower, "--no-progress",
+                     "--max-document-chars", "20000", "--domain", f"long={src}"]) == 0

@@ -147,3 +147,71 @@ def test_select_run_bloom_paragraph_stage_rewrites_texts_and_keeps_fields(paragr
     assert [(r["id"], r["meta"]["body"]) for r in rows] == kept
     report = json.loads((tmp_path / "out" / "01-bloom" / "report.json").read_text())
     assert (report["documents_in"], report["documents_out"], report["paragraphs_removed"]) == (6, 4, 3)
+
+
+def test_select_dedup_verb_writes_the_kept_documents_and_says_what_it_removed(planted, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    base, copies = planted
+    exact_copies = [text.upper() + " !" for text in base[20:30]]  # equal once normalised
+    first = tmp_path / "a.jsonl"
+    first.write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(base[:60] + exact_copies))
+                     + "{not json\n")
+    second = tmp_path / "b.parquet"  # parquet input too: its rows come out as JSON objects
+    pq.write_table(pa.table({"text": copies[:20], "n": list(range(100, 120))}), second)
+    texts = base[:60] + exact_copies + copies[:20]
+
+    def kept(out):
+        with open(out / "documents.jsonl.zst", "rb") as f:
+            return [json.loads(line) for line in zstandard.ZstdDecompressor().stream_reader(f).read().splitlines()]
+
+    capsys.readouterr()
+    assert main(["select", "dedup", str(first), str(second), "--method", "exact", "--out", str(tmp_path / "exact")]) == 0
+    out, err = capsys.readouterr()
+    assert f"dedup exact: kept 80 of 90 documents (10 removed) → {tmp_path / 'exact' / 'documents.jsonl.zst'}" in out
+    assert "skipped 1 bad line (1 invalid json)" in err and "a.jsonl:71: invalid json" in err
+    assert [r["text"] for r in kept(tmp_path / "exact")] == base[:60] + copies[:20]  # the planted exact copies go
+    report = json.loads((tmp_path / "exact" / "report.json").read_text())
+    assert (report["documents_in"], report["documents_out"], report["malformed_lines"]) == (90, 80, 1)
+
+    settings = MinHashSettings(ngram=5, num_perm=128, threshold=0.7, seed=0)
+    assert main(["select", "dedup", str(first), str(second), "--method", "minhash", "--threshold", "0.7",
+                 "--num-perm", "128", "--out", str(tmp_path / "minhash")]) == 0
+    keep = fuzzy_keep(texts, settings)[0]
+    assert keep[:60].all() and keep.sum() <= 62  # ~all planted copies found (>= 95%: the test above)
+    assert [r["text"] for r in kept(tmp_path / "minhash")] == [t for t, k in zip(texts, keep) if k]
+    assert f"dedup minhash: kept {keep.sum()} of 90 documents ({90 - keep.sum()} removed)" in capsys.readouterr().out
+
+    assert main(["select", "dedup", str(first), str(second), "--method", "bloom", "--expected-ngrams", "100000",
+                 "--out", str(tmp_path / "bloom")]) == 0
+    keep = bloom_keep(texts, BloomSettings(expected_ngrams=100_000))
+    assert [r["n"] for r in kept(tmp_path / "bloom")] == [n for n, k in zip(list(range(70)) + list(range(100, 120)), keep)
+                                                        if k]
+    # same inputs and settings: reused; other settings in the same folder: refused; a stray option: refused
+    assert main(["select", "dedup", str(first), str(second), "--method", "exact", "--out", str(tmp_path / "exact")]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["select", "dedup", str(first), "--method", "exact", "--out", str(tmp_path / "exact")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["select", "dedup", str(first), "--method", "exact", "--threshold", "0.5",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "mixlm select: error: --threshold does not apply to --method exact (it takes no options)"
+
+
+def test_select_run_says_how_many_bad_lines_a_stage_skipped_and_strict_stops(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "one two three"}\n{"text": "one two three"}\n{broken\n{"text": "four five"}\n')
+    config = tmp_path / "exact.yaml"
+    config.write_text("stages:\n  - {name: exact, kind: exact_dedup}\n")
+    capsys.readouterr()
+    assert main(["select", "run", str(config), "--input", str(docs), "--out", str(tmp_path / "out")]) == 0
+    assert "exact (exact_dedup): 3 → 2 documents (66.7%) in " in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "01-exact" / "report.json").read_text())
+    assert report["malformed"] == {"invalid_json": 1} and "docs.jsonl:3: invalid json" in report["malformed_examples"][0]
+    assert main(["select", "run", str(config), "--input", str(docs), "--out", str(tmp_path / "out")]) == 0
+    assert "1 bad line skipped, reused" in capsys.readouterr().out
+    assert main(["select", "run", str(config), "--input", str(docs), "--out", str(tmp_path / "strict"),
+                 "--strict"]) == 2
+    assert "docs.jsonl:3: invalid json" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -366,7 +367,11 @@ def test_cli_signals_pick_and_random_baseline(tmp_path, capsys):
     top = json.loads((out / "report.json").read_text())
     assert top["documents_in"] == 60 and 0 < top["words_out"] <= 400
     assert top["documents_out"] == len(_read_zst_lines(out / "documents.jsonl.zst"))
-    assert set(_read_zst_lines(out / "documents.jsonl.zst")) <= set(docs)  # verbatim input lines
+    # verbatim input lines, with the input file they came from appended
+    sources = {doc: path for path, part in zip(inputs, (docs[:20], docs[20:40], docs[40:])) for doc in part}
+    for line in _read_zst_lines(out / "documents.jsonl.zst"):
+        original, sep, source = line.rpartition(', "source_file": ')
+        assert sep and source == json.dumps(sources[original + "}"]) + "}"
     kept_text = [json.loads(line)["text"] for line in _read_zst_lines(out / "documents.jsonl.zst")]
     assert sum(t.startswith("BUY NOW") for t in kept_text) < len(kept_text) / 4  # the '#' ones go
     assert (out / "signals.png").stat().st_size > 0
@@ -458,6 +463,99 @@ def test_cli_token_budget_and_prepared_domains(tmp_path):
         # prepare appends one EOS per document to the tokens counted here
         assert manifest.documents == selected["documents_out"]
         assert manifest.tokens == selected["tokens_out"] + selected["documents_out"]
+
+
+def test_cli_cut_or_mislabelled_compressed_inputs_are_one_error_naming_the_file(tmp_path, capsys):
+    inputs, docs = _write_corpus(tmp_path)
+    whole = zstandard.ZstdCompressor().compress(("\n".join(docs) + "\n").encode())
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole[: len(whole) // 2])
+    read = zstandard.ZstdDecompressor().decompressobj().decompress(cut.read_bytes()).count(b"\n")
+    not_zstd = tmp_path / "plain.jsonl.zst"
+    not_zstd.write_text("\n".join(docs) + "\n")
+    cut_message = (f"{cut}: the zstd data ends in the middle of a compressed frame: the file is cut short (an "
+                   f"interrupted download or copy?); stopped after {read:,} lines ({read:,} documents) read")
+    for path, message in ((cut, cut_message),
+                          (not_zstd, f"{not_zstd}: is not zstd data although its name ends in .zst")):
+        for verb in (["signals"], ["dsir", "--target", f"t={inputs[0]}"], ["dedup", "--method", "exact"]):
+            capsys.readouterr()
+            out = tmp_path / f"out-{verb[0]}-{path.name}"
+            assert main(["select", verb[0], str(path), *verb[1:], "--out", str(out)]) == 2, verb
+            err = capsys.readouterr().err.splitlines()
+            assert err[-1].startswith("mixlm select: error: ") and message in err[-1], (verb, err)
+            assert not any("Traceback" in line for line in err)
+            assert not (out / "signals_report.json").exists() and not (out / "documents.jsonl.zst").exists()
+
+
+def test_cli_parquet_inputs_are_read_as_parquet_and_picked_with_their_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, docs = _write_corpus(tmp_path)
+    rows = [json.loads(d) for d in docs]
+    table = pa.table({"text": [r["text"] for r in rows], "id": [r["id"] for r in rows],
+                      "meta": [r["meta"] for r in rows], "domain": ["science" if r["id"] % 2 else "spam" for r in rows]})
+    pq.write_table(table, tmp_path / "docs.parquet", row_group_size=16)
+    (tmp_path / "docs.jsonl").write_text("\n".join(docs) + "\n")
+    for name in ("docs.parquet", "docs.jsonl"):
+        assert main(["select", "signals", str(tmp_path / name), "--out", str(tmp_path / f"sig-{name}"),
+                     "--rating-columns", "meta.edu", "--format", "jsonl"]) == 0
+    report = json.loads((tmp_path / "sig-docs.parquet" / "signals_report.json").read_text())
+    assert report["documents"] == 60 and report["malformed_lines"] == 0
+    parquet_rows, jsonl_rows = ([{k: v for k, v in json.loads(line).items() if k != "file"}
+                                 for line in next((tmp_path / f"sig-{name}").glob("*.signals.jsonl")).read_text().splitlines()]
+                                for name in ("docs.parquet", "docs.jsonl"))
+    assert parquet_rows == jsonl_rows  # row n of the parquet file is line n of the same documents as jsonl
+
+    out = tmp_path / "top"
+    assert main(["select", "pick", "--signals", str(tmp_path / "sig-docs.parquet"), "--weights", "{meta.edu: 1}",
+                 "--top-fraction", "0.25", "--out", str(out)]) == 0
+    picked = [json.loads(line) for line in _read_zst_lines(out / "documents.jsonl.zst")]
+    best = sorted(rows, key=lambda r: -r["meta"]["edu"])[:15]
+    assert sorted(r["id"] for r in picked) == sorted(r["id"] for r in best)
+    by_id = {r["id"]: r for r in rows}
+    for r in picked:  # every field of the row, and the file it came from
+        domain = "science" if r["id"] % 2 else "spam"
+        assert r == {**by_id[r["id"]], "domain": domain, "source_file": str(tmp_path / "docs.parquet")}
+    mix = json.loads((out / "report.json").read_text())["mix"]
+    assert mix["field"] == "domain"
+    assert {k: v["documents"] for k, v in mix["groups"].items()} == dict(Counter(
+        "science" if r["id"] % 2 else "spam" for r in best))
+
+
+def test_cli_pick_reports_the_real_cutoff_the_fill_and_the_mix(tmp_path, capsys):
+    from mixlm.selection.score_folder import write_score_folder
+
+    # A, B, C: 300 characters each; D: 10, E: 8. Quality A > B > C > D > E.
+    texts = {name: (name.lower() + " ") * (size // 2) for name, size in (("A", 300), ("B", 300), ("C", 300),
+                                                                          ("D", 10), ("E", 8))}
+    quality = {"A": 0.9, "B": 0.8, "C": 0.7, "D": 0.1, "E": 0.05}
+    web, code = tmp_path / "web.jsonl", tmp_path / "code.jsonl"
+    web.write_text("".join(json.dumps({"text": texts[n], "domain": "web"}) + "\n" for n in "ACE"))
+    code.write_text("".join(json.dumps({"text": texts[n]}) + "\n" for n in "BD"))  # no domain field
+    by_text = {t: quality[n] for n, t in texts.items()}
+    write_score_folder([web, code], tmp_path / "sig", lambda batch: {"q": np.array([by_text[t] for t in batch])},
+                       settings={"scorer": "test"})
+    capsys.readouterr()
+    # budget 620 chars: A + B (600) fit outright, C does not; the greedy fill then adds D (10) and E (8)
+    assert main(["select", "pick", "--signals", str(tmp_path / "sig"), "--weights", "{q: 1}", "--budget", "620",
+                 "--budget-unit", "chars", "--out", str(tmp_path / "top")]) == 0
+    report = json.loads((tmp_path / "top" / "report.json").read_text())
+    # percentile scores of five documents: E 0.1, D 0.3, C 0.5, B 0.7, A 0.9
+    assert report["score_threshold"] == pytest.approx(0.7) and report["top_documents"] == 2
+    assert report["fill"] == {"documents": 2, "chars": 18, "score_min": pytest.approx(0.1),
+                              "score_max": pytest.approx(0.3)}
+    assert report["chars_out"] == 618
+    assert report["mix"]["groups"] == {"code.jsonl": {"documents": 2, "chars": 310},
+                                       "web": {"documents": 2, "chars": 308}}
+    out = capsys.readouterr().out
+    assert "score cutoff 0.7000: the best 2 documents that fit the budget outright; the greedy fill then added " \
+           "2 documents (18 chars) scoring 0.1000 to 0.3000" in out
+    assert "mix by domain (or input file), share of chars: code.jsonl 50.2% (2 documents), web 49.8% (2 documents)" \
+        in out
+    picked = [json.loads(line) for line in _read_zst_lines(tmp_path / "top" / "documents.jsonl.zst")]
+    assert [(r["text"], r["source_file"]) for r in picked] == [(texts["B"], str(code)), (texts["D"], str(code)),
+                                                                (texts["A"], str(web)), (texts["E"], str(web))]
 
 
 def test_perplexity_matches_a_direct_computation_and_ignores_batching(tmp_path):

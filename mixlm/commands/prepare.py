@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mixlm.data.prepare import PrepareOptions, prepare_domains
+from mixlm.data.prepare import PreparedFolderLockedError, PrepareOptions, prepare_domains
 from mixlm.data.prepared import ShardError
 from mixlm.data.sources import PrepareError
 
@@ -55,6 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-work", action="store_true", help="keep the tokenized chunks in <domain>/.work"
     )
+    parser.add_argument(
+        "--max-document-chars",
+        type=int,
+        default=PrepareOptions.max_document_chars,
+        help="longest text tokenized whole: a longer document is tokenized in pieces when the tokenizer "
+        "allows (byte-level BPE), else refused naming it (whole, a fast tokenizer takes ~170 bytes of memory "
+        "per character)",
+    )
 
 
 def parse_domains(pairs: list[str], domains_file: str | None) -> dict[str, list[str]]:
@@ -92,9 +100,13 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         keep_work=args.keep_work,
+        max_document_chars=args.max_document_chars,
     )
     try:
         prepare_domains(parse_domains(args.domain, args.domains_file), args.out, options)
+    except PreparedFolderLockedError as e:  # another prepare writes there: a usage error, as for train
+        print(f"mixlm prepare: error: {e}", file=sys.stderr)
+        return 2
     except (PrepareError, ShardError) as e:
         print(f"mixlm prepare: error: {e}", file=sys.stderr)
         return 1

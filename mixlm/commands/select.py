@@ -17,6 +17,7 @@
                     --tokenizer TOK --heldout REF.jsonl --out MDIR      (learned rater weights → MDIR/weights.yaml)
   mixlm select run configs/selection/dclm-baseline.yaml --input DOCS.jsonl.zst ... --out OUT
                     [--pos POS.jsonl --neg NEG.jsonl | --model CLF]  (a chain of stages; OUT/report.json)
+  mixlm select dedup DOCS.jsonl.zst ... --method exact|minhash|bloom --out OUT [--threshold 0.8 --ngram 5 ...]
   mixlm select list                                                       (the rule-based signals)
 
 `signals` computes the rule signals (`mixlm select list`) and, with the flags, classifier scores, perplexity
@@ -57,7 +58,7 @@ def parse_amount(text: str) -> float:
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="document shards: .jsonl, .jsonl.gz or .jsonl.zst")
+    p.add_argument("inputs", nargs="+", help="document shards: .jsonl (.gz, .zst) or .parquet")
     p.add_argument("--out", required=True, help="folder for the per-shard signal tables")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (a.b for nested)")
     p.add_argument("--tokenizer", help="HF tokenizer folder or hub name: adds num_tokens for token budgets")
@@ -125,6 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prepare-out", help="also run `mixlm prepare` on the selection(s) into this folder; the "
                    "domain is named after --out (and --random-out)")
     p.add_argument("--tokenizer", help="with --prepare-out: the HF tokenizer folder or hub name to prepare with")
+    p.add_argument("--mix-field", default="domain",
+                   help="document field (a.b for nested) the selection's mix is reported by; documents without it "
+                   "count under their input file's name")
 
     p = sub.add_parser("classifier", help="DCLM-style classifier: train | score")
     csub = p.add_subparsers(dest="classifier_action", required=True, metavar="train|score")
@@ -151,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "only for folders you trust; it is converted to model.npz once")
 
     p = sub.add_parser("dsir", help="DSIR log importance weights, one column dsir_<target> per target")
-    p.add_argument("inputs", nargs="+", help="document shards: .jsonl, .jsonl.gz or .jsonl.zst")
+    p.add_argument("inputs", nargs="+", help="document shards: .jsonl (.gz, .zst) or .parquet")
     p.add_argument("--out", required=True, help="folder for the per-shard signal tables and dsir_model.npz")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (a.b for nested)")
     p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="table format")
@@ -168,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("run", help="run a chain of selection stages (e.g. configs/selection/dclm-baseline.yaml)")
     p.add_argument("config", help="pipeline YAML: text_field and stages")
-    p.add_argument("--input", nargs="+", required=True, help="document shards: .jsonl, .jsonl.gz or .jsonl.zst")
+    p.add_argument("--input", nargs="+", required=True, help="document shards: .jsonl (.gz, .zst) or .parquet")
     p.add_argument("--out", required=True, help="folder: one NN-<stage> folder per stage and report.json")
     p.add_argument("--pos", nargs="+", help="classifier stage: positive (high-quality) training files")
     p.add_argument("--neg", nargs="+", help="classifier stage: negative training files")
@@ -176,6 +180,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes for the signal and scoring stages")
     p.add_argument("--overwrite", action="store_true",
                    help="replace stage outputs left by a run with other settings or inputs (matching ones are reused)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of counting it")
+
+    p = sub.add_parser("dedup", help="remove duplicate documents: exact, MinHash-LSH or Bloom filter (as in `run`)")
+    p.add_argument("inputs", nargs="+", help="document files: .jsonl(.gz/.zst) or .parquet")
+    p.add_argument("--method", choices=("exact", "minhash", "bloom"), required=True,
+                   help="exact: same normalised text; minhash: Jaccard similarity of word shingles; bloom: share of "
+                   "word n-grams seen before (DCLM's BFF)")
+    p.add_argument("--out", required=True, help="folder for documents.jsonl.zst (the kept documents) and report.json")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text (a.b for nested)")
+    p.add_argument("--threshold", type=float, help="minhash: Jaccard similarity of duplicates (default 0.8); bloom: "
+                   "share of a document's n-grams seen before (default 0.8)")
+    p.add_argument("--ngram", type=int, help="words per shingle / n-gram (default: minhash 5, bloom 13)")
+    p.add_argument("--num-perm", type=int, help="minhash: MinHash values per document (default 112)")
+    p.add_argument("--bands", type=int, help="minhash: LSH bands (default: chosen for the threshold)")
+    p.add_argument("--rows", type=int, help="minhash: rows per band (bands x rows = num-perm)")
+    p.add_argument("--seed", type=int, help="minhash: seed of the hash permutations (default 0)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="minhash: link every LSH candidate pair without checking its estimated similarity")
+    p.add_argument("--expected-ngrams", type=int, help="bloom: distinct n-grams the filter is sized for (default 1e7)")
+    p.add_argument("--false-positive-rate", type=float, help="bloom: of the filter (default 0.01)")
+    p.add_argument("--paragraphs", action="store_true", default=None,
+                   help="bloom: also remove duplicate paragraphs (lines) inside documents (DCLM)")
+    p.add_argument("--min-words", type=int, help="bloom --paragraphs: drop a document left with fewer words")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of counting it")
+    p.add_argument("--overwrite", action="store_true", help="replace the output of a run with other settings")
 
     p = sub.add_parser("weightings", help="Dirichlet weightings over raters (Meta-rater)")
     p.add_argument("--signals", required=True, help="comma-separated rater / signal names")
@@ -263,11 +292,28 @@ def _compute(args, settings) -> int:
                             overwrite=args.overwrite, progress=not args.no_progress)
     print(f"{counted(report['documents'], 'document')} in {counted(report['shards'], 'shard')} → {args.out} "
           f"({report['seconds']:.1f} s)", flush=True)
-    if report["malformed_lines"]:
-        print(f"skipped {_bad_lines(report['malformed'])}; e.g.", file=sys.stderr)
-        for example in report["malformed_examples"]:  # each whole: file:line: kind: detail
-            print(f"  {example}", file=sys.stderr)
+    _print_skipped(report["malformed"], report["malformed_examples"])
     return 0
+
+
+def _print_skipped(counts: dict[str, int], examples: list[str], what: str = "") -> None:
+    """'skipped 3 bad lines (2 invalid json, 1 empty) <what>; e.g.' and the examples, on stderr (nothing when
+    none were skipped)."""
+    if sum(counts.values()):
+        print(f"skipped {_bad_lines(counts)}{' ' + what if what else ''}; e.g.", file=sys.stderr)
+        for example in examples:  # each whole: file:line: kind: detail
+            print(f"  {example}", file=sys.stderr)
+
+
+def _mix_line(mix: dict, unit: str, total: int, shown: int = 12) -> str:
+    """'mix by domain (share of tokens): web 61.2% (80 documents), code 30.1% (40 documents), ...'."""
+    groups = list(mix["groups"].items())
+    parts = [f"{name} {100 * g[unit] / max(total, 1):.1f}% ({counted(g['documents'], 'document')})"
+             for name, g in groups[:shown]]
+    if len(groups) > shown:
+        parts.append(f"and {len(groups) - shown} more (report.json)")
+    by = f"{mix['field']} (or input file)" if mix["field"] else "input file"
+    return f"mix by {by}, share of {unit}: " + (", ".join(parts) or "no documents")
 
 
 def _bad_lines(counts: dict[str, int]) -> str:
@@ -347,14 +393,23 @@ def _run(args) -> int:
         report = select_documents(args.signals, _load_weights(args.weights) if args.weights else None, args.out,
                                   budget=args.budget, top_fraction=args.top_fraction, budget_unit=args.budget_unit,
                                   random_out=args.random_out, seed=args.seed, plot=args.plot, mode=args.mode,
-                                  resample_signal=args.signal)
+                                  resample_signal=args.signal, mix_field=args.mix_field)
         unit = report["budget_unit"]
         print(f"kept {report['documents_out']:,} of {counted(report['documents_in'], 'document')}, "
-              f"{report[unit + '_out']} of {report[unit + '_in']} {unit} → {args.out}")
+              f"{report[unit + '_out']:,} of {report[unit + '_in']:,} {unit} → {args.out}")
+        if report["score_threshold"] is not None:
+            fill = report["fill"]
+            print(f"score cutoff {report['score_threshold']:.4f}: the best {report['top_documents']:,} documents "
+                  "that fit the budget outright" + (
+                      f"; the greedy fill then added {counted(fill['documents'], 'document')} "
+                      f"({fill[unit]:,} {unit}) scoring {fill['score_min']:.4f} to {fill['score_max']:.4f}, "
+                      "which fit the rest of the budget" if fill["documents"] else ""))
+        print(_mix_line(report["mix"], unit, report[unit + "_out"]))
         if args.random_out:
             rnd = report["random_baseline"]
-            print(f"random baseline: {counted(rnd['documents_out'], 'document')}, {rnd[unit + '_out']} {unit} "
+            print(f"random baseline: {counted(rnd['documents_out'], 'document')}, {rnd[unit + '_out']:,} {unit} "
                   f"→ {args.random_out}")
+            print("random baseline " + _mix_line(rnd["mix"], unit, rnd[unit + "_out"]))
         if args.prepare_out:
             _prepare([args.out] + ([args.random_out] if args.random_out else []), args.prepare_out, args.tokenizer)
         return 0
@@ -369,15 +424,32 @@ def _run(args) -> int:
                             strict=args.strict, overwrite=args.overwrite, workers=args.workers)
         print(f"{', '.join(report['columns'])} for {counted(report['documents'], 'document')} in "
               f"{counted(report['shards'], 'shard')} → {args.out} ({report['seconds']:.1f} s)")
+        _print_skipped(report["fit_malformed"], report["fit_malformed_examples"], "in the files fitted on")
+        _print_skipped(report["malformed"], report["malformed_examples"], "in the scored inputs")
         return 0
     if args.action == "run":
         from mixlm.selection.pipeline import load_pipeline, run_pipeline
 
         config = load_pipeline(args.config, {"pos": args.pos, "neg": args.neg, "model": args.model})
         result = run_pipeline(config, args.input, args.out, workers=args.workers, overwrite=args.overwrite,
-                              progress=lambda line: print(line, flush=True))
+                              progress=lambda line: print(line, flush=True), strict=args.strict)
         print(f"kept {result['documents_out']:,} of {counted(result['documents_in'], 'document')} → "
               f"{result['output']}; per stage: {Path(args.out) / 'report.json'}")
+        return 0
+    if args.action == "dedup":
+        from mixlm.selection.pipeline import DOCUMENTS, dedup_documents
+
+        options = {key: getattr(args, key) for key in ("threshold", "ngram", "num_perm", "bands", "rows", "seed",
+                                                       "verify", "expected_ngrams", "false_positive_rate",
+                                                       "paragraphs", "min_words")}
+        report = dedup_documents(args.inputs, args.out, args.method, options, text_field=args.text_field,
+                                 strict=args.strict, overwrite=args.overwrite)
+        removed = report["documents_in"] - report["documents_out"]
+        extra = f", {report['paragraphs_removed']:,} duplicate paragraphs cut" if "paragraphs_removed" in report else ""
+        print(f"dedup {args.method}: kept {report['documents_out']:,} of {counted(report['documents_in'], 'document')} "
+              f"({removed:,} removed{extra}) → {Path(args.out) / DOCUMENTS}"
+              + (" (up to date: same inputs and settings)" if report["reused"] else f" ({report['seconds']:.1f} s)"))
+        _print_skipped(report["malformed"], report["malformed_examples"])
         return 0
     if args.action == "weightings":
         from mixlm.selection.scoring import sample_rater_weightings

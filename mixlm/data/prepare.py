@@ -5,12 +5,19 @@ Per domain, in two resumable phases under `<out>/<domain>/.work/`:
 1. Tokenize: the sources' documents are read in a fixed order and tokenized in batches over
    `workers` processes (results kept in order); every `chunk_docs` documents of a source are saved as a
    chunk (`tok-<unit>-<chunk>.*`, written to a temp name and renamed). A rerun skips finished chunks.
+   A long document is tokenized in pieces of at most `_PIECE_CHARS` characters, cut before a space between
+   two word characters, when the tokenizer provably gives the same ids that way (`piecewise_problem`);
+   memory then stays bounded whatever the document's size. A stretch that cannot be cut (or any document,
+   for another tokenizer) longer than `max_document_chars` is refused naming the file, the document and its
+   size: whole, it would take about `_TOKENIZER_BYTES_PER_CHAR` bytes of memory per character.
 2. Shard: a seeded permutation of all documents; the first ones form the held-out validation split,
    the rest are cut into train shards of about `shard_tokens` tokens. Each shard is written to a temp
    file and renamed; a rerun skips finished shards. The manifest is written last: its presence means the
    domain is complete, and a rerun with the same inputs and options does nothing.
 
 The output is a pure function of (inputs, tokenizer, options): running it twice gives identical bytes.
+One `mixlm prepare` at a time writes a domain folder: it holds the folder's lock (`RunFolderLock`, the
+lock of run folders) from start to end, and a second one is refused naming the first.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -38,12 +46,22 @@ from mixlm.data.sources import (
     PrepareError,
     describe_unit,
     file_digest,
-    read_documents,
+    parquet_file,
+    read_located_documents,
     resolve_source,
 )
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
 _WORK = ".work"
+_PIECE_CHARS = 1 << 16  # a longer document is tokenized in pieces of at most this many characters
+_ENCODE_CHARS = 1 << 20  # characters per tokenizer call (and per batch read ahead): bounds its memory
+# Peak memory of a fast tokenizer per character of one text (an Encoding keeps ids, offsets, token strings,
+# masks): measured ~170 on a byte-level BPE (a 5 MB document, 830 MB RSS); used only in messages.
+_TOKENIZER_BYTES_PER_CHAR = 170
+
+
+class PreparedFolderLockedError(PrepareError):
+    """Another `mixlm prepare` is writing the domain folder (it holds the folder's lock)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,7 @@ class PrepareOptions:
     overwrite: bool = False  # replace a domain prepared with other inputs or options
     progress: bool = True
     keep_work: bool = False  # keep the .work folder (tokenized chunks) after success
+    max_document_chars: int = 10_000_000  # longest text tokenized whole (a document, or a piece that cannot be cut)
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------
@@ -109,6 +128,69 @@ def load_tokenizer_spec(name_or_path: str) -> TokenizerSpec:
     return TokenizerSpec(str(name_or_path), backend.to_str(), len(tok), tok.eos_token_id, tok.bos_token_id)
 
 
+def piecewise_problem(spec: TokenizerSpec) -> str | None:
+    r"""None when the tokenizer gives a text the same ids whole as in pieces cut before a space between two
+    word characters (`document_pieces`), else why it may not.
+
+    Why those cuts are exact: (1) added tokens are matched first, over the whole text; one holding no
+    whitespace cannot contain the space and one of whitespace only cannot contain the word character before
+    it, so no match spans a cut (a token that strips spaces on its right could: refused). (2) An NFC
+    normaliser (or none) never composes a space with its neighbours. (3) The ByteLevel pre-tokenizer's GPT-2
+    regex ('s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) has no look-behind; a
+    match holds a space only at its start or in a run of whitespace, so a word character then a space
+    always ends one pre-token and starts the next, and the text up to the word character splits the same
+    with the space or with the end of the text after it (a prefix space is added only to a piece that does
+    not start with one). (4) The model (BPE) works on each pre-token alone.
+    """
+    backend = json.loads(spec.backend_json)
+    normalizer = backend.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        return f"its normalizer is {normalizer.get('type')}, not NFC or none"
+    pre = backend.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        return f"its pre-tokenizer is {pre.get('type')}, not ByteLevel with the GPT-2 regex"
+    for added in backend.get("added_tokens", []):
+        content = added["content"]
+        if added.get("rstrip") or (any(c.isspace() for c in content) and not content.isspace()):
+            return f"its added token {content!r} could span a cut"
+    return None
+
+
+def _word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"  # what the regex \w matches in a str
+
+
+def _cut_before(text: str, lo: int, hi: int) -> int:
+    """The last position p in [lo, hi] with text[p] a space between two word characters, or -1."""
+    p = text.rfind(" ", lo, hi + 1)
+    while p >= lo:
+        if 0 < p < len(text) - 1 and _word_char(text[p - 1]) and _word_char(text[p + 1]):
+            return p
+        p = text.rfind(" ", lo, p)
+    return -1
+
+
+_CUT = re.compile(r"(?<=\w) (?=\w)")
+
+
+def document_pieces(text: str, piece_chars: int) -> list[str]:
+    """`text` cut into pieces of at most `piece_chars` characters, each cut just before a space between two
+    word characters (see `piecewise_problem`); a stretch with no such space within `piece_chars` stays one
+    longer piece. "".join(pieces) == text."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = _cut_before(text, start + 1, start + piece_chars)
+        if cut < 0:
+            found = _CUT.search(text, start + piece_chars)
+            if found is None:
+                break
+            cut = found.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 _WORKER: dict = {}
 
 
@@ -117,23 +199,40 @@ def _init_worker(spec: TokenizerSpec, append_eos: bool, prepend_bos: bool) -> No
 
     if _WORKER.get("key") == (spec.fingerprint, append_eos, prepend_bos):
         return
+    tok = Tokenizer.from_str(spec.backend_json)
+    tok.no_truncation()  # a saved truncation / padding setting would cut or pad every document
+    tok.no_padding()
     _WORKER.update(
         key=(spec.fingerprint, append_eos, prepend_bos),
-        tok=Tokenizer.from_str(spec.backend_json),
+        tok=tok,
         dtype=spec.dtype,
-        eos=[spec.eos_id] if append_eos else [],
-        bos=[spec.bos_id] if prepend_bos else [],
+        eos=np.array([spec.eos_id] if append_eos else [], spec.dtype),
+        bos=np.array([spec.bos_id] if prepend_bos else [], spec.dtype),
     )
 
 
 def _tokenize(item):
-    """(unit, chunk, texts, flags...) -> same with texts replaced by (flat tokens, lengths)."""
-    unit, chunk, texts, final, last, counts = item
-    encodings = _WORKER["tok"].encode_batch(texts, add_special_tokens=False) if texts else []
-    ids = [_WORKER["bos"] + e.ids + _WORKER["eos"] for e in encodings]
-    lengths = np.array([len(x) for x in ids], np.int64)
-    flat = np.fromiter((t for x in ids for t in x), dtype=_WORKER["dtype"], count=int(lengths.sum()))
-    return unit, chunk, flat, lengths, final, last, counts
+    """(unit, chunk, documents (each a list of its pieces), flags...) -> same with the documents replaced by
+    (flat tokens, lengths). The pieces go to the tokenizer in calls of at most `_ENCODE_CHARS` characters
+    (or one piece), so memory stays bounded by the piece and batch sizes, not by a document's."""
+    unit, chunk, docs, final, last, counts = item
+    tok, dtype = _WORKER["tok"], _WORKER["dtype"]
+    pieces = [piece for doc in docs for piece in doc]
+    ids, start = [], 0
+    while start < len(pieces):
+        end, size = start + 1, len(pieces[start])
+        while end < len(pieces) and size + len(pieces[end]) <= _ENCODE_CHARS:
+            size, end = size + len(pieces[end]), end + 1
+        encodings = tok.encode_batch(pieces[start:end], add_special_tokens=False)
+        ids += [np.array(e.ids, dtype) for e in encodings]
+        start = end
+    parts, lengths, k = [], [], 0
+    for doc in docs:
+        parts += [_WORKER["bos"], *ids[k : k + len(doc)], _WORKER["eos"]]
+        lengths.append(sum(len(x) for x in parts[-len(doc) - 2 :]))
+        k += len(doc)
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return unit, chunk, flat, np.array(lengths, np.int64), final, last, counts
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -168,9 +267,7 @@ def count_documents(unit: InputUnit) -> int | None:
     if unit.kind == "text":
         return 1
     if unit.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(unit.location).metadata.num_rows
+        return parquet_file(unit.location).metadata.num_rows
     if unit.kind == "jsonl" and not unit.location.endswith((".gz", ".zst")):
         lines, last = 0, b"\n"
         with open(unit.location, "rb") as f:
@@ -239,31 +336,58 @@ def _write_chunk(
     return meta
 
 
-def _batches(units: list[InputUnit], work: Path, options: PrepareOptions):
-    """Yields (unit, chunk, texts, final_of_chunk, last_of_unit, malformed counts) for unfinished chunks."""
+def _too_long(unit: InputUnit, where: str, size: int, longest: int, options: PrepareOptions,
+              cut_problem: str | None, tokenizer: str) -> PrepareError:
+    need = longest * _TOKENIZER_BYTES_PER_CHAR
+    memory = f"about {need / 2**30:.1f} GiB" if need >= 2**30 else f"about {need / 2**20:.0f} MiB"
+    memory += " of memory to tokenize whole"
+    if cut_problem is None:
+        what = (f"holds a stretch of {longest:,} characters with no space between two words to cut it at "
+                f"({memory})")
+    else:
+        what = f"cannot be tokenized in pieces with tokenizer {tokenizer} ({cut_problem}) and takes {memory}"
+    return PrepareError(
+        f"{unit.label}: the document at {where} ({size:,} characters) {what}, over --max-document-chars "
+        f"{options.max_document_chars:,}; raise --max-document-chars if the host has the memory, or split "
+        "the document"
+    )
+
+
+def _batches(units: list[InputUnit], work: Path, options: PrepareOptions, spec: TokenizerSpec):
+    """Yields (unit, chunk, documents, final_of_chunk, last_of_unit, malformed counts) for unfinished chunks;
+    each document is a list of its pieces (one, unless it is long and the tokenizer allows cuts)."""
+    cut_problem = piecewise_problem(spec)
+    piece_chars = min(_PIECE_CHARS, options.max_document_chars)
     for u, unit in enumerate(units):
         done = _finished_chunks(work, u)
         if done and done[-1]["last"]:
             continue
         skip, chunk = len(done) * options.chunk_docs, len(done)
-        texts_iter, counts = read_documents(unit, options.strict)
-        texts, in_chunk, seen = [], 0, 0
-        for text in texts_iter:
+        located, counts = read_located_documents(unit, options.strict)
+        docs, chars, in_chunk, seen = [], 0, 0, 0
+        for where, text in located:
             seen += 1
             if seen <= skip:  # finished chunks of an interrupted run: their counts are already saved
                 if seen == skip:
                     counts.update(dict.fromkeys(counts, 0))
                 continue
-            texts.append(text)
+            pieces = [text]
+            if len(text) > piece_chars and cut_problem is None:
+                pieces = document_pieces(text, piece_chars)
+            longest = max(len(piece) for piece in pieces)
+            if longest > options.max_document_chars:
+                raise _too_long(unit, where, len(text), longest, options, cut_problem, spec.name)
+            docs.append(pieces)
+            chars += len(text)
             in_chunk += 1
             if in_chunk == options.chunk_docs:
-                yield u, chunk, texts, True, False, dict(counts)
+                yield u, chunk, docs, True, False, dict(counts)
                 counts.update(dict.fromkeys(counts, 0))
-                texts, in_chunk, chunk = [], 0, chunk + 1
-            elif len(texts) == options.batch_docs:
-                yield u, chunk, texts, False, False, None
-                texts = []
-        yield u, chunk, texts, True, True, dict(counts)
+                docs, chars, in_chunk, chunk = [], 0, 0, chunk + 1
+            elif len(docs) == options.batch_docs or chars >= _ENCODE_CHARS:
+                yield u, chunk, docs, False, False, None
+                docs, chars = [], 0
+        yield u, chunk, docs, True, True, dict(counts)
 
 
 def _bounded_imap(pool, items, window: int):
@@ -295,7 +419,7 @@ def tokenizer_pool(spec: TokenizerSpec, options: PrepareOptions):
 def _tokenize_units(
     domain: str, units: list[InputUnit], work: Path, spec: TokenizerSpec, options: PrepareOptions, pool
 ) -> list[dict]:
-    items = _batches(units, work, options)
+    items = _batches(units, work, options, spec)
     counts = [count_documents(u) for u in units] if options.progress else [None]
     progress = _Progress(options.progress, f"tokenize {domain}", None if None in counts else sum(counts))
     if pool is not None:
@@ -451,6 +575,35 @@ def _plan_changes(existing: DomainManifest, provenance: list[dict], spec: Tokeni
     return changes or ["the text field of a source (?text_field=...) or the manifest's plan format"]
 
 
+@contextlib.contextmanager
+def _domain_lock(dom_dir: Path):
+    """Holds the domain folder's lock (checkpoint.RunFolderLock: an flock the kernel drops with its holder)
+    while the block runs; PreparedFolderLockedError naming the holder when another prepare has it."""
+    from mixlm.checkpoint import CheckpointError, RunFolderLock, RunFolderLockedError
+
+    lock = RunFolderLock(dom_dir, log=lambda message: print(message, file=sys.stderr))
+    try:
+        lock.acquire()
+    except RunFolderLockedError:
+        try:
+            held = json.loads(lock.path.read_text())
+            who = f"host {held['host']}, pid {held['pid']}, since {held['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "a process that is just starting"
+        raise PreparedFolderLockedError(
+            f"{dom_dir} is being written by another mixlm prepare ({who}; lock {lock.path}): wait for it to "
+            "finish (then rerun: a finished domain is reused) or stop it, or choose another --out"
+        ) from None
+    except CheckpointError as e:
+        cause = e.__context__ if isinstance(e.__context__, OSError) else e
+        raise PrepareError(f"cannot write to {dom_dir} ({getattr(cause, 'strerror', None) or cause}); fix its "
+                           "permissions or free space there, or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prepare_domain(
     domain: str,
     sources: Sequence[str] | str,
@@ -475,7 +628,7 @@ def prepare_domain(
     plan_options = {
         k: v
         for k, v in asdict(options).items()
-        if k not in ("workers", "batch_docs", "strict", "overwrite", "progress", "keep_work")
+        if k not in ("workers", "batch_docs", "strict", "overwrite", "progress", "keep_work", "max_document_chars")
     }
     plan = {
         "domain": domain,
@@ -487,90 +640,91 @@ def prepare_domain(
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:20]
 
     dom_dir = Path(out_dir) / domain
-    work = dom_dir / _WORK
-    if (dom_dir / MANIFEST).is_file():
-        try:
-            existing = DomainManifest.load(dom_dir / MANIFEST)
-        except (ShardError, KeyError, TypeError):  # an unreadable manifest is stale output
-            existing = None
-        if existing is not None and existing.options.get("plan") == plan_id:
+    with _domain_lock(dom_dir):  # one prepare at a time in a domain folder
+        work = dom_dir / _WORK
+        if (dom_dir / MANIFEST).is_file():
             try:
-                PreparedDomain(out_dir, domain, checksums=True)  # every shard: size, records, sha256
-                print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
-                return existing
-            except ShardError as e:
-                print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
+                existing = DomainManifest.load(dom_dir / MANIFEST)
+            except (ShardError, KeyError, TypeError):  # an unreadable manifest is stale output
                 existing = None
-        if existing is not None and not options.overwrite:
-            changes = _plan_changes(existing, provenance, spec, plan_options, dom_dir / MANIFEST)
+            if existing is not None and existing.options.get("plan") == plan_id:
+                try:
+                    PreparedDomain(out_dir, domain, checksums=True)  # every shard: size, records, sha256
+                    print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
+                    return existing
+                except ShardError as e:
+                    print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
+                    existing = None
+            if existing is not None and not options.overwrite:
+                changes = _plan_changes(existing, provenance, spec, plan_options, dom_dir / MANIFEST)
+                raise PrepareError(
+                    f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options "
+                    f"({'; '.join(changes)}); pass --overwrite to replace it, or choose another --out"
+                )
+            _clear_outputs(dom_dir)
+        if (
+            not (work / "plan.json").is_file()
+            or json.loads((work / "plan.json").read_text()).get("plan") != plan_id
+        ):
+            shutil.rmtree(work, ignore_errors=True)  # stale partial work from other inputs or options
+            _clear_outputs(dom_dir)
+            work.mkdir(parents=True)
+            _atomic_write_bytes(work / "plan.json", json.dumps({"plan": plan_id, **plan}, indent=1).encode())
+
+        if pool is None and options.workers > 1:
+            with tokenizer_pool(spec, options) as own_pool:
+                metas = _tokenize_units(domain, units, work, spec, options, own_pool)
+        else:
+            metas = _tokenize_units(domain, units, work, spec, options, pool)
+        per_unit = [{"documents": 0, "malformed": dict.fromkeys(MALFORMED_KINDS, 0)} for _ in units]
+        for m in metas:
+            per_unit[m["unit"]]["documents"] += m["documents"]
+            for k, v in m["malformed"].items():
+                per_unit[m["unit"]]["malformed"][k] += v
+        sources_info = [{**p, **u} for p, u in zip(provenance, per_unit)]
+        malformed = {k: sum(u["malformed"][k] for u in per_unit) for k in MALFORMED_KINDS}
+        store = _ChunkStore(work, metas)
+        if not len(store.lengths):
             raise PrepareError(
-                f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options "
-                f"({'; '.join(changes)}); pass --overwrite to replace it, or choose another --out"
+                f"domain {domain!r}: no usable documents in {', '.join(sources)} "
+                f"(malformed: {malformed}); check the paths and --text-field"
             )
-        _clear_outputs(dom_dir)
-    if (
-        not (work / "plan.json").is_file()
-        or json.loads((work / "plan.json").read_text()).get("plan") != plan_id
-    ):
-        shutil.rmtree(work, ignore_errors=True)  # stale partial work from other inputs or options
-        _clear_outputs(dom_dir)
-        work.mkdir(parents=True)
-        _atomic_write_bytes(work / "plan.json", json.dumps({"plan": plan_id, **plan}, indent=1).encode())
 
-    if pool is None and options.workers > 1:
-        with tokenizer_pool(spec, options) as own_pool:
-            metas = _tokenize_units(domain, units, work, spec, options, own_pool)
-    else:
-        metas = _tokenize_units(domain, units, work, spec, options, pool)
-    per_unit = [{"documents": 0, "malformed": dict.fromkeys(MALFORMED_KINDS, 0)} for _ in units]
-    for m in metas:
-        per_unit[m["unit"]]["documents"] += m["documents"]
-        for k, v in m["malformed"].items():
-            per_unit[m["unit"]]["malformed"][k] += v
-    sources_info = [{**p, **u} for p, u in zip(provenance, per_unit)]
-    malformed = {k: sum(u["malformed"][k] for u in per_unit) for k in MALFORMED_KINDS}
-    store = _ChunkStore(work, metas)
-    if not len(store.lengths):
-        raise PrepareError(
-            f"domain {domain!r}: no usable documents in {', '.join(sources)} "
-            f"(malformed: {malformed}); check the paths and --text-field"
+        train_ids, val_ids = _split_documents(len(store.lengths), domain, options)
+        train_tokens = int(store.lengths[train_ids].sum())
+        num_shards = max(1, min(len(train_ids), math.ceil(train_tokens / options.shard_tokens)))
+        progress = _Progress(options.progress, f"shard {domain}", len(store.lengths))
+        try:
+            splits = {
+                "train": _write_split(
+                    dom_dir, work, "train", np.array_split(train_ids, num_shards), store, progress
+                ),
+                "validation": _write_split(
+                    dom_dir, work, "validation", [val_ids] if len(val_ids) else [], store, progress
+                ),
+            }
+        finally:
+            progress.close()
+        manifest = DomainManifest(
+            domain=domain,
+            dtype=spec.dtype.name,
+            tokenizer=spec.describe(),
+            seed=options.seed,
+            splits=splits,
+            sources=sources_info,
+            malformed=malformed,
+            options={
+                "plan": plan_id,
+                **plan_options,
+                "tokenizer": spec.name,
+                "array_record_options": ARRAY_RECORD_OPTIONS,
+            },
         )
-
-    train_ids, val_ids = _split_documents(len(store.lengths), domain, options)
-    train_tokens = int(store.lengths[train_ids].sum())
-    num_shards = max(1, min(len(train_ids), math.ceil(train_tokens / options.shard_tokens)))
-    progress = _Progress(options.progress, f"shard {domain}", len(store.lengths))
-    try:
-        splits = {
-            "train": _write_split(
-                dom_dir, work, "train", np.array_split(train_ids, num_shards), store, progress
-            ),
-            "validation": _write_split(
-                dom_dir, work, "validation", [val_ids] if len(val_ids) else [], store, progress
-            ),
-        }
-    finally:
-        progress.close()
-    manifest = DomainManifest(
-        domain=domain,
-        dtype=spec.dtype.name,
-        tokenizer=spec.describe(),
-        seed=options.seed,
-        splits=splits,
-        sources=sources_info,
-        malformed=malformed,
-        options={
-            "plan": plan_id,
-            **plan_options,
-            "tokenizer": spec.name,
-            "array_record_options": ARRAY_RECORD_OPTIONS,
-        },
-    )
-    _atomic_write_bytes(dom_dir / MANIFEST, manifest.to_json().encode())
-    del store
-    if not options.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return manifest
+        _atomic_write_bytes(dom_dir / MANIFEST, manifest.to_json().encode())
+        del store
+        if not options.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        return manifest
 
 
 def malformed_report(manifest: DomainManifest) -> str:

@@ -12,6 +12,12 @@ A source spec is `LOCATION[?key=value&...]`:
 A plain-text file is one document. Each source is split into "units" (a file, a dataset split) that are
 read in a fixed order; malformed records (invalid JSON, missing or non-string text field, invalid UTF-8,
 empty text) are counted per unit, or raise `MalformedInputError` in strict mode.
+
+`iter_records` is the one reader of document files (jsonl(.gz/.zst), parquet, text) for every verb
+(`prepare`, `tokenizer train`, `select ...`). A compressed file that ends inside a frame (cut short), holds
+corrupt data or is not the format its name says raises `InputFileError` naming the file and how far it was
+read: never a short read taken as the whole file. (A zstd file cut exactly between two frames, or a gzip file
+between two members, cannot be told from a whole one.)
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import hashlib
 import io
 import json
 import urllib.parse
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +42,10 @@ class PrepareError(ValueError):
 
 class MalformedInputError(PrepareError):
     """A malformed record in strict mode: names the file and the line / row."""
+
+
+class InputFileError(PrepareError):
+    """An input file cannot be read to its end: cut short, corrupt, or not the format its name says."""
 
 
 @dataclass
@@ -51,8 +62,9 @@ class InputUnit:
         return self.location if self.kind in ("jsonl", "parquet", "text") else f"{self.kind}:{self.location}"
 
 
-def _file_kind(path: Path) -> str:
-    name = path.name.lower()
+def file_kind(path: str | Path) -> str:
+    """'jsonl' (.jsonl / .json / .ndjson, optionally .gz / .zst), 'parquet', or 'text' (anything else)."""
+    name = Path(path).name.lower()
     for comp in ("", ".gz", ".zst"):
         if any(name.endswith(s + comp) for s in JSONL_SUFFIXES):
             return "jsonl"
@@ -78,7 +90,7 @@ def resolve_source(domain: str, spec: str, text_field: str) -> list[InputUnit]:
         )
     path = Path(location)
     if path.is_file():
-        return [InputUnit(_file_kind(path), str(path), field_name)]
+        return [InputUnit(file_kind(path), str(path), field_name)]
     if path.is_dir():
         files = sorted(
             p
@@ -87,7 +99,7 @@ def resolve_source(domain: str, spec: str, text_field: str) -> list[InputUnit]:
         )
         if not files:
             raise PrepareError(f"domain {domain!r}: source folder {path} holds no files")
-        return [InputUnit(_file_kind(p), str(p), field_name) for p in files]
+        return [InputUnit(file_kind(p), str(p), field_name) for p in files]
     raise PrepareError(
         f"domain {domain!r}: source path {path} does not exist (from --domain {domain}={spec})"
     )
@@ -151,85 +163,233 @@ class _Counter:
         self.counts[kind] += 1
 
     def text(self, value, where: str) -> str | None:
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError as e:
-                self.bad("invalid_utf8", where, str(e))
-                return None
-        if not isinstance(value, str):
-            self.bad(
-                "missing_field", where, f"field {self.unit.text_field!r} is {type(value).__name__}, not text"
-            )
-            return None
-        if not value.strip():
-            self.bad("empty", where)
-            return None
-        return value
+        text, problem, detail = _text_problem(value, self.unit.text_field)
+        if text is None:
+            self.bad(problem, where, detail)
+        return text
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
+_ZSTD_READ = 1 << 16  # compressed bytes per step: bounds the decompressed bytes held at once
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a zstd file, frame after frame. At the end of the file a frame left
+    unfinished raises EOFError, as gzip does for a cut member (zstandard's stream_reader returns a short
+    stream instead); bad data raises zstandard.ZstdError."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._file = open(path, "rb")  # noqa: SIM115 - open as long as the reader, closed by close()
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressobj of the frame being read, None between frames
+        self._input = b""  # compressed bytes not yet given to a frame
+        self._output = memoryview(b"")  # decompressed bytes not yet returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._output:
+            if self._frame is not None and self._frame.eof:
+                self._input, self._frame = self._frame.unused_data + self._input, None
+            if not self._input:
+                self._input = self._file.read(_ZSTD_READ)
+                if not self._input:
+                    if self._frame is not None:
+                        raise EOFError("the zstd stream ends inside a frame")
+                    return 0
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            data, self._input = self._input, b""
+            self._output = memoryview(self._frame.decompress(data))
+        n = min(len(buffer), len(self._output))
+        buffer[:n] = self._output[:n]
+        self._output = self._output[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_input(path: str) -> io.BufferedIOBase:
+    """The bytes of a file, decompressed by suffix (.gz, .zst). Reading a compressed file that is cut short
+    raises EOFError; one with bad data gzip.BadGzipFile / zlib.error / zstandard.ZstdError (`iter_lines`
+    turns these into one InputFileError)."""
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 16)
     return open(path, "rb")
 
 
-def _read_jsonl(unit: InputUnit, c: _Counter) -> Iterator[str]:
-    with _open_binary(unit.location) as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"line {lineno}"
+def _decompress_problem(path: str, error: Exception) -> str | None:
+    """What a decompression error means for the user, or None when `error` is not one."""
+    fmt = "zstd" if path.endswith(".zst") else "gzip"
+    if isinstance(error, EOFError):
+        return f"the {fmt} data ends in the middle of a compressed frame: the file is cut short (an " \
+               "interrupted download or copy?)"
+    detail = " ".join(str(error).split())
+    if fmt == "zstd" and type(error).__name__ == "ZstdError":
+        if "Unknown frame descriptor" in detail:
+            return f"is not zstd data although its name ends in .zst ({detail})"
+        return f"holds corrupt zstd data ({detail})"
+    if fmt == "gzip" and isinstance(error, (gzip.BadGzipFile, zlib.error)):
+        if "Not a gzipped file" in detail:
+            return f"is not gzip data although its name ends in .gz ({detail})"
+        return f"holds corrupt gzip data ({detail})"
+    return None
+
+
+def iter_lines(path: str, documents: Callable[[], int] | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, raw line) of a jsonl(.gz/.zst) file. A compressed file that is cut short, corrupt
+    or not compressed as its name says raises InputFileError naming the file, the lines read and (with
+    `documents`, the caller's count so far) the documents read before the problem."""
+    number = 0
+    try:
+        with open_input(path) as f:
+            for number, raw in enumerate(f, start=1):
+                yield number, raw
+    except Exception as e:  # only decompression errors are translated; others are raised as they are
+        problem = _decompress_problem(path, e)
+        if problem is None:
+            raise
+        read = f"{number:,} lines" + (f" ({documents():,} documents)" if documents is not None else "")
+        raise InputFileError(f"{path}: {problem}; stopped after {read} read, and nothing from this file was "
+                             "kept; restore or recompress the whole file and run again") from None
+
+
+def _text_problem(value, text_field: str) -> tuple[str | None, str, str]:
+    """(the text, "", "") when `value` is usable text, else (None, malformed kind, detail)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, "invalid_utf8", str(e)
+    if not isinstance(value, str):
+        return None, "missing_field", f"field {text_field!r} is {type(value).__name__}, not text"
+    if not value.strip():
+        return None, "empty", f"field {text_field!r} is blank"
+    return value, "", ""
+
+
+def record_field(record: dict, name: str):
+    """record[name], or record['a']['b'] for a dotted name 'a.b' that is not itself a key; KeyError when
+    missing."""
+    if isinstance(record, dict) and name in record:
+        return record[name]
+    for part in name.split("."):
+        if not isinstance(record, dict) or part not in record:
+            raise KeyError(name)
+        record = record[part]
+    return record
+
+
+def _field_text(record, text_field: str) -> tuple[str | None, str, str]:
+    """`_text_problem` of the record's text field; a missing or null field is a missing_field."""
+    try:
+        value = record_field(record, text_field)
+    except KeyError:
+        return None, "missing_field", f"no field {text_field!r}"
+    if value is None:
+        return None, "missing_field", f"field {text_field!r} is null"
+    return _text_problem(value, text_field)
+
+
+OnBad = Callable[[str, int, str], None]  # (malformed kind, record number, detail); may raise (strict mode)
+
+
+def iter_records(path: str, text_field: str, on_bad: OnBad, *, columns: Sequence[str] | None = None
+                 ) -> Iterator[tuple[int, dict, str]]:
+    """(record number, record, its text) for each usable document of a file, by `file_kind`: a jsonl(.gz/.zst)
+    line (number: the line, from 1; blank lines are no record), a parquet row (number: the row, from 1;
+    record: the row's `columns`, default all) or a text file (one document, number 1, record
+    {text_field: text}). Each skipped record goes to `on_bad` (invalid UTF-8 or JSON, no object with a text
+    field, text not a string, blank text). Raises InputFileError when a compressed file cannot be read to
+    its end."""
+    kind = file_kind(path)
+    if kind == "jsonl":
+        good = [0]  # documents yielded so far, for the message of a file cut short
+        for number, raw in iter_lines(path, lambda: good[0]):
+            if not raw.strip():
+                continue
             try:
-                line = raw.decode("utf-8")
+                record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                c.bad("invalid_utf8", where, str(e))
+                on_bad("invalid_utf8", number, str(e))
                 continue
-            if not line.strip():
-                continue  # blank lines separate nothing in jsonl; not a record
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                c.bad("invalid_json", where, str(e))
+            except json.JSONDecodeError as e:  # str(e), not e.msg: e.msg alone ends in "... at"
+                on_bad("invalid_json", number, str(e))
                 continue
-            if not isinstance(record, dict) or unit.text_field not in record:
-                c.bad("missing_field", where, f"no field {unit.text_field!r}")
+            text, problem, detail = _field_text(record, text_field)
+            if text is None:
+                on_bad(problem, number, detail)
                 continue
-            text = c.text(record[unit.text_field], where)
-            if text is not None:
-                yield text
+            good[0] += 1
+            yield number, record, text
+    elif kind == "parquet":
+        pf = parquet_file(path)
+        names = pf.schema_arrow.names
+        top = text_field if text_field in names else text_field.split(".")[0]
+        if top not in names:
+            for number in range(1, pf.metadata.num_rows + 1):
+                on_bad("missing_field", number, f"no column {text_field!r} (columns: {names})")
+            return
+        wanted = None if columns is None else list(dict.fromkeys([*columns, top]))
+        for number, record in iter_parquet_rows(path, wanted):
+            text, problem, detail = _field_text(record, text_field)
+            if text is None:
+                on_bad(problem, number, detail)
+                continue
+            yield number, record, text
+    else:
+        text, problem, detail = _text_problem(Path(path).read_bytes(), text_field)
+        if text is None:
+            on_bad(problem, 1, detail.replace(f"field {text_field!r}", "the file"))
+        else:
+            yield 1, {text_field: text}, text
 
 
-def _read_parquet(unit: InputUnit, c: _Counter) -> Iterator[str]:
+def parquet_file(path: str):
+    """pyarrow's ParquetFile of `path`; InputFileError naming the file when it is no parquet file (or cut short:
+    its footer is at the end)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(unit.location)
-    if unit.text_field not in pf.schema_arrow.names:
-        for row in range(pf.metadata.num_rows):
-            c.bad(
-                "missing_field",
-                f"row {row}",
-                f"no column {unit.text_field!r} (columns: {pf.schema_arrow.names})",
-            )
-        return
-    row = 0
-    for batch in pf.iter_batches(columns=[unit.text_field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            if value is None:
-                c.bad("missing_field", f"row {row}", "null")
-            else:
-                text = c.text(value, f"row {row}")
-                if text is not None:
-                    yield text
-            row += 1
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise InputFileError(f"{path}: not a readable parquet file ({' '.join(str(e).split())}); a parquet "
+                             "file that is cut short loses its footer: restore the whole file") from None
 
 
-def _read_text(unit: InputUnit, c: _Counter) -> Iterator[str]:
-    text = c.text(Path(unit.location).read_bytes(), "file")
-    if text is not None:
-        yield text
+def iter_parquet_rows(path: str, columns: Sequence[str] | None = None) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, the row as a dict of `columns`, default all) of a parquet file, a batch at a time;
+    InputFileError naming the file and row when its data is corrupt."""
+    import pyarrow as pa
+
+    number = 0
+    batches = parquet_file(path).iter_batches(columns=columns, batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise InputFileError(f"{path}: corrupt parquet data after row {number:,} ({' '.join(str(e).split())}); "
+                                 "nothing from this file was kept; restore the whole file and run again") from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            number += 1
+            yield number, row
+
+
+def _read_file(unit: InputUnit, c: _Counter) -> Iterator[tuple[str, str]]:
+    where = {"jsonl": "line {}", "parquet": "row {}", "text": "file"}[unit.kind]
+    for number, _, text in iter_records(unit.location, unit.text_field,
+                                        lambda kind, number, detail: c.bad(kind, where.format(number), detail),
+                                        columns=[]):
+        yield where.format(number), text
 
 
 def _hf_dataset(unit: InputUnit):
@@ -251,14 +411,14 @@ def _hf_dataset(unit: InputUnit):
     return datasets.load_dataset(unit.location, unit.options.get("config") or None, **kwargs)
 
 
-def _read_hf(unit: InputUnit, c: _Counter) -> Iterator[str]:
+def _read_hf(unit: InputUnit, c: _Counter) -> Iterator[tuple[str, str]]:
     for row, record in enumerate(_hf_dataset(unit)):
         if unit.text_field not in record or record[unit.text_field] is None:
             c.bad("missing_field", f"row {row}", f"no field {unit.text_field!r}")
             continue
         text = c.text(record[unit.text_field], f"row {row}")
         if text is not None:
-            yield text
+            yield f"row {row}", text
 
 
 def _tfds_source(unit: InputUnit):
@@ -270,7 +430,7 @@ def _tfds_source(unit: InputUnit):
     return tfds.data_source(unit.location, **kwargs)
 
 
-def _read_tfds(unit: InputUnit, c: _Counter) -> Iterator[str]:
+def _read_tfds(unit: InputUnit, c: _Counter) -> Iterator[tuple[str, str]]:
     source = _tfds_source(unit)
     for row in range(len(source)):
         record = source[row]
@@ -280,19 +440,27 @@ def _read_tfds(unit: InputUnit, c: _Counter) -> Iterator[str]:
         value = record[unit.text_field]
         text = c.text(value.item() if hasattr(value, "item") else value, f"row {row}")
         if text is not None:
-            yield text
+            yield f"row {row}", text
 
 
 _READERS = {
-    "jsonl": _read_jsonl,
-    "parquet": _read_parquet,
-    "text": _read_text,
+    "jsonl": _read_file,
+    "parquet": _read_file,
+    "text": _read_file,
     "hf": _read_hf,
     "tfds": _read_tfds,
 }
 
 
-def read_documents(unit: InputUnit, strict: bool = False) -> tuple[Iterator[str], dict[str, int]]:
-    """(an iterator over the unit's document texts, its malformed counts, filled while iterating)."""
+def read_located_documents(unit: InputUnit, strict: bool = False
+                            ) -> tuple[Iterator[tuple[str, str]], dict[str, int]]:
+    """(an iterator over the unit's documents as (where: 'line 3' / 'row 2' / 'file', text), its malformed
+    counts, filled while iterating)."""
     counter = _Counter(unit, strict)
     return _READERS[unit.kind](unit, counter), counter.counts
+
+
+def read_documents(unit: InputUnit, strict: bool = False) -> tuple[Iterator[str], dict[str, int]]:
+    """(an iterator over the unit's document texts, its malformed counts, filled while iterating)."""
+    located, counts = read_located_documents(unit, strict)
+    return (text for _, text in located), counts

@@ -82,8 +82,15 @@ def train_tokenizer(
         for n, s in domains.items()
     ]
 
+    skipped: list[tuple[InputUnit, dict[str, int]]] = []  # each unit's malformed counts, filled while reading
+
+    def unit_texts(unit):
+        texts, counts = read_documents(unit)
+        skipped.append((unit, counts))
+        yield from texts
+
     def domain_texts(units):
-        texts = itertools.chain.from_iterable(read_documents(u)[0] for u in units)
+        texts = itertools.chain.from_iterable(unit_texts(u) for u in units)
         return itertools.islice(texts, max_docs_per_domain) if max_docs_per_domain else texts
 
     streams = [domain_texts(units) for units in units_per_domain]
@@ -107,6 +114,11 @@ def train_tokenizer(
     else:
         texts = tally(interleaved)
     out = train_tokenizer_from_texts(texts, out_dir, vocab_size=vocab_size, min_frequency=min_frequency)
+    for unit, counts in skipped:  # said even without progress: a skipped record is never silent
+        if sum(counts.values()):
+            kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items() if n)
+            print(f"tokenizer train: skipped {counted(sum(counts.values()), 'malformed record')} in {unit.label} "
+                  f"({kinds})", file=sys.stderr)
     if progress:
         from transformers import PreTrainedTokenizerFast
 

@@ -9,7 +9,8 @@ The pieces, each usable alone (the `mixlm select` verb chains them):
   `compute_tables(inputs, out_dir, ...)`: signals (plus rating columns of the input, a classifier score, model
   raters, perplexity, token counts) for every document of every input shard, in parallel, one table (parquet
   or jsonl) per shard keyed by `file` and `line`; `load_tables(dirs)` reads them back as one `SignalTable`;
-  `write_selected(...)` writes the chosen documents, verbatim, as jsonl.zst for `mixlm prepare`.
+  `write_selected(...)` writes the chosen documents (jsonl lines verbatim, parquet rows as JSON) as jsonl.zst
+  for `mixlm prepare`. Inputs are jsonl(.gz/.zst) or parquet files, read by `mixlm.data.sources.iter_records`.
 * `score_folder.write_score_folder(inputs, out_dir, scorer)` — the same tables from any batch scorer.
 * `scoring` — percentile normalisation, weighted combination, budgeted top-k selection, DSIR's Gumbel
   top-k resampling, the seeded random baseline, and `sample_rater_weightings` (Meta-rater's Dirichlet).
@@ -17,7 +18,8 @@ The pieces, each usable alone (the `mixlm select` verb chains them):
 * `dsir` — DSIR importance weights against target sets (hashed n-gram models); `hashing` — the stable word
   and n-gram hashes DSIR and dedup share.
 * `dedup` — exact, MinHash-LSH and Bloom-filter dedup (document level, or DCLM's paragraph level).
-* `pipeline` — a YAML chain of stages (heuristics → dedup → classifier), `mixlm select run`.
+* `pipeline` — a YAML chain of stages (heuristics → dedup → classifier), `mixlm select run`; `dedup_documents`
+  runs one dedup stage alone, `mixlm select dedup`.
 * `model_raters` — HF classification / regression models and mixlm linear heads as raters;
   `rater_config` — rater configs (Meta-rater's 25 in configs/selection/metarater-25.yaml).
 * `perplexity.perplexity_scores(texts, cfg, graphdef, params, tokenizer)` — perplexity under a mixlm model

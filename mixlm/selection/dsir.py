@@ -158,13 +158,11 @@ def parse_targets(specs: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _texts(paths: Sequence[str | Path], text_field: str) -> Iterable[str]:
-    from mixlm.selection.shards import BadLines, iter_documents
+def _texts(paths: Sequence[str | Path], text_field: str, bad, strict: bool) -> Iterable[str]:
+    from mixlm.selection.shards import iter_documents, resolve_inputs
 
-    for path in paths:
-        if not Path(path).is_file():
-            raise SelectionError(f"{path}: file not found")
-        yield from (text for _, _, text in iter_documents(path, text_field, BadLines()))
+    for path in resolve_inputs(paths):
+        yield from (text for _, _, text in iter_documents(path, text_field, bad, strict))
 
 
 def score_dsir(inputs: Sequence[str | Path], targets: Mapping[str, Sequence[str | Path]] | None,
@@ -175,20 +173,25 @@ def score_dsir(inputs: Sequence[str | Path], targets: Mapping[str, Sequence[str 
     """Fit the raw model on `raw` (default: the `inputs`) and one model per target (or load a saved model from
     `model_path`, e.g. one fitted on a sample, to score more shards alike), then write the signal folder
     `out_dir` with one `dsir_<target>` column per target and `out_dir/dsir_model.npz`. Returns the folder's
-    report (plus `columns`)."""
+    report (plus `columns`, and `fit_malformed` / `fit_malformed_examples`: lines skipped in the files the
+    models were fitted on)."""
     from mixlm.selection.score_folder import write_score_folder
+    from mixlm.selection.shards import BadLines
 
+    fit_bad = BadLines()  # skipped lines of the files the models are fitted on (raw pool, targets)
     if model_path is not None:
         if targets or raw:
             raise SelectionError("a saved DSIR model (--model) already holds its targets and raw pool; drop "
                                  "--target / --raw, or fit a new model without --model")
         model = load_dsir_model(model_path)
     else:
-        model = fit_dsir(_texts(raw or inputs, text_field),
-                         {name: _texts(paths, text_field) for name, paths in (targets or {}).items()}, settings)
+        model = fit_dsir(_texts(raw or inputs, text_field, fit_bad, strict),
+                         {name: _texts(paths, text_field, fit_bad, strict) for name, paths in (targets or {}).items()},
+                         settings)
     settings_json = {"scorer": "dsir", **asdict(model.settings), "targets": model.columns,
                      "model": model.fingerprint(), "text_field": text_field, "table_format": table_format}
     report = write_score_folder(inputs, out_dir, model.log_weights, settings=settings_json, text_field=text_field,
                                 table_format=table_format, strict=strict, overwrite=overwrite, workers=workers)
     model.save(Path(out_dir) / MODEL_FILE)
-    return {**report, "columns": model.columns}
+    return {**report, "columns": model.columns, "fit_malformed": dict(fit_bad.counts),
+            "fit_malformed_examples": fit_bad.examples}

@@ -19,6 +19,8 @@ out, what dropped them, seconds, and a fingerprint of its settings and inputs). 
   `keep_top_fraction` of its input by score (or the documents scoring >= `min_score`); scores in
   `<stage>/scores/`.
 
+`dedup_documents` runs one dedup stage alone (`mixlm select dedup`).
+
 A stage is built in `OUT/.<NN>-<name>.tmp` and renamed into place when complete, so an interrupted run
 leaves no half-written stage. An existing stage whose fingerprint matches is reused (its fingerprint covers
 the previous stage's, so a stage after a rebuilt one is rebuilt too); one that differs is an error unless
@@ -95,7 +97,14 @@ def load_pipeline(path: str | Path, classifier_data: Mapping | None = None) -> d
     return config
 
 
-def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: Callable) -> dict:
+def _skipped(bad) -> dict:
+    """The report entries of the lines a stage skipped: their number, by kind, and the first few."""
+    return {"malformed_lines": sum(bad.counts.values()), "malformed": dict(bad.counts),
+            "malformed_examples": bad.examples}
+
+
+def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: Callable, strict: bool = False
+                  ) -> dict:
     """Runs `keep_fn(texts) -> bool [n]` over the documents of `inputs` and writes the kept ones."""
     from mixlm.selection.shards import BadLines, SignalTable, iter_texts, write_selected
 
@@ -103,7 +112,7 @@ def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: C
     keys: list[tuple[int, int]] = []
 
     def texts():
-        for file_id, line, text in iter_texts(inputs, text_field, bad):
+        for file_id, line, text in iter_texts(inputs, text_field, bad, strict):
             keys.append((file_id, line))
             yield text
 
@@ -111,11 +120,11 @@ def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: C
     ids = np.array(keys, np.int64).reshape(-1, 2)
     table = SignalTable([str(p) for p in inputs], ids[:, 0], ids[:, 1], {})
     write_selected(table, np.flatnonzero(keep), out / DOCUMENTS)
-    return {"documents_in": len(keys), "documents_out": int(keep.sum()), "malformed_lines": sum(bad.counts.values())}
+    return {"documents_in": len(keys), "documents_out": int(keep.sum()), **_skipped(bad)}
 
 
 def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
-                     rewrite_fn: Callable[[Iterator[str]], Iterator[str | None]]) -> dict:
+                     rewrite_fn: Callable[[Iterator[str]], Iterator[str | None]], strict: bool = False) -> dict:
     """Runs `rewrite_fn(texts)`, one new text (or None: drop) per document in order, over the documents of
     `inputs`, and writes each kept document's JSON object with its text field replaced."""
     import zstandard
@@ -127,7 +136,7 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
 
     def texts() -> Iterator[str]:
         for path in inputs:
-            for _, obj, text in iter_documents(path, text_field, bad):
+            for _, obj, text in iter_documents(path, text_field, bad, strict):
                 pending.append(obj)
                 yield text
 
@@ -147,21 +156,23 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
             sink.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
             documents_out += 1
     os.replace(tmp, out / DOCUMENTS)
-    return {"documents_in": documents_in, "documents_out": documents_out,
-            "malformed_lines": sum(bad.counts.values())}
+    return {"documents_in": documents_in, "documents_out": documents_out, **_skipped(bad)}
 
 
-def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int) -> dict:
+def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool
+                ) -> dict:
     from mixlm.selection.heuristics import apply_rules, describe, parse_rules
     from mixlm.selection.shards import TableSettings, compute_tables, load_tables, write_selected
 
     rules = parse_rules(stage.get("rules", "refinedweb"))
-    signals = compute_tables(inputs, out / "signals", TableSettings(text_field=text_field), workers=workers)
+    signals = compute_tables(inputs, out / "signals", TableSettings(text_field=text_field), workers=workers,
+                             strict=strict)
     table = load_tables([out / "signals"])
     keep, dropped = apply_rules(table.columns, rules)
     write_selected(table, np.flatnonzero(keep), out / DOCUMENTS)
     return {"documents_in": len(table), "documents_out": int(keep.sum()), "dropped_by": dropped,
-            "rules": describe(rules), "malformed_lines": signals["malformed_lines"]}
+            "rules": describe(rules), "malformed_lines": signals["malformed_lines"],
+            "malformed": signals["malformed"], "malformed_examples": signals["malformed_examples"]}
 
 
 def _settings(cls, stage: dict):
@@ -169,10 +180,18 @@ def _settings(cls, stage: dict):
     return cls(**{k: v for k, v in stage.items() if k in known})
 
 
-def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int) -> dict:
+def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool
+                ) -> dict:
     from mixlm.selection.classifier import classifier_preset, train_classifier
     from mixlm.selection.scoring import select_top
-    from mixlm.selection.shards import TableSettings, compute_tables, load_tables, read_texts, write_selected
+    from mixlm.selection.shards import (
+        BadLines,
+        TableSettings,
+        compute_tables,
+        load_tables,
+        read_texts,
+        write_selected,
+    )
 
     report: dict = {}
     if stage.get("model"):
@@ -183,15 +202,17 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
         options = preset.get("fasttext_options") or stage.get("fasttext_options")
         limit = stage.get("max_docs")
         model_dir = out / "model"
-        what = "classifier training file"
+        what, training_bad = "classifier training file", BadLines()
         report["training"] = train_classifier(
-            read_texts(stage["pos"], text_field, limit, what=what),
-            read_texts(stage["neg"], text_field, limit, what=what), model_dir, backend=backend,
+            read_texts(stage["pos"], text_field, limit, bad=training_bad, what=what, strict=strict),
+            read_texts(stage["neg"], text_field, limit, bad=training_bad, what=what, strict=strict), model_dir,
+            backend=backend,
             signal=stage.get("signal", "classifier_score"), seed=stage.get("seed", 0),
             val_fraction=stage.get("val_fraction", 0.1), fasttext_options=options)
+        report["training_malformed"] = _skipped(training_bad)
     settings = TableSettings(text_field=text_field, rules=False, classifier=str(model_dir),
                              classifier_signal=stage.get("signal"))
-    compute_tables(inputs, out / "scores", settings, workers=workers)
+    scored = compute_tables(inputs, out / "scores", settings, workers=workers, strict=strict)
     table = load_tables([out / "scores"])
     signal = next(k for k in table.columns if k != "num_chars")
     scores = table.columns[signal]
@@ -202,21 +223,24 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
     write_selected(table, chosen, out / DOCUMENTS)
     threshold = float(scores[chosen].min()) if chosen.size else None
     return {**report, "documents_in": len(table), "documents_out": int(chosen.size), "signal": signal,
-            "score_threshold": threshold}
+            "score_threshold": threshold,
+            "malformed_lines": scored["malformed_lines"] + report.get("training_malformed", {}).get("malformed_lines", 0),
+            "malformed": scored["malformed"], "malformed_examples": scored["malformed_examples"]}
 
 
-def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int) -> dict:
+def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool = False
+               ) -> dict:
     from mixlm.selection import dedup
 
     kind = stage["kind"]
     if kind == "heuristics":
-        return _heuristics(stage, inputs, text_field, out, workers)
+        return _heuristics(stage, inputs, text_field, out, workers, strict)
     if kind == "exact_dedup":
-        return _keep_by_text(inputs, text_field, out, dedup.exact_keep)
+        return _keep_by_text(inputs, text_field, out, dedup.exact_keep, strict)
     if kind == "minhash_dedup":
         settings = _settings(dedup.MinHashSettings, stage)
         bands, rows = settings.bands_rows()
-        report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.fuzzy_keep(texts, settings)[0])
+        report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.fuzzy_keep(texts, settings)[0], strict)
         return {**report, "bands": bands, "rows": rows}
     if kind == "bloom_dedup":
         bloom = _settings(dedup.BloomSettings, stage)
@@ -224,12 +248,53 @@ def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, 
         if bloom.paragraphs:
             counts: Counter = Counter()
             report = _rewrite_by_text(inputs, text_field, out,
-                                      lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts))
+                                      lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts), strict)
             report.update({k: counts[k] for k in ("duplicate_documents", "too_short_documents", "paragraphs_removed")})
         else:
-            report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.bloom_keep(texts, bloom))
+            report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.bloom_keep(texts, bloom), strict)
         return {**report, "bloom_bits": bits, "bloom_hashes": hashes}
-    return _classifier(stage, inputs, text_field, out, workers)
+    return _classifier(stage, inputs, text_field, out, workers, strict)
+
+
+DEDUP_METHODS = {"exact": "exact_dedup", "minhash": "minhash_dedup", "bloom": "bloom_dedup"}
+
+
+def dedup_documents(inputs: Sequence[str | Path], out_dir: str | Path, method: str, options: Mapping | None = None,
+                    *, text_field: str = "text", strict: bool = False, overwrite: bool = False) -> dict:
+    """One dedup stage alone (`mixlm select dedup`): the documents of `inputs` without duplicates by `method`
+    (exact | minhash | bloom; `options` as that stage takes them in a pipeline config, None for its default)
+    into `out_dir/documents.jsonl.zst` (kept input lines, verbatim) and `out_dir/report.json` (documents in
+    and out, what was removed, skipped lines). A rerun with the same inputs and settings reuses the output;
+    other settings are refused unless `overwrite`. Returns the report."""
+    from mixlm.selection.shards import resolve_inputs
+
+    if method not in DEDUP_METHODS:
+        raise SelectionError(f"dedup method {method!r}: use one of {', '.join(DEDUP_METHODS)}")
+    kind = DEDUP_METHODS[method]
+    stage = {"name": "dedup", "kind": kind, **{k: v for k, v in (options or {}).items() if v is not None}}
+    unknown = sorted(set(stage) - {"name", "kind"} - _STAGE_OPTIONS[kind])
+    if unknown:
+        takes = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(_STAGE_OPTIONS[kind])) or "no options"
+        raise SelectionError(f"{', '.join('--' + k.replace('_', '-') for k in unknown)} does not apply to --method "
+                             f"{method} (it takes {takes})")
+    paths = resolve_inputs(inputs)
+    out = Path(out_dir)
+    fingerprint = _fingerprint(stage, paths, text_field, "")
+    report_path = out / "report.json"
+    old = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if old is not None and old.get("fingerprint") == fingerprint and (out / DOCUMENTS).is_file():
+        return {**old, "reused": True}
+    if (out / DOCUMENTS).exists() and not overwrite:
+        raise SelectionError(f"{out} holds documents of a run with other settings or inputs; pass --overwrite to "
+                             "replace them, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    report = {"method": method, **_run_stage(stage, paths, text_field, out, 1, strict),
+              "seconds": round(time.time() - start, 3), "fingerprint": fingerprint}
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, report_path)
+    return {**report, "reused": False}
 
 
 def _fingerprint(stage: dict, inputs: Sequence[Path], text_field: str, previous: str) -> dict:
@@ -251,7 +316,7 @@ def _digest(fingerprint: dict) -> str:
 
 
 def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | Path, *, workers: int = 1,
-                 overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+                 overwrite: bool = False, progress: Callable[[str], None] | None = None, strict: bool = False) -> dict:
     """Run every stage of `config` (from `load_pipeline`) on `inputs`; returns and writes OUT/report.json."""
     from mixlm.selection.shards import resolve_inputs
 
@@ -277,7 +342,7 @@ def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | P
             tmp.mkdir()
             start = time.time()
             report = {"stage": stage["name"], "kind": stage["kind"],
-                      **_run_stage(stage, paths, text_field, tmp, workers),
+                      **_run_stage(stage, paths, text_field, tmp, workers, strict),
                       "seconds": round(time.time() - start, 3), "fingerprint": fingerprint, "digest": digest}
             (tmp / "report.json").write_text(json.dumps(report, indent=1))
             if final.exists():  # --overwrite: swap the new stage in, then drop the old one
@@ -292,7 +357,8 @@ def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | P
         row = {"stage": stage["name"], "kind": stage["kind"], "documents_in": report["documents_in"],
                "documents_out": report["documents_out"],
                "kept": report["documents_out"] / report["documents_in"] if report["documents_in"] else math.nan,
-               "seconds": report["seconds"], "reused": report["reused"], "output": str(final / DOCUMENTS)}
+               "seconds": report["seconds"], "reused": report["reused"], "output": str(final / DOCUMENTS),
+               "malformed_lines": report.get("malformed_lines", 0)}
         summary.append(row)
         if progress is not None:
             progress(format_row(row))
@@ -306,7 +372,9 @@ def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | P
 
 
 def format_row(row: Mapping) -> str:
-    """'heuristics (heuristics): 1,000 → 612 documents (61.2%) in 3.1 s'."""
-    note = ", reused" if row["reused"] else ""
+    """'heuristics (heuristics): 1,000 → 612 documents (61.2%) in 3.1 s, 2 bad lines skipped'."""
+    note = f", {row['malformed_lines']:,} bad line{'s' * (row['malformed_lines'] != 1)} skipped" \
+        if row.get("malformed_lines") else ""
+    note += ", reused" if row["reused"] else ""
     return (f"{row['stage']} ({row['kind']}): {row['documents_in']:,} → {row['documents_out']:,} documents "
             f"({100 * row['kept']:.1f}%) in {row['seconds']:.1f} s{note}")

@@ -6,7 +6,8 @@
   `{signal: {weight: w, higher_is_better: bool}}` (the direction defaults to the signal's own, see
   `signals.SIGNALS`; columns from the input or a classifier default to higher-is-better).
 * `combine_scores(columns, weights)` — sum_i w_i * percentile_i / sum_i w_i, in [0, 1].
-* `select_top(scores, sizes, budget=... | top_fraction=...)` and `select_random(sizes, budget, seed)`.
+* `select_top(scores, sizes, budget=... | top_fraction=...)` (`top_parts`: the documents that fit outright and
+  the greedy fill after them) and `select_random(sizes, budget, seed)`.
 * `importance_resample(log_weights, sizes, budget=..., seed=...)` — DSIR's resampling (Gumbel top-k).
 * `sample_rater_weightings(signals, n, seed, alpha)` — Meta-rater's Dirichlet weightings over raters.
 * `select_documents(signal_dirs, weights, out_dir, ...)` — all of the above over signal tables, writing
@@ -105,14 +106,15 @@ def combine_scores(columns: Mapping[str, np.ndarray], weights: Sequence[SignalWe
     return score
 
 
-def select_top(scores: np.ndarray, sizes: np.ndarray, *, budget: float | None = None,
-               top_fraction: float | None = None) -> np.ndarray:
-    """Indices (ascending) of the best documents by `scores` (ties: the earlier index wins).
+def top_parts(scores: np.ndarray, sizes: np.ndarray, *, budget: float | None = None,
+              top_fraction: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(top, fill): indices of the best documents by `scores` (ties: the earlier index wins), in score order.
 
-    `budget`: greedy fill in score order — a document is taken when it still fits in what is left of
-    the budget, else skipped for the next one — so sum(sizes[chosen]) <= budget always.
-    `top_fraction`: the best floor(top_fraction * n) documents. Documents of size 0 are never chosen
-    (they would add nothing to train on). Give exactly one of `budget` and `top_fraction`.
+    `budget`: `top` is the longest run of best documents whose sizes fit the budget outright; then a greedy
+    fill goes on in score order, taking each document that still fits what is left of the budget (`fill`),
+    so sum(sizes[top]) + sum(sizes[fill]) <= budget always. `top_fraction`: `top` is the best
+    floor(top_fraction * n) documents, `fill` is empty. Documents of size 0 are never chosen (they would add
+    nothing to train on). Give exactly one of `budget` and `top_fraction`.
     """
     scores, sizes = np.asarray(scores, np.float64), np.asarray(sizes, np.int64)
     if (budget is None) == (top_fraction is None):
@@ -122,22 +124,30 @@ def select_top(scores: np.ndarray, sizes: np.ndarray, *, budget: float | None = 
     if top_fraction is not None:
         if not 0 < top_fraction <= 1:
             raise SelectionError(f"top fraction must be in (0, 1], got {top_fraction}")
-        return np.sort(order[: math.floor(top_fraction * scores.size + 1e-9)])
+        return order[: math.floor(top_fraction * scores.size + 1e-9)], np.zeros(0, np.int64)
     if budget < 0:
         raise SelectionError(f"budget must be >= 0, got {budget}")
     ordered = sizes[order]
     # The prefix that fits outright, then a greedy pass over the rest while anything can still fit.
     prefix = int(np.searchsorted(np.cumsum(ordered), budget, side="right"))
-    chosen = list(order[:prefix])
+    fill = []
     left = budget - int(ordered[:prefix].sum())
     tail_min = np.minimum.accumulate(ordered[::-1])[::-1] if ordered.size else ordered
     for i in range(prefix, order.size):
         if left < tail_min[i]:
             break
         if ordered[i] <= left:
-            chosen.append(order[i])
+            fill.append(order[i])
             left -= int(ordered[i])
-    return np.sort(np.asarray(chosen, dtype=np.int64))
+    return order[:prefix], np.asarray(fill, dtype=np.int64)
+
+
+def select_top(scores: np.ndarray, sizes: np.ndarray, *, budget: float | None = None,
+               top_fraction: float | None = None) -> np.ndarray:
+    """Indices (ascending) of the best documents by `scores`: both parts of `top_parts` (the best documents
+    that fit the budget outright and the greedy fill after them)."""
+    top, fill = top_parts(scores, sizes, budget=budget, top_fraction=top_fraction)
+    return np.sort(np.concatenate([top, fill]).astype(np.int64))
 
 
 def select_random(sizes: np.ndarray, budget: float, seed: int) -> np.ndarray:
@@ -210,10 +220,14 @@ BUDGET_COLUMNS = {"tokens": "num_tokens", "words": "word_count", "chars": "num_c
 SELECTION_MODES = ("top", "dsir-resample")
 
 
+SOURCE_FIELD = "source_file"  # added to each selected document without it: the input file it came from
+
+
 def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None, out_dir: str | Path, *,
                      budget: float | None = None, top_fraction: float | None = None,
                      budget_unit: str | None = None, random_out: str | Path | None = None, seed: int = 0,
-                     plot: bool = False, mode: str = "top", resample_signal: str | None = None) -> dict:
+                     plot: bool = False, mode: str = "top", resample_signal: str | None = None,
+                     mix_field: str | None = "domain") -> dict:
     """Score the documents of `signal_dirs` with `weights`, keep the best, write them out.
 
     mode "dsir-resample" instead samples without replacement proportional to exp(`resample_signal`), a log
@@ -222,10 +236,14 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
 
     `budget_unit` (tokens | words | chars) picks the size column; by default tokens, or chars for a
     `top_fraction` when the tables have no token counts. Writes `out_dir/documents.jsonl.zst` (the
-    chosen input lines, verbatim) and `out_dir/report.json` (documents and budget units in / out,
-    weights, per-signal summaries over all and chosen documents, malformed input lines); with
-    `random_out`, the seeded random baseline with the same budget (the budget, or the units the top
-    selection took when it was a `top_fraction`) in the same layout. Returns the report.
+    chosen input lines, verbatim but for a `source_file` field naming the input file, added where a line
+    has none; parquet rows as JSON) and `out_dir/report.json` (documents and budget units in / out, weights,
+    `score_threshold`: the lowest score of the best documents that fit the budget outright, `fill`: what the
+    greedy fill after them added (documents, units, their scores), `mix`: documents and units per value of
+    `mix_field` (dotted; an input file's name for documents without it), per-signal summaries over all and
+    chosen documents, malformed input lines); with `random_out`, the seeded random baseline with the same
+    budget (the budget, or the units the top selection took when it was a `top_fraction`) in the same
+    layout. Returns the report.
     """
     from mixlm.selection.shards import load_tables, write_selected
 
@@ -248,8 +266,15 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
             raise SelectionError("mode 'top' needs --weights")
         parsed = parse_weights(weights, list(columns))
         scores = combine_scores(columns, parsed)
-        chosen = select_top(scores, sizes, budget=budget, top_fraction=top_fraction)
-        method = {"method": "top", "weights": [asdict(w) for w in parsed]}
+        top, fill = top_parts(scores, sizes, budget=budget, top_fraction=top_fraction)
+        chosen = np.sort(np.concatenate([top, fill]).astype(np.int64))
+        method = {"method": "top", "weights": [asdict(w) for w in parsed],
+                  # the real cutoff: the greedy fill may add small documents of any lower score after it
+                  "score_threshold": float(scores[top].min()) if top.size else None,
+                  "top_documents": int(top.size),
+                  "fill": {"documents": int(fill.size), budget_unit: int(sizes[fill].sum()),
+                           "score_min": float(scores[fill].min()) if fill.size else None,
+                           "score_max": float(scores[fill].max()) if fill.size else None}}
     elif mode == "dsir-resample":
         if resample_signal not in columns:
             raise SelectionError(f"--signal {resample_signal!r}: not a column of the signal tables"
@@ -257,13 +282,20 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
         parsed = []
         scores = columns[resample_signal]
         chosen = importance_resample(scores, sizes, budget=budget, top_fraction=top_fraction, seed=seed)
-        method = {"method": "dsir-resample", "signal": resample_signal, "seed": seed}
+        method = {"method": "dsir-resample", "signal": resample_signal, "seed": seed, "score_threshold": None}
     else:
         raise SelectionError(f"selection mode {mode!r}: use one of {SELECTION_MODES}")
 
     def write(where: str | Path, picked: np.ndarray, extra: dict) -> dict:
         where = Path(where)
-        written = write_selected(table, picked, where / "documents.jsonl.zst")
+        groups: dict[int, str] = {}
+        written = write_selected(table, picked, where / "documents.jsonl.zst", source_field=SOURCE_FIELD,
+                                 group_field=mix_field, groups=groups)
+        mix: dict[str, dict] = {}
+        for i, group in groups.items():
+            entry = mix.setdefault(group, {"documents": 0, budget_unit: 0})
+            entry["documents"] += 1
+            entry[budget_unit] += int(sizes[i])
         report = {
             **extra,
             "signal_dirs": [str(d) for d in signal_dirs],
@@ -274,24 +306,20 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
             f"{budget_unit}_out": int(sizes[picked].sum()),
             "malformed_input_lines": _malformed_lines(signal_dirs),
             "output": "documents.jsonl.zst",
+            "mix": {"field": mix_field, "groups": dict(sorted(mix.items(), key=lambda kv: -kv[1][budget_unit]))},
             "signals": summarize({"score": scores, **columns}, picked),
         }
         (where / "report.json").write_text(json.dumps(report, indent=1))
         return report
 
-    report = write(out_dir, chosen, {
-        **method,
-        "budget": budget,
-        "top_fraction": top_fraction,
-        "score_threshold": float(scores[chosen].min()) if chosen.size and mode == "top" else None,
-    })
+    report = write(out_dir, chosen, {**method, "budget": budget, "top_fraction": top_fraction})
     random_chosen = None
     if random_out is not None:
         random_budget = budget if budget is not None else int(sizes[chosen].sum())
         random_chosen = select_random(sizes, random_budget, seed)
         baseline = write(random_out, random_chosen, {"method": "random", "seed": seed, "budget": random_budget})
         report["random_baseline"] = {"out": str(random_out), "documents_out": baseline["documents_out"],
-                                     f"{budget_unit}_out": baseline[f"{budget_unit}_out"]}
+                                     f"{budget_unit}_out": baseline[f"{budget_unit}_out"], "mix": baseline["mix"]}
         (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=1))
     if plot:
         shown = ["score"] + [w.signal for w in parsed] if parsed else ["score"]

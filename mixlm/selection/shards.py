@@ -1,6 +1,7 @@
 """Signal tables over document shards, and writing a selection back out as documents.
 
-Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line with a text field.
+Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line with a text field, or parquet
+files with a text column (a row's number stands for the line), read by `mixlm.data.sources.iter_records`.
 `compute_tables` writes, per input shard, `OUT/<index>-<name>.signals.parquet` (or `.signals.jsonl`)
 with one row per readable document: `file` (absolute path), `line` (1-based), `num_chars`, then
 `num_tokens` (with a tokenizer), the rule-based signals, the requested rating columns of the input,
@@ -12,7 +13,7 @@ the shard reports and lists the run's tables; `load_tables` reads those back as 
 
 A malformed line (invalid UTF-8 or JSON, text field missing or not a string, blank text) is skipped
 and counted by kind, as `mixlm prepare` counts them, with the first few locations; `strict=True`
-raises instead. `num_tokens` counts the text's tokens without special tokens (prepare adds an EOS).
+raises instead. A compressed input cut short or corrupt raises InputFileError naming it. `num_tokens` counts the text's tokens without special tokens (prepare adds an EOS).
 
 Model columns are computed where the shard is read: with `workers` > 1 every worker process loads each
 model once (and keeps it for all its shards), with torch limited to its share of the CPU threads. On
@@ -38,23 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.data.sources import MALFORMED_KINDS
-from mixlm.data.sources import _open_binary as open_binary  # one reader of jsonl(.gz/.zst) for all verbs
+from mixlm.data.sources import MALFORMED_KINDS, file_kind, iter_lines, iter_records, record_field
 from mixlm.selection import SelectionError
 from mixlm.selection.signals import SIGNAL_NAMES, compute_signals
 
 TABLE_FORMATS = ("parquet", "jsonl")
+DOCUMENT_KINDS = ("jsonl", "parquet")  # the input files selection reads (`sources.file_kind`)
 _BATCH = 512  # documents per classifier / tokenizer call
 _MAX_EXAMPLES = 5
-
-
-def _field(obj: dict, dotted: str):
-    """obj['a']['b'] for 'a.b'; KeyError when any step is missing."""
-    for part in dotted.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            raise KeyError(dotted)
-        obj = obj[part]
-    return obj
 
 
 @dataclass
@@ -76,35 +68,14 @@ class BadLines:
 
 def iter_documents(path: str | Path, text_field: str, bad: BadLines, strict: bool = False
                    ) -> Iterator[tuple[int, dict, str]]:
-    """(line number from 1, the parsed object, its text) for each good line; blank lines are ignored.
+    """(record number from 1, the record, its text) for each good document of a jsonl(.gz/.zst) file (number:
+    the line; blank lines are ignored) or a parquet file (number: the row), read by `sources.iter_records`.
 
-    Malformed lines (invalid UTF-8 or JSON, no object with a string text field, empty text) go to `bad`.
+    Malformed records (invalid UTF-8 or JSON, no object with a string text field, empty text) go to `bad`;
+    a compressed file that is cut short or corrupt raises InputFileError naming it.
     """
-    with open_binary(str(path)) as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                bad.add(str(path), number, "invalid_utf8", str(e), strict)
-                continue
-            except json.JSONDecodeError as e:  # str(e), not e.msg: e.msg alone ends in "... at"
-                bad.add(str(path), number, "invalid_json", str(e), strict)
-                continue
-            try:
-                text = _field(obj, text_field)
-            except KeyError:
-                bad.add(str(path), number, "missing_field", f"no field {text_field!r}", strict)
-                continue
-            if not isinstance(text, str):
-                bad.add(str(path), number, "missing_field",
-                        f"field {text_field!r} is {type(text).__name__}, not text", strict)
-                continue
-            if not text.strip():
-                bad.add(str(path), number, "empty", f"field {text_field!r} is blank", strict)
-                continue
-            yield number, obj, text
+    path = str(path)
+    yield from iter_records(path, text_field, lambda kind, number, detail: bad.add(path, number, kind, detail, strict))
 
 
 def iter_texts(paths: Sequence[str | Path], text_field: str, bad: BadLines, strict: bool = False
@@ -116,14 +87,15 @@ def iter_texts(paths: Sequence[str | Path], text_field: str, bad: BadLines, stri
 
 
 def read_texts(paths: Sequence[str | Path], text_field: str, limit: int | None = None, *,
-               bad: BadLines | None = None, what: str = "file") -> list[str]:
+               bad: BadLines | None = None, what: str = "file", strict: bool = False) -> list[str]:
     """The texts of the good lines of `paths`, in order, at most `limit` of them in all. A missing file is an
-    error naming it as `what` (e.g. "classifier training file"); skipped lines are counted in `bad`."""
+    error naming it as `what` (e.g. "classifier training file"); skipped lines are counted in `bad` (strict:
+    the first one raises)."""
     for path in paths:
         if not Path(path).is_file():
             raise SelectionError(f"{path}: {what} not found")
     texts: list[str] = []
-    for _, _, text in iter_texts(paths, text_field, bad if bad is not None else BadLines()):
+    for _, _, text in iter_texts(paths, text_field, bad if bad is not None else BadLines(), strict):
         texts.append(text)
         if limit is not None and len(texts) >= limit:
             break
@@ -131,11 +103,16 @@ def read_texts(paths: Sequence[str | Path], text_field: str, limit: int | None =
 
 
 def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """The input shards as absolute paths; an error names the missing ones, or says one is given twice."""
+    """The input shards as absolute paths; an error names the missing ones, one given twice, or one that is
+    neither jsonl(.gz/.zst) nor parquet."""
     paths = [Path(p).resolve() for p in inputs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SelectionError(f"input files not found: {', '.join(missing)}")
+    other = [str(p) for p in paths if file_kind(p) not in DOCUMENT_KINDS]
+    if other:
+        raise SelectionError(f"input files of no document format: {', '.join(other)}; selection reads .jsonl "
+                             "(.json, .ndjson; + .gz / .zst) and .parquet files: rename or convert them")
     if len(set(paths)) != len(paths):
         raise SelectionError("an input file is given twice; each shard must appear once")
     return paths
@@ -178,7 +155,7 @@ _MODEL_FIELDS = ("model_raters", "perplexity", "batch_size", "max_length", "devi
 
 
 def shard_name(index: int, path: Path) -> str:
-    stem = re.sub(r"\.jsonl?(\.gz|\.zst)?$", "", path.name)
+    stem = re.sub(r"(\.jsonl?(\.gz|\.zst)?|\.parquet)$", "", path.name)
     return f"{index:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}"
 
 
@@ -308,7 +285,7 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
                     columns[key].append(value)
         for col in settings.rating_columns:
             try:
-                value = _field(obj, col)
+                value = record_field(obj, col)
             except KeyError:
                 value = None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -377,7 +354,7 @@ def _progress_bar(paths: list[Path], text_field: str, *, shards: bool):
 
     if shards:
         return tqdm(total=len(paths), desc="select: shards", unit="shard", file=sys.stderr, dynamic_ncols=True)
-    counts = [count_documents(InputUnit("jsonl", str(p), text_field)) for p in paths]
+    counts = [count_documents(InputUnit(file_kind(p), str(p), text_field)) for p in paths]
     return tqdm(total=None if None in counts else sum(counts), desc="select: documents", unit="doc",
                 unit_scale=True, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
@@ -553,14 +530,34 @@ def load_tables(dirs: Sequence[str | Path]) -> SignalTable:
     return joined
 
 
-def write_selected(table: SignalTable, chosen: np.ndarray, out_path: str | Path, level: int = 3) -> int:
-    """Copy the input lines of documents `chosen` (indices into `table`) verbatim into one jsonl.zst,
-    in (file, line) order. Returns the number of documents written."""
+def _group(record: dict, field: str | None, path: str) -> str:
+    """The document's `field` value (a string, or JSON), or its input file's name when it has none."""
+    try:
+        value = record_field(record, field) if field else None
+    except KeyError:
+        value = None
+    if value is None:
+        return Path(path).name
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def write_selected(table: SignalTable, chosen: np.ndarray, out_path: str | Path, level: int = 3, *,
+                   source_field: str | None = None, group_field: str | None = None,
+                   groups: dict[int, str] | None = None) -> int:
+    """Write the documents `chosen` (indices into `table`) into one jsonl.zst, in (file, line) order: a jsonl
+    input's lines verbatim, a parquet input's rows as JSON objects. Returns the number of documents written.
+
+    `source_field`: a document without that field gets it, holding its input file's path (appended to the
+    line's object, the line's other bytes unchanged), so a selection from several files still says where each
+    document came from. `groups`, when given, is filled with {index into table: the document's `group_field`
+    value, or its input file's name when it has none} (the mix of the selection by domain or source).
+    """
     import zstandard
 
-    wanted: dict[str, set[int]] = {}
-    for f, line in zip(table.file_id[chosen].tolist(), table.line[chosen].tolist()):
-        wanted.setdefault(table.files[f], set()).add(line)
+    wanted: dict[str, dict[int, int]] = {}
+    for i, f, line in zip(np.asarray(chosen).tolist(), table.file_id[chosen].tolist(), table.line[chosen].tolist()):
+        wanted.setdefault(table.files[f], {})[line] = i
+    parse = source_field is not None or groups is not None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -568,10 +565,25 @@ def write_selected(table: SignalTable, chosen: np.ndarray, out_path: str | Path,
     with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=level).stream_writer(raw) as out:
         for path in sorted(wanted):
             lines_wanted = wanted[path]
-            with open_binary(path) as f:
-                for number, line in enumerate(f, start=1):
-                    if number in lines_wanted:
-                        out.write(line if line.endswith(b"\n") else line + b"\n")
-                        written += 1
+            if file_kind(path) == "parquet":
+                from mixlm.data.sources import iter_parquet_rows
+
+                records = ((n, row, None) for n, row in iter_parquet_rows(path) if n in lines_wanted)
+            else:
+                records = ((n, json.loads(line) if parse else None, line) for n, line in iter_lines(path)
+                           if n in lines_wanted)
+            for number, record, line in records:
+                if groups is not None:
+                    groups[lines_wanted[number]] = _group(record, group_field, path)
+                add_source = source_field is not None and source_field not in record if parse else False
+                if line is None:  # a parquet row
+                    out.write((json.dumps({**record, **({source_field: path} if add_source else {})},
+                                          ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+                elif add_source:  # the object's last byte is its closing brace: add the field before it
+                    body = line.rstrip()
+                    out.write(body[:-1] + f", {json.dumps(source_field)}: {json.dumps(path)}}}\n".encode())
+                else:
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
+                written += 1
     os.replace(tmp, out_path)
     return written
