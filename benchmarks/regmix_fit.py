@@ -3,8 +3,10 @@ error over the folds) for every regressor, for the Pile-CC loss and for the mean
 then the mixture the chosen fit optimises to, against RegMix's published one, and the same under a KL bound.
 
     nice -n 10 .venv/bin/python benchmarks/regmix_fit.py        # ../shared/data/regmix, 5-fold x 2
+    nice -n 10 .venv/bin/python benchmarks/regmix_fit.py --default-panel   # what `mix fit` costs by default
 
-Prints Markdown and writes it to benchmarks/results/regmix_fit.md. Data: 512 1M-parameter proxies
+Prints Markdown and writes it to benchmarks/results/regmix_fit.md (--default-panel: regmix_fit_default.md,
+one `fit` call exactly as `mixlm mix fit` makes it with no --regressors, timed per regressor and in all). Data: 512 1M-parameter proxies
 (sail-sg/regmix data/train_*_1m.csv). RegMix reported Spearman ≈ 0.99 on its own held-out runs,
 which are not in ../shared; here every score is on folds held out from these 512. Nothing is tuned on the
 held-out folds: each regressor's settings are fixed in mixlm/mixing/regressors.py, and the stacked model
@@ -29,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from mixlm.mixing import fit, load_prior, read_csv, read_mixture_yaml
 from mixlm.mixing.optimize import Constraints, propose
-from mixlm.mixing.regression import choose_model
+from mixlm.mixing.regression import choose_model, cv_table
+from mixlm.mixing.regressors import default_regressors
 
 PUBLISHED = ("regmix", "human", "doremi", "pile_cc_only")
 PILE_CC = "metric/the_pile_pile_cc_val_loss"
@@ -46,16 +49,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "regmix")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2, help="shuffles of the k-fold split")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="shuffles of the k-fold split (--default-panel: fit's default instead)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--targets", default="pile_cc,mean")
     parser.add_argument("--optimize-seeds", type=int, default=3, help="optimize repeats, to show its spread")
     parser.add_argument("--regressors", default=None, help="comma-separated: this panel for every target")
     parser.add_argument("--max-kl", type=float, default=0.5, help="the KL bound of the constrained example")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "regmix_fit.md")
+    parser.add_argument("--default-panel", action="store_true",
+                        help="time `mix fit`'s default panel with its default folds and repeats instead")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/regmix_fit.md (--default-panel: regmix_fit_default.md)")
     args = parser.parse_args()
+    if args.out is None:
+        name = "regmix_fit_default.md" if args.default_panel else "regmix_fit.md"
+        args.out = ROOT / "benchmarks" / "results" / name
     command = "nice -n 10 .venv/bin/python benchmarks/regmix_fit.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     warnings.filterwarnings("ignore", module="sklearn")
+    if args.default_panel:
+        time_default_panel(args, command)
+        return
     started = time.perf_counter()
 
     mixtures = read_csv(args.data / "train_mixture_1m.csv")
@@ -178,6 +191,69 @@ def main() -> None:
 
     lines += ["", f"Total time: {time.perf_counter() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+
+
+def time_default_panel(args: argparse.Namespace, command: str) -> None:
+    """One `fit` per target with no regressors named (the default panel), default repeats, `args.folds` folds:
+    the work `mixlm mix fit` does before it writes model.json and the plots."""
+    from machine import describe_machine  # benchmarks/machine.py
+
+    mixtures = read_csv(args.data / "train_mixture_1m.csv")
+    results = read_csv(args.data / "train_pile_loss_1m.csv")
+    columns = {"pile_cc": [PILE_CC], "mean": list(results.columns)}
+    load_before = os.getloadavg()
+    lines = [
+        f"# `mix fit`'s default panel on RegMix's {len(mixtures)} proxy runs: what it costs",
+        "",
+        (f"Machine: {describe_machine()}. Date: {time.strftime('%Y-%m-%d %H:%M')}. Command: `{command.rstrip()}` "
+         "(from the repo root; data: RegMix's train_mixture_1m.csv and train_pile_loss_1m.csv)."),
+        (f"Load average (1, 5, 15 min) at start {', '.join(f'{x:.1f}' for x in load_before)}, at end LOAD_AFTER: "
+         "the host is shared with other jobs, so the seconds are an upper bound of what a quiet host takes."),
+        "",
+        (f"Each target is one `fit(mixtures, results, target, folds={args.folds})` call with no regressors named, "
+         "as `mixlm mix fit` makes it without --regressors (repeats: fit's default for this many runs). 'wall s' "
+         "is each regressor's k-fold cross-validation plus its final fit on all runs (fit's progress callback); "
+         "'CPU s' the process's CPU time over the same span (less inflated by other jobs than wall time); "
+         "'total' is the whole call. Writing model.json and the plots is not included."),
+        "",
+    ]
+    totals = {}
+    for name in args.targets.split(","):
+        seconds: dict[str, tuple[float, float]] = {}  # kind -> (wall, CPU)
+        cpu_marks = [time.process_time()]
+
+        def progress(kind: str, wall: float, seconds=seconds, cpu_marks=cpu_marks) -> None:
+            cpu_marks.append(time.process_time())
+            seconds[kind] = (wall, cpu_marks[-1] - cpu_marks[-2])
+
+        t0 = time.perf_counter()
+        result = fit(mixtures, results, columns[name], folds=args.folds, seed=args.seed, progress=progress)
+        totals[name] = time.perf_counter() - t0
+        cpu_total = time.process_time() - cpu_marks[0]
+        score = next(iter(result.cv.values()))
+        print(f"{name}: {totals[name]:.0f} s, chose {result.primary}", flush=True)
+        lines += [
+            (f"## Target `{name}` ({len(columns[name])} loss column{'s' if len(columns[name]) > 1 else ''}): "
+             f"{totals[name]:.0f} s in all"),
+            "",
+            f"Panel: {', '.join(default_regressors(len(columns[name])))}; {score.folds}-fold x {score.repeats}.",
+            "",
+            "| regressor | wall s | CPU s |",
+            "|---|---:|---:|",
+            *(f"| {kind} | {wall:.1f} | {cpu:.1f} |" for kind, (wall, cpu) in seconds.items()),
+            f"| total | {totals[name]:.1f} | {cpu_total:.1f} |",
+            "",
+            cv_table(result),
+            "",
+            f"Chosen: {result.choice}.",
+            "",
+        ]
+    load_after = os.getloadavg()
+    text = "\n".join(lines).replace("LOAD_AFTER", ", ".join(f"{x:.1f}" for x in load_after)) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize raw documents per domain into shuffled ArrayRecord shards + manifests"),
     "tokenizer": ("tokenizer", "tokenizer train: a byte-level BPE saved as a HF tokenizer folder"),
     "sweep": ("sweep", "RegMix proxy sweep: one base config x N mixtures -> results.csv"),
-    "mix": ("mix", "RegMix mixture search: mix sample | fit | predict | optimize"),
+    "mix": ("mix", "RegMix mixture search: mix prior | sample | fit | predict | optimize | fidelity"),
     "select": ("select", "data selection: quality signals, weighted top-k to a budget, classifier filter"),
     "export": ("export", "Orbax checkpoint -> transformers folder (+ tokenizer, model card); --verify logits"),
     "import": ("import_hf", "transformers Llama/Qwen3/GPT-2 folder -> mixlm checkpoint + model config"),

@@ -178,7 +178,7 @@ def law_fit():
     mixtures = sample_mixtures(TOKENS, 400, seed=1, minimum=1e-3)
     table = mixtures_table(mixtures, DOMAINS)
     results = Table(table.index_N, ("metric/target",), law(table.values_NxC)[:, None])
-    return fit(table, results, "metric/target", folds=5, seed=0)
+    return fit(table, results, "metric/target", regressors=("lightgbm", "linear", "loglinear"), folds=5, seed=0)
 
 
 def test_fit_recovers_a_known_law(law_fit):
@@ -510,9 +510,111 @@ def test_cli_fit_prints_and_saves_the_choice_and_warns_of_few_runs(tmp_path, cap
         )
         == 0
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert f"chosen: {meta['choice']['reason']}" in out and meta["choice"]["model"] == meta["primary"]
+    # no --regressors: the default panel, with the GP and a stack over it (they scored best on RegMix's runs)
+    assert {"lightgbm", "linear", "loglinear", "gp", "stacked:gp+lightgbm+loglinear"} == set(meta["regressors"])
+    assert "fitted gp: cross-validation and the final fit in" in err
     assert "per-fold mean ± SE" in out and "Spearman pooled" in out and "(3-fold x 2)" in out
     assert "warning: only 12 runs for 5 domains" in out and "run 38 more proxies (50 in all)" in out
     assert meta["warnings"][0].startswith("only 12 runs for 5 domains")
+
+
+# --- the natural mixture, predictions for mixture YAMLs, weights that do not sum to 1 -------------------
+
+
+def _prepared_manifests(root, tokens):
+    for domain, count in tokens.items():
+        (root / domain).mkdir(parents=True)
+        (root / domain / "manifest.json").write_text(json.dumps({"tokens": {"train": count, "validation": 7}}))
+    return root
+
+
+def test_cli_prior_writes_the_natural_mixture_train_reads(tmp_path, capsys):
+    from mixlm.data.mixture import parse_mixture
+
+    prepared = _prepared_manifests(tmp_path / "prepared", {"web": 300, "code": 100, "target": 600})
+    assert main(["mix", "prior", "--prior", str(prepared), "--domains", "web,code", "--out",
+                 str(tmp_path / "natural.yaml")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    written = yaml.safe_load((tmp_path / "natural.yaml").read_text())
+    assert written == {"web": 0.75, "code": 0.25}  # 300 and 100 of 400 train tokens, exactly
+    mixture = parse_mixture(written, known_domains=["code", "target", "web"])  # what `mixlm train` does with it
+    assert mixture.stages[0].weights == {"code": 0.25, "web": 0.75}
+    assert main(["mix", "prior", "--prior", str(prepared), "--out", str(tmp_path / "all.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "all.yaml").read_text()) == {"code": 0.1, "target": 0.6, "web": 0.3}
+    assert main(["mix", "prior", "--prior", str(prepared), "--domains", "web,books", "--out",
+                 str(tmp_path / "x.yaml")]) == 2
+    assert "not in the prior: ['books']" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def loglinear_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loglinear")
+    table, results = _small_sweep(40)
+    save_model(fit(table, results, "metric/target", regressors=("loglinear",), folds=4, repeats=1), folder)
+    return folder
+
+
+def test_cli_predict_takes_mixture_yamls_as_train_reads_them(loglinear_model, tmp_path, capsys):
+    import warnings
+
+    from mixlm.data.mixture import MixtureWeightsWarning
+
+    model = load_model(loglinear_model)
+    natural = {d: TOKENS[d] / sum(TOKENS.values()) for d in DOMAINS}
+    (tmp_path / "natural.yaml").write_text(yaml.safe_dump(natural))
+    (tmp_path / "two.yaml").write_text("web: 0.5\ncode: 0.5\n")  # the other domains weigh 0
+    (tmp_path / "over.yaml").write_text("web: 0.6\ncode: 0.6\n")  # sums to 1.2: normalised, and said so
+    with pytest.warns(MixtureWeightsWarning) as caught:
+        assert main(["mix", "predict", "--model", str(loglinear_model), "--mixtures", str(tmp_path / "natural.yaml"),
+                     str(tmp_path / "two.yaml"), str(tmp_path / "over.yaml"), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(caught) == 1
+    line = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename, caught[0].lineno)
+    assert line.count("\n") == 1 and "over.yaml: weights sum to 1.2, not 1; normalised" in line
+    predicted = read_csv(tmp_path / "p.csv")
+    assert predicted.index_N.tolist() == [1, 2, 3]
+    half = [0.5 if d in ("web", "code") else 0.0 for d in DOMAINS]
+    expected = model.predict(np.array([[natural[d] for d in DOMAINS], half, half]))
+    np.testing.assert_allclose(predicted.values_NxC[:, 0], expected, rtol=1e-9)
+    assert "two.yaml" in capsys.readouterr().out
+
+    (tmp_path / "typo.yaml").write_text("web: 0.5\ncdoe: 0.5\n")
+    assert main(["mix", "predict", "--model", str(loglinear_model), "--mixtures", str(tmp_path / "typo.yaml"),
+                 "--out", str(tmp_path / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown domain 'cdoe'; did you mean code?" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_weights_not_summing_to_one_are_normalised_with_one_line():
+    import warnings
+
+    from mixlm.data.mixture import MixtureWeightsWarning, parse_mixture
+
+    with pytest.warns(MixtureWeightsWarning, match=r"^data.mixture: weights sum to 1.2, not 1; normalised"):
+        mixture = parse_mixture({"a": 0.6, "b": 0.6})
+    assert mixture.stages[0].weights == {"a": 0.5, "b": 0.5}
+    staged = {"weights": {"a": 1.0}, "stages": [{"step": 10, "weights": {"a": 3, "b": 1}}]}
+    with pytest.warns(MixtureWeightsWarning, match=r"\(stage from step 10\): weights sum to 4, not 1"):
+        parse_mixture(staged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixtureWeightsWarning)
+        parse_mixture({"a": 0.25, "b": 0.75})
+        parse_mixture({"a": 0.333333333, "b": 0.666666666})  # written to 9 digits: 1 - 1e-9
+
+
+def test_mix_help_names_every_action():
+    import argparse
+
+    from mixlm.cli import COMMANDS
+    from mixlm.commands import mix
+
+    parser = argparse.ArgumentParser()
+    mix.add_arguments(parser)
+    actions = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"prior", "fidelity"} <= set(actions)
+    for name in actions:
+        assert f" {name}" in COMMANDS["mix"][1], name

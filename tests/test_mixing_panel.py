@@ -309,3 +309,31 @@ def test_reuse_keeps_runs_whose_domains_all_still_exist(tmp_path, capsys):
     assert "runs: reused 24 of 44 runs; dropped 20 that train on removed domains ['c']" in out
     assert load_model(tmp_path / "m").domains == ("a", "b", "d")
     assert len(read_csv(tmp_path / "m" / "cv_predictions.csv")) == 24
+
+
+# --- the default panel --------------------------------------------------------------------------------
+
+
+def test_default_panel_scores_the_gp_and_a_stack():
+    table = mixtures_table(sample_mixtures(TOKENS, 16, seed=4, minimum=1e-3), DOMAINS)
+    columns = tuple(f"metric/{d}_val_loss" for d in DOMAINS)
+    results = Table(table.index_N, columns, domain_losses(table.values_NxC))
+    one = fit(table, results, columns[0], folds=2, repeats=1)  # no regressors named: the default panel
+    assert "gp" in one.cv and any(k.startswith("stacked") and "gp" in k for k in one.cv), sorted(one.cv)
+    assert {"lightgbm", "linear", "loglinear"} <= set(one.cv) and "perdomain:lightgbm" not in one.cv
+    several = fit(table, results, list(columns), folds=2, repeats=1)  # a mean of columns: per-domain LightGBM too
+    assert set(several.cv) == set(one.cv) | {"perdomain:lightgbm"}
+
+
+def test_mix_fit_help_states_the_default_panels_cost_as_its_results_file_holds_it(capsys):
+    import re
+    from pathlib import Path
+
+    from mixlm.commands.mix import DEFAULT_PANEL_COST
+
+    results = (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "regmix_fit_default.md").read_text()
+    totals = dict(re.findall(r"^## Target `(\w+)`.*: (\d+) s in all$", results, re.MULTILINE))
+    assert totals and all(f"{seconds} s" in DEFAULT_PANEL_COST for seconds in totals.values()), DEFAULT_PANEL_COST
+    with pytest.raises(SystemExit):
+        main(["mix", "fit", "-h"])
+    assert "regmix_fit_default.md" in " ".join(capsys.readouterr().out.split())

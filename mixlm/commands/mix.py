@@ -1,9 +1,10 @@
-"""`mixlm mix sample|fit|predict|optimize|fidelity`: RegMix-style mixture search.
+"""`mixlm mix prior|sample|fit|predict|optimize|fidelity`: RegMix-style mixture search.
 
+  mixlm mix prior    --prior PRIOR --out YAML [--domains D,D]   the natural mixture (token shares) as a YAML
   mixlm mix sample   --prior PRIOR -n N --out DIR          N mixture YAMLs + DIR/mixtures.csv
   mixlm mix fit      --mixtures CSV [CSV ...] --results CSV [CSV ...] --target COL[,COL] --out DIR
                      [--regressors all|K,K] [--domains D,D]   (--domains: reuse runs of other domain sets)
-  mixlm mix predict  --model DIR --mixtures CSV --out CSV
+  mixlm mix predict  --model DIR --mixtures CSV | YAML [YAML ...] --out CSV
   mixlm mix optimize --model DIR --prior PRIOR --out YAML [--max-kl X] [--max-l1 X] [--max-epochs E
                      --token-budget T] [--min-weight W|D=W,..] [--max-weight W|D=W,..] [--zero-below W]
   mixlm mix fidelity SWEEP SWEEP [...] [--large RESULTS.csv] [--target COL] [--top-k K]
@@ -14,7 +15,15 @@ PRIOR is a prepared-data directory (`<dir>/<domain>/manifest.json`) or a YAML {d
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+# What the default `mix fit` panel cost, as benchmarks/results/regmix_fit_default.md holds it (quote no other).
+DEFAULT_PANEL_COST = (
+    "on RegMix's 512 runs, 5 folds, it took 619 s wall / 154 s CPU for one loss column and 623 s / 164 s for the "
+    "mean of 13 on a shared 2-core CPU at load 9-13, of which lightgbm,linear,loglinear took 4-5 s "
+    "(benchmarks/results/regmix_fit_default.md)"
+)
 
 
 def _add_prior_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +73,23 @@ def _prior_settings(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mixlm.mixing.regressors import DEFAULT_FOR_SEVERAL_COLUMNS, DEFAULT_REGRESSORS
+
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    prior = actions.add_parser("prior", help="write the natural mixture (each domain's token share) as a YAML")
+    prior.add_argument(
+        "--prior",
+        required=True,
+        help="prepared-data dir (<dir>/<domain>/manifest.json) or YAML {domain: tokens or share}",
+    )
+    prior.add_argument(
+        "--domains",
+        default=None,
+        help="comma-separated domains to keep, shares renormalised over them (default: all of the prior's; "
+        "leave out eval-only ones)",
+    )
+    prior.add_argument("--out", type=Path, required=True, help="mixture YAML for `mixlm train` (data.mixture)")
 
     sample = actions.add_parser("sample", help="sample N random mixtures around a token prior")
     _add_prior_arguments(sample)
@@ -91,9 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--out", type=Path, required=True, help="directory for the model, scores and plots")
     fit.add_argument(
         "--regressors",
-        default="lightgbm,linear,loglinear",
-        help="comma-separated, or 'all': lightgbm, linear, loglinear, dml, gp, bimix, perdomain[:BASE], "
-        "stacked[:A+B+...]",
+        default=None,
+        help=f"comma-separated, or 'all': lightgbm, linear, loglinear, dml, gp, bimix, perdomain[:BASE], "
+        f"stacked[:A+B+...] (default: {','.join(DEFAULT_REGRESSORS)}, plus {','.join(DEFAULT_FOR_SEVERAL_COLUMNS)} "
+        f"for a target of several columns; {DEFAULT_PANEL_COST})",
     )
     fit.add_argument("--folds", type=int, default=5)
     fit.add_argument(
@@ -106,7 +132,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     predict = actions.add_parser("predict", help="predict the target for new mixtures")
     predict.add_argument("--model", type=Path, required=True, help="directory written by `mix fit`")
-    predict.add_argument("--mixtures", type=Path, required=True)
+    predict.add_argument(
+        "--mixtures",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="a CSV (index + one column per domain weight) or mixture YAMLs (.yaml/.yml), read as `mixlm train "
+        "data.mixture=` reads them (one row each, numbered from 1 in the order given)",
+    )
     predict.add_argument("--out", type=Path, required=True, help="CSV: index, predicted")
     predict.add_argument(
         "--regressor", default=None, help="default: the model's chosen regressor (see model.json)"
@@ -150,7 +183,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    actions = {"sample": _sample, "fit": _fit, "predict": _predict, "optimize": _optimize, "fidelity": _fidelity}
+    actions = {
+        "prior": _prior, "sample": _sample, "fit": _fit, "predict": _predict, "optimize": _optimize,
+        "fidelity": _fidelity,
+    }
     return actions[args.action](args)
 
 
@@ -165,6 +201,29 @@ def _bounds(text: str, flag: str) -> float | dict[str, float]:
         return {d.strip(): float(w) for d, w in pairs}
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected a weight (0.05) or domain=weight pairs (code=0.1,web=0.3)") from None
+
+
+def _prior(args: argparse.Namespace) -> int:
+    from mixlm.mixing import load_prior, write_mixture_yaml
+    from mixlm.mixing.tables import clean_weights
+
+    prior = load_prior(args.prior, _domains(args))
+    shares = dict(zip(prior.domains, prior.shares_D.tolist()))
+    written = clean_weights(shares)
+    dropped = [d for d in prior.domains if written[d] == 0]
+    counted = "token counts" if prior.tokens_D is not None else "shares"
+    write_mixture_yaml(
+        args.out,
+        shares,
+        comment=f"mixlm mix prior: the natural mixture, each domain's share of the {counted} in {args.prior}",
+    )
+    for d in sorted(prior.domains, key=lambda d: -shares[d]):
+        tokens = "" if prior.tokens_D is None else f"  {int(prior.tokens_D[prior.domains.index(d)]):>15,} tokens"
+        print(f"  {d:40s} {shares[d]:.4f}{tokens}")
+    if dropped:
+        print(f"written as 0 (a share below 1e-6 of the total): {', '.join(dropped)}")
+    print(f"wrote {args.out} ({len(prior.domains) - len(dropped)} domains)")
+    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -210,8 +269,15 @@ def _fit(args: argparse.Namespace) -> int:
     mixtures, reused = reuse_runs(pooled, domains)
     if domains is not None or len(pooled) > 1:
         print(f"runs: {reused.note()}")
-    text = args.regressors.strip()
-    regressors = list(REGRESSORS) if text == "all" else [r.strip() for r in text.split(",") if r.strip()]
+    if args.regressors is None:
+        regressors = None  # fit's default panel for the target
+    else:
+        text = args.regressors.strip()
+        regressors = list(REGRESSORS) if text == "all" else [r.strip() for r in text.split(",") if r.strip()]
+
+    def progress(kind: str, seconds: float) -> None:
+        print(f"fitted {kind}: cross-validation and the final fit in {seconds:.1f} s", file=sys.stderr, flush=True)
+
     result = fit(
         mixtures,
         results,
@@ -220,6 +286,7 @@ def _fit(args: argparse.Namespace) -> int:
         folds=args.folds,
         seed=args.seed,
         repeats=args.repeats,
+        progress=progress,
     )
     if reused.untrained:
         result.warnings.append(reused.note())
@@ -245,13 +312,57 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_yaml(path: Path) -> bool:
+    return path.suffix.lower() in (".yaml", ".yml")
+
+
+def _mixture_yaml_weights(path: Path, domains: tuple[str, ...]):
+    """[D] weights in `domains` order from a mixture YAML read as `mixlm train data.mixture=PATH` reads it
+    (normalised; a domain outside `domains` is refused, naming the closest)."""
+    import json
+
+    import numpy as np
+
+    from mixlm.config import ConfigError, load_config
+    from mixlm.data.mixture import parse_mixture
+
+    if not path.is_file():
+        raise ConfigError(f"--mixtures {path}: no such file (a CSV, or a mixture YAML)")
+    # The path as a quoted YAML string: train's own reader then loads the file, whatever its name.
+    raw = load_config(None, [f"data.mixture={json.dumps(str(path))}"]).data.mixture
+    mixture = parse_mixture(raw, known_domains=domains, where=str(path))
+    if len(mixture.stages) > 1:
+        raise ConfigError(
+            f"{path}: a staged mixture ({len(mixture.stages)} stages); the fit predicts one fixed mixture: "
+            "give one stage's weights as {domain: weight}"
+        )
+    weights = mixture.stages[0].weights
+    return np.array([weights.get(d, 0.0) for d in domains])
+
+
 def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mixlm.config import ConfigError
     from mixlm.mixing import Table, load_model, read_csv, write_csv
 
     model = load_model(args.model)
-    mixtures = read_csv(args.mixtures)
-    predicted_N = model.predict(mixtures.select(model.domains, source=str(args.mixtures)), args.regressor)
-    write_csv(args.out, Table(mixtures.index_N, ("predicted",), predicted_N[:, None]))
+    paths = list(args.mixtures)
+    if not all(_is_yaml(p) for p in paths):
+        if len(paths) > 1:
+            raise ConfigError("--mixtures: give one CSV, or one or more mixture YAMLs (.yaml/.yml), not both or "
+                              "several CSVs")
+        mixtures = read_csv(paths[0])
+        index_N = mixtures.index_N
+        weights_NxD = mixtures.select(model.domains, source=str(paths[0]))
+    else:
+        index_N = np.arange(1, len(paths) + 1, dtype=np.int64)
+        weights_NxD = np.stack([_mixture_yaml_weights(p, model.domains) for p in paths])
+    predicted_N = model.predict(weights_NxD, args.regressor)
+    write_csv(args.out, Table(index_N, ("predicted",), predicted_N[:, None]))
+    if _is_yaml(paths[0]):
+        for i, path, value in zip(index_N, paths, predicted_N):
+            print(f"  {int(i):>4d}  {value:.4f}  {path}")
     print(f"wrote {len(predicted_N)} predictions of {model.target_label} to {args.out}")
     return 0
 

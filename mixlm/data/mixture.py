@@ -2,7 +2,8 @@
 
 A mixture is `{domain: weight}` or `{weights: {domain: weight}, stages: [{step: N, weights: {...}}]}`.
 Weights are validated (unknown domain, negative, NaN or all-zero weights are errors naming the key)
-and normalised. Domains left out of a stage get weight 0.
+and normalised; weights that do not sum to 1 say so in one line (a MixtureWeightsWarning). Domains left
+out of a stage get weight 0.
 
 `MixtureSchedule` assigns every row of every global batch to a domain without any state: row g (global
 row index = step * global_batch_size + row) maps to (domain, element index within that domain) by
@@ -18,6 +19,7 @@ import difflib
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,11 @@ import numpy as np
 from mixlm.config import INT32_MAX, ConfigError
 
 BLOCK_ROWS = 1 << 18  # rows in one repeat of a stage's pattern: weights are exact to 1 / 262144
+SUM_TOLERANCE = 1e-6  # weights written to 10 significant digits sum to 1 within ~1e-9: not worth a word
+
+
+class MixtureWeightsWarning(UserWarning):
+    """Mixture weights that do not sum to 1 and were normalised (shown as one line)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,11 @@ def parse_mixture(
     stages = []
     for step, w in stage_list:
         total = sum(w.values())
+        if abs(total - 1.0) > SUM_TOLERANCE:
+            at = where if not staged else f"{where} (stage from step {step})"
+            warnings.warn_explicit(f"{at}: weights sum to {total:.6g}, not 1; normalised (each divided by "
+                                   f"{total:.6g})", MixtureWeightsWarning, filename="mixlm data", lineno=0,
+                                   module=__name__)
         stages.append(MixtureStage(step, {d: w.get(d, 0.0) / total for d in domains}))
     return Mixture(domains, tuple(stages))
 

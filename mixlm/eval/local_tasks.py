@@ -296,9 +296,17 @@ def domain_rows(results: dict, info: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+# Why this differs from a run's val_loss/<domain> (README: "Two held-out losses, measured differently").
+DOMAINS_NOTE = ("nll/token: the summed loss over the summed tokens of every held-out document, each scored alone "
+                "from its start; a run's val_loss/<domain> is the loss over eval.batches packed batches instead "
+                "(packed as in training: with concat packing, windows that start mid-document and cross documents), "
+                "so the two differ.")
+
+
 def domains_markdown(rows: dict[str, dict]) -> str:
+    """The per-domain table, then one line saying what nll/token measures."""
     lines = ["| domain | documents | tokens | nll/token | token ppl | bits/byte |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['documents']} | {r['tokens']} | {r['nll_per_token']:.4f} | "
                      f"{r['token_perplexity']:.3f} | {r['bits_per_byte']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + DOMAINS_NOTE + "\n"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from mixlm.mixing.regressors import (
     GaussianProcessRegression,
     LightGBMRegression,
     LinearRegression,
+    default_regressors,
     fit_regressor,
     load_regressor,
     make_regressor,
@@ -39,6 +41,7 @@ __all__ = [  # the regressors are re-exported: callers import them from here as 
     "LinearRegression",
     "choose_model",
     "cv_table",
+    "default_regressors",
     "fit",
     "join_runs",
     "load_model",
@@ -251,10 +254,11 @@ def fit(
     results: Table,
     target: str | Sequence[str],
     *,
-    regressors: Sequence[str] = DEFAULT_REGRESSORS,
+    regressors: Sequence[str] | None = None,
     folds: int = 5,
     seed: int = 0,
     repeats: int | None = None,
+    progress: Callable[[str, float], None] | None = None,
 ) -> FitResult:
     """Fits each regressor on every run and scores it by repeated k-fold cross-validation.
 
@@ -262,11 +266,15 @@ def fit(
         `metric/...` columns are ignored). results: index + loss columns (RegMix's train_pile_loss CSV).
         The tables join on index; runs missing from either, or with a NaN target, are left out.
     target: a loss column, or several ('a,b' or a list) whose mean is the target.
+    regressors: the kinds to score (default: `default_regressors(number of target columns)`).
     repeats: shuffles of the k-fold split (default 3 below SMALL_SWEEP_RUNS runs, else 1); the first
         shuffle is the same as with one repeat.
+    progress: called as progress(kind, seconds) after each regressor's folds and final fit.
     Returns a FitResult (see there) with the model `choose_model` picks as primary; `save_model` writes it.
     """
     target = parse_target(target)
+    if regressors is None:
+        regressors = default_regressors(len(target))
     index_N, weights_NxD, target_N, parts_NxT = join_run_losses(mixtures, results, target)
     if folds < 2 or len(target_N) < 2 * folds:
         raise ConfigError(
@@ -285,6 +293,7 @@ def fit(
             fold_of_RxN[r, rows] = k
     fitted, cv, oof = {}, {}, {}
     for kind in regressors:
+        started = time.perf_counter()
         oof_RxN = np.empty((repeats, len(target_N)))
         spearman_F, pearson_F, undefined = [], [], {}
         for r in range(repeats):
@@ -319,6 +328,8 @@ def fit(
         )
         oof[kind] = oof_N
         fitted[kind] = fit_regressor(make_regressor(kind, seed), weights_NxD, target_N, parts_NxT)
+        if progress is not None:
+            progress(kind, time.perf_counter() - started)
     result = FitResult(mixtures.weight_columns(), target, fitted, cv, index_N, target_N, oof)
     few = few_runs_warning(len(target_N), len(result.domains), regressors, folds)
     result.warnings = [few] if few else []
@@ -377,9 +388,12 @@ _CV_FLOATS = (
 )
 
 
+_OWN_FILE_NAMES = ("lightgbm", "linear", "loglinear")  # saved under their own names (lightgbm.txt) since the start
+
+
 def _save_regressor(kind: str, model, directory: Path) -> dict:
-    """model.save's state; every kind but the first three writes files named after itself (no clashes)."""
-    if kind in DEFAULT_REGRESSORS:
+    """model.save's state; every kind but those three writes files named after itself (no clashes)."""
+    if kind in _OWN_FILE_NAMES:
         return model.save(directory)
     return model.save(directory, kind.replace(":", "_").replace("+", "_"))
 

@@ -35,7 +35,7 @@ Kinds:
              hyper-parameters fitted on all of the stack's rows (one search, not six).
 
 Models that use the target's loss columns (perdomain, stacked) have `uses_parts = True` and take them as
-`fit(x, y, parts_NxT)`.
+`fit(x, y, parts_NxT)`. `default_regressors` is the panel `mix fit` scores unless told otherwise.
 """
 
 from __future__ import annotations
@@ -47,8 +47,18 @@ import numpy as np
 
 from mixlm.config import ConfigError
 
-DEFAULT_REGRESSORS = ("lightgbm", "linear", "loglinear")  # what `mix fit` fits unless told otherwise
+# What `mix fit` fits unless told otherwise: RegMix's LightGBM, the linear baselines, and the GP and a stack over
+# it, which scored best on RegMix's 512 runs (benchmarks/results/regmix_fit.md). bimix is left out of the stack:
+# it carried 0.031 of that blend and is its slowest base on small sweeps (least squares from four starts).
+DEFAULT_REGRESSORS = ("lightgbm", "linear", "loglinear", "gp", "stacked:gp+lightgbm+loglinear")
+# Added to the default when the target is the mean of several loss columns (best there in regmix_fit.md).
+DEFAULT_FOR_SEVERAL_COLUMNS = ("perdomain:lightgbm",)
 REGRESSORS = ("lightgbm", "linear", "loglinear", "dml", "gp", "bimix", "perdomain", "stacked")
+
+
+def default_regressors(target_columns: int = 1) -> tuple[str, ...]:
+    """The panel `fit` scores when none is named, for a target averaging `target_columns` loss columns."""
+    return DEFAULT_REGRESSORS + (DEFAULT_FOR_SEVERAL_COLUMNS if target_columns > 1 else ())
 
 
 class LightGBMRegression:
