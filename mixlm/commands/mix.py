@@ -302,6 +302,7 @@ def _fit(args: argparse.Namespace) -> int:
             result.domains,
             {d: losses.select([c])[:, 0] for d, c in per_domain.items()},
             args.out / "loss_vs_weight.png",
+            target=(result.target_label, losses.select(list(result.target)).mean(axis=1)),
         )
     print(f"target {result.target_label} over {len(result.actual_N)} runs, {len(result.domains)} domains\n")
     print(cv_table(result))
