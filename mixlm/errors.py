@@ -1,0 +1,83 @@
+"""The errors a user can act on, in one leaf module (it imports nothing of mixlm), and the exit code each gives.
+
+Every message names what, where and what to do, in one line; `mixlm.cli` prints it and exits with
+`exit_code(error)`:
+
+    2  usage or config: a bad flag, key or value; another run holds the folder; another config in the folder
+    3  training stopped on a non-finite loss
+    4  no usable checkpoint, or one that cannot be written
+    5  data: a corrupt or exhausted shard, a malformed input in strict mode
+    6  export or evaluation could not finish
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config file, override or flag is wrong; the message names the file, the key and what to do."""
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint that cannot serve this run; the message says what to do."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """The output folder holds a run with a different config."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions); the older checkpoints are kept."""
+
+
+class RunFolderLockedError(CheckpointError):
+    """Another process holds the folder's lock: one writer per run folder (or prepared-data folder)."""
+
+
+class DataError(RuntimeError):
+    """Training data that cannot be read as the config says (a shard, a manifest, an exhausted domain)."""
+
+
+class ShardError(DataError):
+    """A prepared shard is missing, truncated or corrupt."""
+
+
+class PrepareError(ValueError):
+    """Raw input that `mixlm prepare` / `mixlm select` cannot read as asked."""
+
+
+class MalformedInputError(PrepareError):
+    """A malformed record in strict mode (or an input that is not what its suffix says)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss, gradient or parameter norm became NaN or infinite; nothing was saved after it."""
+
+
+class ExportError(RuntimeError):
+    """A checkpoint or model folder that cannot be exported / imported as asked."""
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot run or be scored as asked."""
+
+
+_EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ConfigError, 2),
+    (ConfigMismatchError, 2),
+    (RunFolderLockedError, 2),
+    (NonFiniteLossError, 3),
+    (CheckpointError, 4),
+    (DataError, 5),
+    (PrepareError, 5),
+    (ExportError, 6),
+    (EvalError, 6),
+)
+USER_ERRORS = tuple(kind for kind, _ in _EXIT_CODES)
+
+
+def exit_code(error: BaseException) -> int:
+    """The CLI exit code of a user error (the first matching row of the table above; 1 for anything else)."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return 1
