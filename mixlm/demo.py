@@ -29,16 +29,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from mixlm.config import load_config
     from mixlm.data.demo_corpus import prepare_demo_data
     from mixlm.data.prepare import load_tokenizer_spec
+    from mixlm.run_config import load_run_config
 
     print(f"[1/5] demo data -> {out / 'data'} (corpus, tokenizer, prepared shards)", flush=True)
     data = prepare_demo_data(out / "data", docs_per_domain=args.docs_per_domain, progress=True)
     vocab_size = load_tokenizer_spec(str(data["tokenizer"])).vocab_size
 
     repo = Path(__file__).resolve().parent.parent
-    cfg = load_config(
+    cfg = load_run_config(
         repo / "configs/experiments/demo.yaml",
         [
             f"data.prepared_dir={data['prepared']}",

@@ -70,8 +70,7 @@ def location(path) -> epath.Path:
     if isinstance(path, epath.Path):
         return path
     text = os.fspath(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
+    text = text.removeprefix("file://")
     return epath.Path(text)
 
 

@@ -19,15 +19,9 @@ import yaml
 from conftest import xla_flags
 
 from mixlm.cli import main
-from mixlm.config import (
-    YAML_VALUE_LIMIT,
-    ConfigError,
-    ModelConfig,
-    load_config,
-    load_yaml,
-    min_param_count,
-    validate_for_mesh,
-)
+from mixlm.config import ConfigError, ModelConfig, load_config, load_yaml, validate_for_mesh
+from mixlm.config.load import YAML_VALUE_LIMIT
+from mixlm.config.validate import min_param_count
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from mixlm.cli import main
-from mixlm.config import ConfigError, MeshConfig, load_config
-from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
+from mixlm.config import ConfigError, MeshConfig, load_config, load_config_and_origin
+from mixlm.run_config import load_run_config
 from mixlm.sharding import resolve_mesh_shape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +35,9 @@ def test_cpu_proxy_takes_the_vocabulary_of_any_prepared_folder_and_trains(demo_d
                  "train.steps=2", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'run'}",
                  "eval.batches=1", "logging.progress=false", "logging.tensorboard=false",
                  "checkpoint.save_at_end=false"]
-    assert not vocab_size_is_explicit(CPU_PROXY, overrides)
-    cfg = resolve_vocab(load_config(CPU_PROXY, overrides), explicit=False)
+    assert "model.vocab_size" not in load_config_and_origin(CPU_PROXY, overrides)[1]
+    assert load_config(CPU_PROXY, overrides).model.vocab_size == 256  # the file's placeholder, as written
+    cfg = load_run_config(CPU_PROXY, overrides)
     vocab = json.loads((demo_data["prepared"] / "prose" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     assert cfg.model.vocab_size == vocab and cfg.data.tokenizer == str(demo_data["tokenizer"])
     from mixlm.cli import main
@@ -46,16 +47,15 @@ def test_cpu_proxy_takes_the_vocabulary_of_any_prepared_folder_and_trains(demo_d
     assert {"val_loss", "val_loss/prose", "val_loss/code"} <= set(rows[-1])
 
     # A vocabulary set explicitly (an override, or a model file such as the demo's) is kept.
-    assert vocab_size_is_explicit(CPU_PROXY, [*overrides, "model.vocab_size=512"])
-    assert vocab_size_is_explicit(REPO / "configs/experiments/demo.yaml")
-    kept = resolve_vocab(load_config(CPU_PROXY, [*overrides, "model.vocab_size=512"]), explicit=True)
+    assert "model.vocab_size" in load_config_and_origin(REPO / "configs/experiments/demo.yaml")[1]
+    kept = load_run_config(CPU_PROXY, [*overrides, "model.vocab_size=512"])
     assert kept.model.vocab_size == 512
 
 
 def test_gpu_proxy_config_loads_and_fills_the_mesh():
     cfg = load_config(REPO / "configs/experiments/gpu-proxy.yaml")
     assert cfg.mesh.data == 1 and cfg.mesh.fsdp == -1 and cfg.model.compute_dtype == "bfloat16"
-    assert not vocab_size_is_explicit(REPO / "configs/experiments/gpu-proxy.yaml")
+    assert "model.vocab_size" not in load_config_and_origin(REPO / "configs/experiments/gpu-proxy.yaml")[1]
 
 
 # --- 2. one device ------------------------------------------------------------------------------------------

@@ -44,17 +44,17 @@ def vocab_source(cfg, explicit: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from mixlm.config import ConfigError, is_experiment_file, load_config, load_model_config
-    from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
+    from mixlm.config import ConfigError, is_experiment_file, load_config_and_origin, load_model_config
     from mixlm.models import abstract_params, flops_per_token, param_counts
+    from mixlm.run_config import resolve
 
     if args.vocab_multiple_of < 1:
         raise ConfigError(f"--vocab-multiple-of {args.vocab_multiple_of}: expected at least 1")
     source = ""
     if is_experiment_file(args.config):
-        explicit = vocab_size_is_explicit(args.config, args.overrides)
-        experiment = resolve_vocab(load_config(args.config, args.overrides), explicit=explicit)
-        cfg, source = experiment.model, vocab_source(experiment, explicit)
+        experiment, origin = load_config_and_origin(args.config, args.overrides)
+        experiment = resolve(experiment, origin)
+        cfg, source = experiment.model, vocab_source(experiment, "model.vocab_size" in origin)
     else:
         cfg = load_model_config(args.config, args.overrides)
     total, non_embedding = param_counts(cfg)

@@ -35,13 +35,14 @@ def child_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.config import ConfigError, load_config
+    from mixlm.config import ConfigError
     from mixlm.plan import device_kind, fake_device_env, make_plan, with_fake_devices
+    from mixlm.run_config import load_run_config
 
     if args.devices < 1:
         raise ConfigError(f"--devices {args.devices}: expected at least 1")
     device_kind(args.device_kind)
-    cfg = load_config(args.config, args.overrides)  # config errors surface before any subprocess
+    cfg = load_run_config(args.config, args.overrides)  # config errors surface before any subprocess
     devices = with_fake_devices(args.devices)
     if devices is None:
         if os.environ.get("MIXLM_PLAN_CHILD"):  # never recurse

@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from mixlm.config import ConfigError, load_config
+    from mixlm.config import ConfigError
     from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
+    from mixlm.run_config import load_run_config
 
     if args.swarm < 0:
         raise ConfigError(f"--swarm {args.swarm}: expected a member count K >= 1 (or 0: no swarm)")
@@ -58,7 +59,7 @@ def run(args) -> int:
     table = read_csv(path / "mixtures.csv" if path.is_dir() else path)
     if args.limit:
         table = table.rows(table.index_N[: args.limit])
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     if (args.distributed or args.coordinator) and not args.swarm:
         raise ConfigError("--distributed/--coordinator need --swarm K (one sweep spanning processes trains "
                           "swarms); without --swarm give each host its own --shard I/N")

@@ -34,11 +34,9 @@ def initialize_distributed(args, heartbeat_timeout_s: int) -> None:
 
 
 def run(args) -> int:
-    from mixlm.config import load_config
-    from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
+    from mixlm.run_config import load_run_config
 
-    cfg = load_config(args.config, args.overrides)  # config errors surface before any device work
-    cfg = resolve_vocab(cfg, explicit=vocab_size_is_explicit(args.config, args.overrides))  # from the prepared data
+    cfg = load_run_config(args.config, args.overrides)  # config errors surface before any device work
     initialize_distributed(args, cfg.train.heartbeat_timeout_s)
     from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
     from mixlm.data.prepared import DataError

@@ -1,7 +1,6 @@
 """The model's vocabulary from the prepared data: one config works on any prepared folder.
 
-    cfg = load_config(path, overrides)
-    cfg = resolve_vocab(cfg, explicit=vocab_size_is_explicit(path, overrides))   # before build_setup / train
+    cfg = resolve_vocab(cfg, explicit="model.vocab_size" in origin)   # mixlm.run_config does this
 
 A config whose files and overrides never set `model.vocab_size` (e.g. configs/experiments/cpu-proxy.yaml)
 takes the tokenizer's vocabulary from the manifests of the mixture's prepared domains, and `data.tokenizer`
@@ -15,19 +14,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-# _load_tree: the loader's own composition (base:, section files), which records where each key was set.
-from mixlm.config import ExperimentConfig, _load_tree, parse_override
+from mixlm.config import ExperimentConfig
 from mixlm.data.prepared import MANIFEST, DomainManifest, ShardError, list_domains
-
-
-def vocab_size_is_explicit(config_path: str | Path | None, overrides: list[str] = ()) -> bool:
-    """True when `model.vocab_size` is set by an override or by any file the config is composed of."""
-    if any(parse_override(text)[:2] == ("model", "vocab_size") for text in overrides):
-        return True
-    if not config_path:
-        return False
-    _, origin = _load_tree(Path(config_path))
-    return "model.vocab_size" in origin
 
 
 def _mixture_domains(mixture: dict) -> list[str]:

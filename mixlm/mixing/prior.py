@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 # Values of a prior YAML summing to 1 within this are shares, not token counts.
 _SHARE_TOLERANCE = 1e-3

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing.prior import DomainPrior, prior_from_mapping
 
 # Mixtures are drawn in chunks of this many rows to bound memory for large n x oversample.

@@ -41,8 +41,9 @@ from pathlib import Path
 
 import yaml
 
-from mixlm.config import ConfigError, load_config
+from mixlm.config import ConfigError
 from mixlm.mixing.tables import INDEX, METRIC_PREFIX, Table, loss_column, read_csv
+from mixlm.run_config import load_run_config
 
 RESULTS = "results.csv"
 
@@ -75,7 +76,7 @@ def search_target(runs: Sequence[ProxyRun], domains: Sequence[str]) -> tuple[str
     if not runs:
         return ("val_loss",)
     args = list(runs[0].command[runs[0].command.index("train") + 1:])
-    held_out = [d for d in load_config(args[0], args[1:]).eval.domains if d not in domains]
+    held_out = [d for d in load_run_config(args[0], args[1:]).eval.domains if d not in domains]
     return tuple(f"val_loss/{d}" for d in dict.fromkeys(held_out)) or ("val_loss",)
 
 
@@ -152,7 +153,7 @@ SINGLE_RUN_ONLY = ("logging.progress=false", "checkpoint.save_at_end=false", "ch
 def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides: list[str] = ()) -> list[ProxyRun]:
     """One ProxyRun per mixture row; writes each run's mixture.yaml (the only file planning creates)."""
     out_dir = Path(out_dir)
-    load_config(base_config, list(overrides))  # fail on a bad base config before any run starts
+    load_run_config(base_config, list(overrides))  # fail on a bad base config before any run starts
     runs = []
     for index, row in zip(mixtures.index_N, mixtures.values_NxC):
         # Zero weights stay in: the run still reports those domains' validation loss.
@@ -196,13 +197,10 @@ def append_result(out_dir: Path, run: ProxyRun, domains: list[str], losses: dict
 def run_config(run: ProxyRun, *, swarm: bool = False):
     """The ExperimentConfig that `run.command` trains (vocabulary from the prepared data, as `mixlm train` does);
     swarm=True: as a swarm member, without SINGLE_RUN_ONLY."""
-    from mixlm.data.model_vocab import resolve_vocab, vocab_size_is_explicit
-
     args = list(run.command[run.command.index("train") + 1:])
     if swarm:  # plan_sweep puts them last: the user's own overrides (logging.progress=false too) stay
         args = args[:len(args) - len(SINGLE_RUN_ONLY)]
-    cfg = load_config(args[0], args[1:])
-    return resolve_vocab(cfg, explicit=vocab_size_is_explicit(args[0], args[1:]))
+    return load_run_config(args[0], args[1:])
 
 
 def train_in_process(run: ProxyRun) -> dict[str, float]:

@@ -147,7 +147,6 @@ def learn_rater_weights(
     the optimiser uses the regressor with the best k-fold Spearman. n_samples / top_k / alpha / seed:
     the weightings simulated by the optimiser.
     """
-    from mixlm.config import load_config
     from mixlm.data.prepare import PrepareOptions, prepare_domains
     from mixlm.mixing import fit as fit_regression
     from mixlm.mixing import save_model
@@ -155,6 +154,7 @@ def learn_rater_weights(
     from mixlm.mixing.regression import choose_model
     from mixlm.mixing.sweep import final_losses
     from mixlm.mixing.tables import loss_column, write_csv
+    from mixlm.run_config import load_run_config
     from mixlm.selection.scoring import select_documents
     from mixlm.train import train
 
@@ -176,7 +176,7 @@ def learn_rater_weights(
     prepared = out / "prepared"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "weightings.csv", _weighting_table(weightings, names))
-    base_cfg = load_config(str(base_config), list(overrides))  # a bad base config fails before any work
+    base_cfg = load_run_config(str(base_config), list(overrides))  # a bad base config fails before any work
     steps = base_cfg.train.steps
     if base_cfg.eval.batches < 1:
         raise SelectionError("the proxy config has eval.batches 0: the held-out loss needs at least 1")
@@ -208,7 +208,7 @@ def learn_rater_weights(
         mixture = run_dir / "mixture.yaml"
         mixture.write_text(yaml.safe_dump({domain: 1.0, heldout_name: 0.0}, sort_keys=False))
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        cfg = load_config(str(base_config), [
+        cfg = load_run_config(str(base_config), [
             *overrides, f"data.prepared_dir={prepared.resolve()}", f"data.mixture={mixture}",
             f"train.output_dir={run_dir}", "logging.progress=false", "checkpoint.save_at_end=false",
             "checkpoint.every=0"])

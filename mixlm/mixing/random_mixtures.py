@@ -1,5 +1,5 @@
 """Random-mixture specs: `data.mixture` as a reproducible list of RegMix-sampled mixtures, one picked by
-`data.mixture_index` when the config is loaded.
+`data.mixture_index` when the config is resolved (mixlm.run_config).
 
 A spec is a mixture mapping with a single `random:` key (usually in its own YAML, e.g.
 configs/mixtures/random/pile-17-1b.yaml):
@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
+from mixlm.mixing.prior import load_prior, prior_from_mapping
+from mixlm.mixing.sample import sample_mixtures
 
 SPEC_KEY = "random"
 # Keys of a spec besides prior/count/seed: sample_mixtures' keyword arguments, with their types.
@@ -92,9 +94,6 @@ def random_mixtures(spec: Mapping, base_dir: Path, where: str = "data.mixture") 
     """Every mixture of a spec (the mapping under `random:`), in index order 1..count, each `{domain:
     weight}` without its zero weights, rounded as `mixlm mix sample` writes them. `base_dir`: where a
     relative prior path is found."""
-    from mixlm.mixing.prior import load_prior, prior_from_mapping
-    from mixlm.mixing.sample import sample_mixtures
-
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: `random:` must be a mapping with prior, count and seed, got {spec!r}")
     unknown = set(spec) - {"prior", "count", "seed", "domains", *SAMPLER_KEYS}
@@ -144,7 +143,7 @@ def origin_dir(where: str) -> Path:
     """The folder a spec's relative prior path is relative to: that of the file that set data.mixture
     (an experiment or mixture YAML), of the mixture file named by a `data.mixture=PATH` override, else
     the working directory (an inline spec given on the command line)."""
-    if where.startswith("override "):  # `override 'data.mixture=PATH'` (mixlm.config.load_config's origin)
+    if where.startswith("override "):  # `override 'data.mixture=PATH'` (mixlm.config.load_config_and_origin's origin)
         try:
             text = ast.literal_eval(where[len("override "):])
         except (ValueError, SyntaxError):
