@@ -9,9 +9,9 @@ import pytest
 
 from mixlm.cli import main as cli_main
 from mixlm.data import prepare as prepare_mod
+from mixlm.data.inputs import MalformedInputError, PrepareError
 from mixlm.data.prepare import PrepareOptions, prepare_domain, prepare_domains
 from mixlm.data.prepared import PreparedDomain, ShardError
-from mixlm.data.sources import MalformedInputError, PrepareError
 from mixlm.data.tokenizer_train import train_tokenizer_from_texts
 
 

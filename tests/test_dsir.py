@@ -14,7 +14,7 @@ import zstandard
 from mixlm.cli import main
 from mixlm.selection import SelectionError
 from mixlm.selection.dsir import DSIRSettings, fit_dsir, load_dsir_model, ngram_buckets, parse_targets
-from mixlm.selection.scoring import importance_resample
+from mixlm.selection.pick import importance_resample
 
 B = 2**20  # enough buckets that the handful of n-grams below never share one
 

@@ -17,13 +17,13 @@ from flax import nnx
 
 from mixlm.cli import main as cli_main
 from mixlm.config import ExperimentConfig, MeshConfig, ModelConfig
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 from mixlm.eval.harness import check_model_dir, demo_tasks_dir, task_manager
 from mixlm.eval.live import run_tasks_on_live_model
 from mixlm.eval.report import model_index_entries
 from mixlm.eval.results import load_results
-from mixlm.eval.scoring import centered_accuracy, score_suite
 from mixlm.eval.suites import available_suites, load_suite, suite_from_dict
+from mixlm.eval.task_scores import centered_accuracy, score_suite
 from mixlm.eval_tasks import TASKS, write_demo_tasks
 from mixlm.models import build_model, merge_params, split_params
 

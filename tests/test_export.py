@@ -21,7 +21,7 @@ from mixlm.config import (
     TrainConfig,
     load_model_config,
 )
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.hf.export import export_hf
 from mixlm.hf.verify import flax_forward, load_params, verify_export
 

@@ -134,7 +134,7 @@ def test_list_entries_of_the_wrong_kind_are_refused(tiny, tmp_path, capsys, over
 
 
 def test_the_live_eval_suite_refuses_task_entries_that_are_not_names():
-    from mixlm.eval.errors import EvalError
+    from mixlm.errors import EvalError
     from mixlm.eval.suites import adhoc_suite
 
     with pytest.raises(EvalError, match=r"^tasks: expected lm-eval task names \(strings\), got \['a', 'b'\]"):

@@ -17,7 +17,7 @@ from mixlm.data.demo_corpus import GENERATORS
 from mixlm.mixing import read_csv
 from mixlm.selection import SelectionError
 from mixlm.selection.metarater import learn_rater_weights, parse_raters, weight_spec
-from mixlm.selection.scoring import sample_rater_weightings
+from mixlm.selection.pick import sample_rater_weightings
 
 # stop_word_frac is high on prose and 0 on arithmetic; frac_no_alpha_words stated higher-is-better
 # ranks arithmetic first (its default direction, lower, would rank prose first).

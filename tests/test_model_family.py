@@ -22,7 +22,7 @@ from mixlm.config import (
     ModelConfig,
     TrainConfig,
 )
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.model_families import family_names, register_family, unregister_family
 from mixlm.models import layers, llama
 

@@ -16,7 +16,7 @@ import yaml
 
 from mixlm.cli import main
 from mixlm.selection import SelectionError
-from mixlm.selection.shards import load_tables
+from mixlm.selection.signal_tables import load_tables
 
 CONFIG_25 = Path(__file__).resolve().parents[1] / "configs" / "selection" / "metarater-25.yaml"
 PRRC_LABELS = ["professionalism", "readability", "reasoning", "cleanliness"]
@@ -256,8 +256,8 @@ def test_model_columns_from_worker_processes_equal_the_in_process_ones(models, p
 
 def test_metarater_25_config_runs_on_a_small_pool(models, pool, tmp_path, capsys):
     from mixlm.selection.metarater import parse_raters, weight_spec
+    from mixlm.selection.pick import sample_rater_weightings, select_documents
     from mixlm.selection.rater_config import load_rater_config
-    from mixlm.selection.scoring import sample_rater_weightings, select_documents
 
     cfg = load_rater_config(CONFIG_25)
     assert len(cfg.raters) == 25 and len({r.column for r in cfg.raters}) == 25

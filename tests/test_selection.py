@@ -16,7 +16,7 @@ import zstandard
 from mixlm.cli import main
 from mixlm.selection import SelectionError
 from mixlm.selection.classifier import load_classifier, train_classifier
-from mixlm.selection.scoring import (
+from mixlm.selection.pick import (
     combine_scores,
     parse_weights,
     percentile_ranks,

@@ -106,8 +106,8 @@ def test_unknown_key_suggests_synonyms_first(override, first):
 
 # --- 7. prepare's refusal -----------------------------------------------------------------------------------
 def test_prepare_refusal_names_the_changed_input_and_option(demo_data, tmp_path):
+    from mixlm.data.inputs import PrepareError
     from mixlm.data.prepare import PrepareOptions, prepare_domain
-    from mixlm.data.sources import PrepareError
 
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": f"line {i} of the domain"}) + "\n" for i in range(20)))

@@ -143,7 +143,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.eval.errors import EvalError
+    from mixlm.errors import EvalError
     from mixlm.eval.suites import available_suites, load_suite
 
     try:

@@ -30,7 +30,7 @@ def add_card_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def card_options(args: argparse.Namespace, default_name: str = ""):
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
     from mixlm.hf.provenance import CardOptions
 
     results = None
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mixlm.checkpoint import CheckpointError, open_checkpoint
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
     from mixlm.hf.export import export_hf
     from mixlm.hf.verify import verify_export
 

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mixlm.checkpoint import CheckpointError
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
     from mixlm.hf.import_hf import import_hf
 
     try:

@@ -4,7 +4,7 @@
         --domain arithmetic=data/raw/arithmetic.jsonl --domain code=data/raw/code/ \
         --domain wiki='hf:wikitext?config=wikitext-103-raw-v1&split=train' --workers 8
 
-Sources: see mixlm/data/sources.py (files, folders, hf:..., tfds:...; `?text_field=...` per source).
+Sources: see mixlm/data/inputs.py (files, folders, hf:..., tfds:...; `?text_field=...` per source).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from mixlm.data.inputs import PrepareError
 from mixlm.data.prepare import PreparedFolderLockedError, PrepareOptions, prepare_domains
 from mixlm.data.prepared import ShardError
-from mixlm.data.sources import PrepareError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

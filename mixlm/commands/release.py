@@ -36,7 +36,7 @@ def release_files(folder: Path) -> list[Path]:
 
 
 def check_folder(folder: Path, repo_id: str) -> None:
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
 
     if not REPO_ID.match(repo_id):
         raise ExportError(f"--repo-id {repo_id!r}: expected ORG/NAME (letters, digits, '.', '_', '-')")
@@ -81,7 +81,7 @@ def upload(folder: Path, files: list[Path], repo_id: str, *, private: bool, comm
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
     from mixlm.hf.provenance import PROVENANCE_FILE, render_folder_card
 
     folder = Path(args.folder)

@@ -252,7 +252,7 @@ def _load_weights(text: str) -> dict:
 
 
 def _read_texts(paths: list[str], text_field: str, limit: int | None) -> list[str]:
-    from mixlm.selection.shards import BadLines, read_texts
+    from mixlm.selection.signal_tables import BadLines, read_texts
 
     bad = BadLines()
     texts = read_texts(paths, text_field, limit, bad=bad)
@@ -286,7 +286,7 @@ def _tokenizer_arg(value: str | None) -> str | None:
 
 
 def _compute(args, settings) -> int:
-    from mixlm.selection.shards import compute_tables
+    from mixlm.selection.signal_tables import compute_tables
 
     report = compute_tables(args.inputs, args.out, settings, workers=args.workers, strict=args.strict,
                             overwrite=args.overwrite, progress=not args.no_progress)
@@ -335,7 +335,7 @@ def _classifier_dir(path: str, trust_pickle: bool) -> str:
 
 
 def _run(args) -> int:
-    from mixlm.selection.shards import TableSettings
+    from mixlm.selection.signal_tables import TableSettings
 
     if args.action == "list":
         from mixlm.selection.signals import SIGNALS
@@ -384,7 +384,7 @@ def _run(args) -> int:
     if args.action == "pick":
         if args.prepare_out and not args.tokenizer:
             raise SelectionError("--prepare-out needs --tokenizer (the tokenizer to prepare the selection with)")
-        from mixlm.selection.scoring import select_documents
+        from mixlm.selection.pick import select_documents
 
         if args.mode == "top" and not args.weights:
             raise SelectionError("--weights is needed with --mode top (or use --mode dsir-resample --signal COL)")
@@ -452,7 +452,7 @@ def _run(args) -> int:
         _print_skipped(report["malformed"], report["malformed_examples"])
         return 0
     if args.action == "weightings":
-        from mixlm.selection.scoring import sample_rater_weightings
+        from mixlm.selection.pick import sample_rater_weightings
 
         signals = [s.strip() for s in args.signals.split(",") if s.strip()]
         weightings = sample_rater_weightings(signals, args.n, args.seed, args.alpha)
@@ -472,7 +472,7 @@ def _run(args) -> int:
         raters = [r.strip() for r in args.raters.split(",") if r.strip()]
         names, _ = parse_raters(raters)
         if args.n is not None:
-            from mixlm.selection.scoring import sample_rater_weightings
+            from mixlm.selection.pick import sample_rater_weightings
 
             weightings = sample_rater_weightings(names, args.n, args.seed, args.alpha)
         else:
@@ -494,7 +494,7 @@ def _run(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.data.sources import PrepareError
+    from mixlm.data.inputs import PrepareError
 
     try:
         return _run(args)

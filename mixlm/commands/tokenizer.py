@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from mixlm.commands.prepare import parse_domains
-from mixlm.data.sources import PrepareError
+from mixlm.data.inputs import PrepareError
 from mixlm.data.tokenizer_train import train_tokenizer
 
 

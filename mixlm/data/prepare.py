@@ -39,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.data.prepared import MANIFEST, DomainManifest, PreparedDomain, ShardError, ShardInfo, SplitInfo
-from mixlm.data.sources import (
+from mixlm.data.inputs import (
     MALFORMED_KINDS,
     InputUnit,
     PrepareError,
@@ -48,8 +47,9 @@ from mixlm.data.sources import (
     file_digest,
     parquet_file,
     read_located_documents,
-    resolve_source,
+    resolve_input,
 )
+from mixlm.data.prepared import MANIFEST, DomainManifest, PreparedDomain, ShardError, ShardInfo, SplitInfo
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
 _WORK = ".work"
@@ -612,13 +612,13 @@ def prepare_domain(
     tokenizer: TokenizerSpec | None = None,
     pool=None,
 ) -> DomainManifest:
-    """Prepares one domain from its source specs (see mixlm/data/sources.py) into `<out_dir>/<domain>/`.
+    """Prepares one domain from its source specs (see mixlm/data/inputs.py) into `<out_dir>/<domain>/`.
     Returns the manifest; a domain already prepared with the same inputs and options is left as is.
     `tokenizer` / `pool`: a loaded TokenizerSpec and a `tokenizer_pool` to reuse across domains."""
     sources = [sources] if isinstance(sources, str) else list(sources)
     if not sources:
         raise PrepareError(f"domain {domain!r}: no sources given")
-    units = [u for spec in sources for u in resolve_source(domain, spec, options.text_field)]
+    units = [u for spec in sources for u in resolve_input(domain, spec, options.text_field)]
     spec = tokenizer or load_tokenizer_spec(options.tokenizer)
     if options.append_eos and spec.eos_id is None:
         raise PrepareError(f"tokenizer {spec.name!r} has no eos token; set one or pass --no-eos")

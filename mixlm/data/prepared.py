@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.config import ConfigError
-from mixlm.data.sources import file_digest
+from mixlm.data.inputs import file_digest
 
 MANIFEST = "manifest.json"
 FORMAT = "mixlm-prepared/1"

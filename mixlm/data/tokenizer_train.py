@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from mixlm.data.inputs import InputUnit, read_documents, resolve_input
 from mixlm.data.prepare import count_documents, counted
-from mixlm.data.sources import InputUnit, read_documents, resolve_source
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -78,7 +78,7 @@ def train_tokenizer(
     on stderr, then a one-line summary there (documents, domains, vocabulary, seconds)."""
     start = time.perf_counter()
     units_per_domain = [
-        [u for spec in ([s] if isinstance(s, str) else s) for u in resolve_source(n, spec, text_field)]
+        [u for spec in ([s] if isinstance(s, str) else s) for u in resolve_input(n, spec, text_field)]
         for n, s in domains.items()
     ]
 

@@ -12,7 +12,7 @@ pulls in lm-eval):
 
     errors.py    EvalError
     suites.py    Suite, SuiteTask: suites as data (configs/eval/*.yaml), load_suite, adhoc_suite (--tasks)
-    scoring.py   pure functions of lm-eval's metrics: pick_metric, shot_average, centered_accuracy,
+    task_scores.py  pure functions of lm-eval's metrics: pick_metric, shot_average, centered_accuracy,
                  score_suite
     harness.py   lm-eval runs: task_manager, check_model_dir, load_lm, load_run_lm, run_suite, evaluate_model
     local_tasks.py  tasks generated from local files: per-domain perplexity (--domains), multiple choice (--mc-task)

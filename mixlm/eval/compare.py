@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 from mixlm.eval.report import format_score, is_percent, table_rows
 from mixlm.eval.results import load_results
-from mixlm.eval.scoring import lower_is_better
+from mixlm.eval.task_scores import lower_is_better
 
 
 def _unique_names(docs: Sequence[dict]) -> list[str]:

@@ -17,10 +17,10 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 from mixlm.eval.results import finish_results, lm_eval_version
-from mixlm.eval.scoring import score_suite
 from mixlm.eval.suites import Suite
+from mixlm.eval.task_scores import score_suite
 
 DEMO_TASK_PREFIX = "mixlm_demo"
 
@@ -127,7 +127,7 @@ def model_tokenizer(model: str | Path):
 
     if is_run_folder(model):
         from mixlm.checkpoint import open_checkpoint
-        from mixlm.hf.errors import ExportError
+        from mixlm.errors import ExportError
 
         try:
             name = open_checkpoint(model).cfg.data.tokenizer
@@ -147,7 +147,7 @@ def model_tokenizer(model: str | Path):
 def load_run_lm(run: str | Path, *, batch_size: int | str = 8):
     """FlaxLM on a training run's newest complete checkpoint (no export)."""
     from mixlm.eval.flax_lm import FlaxLM
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
 
     try:
         return FlaxLM.from_checkpoint(run, batch_size=8 if batch_size == "auto" else int(batch_size))
@@ -161,7 +161,7 @@ def load_lm(model: str, *, backend: str = "hf", batch_size: int | str = 8, devic
     folder's weights (`backend='flax'`)."""
     if backend == "flax":
         from mixlm.eval.flax_lm import FlaxLM
-        from mixlm.hf.errors import ExportError
+        from mixlm.errors import ExportError
 
         try:
             return FlaxLM.from_hf_folder(model, batch_size=int(batch_size))

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mixlm.config import ExperimentConfig
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 from mixlm.eval.flax_lm import FlaxLM
 from mixlm.eval.harness import expand_tags, run_suite, task_manager
-from mixlm.eval.scoring import finite_number
 from mixlm.eval.suites import SuiteTask, adhoc_suite
+from mixlm.eval.task_scores import finite_number
 
 
 def run_tasks_on_live_model(cfg, graphdef, params: dict, tokenizer=None, tasks: Sequence[str] | None = None,

@@ -27,7 +27,7 @@ import json
 import re
 from pathlib import Path
 
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 
 DOMAIN_TASK_PREFIX = "mixlm_domain_"
 DOMAIN_METRICS = ("nll_per_token", "token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")

@@ -7,10 +7,10 @@ import datetime
 import json
 from pathlib import Path
 
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 from mixlm.eval.report import card_rows, markdown_table
-from mixlm.eval.scoring import finite_number, score_suite
 from mixlm.eval.suites import Suite, adhoc_suite
+from mixlm.eval.task_scores import finite_number, score_suite
 
 RESULTS_FORMAT = "mixlm-eval/1"
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 DEFAULT_PREFERENCE = ("acc_norm", "acc")

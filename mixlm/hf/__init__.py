@@ -7,9 +7,8 @@
     mixlm.hf.tokenizer     the tokenizer files of a folder, copied and checked against the vocabulary
     mixlm.hf.provenance    mixlm_export.json and the model card rendered from it
     mixlm.hf.folders       folders that appear only when complete (staging + rename)
-    mixlm.hf.errors        ExportError
 
 Param sources (what export reads: `open_checkpoint`, `MemorySource`) live in mixlm.checkpoint; what a
 family exports to and reads from (architecture, config.json, tensor names) lives in the family's module,
-reached through mixlm.model_families. This package file imports nothing, so `mixlm.hf.errors` stays light.
+reached through mixlm.model_families. This package file imports nothing; export's error is mixlm.errors.ExportError.
 """

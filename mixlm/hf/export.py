@@ -27,7 +27,7 @@ import numpy as np
 from mixlm import model_card
 from mixlm.checkpoint import ParamPath, ParamSource, flatten_params
 from mixlm.config import ModelConfig
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.hf.folders import commit_dir, staging_dir
 from mixlm.hf.provenance import PROVENANCE_FILE, CardOptions, card_info_from_provenance
 from mixlm.hf.safetensors_files import (

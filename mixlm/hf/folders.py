@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 
 
 def staging_dir(out_dir: Path, overwrite: bool) -> Path:

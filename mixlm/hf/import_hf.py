@@ -22,7 +22,7 @@ import numpy as np
 
 from mixlm import checkpoint
 from mixlm.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, save_config
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.hf.folders import commit_dir, staging_dir
 from mixlm.hf.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from mixlm.model_families import family_names, get_family

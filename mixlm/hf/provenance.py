@@ -15,7 +15,7 @@ import numpy as np
 
 from mixlm import model_card
 from mixlm.config import ExperimentConfig, config_from_dict
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.models import param_counts
 
 PROVENANCE_FILE = "mixlm_export.json"  # what the folder was made from; `mixlm release` re-renders the card from it

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' max_shard_size="5GB"
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 
 # Files that make up a HF tokenizer (copied verbatim).
 TOKENIZER_FILES = (

@@ -17,7 +17,7 @@ import numpy as np
 
 from mixlm.checkpoint import ParamSource, unflatten_params
 from mixlm.config import ModelConfig
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.hf.provenance import PROVENANCE_FILE
 from mixlm.hf.safetensors_files import numpy_dtype
 from mixlm.model_families import get_family

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mixlm.config import ConfigError, ModelConfig
-from mixlm.hf.errors import require_hf_value
+from mixlm.models.hf_config import require_hf_value
 from mixlm.models import attention, layers, stacked
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from mixlm.config import ModelConfig
-from mixlm.hf.errors import ExportError, require_hf_value
+from mixlm.errors import ExportError
+from mixlm.models.hf_config import require_hf_value
 from mixlm.models import attention, layers, stacked
 
 

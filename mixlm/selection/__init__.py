@@ -10,7 +10,7 @@ The pieces, each usable alone (the `mixlm select` verb chains them):
   raters, perplexity, token counts) for every document of every input shard, in parallel, one table (parquet
   or jsonl) per shard keyed by `file` and `line`; `load_tables(dirs)` reads them back as one `SignalTable`;
   `write_selected(...)` writes the chosen documents (jsonl lines verbatim, parquet rows as JSON) as jsonl.zst
-  for `mixlm prepare`. Inputs are jsonl(.gz/.zst) or parquet files, read by `mixlm.data.sources.iter_records`.
+  for `mixlm prepare`. Inputs are jsonl(.gz/.zst) or parquet files, read by `mixlm.data.inputs.iter_records`.
 * `score_folder.write_score_folder(inputs, out_dir, scorer)` — the same tables from any batch scorer.
 * `scoring` — percentile normalisation, weighted combination, budgeted top-k selection, DSIR's Gumbel
   top-k resampling, the seeded random baseline, and `sample_rater_weightings` (Meta-rater's Dirichlet).

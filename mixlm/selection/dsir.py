@@ -17,7 +17,7 @@ a small target set never saw from dominating. Several targets give several colum
 * `score_dsir(inputs, targets, out_dir, ...)` — the CLI path: fits on the input shards, writes a signal folder
   (`score_folder.write_score_folder`) plus `dsir_model.npz`.
 * Importance *resampling* (sampling documents without replacement, proportional to exp(log weight), to a
-  budget) is `scoring.importance_resample` (`select pick --mode dsir-resample`).
+  budget) is `pick.importance_resample` (`select pick --mode dsir-resample`).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def parse_targets(specs: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _texts(paths: Sequence[str | Path], text_field: str, bad, strict: bool) -> Iterable[str]:
-    from mixlm.selection.shards import iter_documents, resolve_inputs
+    from mixlm.selection.signal_tables import iter_documents, resolve_inputs
 
     for path in resolve_inputs(paths):
         yield from (text for _, _, text in iter_documents(path, text_field, bad, strict))
@@ -176,7 +176,7 @@ def score_dsir(inputs: Sequence[str | Path], targets: Mapping[str, Sequence[str 
     report (plus `columns`, and `fit_malformed` / `fit_malformed_examples`: lines skipped in the files the
     models were fitted on)."""
     from mixlm.selection.score_folder import write_score_folder
-    from mixlm.selection.shards import BadLines
+    from mixlm.selection.signal_tables import BadLines
 
     fit_bad = BadLines()  # skipped lines of the files the models are fitted on (raw pool, targets)
     if model_path is not None:

@@ -9,7 +9,7 @@ a regression from the weighting to the proxy's held-out loss, and the weighting 
     result.weights_yaml          # -> mixlm select pick --weights runs/metarater/weights.yaml ...
 
 For weighting i (index i, from 1) the pool's documents are scored and the best kept up to the budget
-(`scoring.select_documents` → `selections/<i>/`), prepared as the domain `sel_<i>` under `prepared/`,
+(`pick.select_documents` → `selections/<i>/`), prepared as the domain `sel_<i>` under `prepared/`,
 and a proxy is trained on that domain alone (`runs/<i>/`). Every proxy's mixture also lists the held-out
 domain with weight 0: the trainer evaluates every listed domain, so each proxy is scored on the same
 held-out documents (prepared once, all but one document in its validation split). The held-out set
@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from mixlm.selection import SelectionError
-from mixlm.selection.scoring import sample_rater_weightings
+from mixlm.selection.pick import sample_rater_weightings
 
 HELDOUT = "heldout"
 
@@ -155,7 +155,7 @@ def learn_rater_weights(
     from mixlm.mixing.sweep import final_losses
     from mixlm.mixing.tables import loss_column, write_csv
     from mixlm.run_config import load_run_config
-    from mixlm.selection.scoring import select_documents
+    from mixlm.selection.pick import select_documents
     from mixlm.train import train
 
     names, directions = parse_raters(raters)

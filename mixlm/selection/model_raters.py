@@ -30,9 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.selection import SelectionError
+from mixlm.selection.model_scoring import (
+    LINEAR_RATER_FILE,
+    length_buckets,
+    output_columns,
+    rater_folder_problem,
+    resolve_device,
+)
 
 ACTIVATIONS = ("auto", "none", "sigmoid", "softmax")
-LINEAR_RATER_FILE = "rater.json"
 LINEAR_HEAD_FILE = "head.npz"
 
 
@@ -50,33 +56,6 @@ def parse_named_paths(values: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
-def rater_folder_problem(folder: str | Path) -> str:
-    """'' when `folder` looks like a rater folder, else what is wrong with it."""
-    p = Path(folder)
-    if not p.is_dir():
-        return f"{folder}: no such folder"
-    if not ((p / "config.json").is_file() or (p / LINEAR_RATER_FILE).is_file()):
-        return (f"{folder}: neither a Hugging Face model folder (config.json) nor a mixlm linear-head rater "
-                f"({LINEAR_RATER_FILE})")
-    return ""
-
-
-def output_columns(name: str, labels: Sequence[str], override: Sequence[str] = ()) -> list[str]:
-    """The column names of a rater NAME with these output labels (see the module docstring)."""
-    if override:
-        if len(override) != len(labels):
-            raise SelectionError(f"rater {name}: {len(override)} column names given for {len(labels)} outputs "
-                                 f"({', '.join(map(str, labels))})")
-        labels = override
-    elif len(labels) == 1:
-        return [name]
-    safe = [re.sub(r"[^A-Za-z0-9]+", "_", str(label)).strip("_").lower() or str(i) for i, label in enumerate(labels)]
-    if len(set(safe)) != len(safe):
-        raise SelectionError(f"rater {name}: output labels {list(labels)} collide as column names; name them "
-                             f"with --columns {name}=a,b,...")
-    return [f"{name}_{label}" for label in safe]
-
-
 def apply_activation(logits_NxK: np.ndarray, activation: str) -> np.ndarray:
     """float64 [N, K]: none | sigmoid | softmax (over K) of the raw outputs."""
     x = np.asarray(logits_NxK, np.float64)
@@ -88,25 +67,6 @@ def apply_activation(logits_NxK: np.ndarray, activation: str) -> np.ndarray:
     if activation == "none":
         return x
     raise SelectionError(f"activation {activation!r}: use one of {ACTIVATIONS}")
-
-
-def resolve_device(device: str) -> str:
-    """auto → cuda when torch sees a GPU, else cpu; an explicit cuda without one is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SelectionError(f"--device {device}: torch sees no CUDA device here; use --device cpu or auto")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise SelectionError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def length_buckets(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Index batches, longest documents first, so each batch pads to about its own length."""
-    order = np.argsort(-np.asarray(lengths, np.int64), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class SequenceClassifierRater:
@@ -221,7 +181,7 @@ class PooledHiddenStates:
 def load_checkpoint_model(checkpoint: str | Path):
     """(ModelConfig, params, tokenizer name) of a mixlm run / checkpoint folder."""
     from mixlm.checkpoint import open_checkpoint
-    from mixlm.hf.errors import ExportError
+    from mixlm.errors import ExportError
     from mixlm.hf.verify import load_params
 
     try:
@@ -296,7 +256,7 @@ def load_rater(name: str, folder: str | Path, *, columns: Sequence[str] = (), ac
 def model_table_fields(models: Sequence[str], columns: Sequence[str] = (), activations: Sequence[str] = (), *,
                        config: str | None = None, perplexity: str | None = None, device: str = "auto",
                        batch_size: int = 32, max_length: int = 512) -> dict:
-    """The model fields of `shards.TableSettings` from CLI values: `models` NAME=DIR, `columns`
+    """The model fields of `signal_tables.TableSettings` from CLI values: `models` NAME=DIR, `columns`
     NAME=a,b,c, `activations` NAME=auto|none|sigmoid|softmax; with a rater `config` every model it lists
     is rated (folders from `models`, else the config's path), with the config's columns and activation."""
     dirs = parse_named_paths(models, "--model")

@@ -29,11 +29,12 @@ import numpy as np
 
 from mixlm.config import ModelConfig
 from mixlm.selection import SelectionError
-
-SIGNAL = "perplexity"
-NLL_COLUMN = "perplexity_nll"
-BPB_COLUMN = "perplexity_bpb"
-COLUMNS = (NLL_COLUMN, BPB_COLUMN)
+from mixlm.selection.model_scoring import (
+    BPB_COLUMN,
+    NLL_COLUMN,
+    length_buckets,
+    resolve_device,
+)
 
 
 def _windows(ids: list[int], start_id: int, length: int) -> list[tuple[list[int], list[int]]]:
@@ -120,7 +121,7 @@ class FlaxPerplexity:
     def __init__(self, checkpoint: str | Path, *, batch_size: int = 8, max_length: int | None = None):
         from mixlm.checkpoint import open_checkpoint
         from mixlm.data.prepare import load_tokenizer_spec
-        from mixlm.hf.errors import ExportError
+        from mixlm.errors import ExportError
         from mixlm.hf.verify import load_params
         from mixlm.model_families import get_family
         from mixlm.models import abstract_params
@@ -157,7 +158,6 @@ class CausalLMPerplexity:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mixlm.selection.model_raters import resolve_device
 
         self.device = resolve_device(device)
         try:
@@ -179,7 +179,6 @@ class CausalLMPerplexity:
     def nll_sums(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from mixlm.selection.model_raters import length_buckets
 
         encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         rows = [(doc, w) for doc, ids in enumerate(encoded) for w in _windows(ids, self.start_id, self.window)]

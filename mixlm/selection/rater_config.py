@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixlm.selection import SelectionError, load_yaml_file
+from mixlm.selection.model_scoring import COLUMNS, output_columns, rater_folder_problem
 
 SOURCES = ("rules", "input", "dsir", "model", "perplexity")
 
@@ -55,7 +56,6 @@ class ModelSpec:
 
     def produced_columns(self) -> list[str] | None:
         """The columns `select rate` writes for this model, when the config fixes them."""
-        from mixlm.selection.model_raters import output_columns
 
         return output_columns(self.name, self.columns, self.columns) if self.columns else None
 
@@ -92,7 +92,6 @@ class RaterConfig:
                      ) -> tuple[tuple[str, str, tuple[str, ...], str], ...]:
         """`TableSettings.model_raters` for every model the (selected) raters need; the folder of model NAME
         is model_dirs[NAME], else the config's models.NAME.path. Raises naming the first rater without one."""
-        from mixlm.selection.model_raters import rater_folder_problem
 
         out = []
         for name in self.model_names(include_extra):
@@ -140,11 +139,8 @@ def _rater(entry, where: str, models: Mapping[str, ModelSpec]) -> Rater:
         produced = models[rater.model].produced_columns()
         if produced is not None and rater.column not in produced:
             raise SelectionError(f"{where} ({rater.name}): model {rater.model} writes {produced}, not {rater.column!r}")
-    if rater.source == "perplexity":
-        from mixlm.selection.perplexity import COLUMNS
-
-        if rater.column not in COLUMNS:
-            raise SelectionError(f"{where} ({rater.name}): perplexity columns are {COLUMNS}")
+    if rater.source == "perplexity" and rater.column not in COLUMNS:
+        raise SelectionError(f"{where} ({rater.name}): perplexity columns are {COLUMNS}")
     return rater
 
 

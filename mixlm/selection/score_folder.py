@@ -1,9 +1,9 @@
-"""A signal folder from any batch scorer: the same tables and reports as `shards.compute_tables` writes.
+"""A signal folder from any batch scorer: the same tables and reports as `signal_tables.compute_tables` writes.
 
 `write_score_folder(inputs, out_dir, scorer, settings=...)` reads every input shard, calls
 `scorer(texts) -> {column: float64 [n]}` on batches of documents, and writes per shard
 `<index>-<name>.signals.<format>` (file, line, num_chars, the scorer's columns) with its
-`<index>-<name>.report.json`, then `signals_report.json` listing the run's tables, so `shards.load_tables`
+`<index>-<name>.report.json`, then `signals_report.json` listing the run's tables, so `signal_tables.load_tables`
 (and so `select pick` / `select metarater`) joins it with other signal folders on (file, line). A shard
 whose saved report has the same `settings` and input size is not recomputed unless `overwrite`.
 DSIR (`dsir.py`) writes its columns this way.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.data.sources import MALFORMED_KINDS
+from mixlm.data.inputs import MALFORMED_KINDS
 from mixlm.selection import SelectionError
-from mixlm.selection.shards import (
+from mixlm.selection.signal_tables import (
     TABLE_FORMATS,
     BadLines,
     atomic_write_text,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from mixlm.eval.errors import EvalError
+from mixlm.errors import EvalError
 from mixlm.eval.suites import Suite, SuiteTask
 
 LOWER_IS_BETTER = frozenset({"bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity", "nll_per_token",

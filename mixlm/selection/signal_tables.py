@@ -1,7 +1,7 @@
 """Signal tables over document shards, and writing a selection back out as documents.
 
 Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line with a text field, or parquet
-files with a text column (a row's number stands for the line), read by `mixlm.data.sources.iter_records`.
+files with a text column (a row's number stands for the line), read by `mixlm.data.inputs.iter_records`.
 `compute_tables` writes, per input shard, `OUT/<index>-<name>.signals.parquet` (or `.signals.jsonl`)
 with one row per readable document: `file` (absolute path), `line` (1-based), `num_chars`, then
 `num_tokens` (with a tokenizer), the rule-based signals, the requested rating columns of the input,
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.data.sources import MALFORMED_KINDS, file_kind, iter_lines, iter_records, record_field
+from mixlm.data.inputs import MALFORMED_KINDS, file_kind, iter_lines, iter_records, record_field
 from mixlm.selection import SelectionError
 from mixlm.selection.signals import SIGNAL_NAMES, compute_signals
 
@@ -243,7 +243,7 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
         columns[classifier.signal] = array("d")
     model_columns = [col for rater in raters for col in rater.columns]
     if perplexity is not None:
-        from mixlm.selection.perplexity import COLUMNS as PERPLEXITY_COLUMNS
+        from mixlm.selection.model_scoring import COLUMNS as PERPLEXITY_COLUMNS
 
         model_columns += PERPLEXITY_COLUMNS
     for col in model_columns:
@@ -349,8 +349,8 @@ def _progress_bar(paths: list[Path], text_field: str, *, shards: bool):
     ETA) when every shard's line count is cheap to know (uncompressed jsonl)."""
     from tqdm import tqdm
 
+    from mixlm.data.inputs import InputUnit
     from mixlm.data.prepare import count_documents
-    from mixlm.data.sources import InputUnit
 
     if shards:
         return tqdm(total=len(paths), desc="select: shards", unit="shard", file=sys.stderr, dynamic_ncols=True)
@@ -434,7 +434,7 @@ def write_run_report(out: Path, reports: Sequence[dict], settings: dict, start: 
 
 def _check_model_folders(settings: TableSettings) -> None:
     """Fails before any shard starts when a model folder is missing (a worker would fail per shard)."""
-    from mixlm.selection.model_raters import rater_folder_problem
+    from mixlm.selection.model_scoring import rater_folder_problem
 
     for name, folder, _, _ in settings.model_raters:
         problem = rater_folder_problem(folder)
@@ -566,7 +566,7 @@ def write_selected(table: SignalTable, chosen: np.ndarray, out_path: str | Path,
         for path in sorted(wanted):
             lines_wanted = wanted[path]
             if file_kind(path) == "parquet":
-                from mixlm.data.sources import iter_parquet_rows
+                from mixlm.data.inputs import iter_parquet_rows
 
                 records = ((n, row, None) for n, row in iter_parquet_rows(path) if n in lines_wanted)
             else:

@@ -73,7 +73,7 @@ def file_kind(path: str | Path) -> str:
     return "text"
 
 
-def resolve_source(domain: str, spec: str, text_field: str) -> list[InputUnit]:
+def resolve_input(domain: str, spec: str, text_field: str) -> list[InputUnit]:
     """Expands one source spec into its input units (files sorted by path). Raises PrepareError naming
     the domain when a path does not exist."""
     location, _, query = spec.partition("?")

@@ -1,10 +1,8 @@
-"""The error of export and import, and the check of a config.json field that raises it."""
+"""The checks every family's reading of a transformers config.json shares (mixlm.models.llama, .gpt2)."""
 
 from __future__ import annotations
 
-
-class ExportError(RuntimeError):
-    """Export or import cannot go on; the message names the file, the step or the field and what to do."""
+from mixlm.errors import ExportError
 
 
 def require_hf_value(hf: dict, key: str, allowed, where: str, default=None) -> None:
