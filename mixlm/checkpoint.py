@@ -82,7 +82,7 @@ from mixlm.config import (
     config_diff,
     config_from_dict,
 )
-from mixlm.hf.errors import ExportError
+from mixlm.errors import ExportError
 from mixlm.models import stacked
 
 CHECKPOINT_SUBDIR = "checkpoints"

@@ -146,8 +146,8 @@ def model_tokenizer(model: str | Path):
 
 def load_run_lm(run: str | Path, *, batch_size: int | str = 8):
     """FlaxLM on a training run's newest complete checkpoint (no export)."""
-    from mixlm.eval.flax_lm import FlaxLM
     from mixlm.errors import ExportError
+    from mixlm.eval.flax_lm import FlaxLM
 
     try:
         return FlaxLM.from_checkpoint(run, batch_size=8 if batch_size == "auto" else int(batch_size))
@@ -160,8 +160,8 @@ def load_lm(model: str, *, backend: str = "hf", batch_size: int | str = 8, devic
     """The lm-eval model object: lm-eval's own `hf` model (transformers/PyTorch), or our Flax model on the
     folder's weights (`backend='flax'`)."""
     if backend == "flax":
-        from mixlm.eval.flax_lm import FlaxLM
         from mixlm.errors import ExportError
+        from mixlm.eval.flax_lm import FlaxLM
 
         try:
             return FlaxLM.from_hf_folder(model, batch_size=int(batch_size))

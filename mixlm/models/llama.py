@@ -25,8 +25,8 @@ from flax import nnx
 
 from mixlm.config import ModelConfig
 from mixlm.errors import ExportError
-from mixlm.models.hf_config import require_hf_value
 from mixlm.models import attention, layers, stacked
+from mixlm.models.hf_config import require_hf_value
 
 
 def _linear(cfg: ModelConfig, dtype, rngs: nnx.Rngs, n_in: int, n_out: int, axes: tuple[str, str]):
