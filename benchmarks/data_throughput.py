@@ -64,7 +64,8 @@ def write_corpus(
 
 
 def bench_prepare(sources: dict, out: Path, tokenizer: str, workers: int) -> tuple[float, int, float]:
-    from mixlm.data.prepare import PrepareOptions, load_tokenizer_spec, prepare_domains
+    from mixlm.data.prepare import PrepareOptions, prepare_domains
+    from mixlm.data.tokenizer import load_tokenizer_spec
 
     shutil.rmtree(out, ignore_errors=True)
     load_tokenizer_spec(tokenizer)  # pay the one-off transformers import outside the timing
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.is_dir():
         tok_note = "gpt-neox (50,277 tokens)"
     else:
-        from mixlm.data.tokenizer_train import train_tokenizer
+        from mixlm.data.tokenizer import train_tokenizer
 
         tokenizer = train_tokenizer(
             {k: v for k, v in list(sources.items())[:3]}, work / "tok", vocab_size=8192

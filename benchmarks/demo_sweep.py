@@ -139,7 +139,7 @@ def main() -> None:
     jax.config.update("jax_compilation_cache_dir", str(args.out / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
-    from mixlm.data.prepare import load_tokenizer_spec
+    from mixlm.data.tokenizer import load_tokenizer_spec
     from mixlm.mixing import (
         fit,
         load_prior,

@@ -55,7 +55,7 @@ def main() -> None:
 
     from mixlm.cli import main as mixlm_main
     from mixlm.data.demo_corpus import GENERATORS
-    from mixlm.data.prepare import load_tokenizer_spec
+    from mixlm.data.tokenizer import load_tokenizer_spec
     from mixlm.mixing import load_prior, mixtures_table, sample_mixtures, write_csv
     from mixlm.mixing.sweep import plan_sweep, run_sweep
 

@@ -151,7 +151,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
-    from mixlm.data.prepare import load_tokenizer_spec
+    from mixlm.data.tokenizer import load_tokenizer_spec
     from mixlm.mixing import load_prior, mixtures_table, sample_mixtures, write_csv
 
     out = Path(args.out)

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 # Verbs that take --coordinator/--num-processes/--process-id (or --distributed); `sweep` only with --swarm K.
 MULTI_PROCESS_VERBS = ("train", "sweep")

@@ -27,7 +27,7 @@ if not __package__:  # run by path (python launch/local.py): import launch.* fro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import common
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 # How long processes get to finish a checkpoint after SIGTERM before they are killed.
 STOP_GRACE_S = 60.0

@@ -22,7 +22,7 @@ if not __package__:  # run by path (python launch/sweep.py): import launch.* fro
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launch import common
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 
 def sweep_array_script(

@@ -47,7 +47,7 @@ if not __package__:  # run by path (python launch/tpu.py): import launch.* from 
 
 from launch import common
 from launch.local import run_processes
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 # A Cloud resource name (TPU, zone); a project id may carry a `domain.com:` prefix. Nothing else reaches
 # gcloud's argument list besides --command's value, so none can start another option (--tpu='--command=...').

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     verb_parser = ArgumentParser(prog=f"mixlm {verb}", description=COMMANDS[verb][1])
     module.add_arguments(verb_parser)
     args = parse_verb_args(verb_parser, argv[1:])
-    from mixlm.config import ConfigError
+    from mixlm.errors import ConfigError
 
     try:
         return int(module.run(args) or 0)

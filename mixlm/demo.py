@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from mixlm.data.demo_corpus import prepare_demo_data
-    from mixlm.data.prepare import load_tokenizer_spec
+    from mixlm.data.tokenizer import load_tokenizer_spec
     from mixlm.run_config import load_run_config
 
     print(f"[1/5] demo data -> {out / 'data'} (corpus, tokenizer, prepared shards)", flush=True)

@@ -34,11 +34,12 @@ class RunFolderLockedError(CheckpointError):
 
 
 class DataError(RuntimeError):
-    """Training data that cannot be read as the config says (a shard, a manifest, an exhausted domain)."""
+    """Prepared data that cannot be used (a corrupt shard, a domain used up): one line naming the file or
+    domain and what to do, printed by `mixlm train` without a traceback."""
 
 
 class ShardError(DataError):
-    """A prepared shard is missing, truncated or corrupt."""
+    """A prepared shard is missing, truncated or unreadable; the message names the file."""
 
 
 class PrepareError(ValueError):
@@ -46,7 +47,11 @@ class PrepareError(ValueError):
 
 
 class MalformedInputError(PrepareError):
-    """A malformed record in strict mode (or an input that is not what its suffix says)."""
+    """A malformed record in strict mode: names the file and the line / row."""
+
+
+class InputFileError(PrepareError):
+    """An input file cannot be read to its end: cut short, corrupt, or not the format its name says."""
 
 
 class NonFiniteLossError(RuntimeError):

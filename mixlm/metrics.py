@@ -75,7 +75,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            from mixlm.config import ConfigError
+            from mixlm.errors import ConfigError
 
             raise ConfigError("logging.wandb=true needs the wandb package: `pip install wandb` (or set "
                               "logging.wandb=false)") from None

@@ -26,7 +26,8 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 
-from mixlm.config import ConfigError, ExperimentConfig, validate_for_mesh
+from mixlm.config import ExperimentConfig, validate_for_mesh
+from mixlm.errors import ConfigError
 from mixlm.metrics import PEAK_FLOPS_BY_DEVICE
 
 GIB = 1 << 30

@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mixlm.config import ConfigError, MeshConfig
+from mixlm.config import MeshConfig
+from mixlm.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 FALLBACK_WARN_ELEMENTS = 1 << 20  # weights larger than this should never be replicated by accident

@@ -103,8 +103,8 @@ def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
     raw = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("mixture") or {}
     if not raw:
         return []
-    from mixlm.config import ConfigError
     from mixlm.data.mixture import parse_mixture
+    from mixlm.errors import ConfigError
 
     try:
         mixture = parse_mixture(raw, where=f"{config}: data.mixture")

@@ -21,7 +21,8 @@ def main(argv: list[str]) -> int:
     start_worker(process_id, num_processes, port)
     import jax
 
-    from mixlm.config import ConfigError, config_from_dict
+    from mixlm.config import config_from_dict
+    from mixlm.errors import ConfigError
     from mixlm.swarm import member_owners, swarm_mesh, train_swarm
 
     with open(job_path) as f:

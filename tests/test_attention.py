@@ -16,7 +16,8 @@ from flax import nnx
 from jax import export
 
 from mixlm import models
-from mixlm.config import ConfigError, MeshConfig, ModelConfig, load_config, load_model_config
+from mixlm.config import MeshConfig, ModelConfig, load_config, load_model_config
+from mixlm.errors import ConfigError
 from mixlm.models import attention, forward
 from mixlm.sharding import make_layout, make_mesh
 from mixlm.train import build_setup

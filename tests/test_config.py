@@ -2,7 +2,8 @@
 
 import pytest
 
-from mixlm.config import ConfigError, config_diff, config_from_dict, load_config, save_config
+from mixlm.config import config_diff, config_from_dict, load_config, save_config
+from mixlm.errors import ConfigError
 
 
 def write(path, text):

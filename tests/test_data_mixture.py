@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mixlm.config import ConfigError
 from mixlm.data.mixture import MixtureSchedule, parse_mixture
+from mixlm.errors import ConfigError
 
 DOMAINS = ["code", "prose", "records", "web"]
 

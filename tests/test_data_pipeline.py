@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from corpus import alphabet_docs
 
-from mixlm.config import ConfigError, DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
+from mixlm.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig, TrainConfig
 from mixlm.data import make_train_source
 from mixlm.data.pipeline import DataExhaustedError, RepetitionWarning
 from mixlm.data.prepare import PrepareOptions, prepare_domains
 from mixlm.data.prepared import PreparedDomain
-from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+from mixlm.data.tokenizer import train_tokenizer_from_texts
+from mixlm.errors import ConfigError
 
 # Each domain writes with its own alphabet, so (apart from spaces and EOS) its tokens are its own and a row's
 # domain can be read off its tokens.

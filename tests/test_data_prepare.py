@@ -9,10 +9,12 @@ import pytest
 
 from mixlm.cli import main as cli_main
 from mixlm.data import prepare as prepare_mod
-from mixlm.data.inputs import MalformedInputError, PrepareError
+from mixlm.data import tokenize_chunks as chunks_mod
+from mixlm.data import tokenizer as tokenizer_mod
 from mixlm.data.prepare import PrepareOptions, prepare_domain, prepare_domains
-from mixlm.data.prepared import PreparedDomain, ShardError
-from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+from mixlm.data.prepared import PreparedDomain
+from mixlm.data.tokenizer import train_tokenizer_from_texts
+from mixlm.errors import MalformedInputError, PrepareError, ShardError
 
 
 def _texts(n, tag, seed=0):
@@ -257,12 +259,12 @@ def test_interrupted_prepare_resumes(tmp_path, tokenizer, monkeypatch):
 
     tokenized = []
     real_tokenize, real_write_chunk, real_write_shard = (
-        prepare_mod._tokenize,
-        prepare_mod._write_chunk,
+        chunks_mod._tokenize,
+        chunks_mod._write_chunk,
         prepare_mod._write_shard,
     )
     monkeypatch.setattr(
-        prepare_mod, "_tokenize", lambda item: tokenized.append(len(item[2])) or real_tokenize(item)
+        chunks_mod, "_tokenize", lambda item: tokenized.append(len(item[2])) or real_tokenize(item)
     )
 
     def crash_after(n, real):
@@ -277,10 +279,10 @@ def test_interrupted_prepare_resumes(tmp_path, tokenizer, monkeypatch):
         return wrapper
 
     # 1) killed while tokenizing (after 5 chunks), 2) killed while writing shards (after 2 shards).
-    monkeypatch.setattr(prepare_mod, "_write_chunk", crash_after(5, real_write_chunk))
+    monkeypatch.setattr(chunks_mod, "_write_chunk", crash_after(5, real_write_chunk))
     with pytest.raises(KeyboardInterrupt):
         prepare_domain("d", src, tmp_path / "resumed", opts)
-    monkeypatch.setattr(prepare_mod, "_write_chunk", real_write_chunk)
+    monkeypatch.setattr(chunks_mod, "_write_chunk", real_write_chunk)
     monkeypatch.setattr(prepare_mod, "_write_shard", crash_after(2, real_write_shard))
     tokenized.clear()
     with pytest.raises(KeyboardInterrupt):
@@ -440,14 +442,14 @@ def test_a_second_prepare_on_a_domain_folder_is_refused_naming_the_first(tmp_pat
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
     # A real prepare, stopped while it tokenizes (it holds the folder's lock then, as a long run does).
-    spec = prepare_mod.load_tokenizer_spec(tokenizer)  # handed over: the holder need not import transformers
+    spec = tokenizer_mod.load_tokenizer_spec(tokenizer)  # handed over: the holder need not import transformers
     holder_code = textwrap.dedent(f"""
         import time
         from mixlm.data import prepare
         def stalled(*args, **kwargs):
             print("tokenizing", flush=True)
             time.sleep(600)
-        prepare._tokenize_units = stalled
+        prepare.tokenize_units = stalled
         prepare.prepare_domain("d", [{str(src)!r}], {str(out)!r},
                                prepare.PrepareOptions(tokenizer={tokenizer!r}, progress=False, validation_docs=3),
                                tokenizer=prepare.TokenizerSpec(*{(spec.name, spec.backend_json, spec.vocab_size,
@@ -517,12 +519,12 @@ def test_pieces_cut_before_a_space_between_words_give_the_ids_of_the_whole_text(
     variants = {"trained": tokenizer, "neox-like": _tokenizer_variant(tokenizer, tmp_path / "neox", neox_like)}
     text = _tricky_text(1500, seed=0) + " <|x|> end"
     for name, folder in variants.items():
-        spec = prepare_mod.load_tokenizer_spec(folder)
-        assert prepare_mod.piecewise_problem(spec) is None, name
+        spec = tokenizer_mod.load_tokenizer_spec(folder)
+        assert tokenizer_mod.piecewise_problem(spec) is None, name
         tok = Tokenizer.from_str(spec.backend_json)
         whole = tok.encode(text, add_special_tokens=False).ids
         for piece_chars in (1, 7, 64):  # 1: a cut at every place one is allowed
-            pieces = prepare_mod.document_pieces(text, piece_chars)
+            pieces = tokenizer_mod.document_pieces(text, piece_chars)
             assert "".join(pieces) == text and len(pieces) > 1
             assert all(p[0] == " " and p[1] != " " for p in pieces[1:])
             ids = [i for piece in pieces for i in tok.encode(piece, add_special_tokens=False).ids]
@@ -536,8 +538,8 @@ def test_pieces_cut_before_a_space_between_words_give_the_ids_of_the_whole_text(
                                      "rstrip": False, "normalized": False, "special": False})
 
     for edit, reason in ((lowercase, "normalizer is Lowercase"), (spaced_token, "'New York' could span a cut")):
-        spec = prepare_mod.load_tokenizer_spec(_tokenizer_variant(tokenizer, tmp_path / edit.__name__, edit))
-        assert reason in prepare_mod.piecewise_problem(spec)
+        spec = tokenizer_mod.load_tokenizer_spec(_tokenizer_variant(tokenizer, tmp_path / edit.__name__, edit))
+        assert reason in tokenizer_mod.piecewise_problem(spec)
 
 
 def test_long_documents_are_tokenized_in_pieces_or_refused_over_the_limit(tmp_path, tokenizer, monkeypatch, capsys):
@@ -546,8 +548,8 @@ def test_long_documents_are_tokenized_in_pieces_or_refused_over_the_limit(tmp_pa
     long_text = " ".join(_texts(120, "long"))  # ~11,000 characters
     src = _write_jsonl(tmp_path / "long.jsonl", ["short one", long_text, "short two"])
     seen = []
-    real_tokenize = prepare_mod._tokenize
-    monkeypatch.setattr(prepare_mod, "_tokenize", lambda item: seen.extend(len(piece) for doc in item[2] for piece in doc)
+    real_tokenize = chunks_mod._tokenize
+    monkeypatch.setattr(chunks_mod, "_tokenize", lambda item: seen.extend(len(piece) for doc in item[2] for piece in doc)
                         or real_tokenize(item))
     opts = _opts(tokenizer, validation_docs=0, max_document_chars=100)
     prepare_domain("long", [str(src)], tmp_path / "out", opts)

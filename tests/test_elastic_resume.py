@@ -18,10 +18,11 @@ from corpus import alphabet_docs
 from elastic_worker import run_job
 from ports import launch
 
-from mixlm.config import ConfigError, load_config
+from mixlm.config import load_config
 from mixlm.data import make_train_source
 from mixlm.data.prepare import PrepareOptions, prepare_domains
-from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+from mixlm.data.tokenizer import train_tokenizer_from_texts
+from mixlm.errors import ConfigError
 
 VOCAB = 256  # the tokenizer trainer adds specials: 258 tokens
 MODEL_VOCAB = 264

@@ -28,7 +28,7 @@ from mixlm.config import (
 )
 from mixlm.data.prepare import PrepareOptions, prepare_domains
 from mixlm.data.prepared import PreparedDomain
-from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+from mixlm.data.tokenizer import train_tokenizer_from_texts
 
 ALPHABETS = {"letters": "abcdefgh", "digits": "0123456789"}
 VOCAB = 300

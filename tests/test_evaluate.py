@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     the model exported as a transformers folder."""
     from mixlm.checkpoint import MemorySource
     from mixlm.data.demo_corpus import GENERATORS
-    from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+    from mixlm.data.tokenizer import train_tokenizer_from_texts
     from mixlm.hf.export import export_hf
 
     root = tmp_path_factory.mktemp("eval")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from test_data_pipeline import _cfg, _row_domains, _same, _take, data  # noqa: F401  (data: the shared fixture)
 
-from mixlm.config import CheckpointConfig, ConfigError, EvalConfig, LoggingConfig
+from mixlm.config import CheckpointConfig, EvalConfig, LoggingConfig
 from mixlm.data import make_train_source
+from mixlm.errors import ConfigError
 from mixlm.hooks import Hook, MixtureUpdateHook, default_hooks
 from mixlm.train import train
 

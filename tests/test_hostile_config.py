@@ -19,9 +19,10 @@ import yaml
 from conftest import xla_flags
 
 from mixlm.cli import main
-from mixlm.config import ConfigError, ModelConfig, load_config, load_yaml, validate_for_mesh
+from mixlm.config import ModelConfig, load_config, load_yaml, validate_for_mesh
 from mixlm.config.load import YAML_VALUE_LIMIT
 from mixlm.config.validate import min_param_count
+from mixlm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -88,7 +89,8 @@ def test_a_merge_key_bomb_and_an_override_bomb_are_refused():
     merge = "l0: &l0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8, i: 9}\n" + "".join(
         f"l{i}: &l{i} {{<<: [{', '.join([f'*l{i - 1}'] * 9)}]}}\n" for i in range(1, 10))
     proc = run_isolated(f"""
-        from mixlm.config import ConfigError, load_yaml
+        from mixlm.config import load_yaml
+        from mixlm.errors import ConfigError
         try:
             load_yaml({merge!r}, "merge.yaml")
         except ConfigError as e:

@@ -33,7 +33,8 @@ from launch.sweep import sweep_array_script
 from launch.tpu import tpu_commands
 from mixlm.cli import main
 from mixlm.commands import launch as launch_verb
-from mixlm.config import ConfigError, load_config
+from mixlm.config import load_config
+from mixlm.errors import ConfigError
 from mixlm.train import train
 
 STEPS = 3

@@ -31,8 +31,7 @@ def _docs(kind: str, n: int, seed: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from mixlm.data.prepare import load_tokenizer_spec
-    from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+    from mixlm.data.tokenizer import load_tokenizer_spec, train_tokenizer_from_texts
 
     root = tmp_path_factory.mktemp("metarater")
     shards = []

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mixlm.cli import main
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing import (
     Table,
     domain_loss_columns,

@@ -51,7 +51,7 @@ def models(tmp_path_factory):
     import torch
     import transformers
 
-    from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+    from mixlm.data.tokenizer import train_tokenizer_from_texts
     from mixlm.hf.import_hf import import_hf
 
     # Tiny matmuls: one thread. With two on a busy 2-core host each op waits ~100 ms for the other thread.

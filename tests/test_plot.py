@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mixlm.cli import main as cli_main
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.metrics import MetricsLog
 from mixlm.training_curves import mixture_schedule, plot_runs, read_metrics, val_domains
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from mixlm.cli import COMMANDS, ArgumentParser, main
-from mixlm.config import ConfigError, validate_for_mesh
+from mixlm.config import validate_for_mesh
 from mixlm.data.mixture import parse_mixture
+from mixlm.errors import ConfigError
 from mixlm.mixing import random_mixtures as random_mixtures_module
 from mixlm.mixing import read_mixture_yaml
 from mixlm.run_config import load_run_config

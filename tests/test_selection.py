@@ -446,7 +446,7 @@ def test_cli_weightings_and_list(tmp_path, capsys):
 
 def test_cli_token_budget_and_prepared_domains(tmp_path):
     from mixlm.data.prepared import MANIFEST, DomainManifest
-    from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+    from mixlm.data.tokenizer import train_tokenizer_from_texts
 
     inputs, docs = _write_corpus(tmp_path)
     tok = train_tokenizer_from_texts([json.loads(d)["text"] for d in docs], tmp_path / "tok", vocab_size=300)
@@ -563,8 +563,7 @@ def test_perplexity_matches_a_direct_computation_and_ignores_batching(tmp_path):
     from flax import nnx
 
     from mixlm.config import ModelConfig
-    from mixlm.data.prepare import load_tokenizer_spec
-    from mixlm.data.tokenizer_train import train_tokenizer_from_texts
+    from mixlm.data.tokenizer import load_tokenizer_spec, train_tokenizer_from_texts
     from mixlm.models import build_model, merge_params, split_params
     from mixlm.selection.perplexity import perplexity_scores
 

@@ -22,7 +22,7 @@ import mixlm.swarm as swarm_module
 from mixlm.cli import main
 from mixlm.config import load_config
 from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
-from mixlm.data.prepare import load_tokenizer_spec
+from mixlm.data.tokenizer import load_tokenizer_spec
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
 from mixlm.mixing.sweep import shard_of
 from mixlm.sharding import make_mesh

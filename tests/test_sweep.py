@@ -12,9 +12,9 @@ import yaml
 
 from launch.sweep import sweep_array_script
 from mixlm.cli import main
-from mixlm.config import ConfigError
 from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
-from mixlm.data.prepare import load_tokenizer_spec
+from mixlm.data.tokenizer import load_tokenizer_spec
+from mixlm.errors import ConfigError
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
 from mixlm.mixing.sweep import shard_of
 

@@ -12,7 +12,7 @@ import yaml
 from mixlm.checkpoint import RunFolderLock
 from mixlm.cli import main
 from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
-from mixlm.data.prepare import load_tokenizer_spec
+from mixlm.data.tokenizer import load_tokenizer_spec
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
 from mixlm.mixing.sweep import plan_sweep, search_target
 

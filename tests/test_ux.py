@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from mixlm.cli import main
-from mixlm.config import ConfigError, MeshConfig, load_config, load_config_and_origin
+from mixlm.config import MeshConfig, load_config, load_config_and_origin
+from mixlm.errors import ConfigError
 from mixlm.run_config import load_run_config
 from mixlm.sharding import resolve_mesh_shape
 
@@ -106,8 +107,8 @@ def test_unknown_key_suggests_synonyms_first(override, first):
 
 # --- 7. prepare's refusal -----------------------------------------------------------------------------------
 def test_prepare_refusal_names_the_changed_input_and_option(demo_data, tmp_path):
-    from mixlm.data.inputs import PrepareError
     from mixlm.data.prepare import PrepareOptions, prepare_domain
+    from mixlm.errors import PrepareError
 
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": f"line {i} of the domain"}) + "\n" for i in range(20)))

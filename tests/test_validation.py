@@ -11,7 +11,8 @@ import yaml
 from conftest import xla_flags
 
 from mixlm.cli import main
-from mixlm.config import ConfigError, load_config, validate_for_mesh
+from mixlm.config import load_config, validate_for_mesh
+from mixlm.errors import ConfigError
 from mixlm.train import train
 
 TINY = {

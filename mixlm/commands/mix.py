@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _bounds(text: str, flag: str) -> float | dict[str, float]:
     """'0.05' -> 0.05; 'a=0.1,b=0.2' -> {'a': 0.1, 'b': 0.2}."""
-    from mixlm.config import ConfigError
+    from mixlm.errors import ConfigError
 
     try:
         if "=" not in text:
@@ -324,8 +324,9 @@ def _mixture_yaml_weights(path: Path, domains: tuple[str, ...]):
 
     import numpy as np
 
-    from mixlm.config import ConfigError, load_config
+    from mixlm.config import load_config
     from mixlm.data.mixture import parse_mixture
+    from mixlm.errors import ConfigError
 
     if not path.is_file():
         raise ConfigError(f"--mixtures {path}: no such file (a CSV, or a mixture YAML)")
@@ -344,7 +345,7 @@ def _mixture_yaml_weights(path: Path, domains: tuple[str, ...]):
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mixlm.config import ConfigError
+    from mixlm.errors import ConfigError
     from mixlm.mixing import Table, load_model, read_csv, write_csv
 
     model = load_model(args.model)
@@ -426,7 +427,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _fidelity(args: argparse.Namespace) -> int:
-    from mixlm.config import ConfigError
+    from mixlm.errors import ConfigError
     from mixlm.mixing import load_prior
     from mixlm.mixing.fidelity import fidelity, format_report, load_sweep
 

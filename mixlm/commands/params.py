@@ -44,7 +44,8 @@ def vocab_source(cfg, explicit: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from mixlm.config import ConfigError, is_experiment_file, load_config_and_origin, load_model_config
+    from mixlm.config import is_experiment_file, load_config_and_origin, load_model_config
+    from mixlm.errors import ConfigError
     from mixlm.models import abstract_params, flops_per_token, param_counts
     from mixlm.run_config import resolve
 

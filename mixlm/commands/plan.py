@@ -35,7 +35,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.config import ConfigError
+    from mixlm.errors import ConfigError
     from mixlm.plan import device_kind, fake_device_env, make_plan, with_fake_devices
     from mixlm.run_config import load_run_config
 

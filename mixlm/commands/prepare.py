@@ -15,9 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from mixlm.data.inputs import PrepareError
 from mixlm.data.prepare import PreparedFolderLockedError, PrepareOptions, prepare_domains
-from mixlm.data.prepared import ShardError
+from mixlm.errors import PrepareError, ShardError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from mixlm.data.prepare import counted
+from mixlm.data.inputs import counted
 from mixlm.selection import SelectionError
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -494,7 +494,7 @@ def _run(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixlm.data.inputs import PrepareError
+    from mixlm.errors import PrepareError
 
     try:
         return _run(args)

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from mixlm.config import ConfigError
+    from mixlm.errors import ConfigError
     from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
     from mixlm.run_config import load_run_config
@@ -70,7 +70,7 @@ def run(args) -> int:
     runs = plan_sweep(args.config, shard_of(table, args.shard, group=max(args.swarm, 1)), args.out, args.overrides)
     gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
     from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
-    from mixlm.data.prepared import DataError
+    from mixlm.errors import DataError
 
     # The exit codes of `mixlm train`: 2 another sweep / config holds the folder, 4 checkpoints, 5 data.
     try:

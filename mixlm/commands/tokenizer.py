@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from mixlm.commands.prepare import parse_domains
-from mixlm.data.inputs import PrepareError
-from mixlm.data.tokenizer_train import train_tokenizer
+from mixlm.data.tokenizer import train_tokenizer
+from mixlm.errors import PrepareError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

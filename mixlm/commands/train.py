@@ -39,7 +39,7 @@ def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)  # config errors surface before any device work
     initialize_distributed(args, cfg.train.heartbeat_timeout_s)
     from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
-    from mixlm.data.prepared import DataError
+    from mixlm.errors import DataError
     from mixlm.train import NonFiniteLossError, train
 
     try:

@@ -11,7 +11,8 @@ The steps before training, as plain functions (the CLI verbs `tokenizer train` a
 
 from __future__ import annotations
 
-from mixlm.config import ConfigError, ExperimentConfig
+from mixlm.config import ExperimentConfig
+from mixlm.errors import ConfigError
 
 
 def make_train_source(cfg: ExperimentConfig, *, process_index: int = 0, process_count: int = 1):

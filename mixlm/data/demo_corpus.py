@@ -181,7 +181,7 @@ def prepare_demo_data(
     domains only, for `eval.domains`. Returns {'raw': folder of jsonl, 'tokenizer': HF tokenizer
     folder, 'prepared': data.prepared_dir}."""
     from mixlm.data.prepare import PrepareOptions, prepare_domains
-    from mixlm.data.tokenizer_train import train_tokenizer
+    from mixlm.data.tokenizer import train_tokenizer
 
     out = Path(out_dir)
     raw = generate_demo_corpus(

@@ -32,20 +32,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixlm.errors import InputFileError, MalformedInputError, PrepareError
+
 MALFORMED_KINDS = ("invalid_json", "missing_field", "invalid_utf8", "empty")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-
-
-class PrepareError(ValueError):
-    """A prepare input or option is wrong; the message names the domain / file and what to do."""
-
-
-class MalformedInputError(PrepareError):
-    """A malformed record in strict mode: names the file and the line / row."""
-
-
-class InputFileError(PrepareError):
-    """An input file cannot be read to its end: cut short, corrupt, or not the format its name says."""
 
 
 @dataclass
@@ -464,3 +454,24 @@ def read_documents(unit: InputUnit, strict: bool = False) -> tuple[Iterator[str]
     """(an iterator over the unit's document texts, its malformed counts, filled while iterating)."""
     located, counts = read_located_documents(unit, strict)
     return (text for _, text in located), counts
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 document', '2,000 documents'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def count_documents(unit: InputUnit) -> int | None:
+    """The unit's document count when it is cheap to know (uncompressed jsonl: lines, blank ones included;
+    parquet: rows, from the footer; a text file: 1), else None. Progress bars use it for their ETA."""
+    if unit.kind == "text":
+        return 1
+    if unit.kind == "parquet":
+        return parquet_file(unit.location).metadata.num_rows
+    if unit.kind == "jsonl" and not unit.location.endswith((".gz", ".zst")):
+        lines, last = 0, b"\n"
+        with open(unit.location, "rb") as f:
+            while block := f.read(1 << 24):
+                lines, last = lines + block.count(b"\n"), block[-1:]
+        return lines + (last != b"\n")
+    return None

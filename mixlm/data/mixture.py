@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixlm.config import INT32_MAX, ConfigError
+from mixlm.config import INT32_MAX
+from mixlm.errors import ConfigError
 
 BLOCK_ROWS = 1 << 18  # rows in one repeat of a stage's pattern: weights are exact to 1 / 262144
 SUM_TOLERANCE = 1e-6  # weights written to 10 significant digits sum to 1 within ~1e-9: not worth a word

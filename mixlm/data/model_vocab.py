@@ -15,7 +15,8 @@ import dataclasses
 from pathlib import Path
 
 from mixlm.config import ExperimentConfig
-from mixlm.data.prepared import MANIFEST, DomainManifest, ShardError, list_domains
+from mixlm.data.prepared import MANIFEST, DomainManifest, list_domains
+from mixlm.errors import ShardError
 
 
 def _mixture_domains(mixture: dict) -> list[str]:

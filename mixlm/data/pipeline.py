@@ -30,10 +30,11 @@ import warnings
 import grain
 import numpy as np
 
-from mixlm.config import ConfigError, ExperimentConfig
+from mixlm.config import ExperimentConfig
 from mixlm.data.mixture import MixtureSchedule, parse_mixture, with_stage
 from mixlm.data.packing import ConcatWindows, FirstFitRows
-from mixlm.data.prepared import DataError, PreparedDomain, list_domains
+from mixlm.data.prepared import PreparedDomain, list_domains
+from mixlm.errors import ConfigError, DataError
 
 STATE_VERSION = 1
 

@@ -20,23 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.config import ConfigError
 from mixlm.data.inputs import file_digest
+from mixlm.errors import ConfigError, ShardError
 
 MANIFEST = "manifest.json"
 FORMAT = "mixlm-prepared/1"
 READER_OPTIONS = (
     "readahead_buffer_size:0,max_parallelism:1"  # random access; parallelism comes from our threads
 )
-
-
-class DataError(RuntimeError):
-    """Prepared data that cannot be used (a corrupt shard, a domain used up): one line naming the file or
-    domain and what to do, printed by `mixlm train` without a traceback."""
-
-
-class ShardError(DataError):
-    """A prepared shard is missing, truncated or unreadable; the message names the file."""
 
 
 def _one_line(error: BaseException) -> str:

@@ -59,7 +59,7 @@ class SyntheticSource:
         return {self.domain: 1.0}
 
     def set_weights(self, weights: dict[str, float]) -> None:
-        from mixlm.config import ConfigError
+        from mixlm.errors import ConfigError
 
         raise ConfigError("data.source='synthetic' has one domain: a mixture update needs data.source='prepared'")
 

@@ -4,7 +4,7 @@
     mixlm.hf.verify        verify_export: Flax vs transformers logits on the same random tokens
     mixlm.hf.import_hf     import_hf: a transformers folder -> a mixlm checkpoint + model config
     mixlm.hf.safetensors_files   HFTensor, the shard plan and a streaming safetensors writer
-    mixlm.hf.tokenizer     the tokenizer files of a folder, copied and checked against the vocabulary
+    mixlm.data.tokenizer     the tokenizer files of a folder, copied and checked against the vocabulary
     mixlm.hf.provenance    mixlm_export.json and the model card rendered from it
     mixlm.hf.folders       folders that appear only when complete (staging + rename)
 

@@ -27,6 +27,7 @@ import numpy as np
 from mixlm import model_card
 from mixlm.checkpoint import ParamPath, ParamSource, flatten_params
 from mixlm.config import ModelConfig
+from mixlm.data.tokenizer import copy_tokenizer
 from mixlm.errors import ExportError
 from mixlm.hf.folders import commit_dir, staging_dir
 from mixlm.hf.provenance import PROVENANCE_FILE, CardOptions, card_info_from_provenance
@@ -37,7 +38,6 @@ from mixlm.hf.safetensors_files import (
     shard_plan,
     write_safetensors,
 )
-from mixlm.hf.tokenizer import copy_tokenizer
 from mixlm.model_families import get_family
 from mixlm.models import abstract_params, layers, layers_param, stacked
 

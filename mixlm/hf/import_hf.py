@@ -22,9 +22,9 @@ import numpy as np
 
 from mixlm import checkpoint
 from mixlm.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, save_config
+from mixlm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from mixlm.errors import ExportError
 from mixlm.hf.folders import commit_dir, staging_dir
-from mixlm.hf.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from mixlm.model_families import family_names, get_family
 from mixlm.models import layers, stack_layers
 

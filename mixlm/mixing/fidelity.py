@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing.regression import parse_target
 from mixlm.mixing.stats import spearman
 from mixlm.mixing.tables import Table, read_csv

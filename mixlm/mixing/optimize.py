@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing.prior import DomainPrior
 from mixlm.mixing.regression import FitResult
 from mixlm.mixing.sample import DRAW_CHUNK, as_prior, dirichlet_draws, strength_grid

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing.regressors import (
     DEFAULT_REGRESSORS,
     REGRESSORS,

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 # What `mix fit` fits unless told otherwise: RegMix's LightGBM, the linear baselines, and the GP and a stack over
 # it, which scored best on RegMix's 512 runs (benchmarks/results/regmix_fit.md). bimix is left out of the stack:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing.tables import METRIC_PREFIX, Table
 
 ZERO_WEIGHT = 1e-12  # a weight at or below this is taken as 'not trained on'

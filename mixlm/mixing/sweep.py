@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 from mixlm.mixing.tables import INDEX, METRIC_PREFIX, Table, loss_column, read_csv
 from mixlm.run_config import load_run_config
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 INDEX = "index"
 METRIC_PREFIX = "metric/"

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixlm.config import ConfigError, ModelConfig
+from mixlm.config import ModelConfig
+from mixlm.errors import ConfigError
 from mixlm.models import attention, layers, stacked
 from mixlm.models.hf_config import require_hf_value
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixlm.config import ConfigError
+from mixlm.errors import ConfigError
 
 
 class SelectionError(ConfigError):

@@ -134,7 +134,7 @@ class PooledHiddenStates:
         import jax.numpy as jnp
         from tokenizers import Tokenizer
 
-        from mixlm.data.prepare import load_tokenizer_spec
+        from mixlm.data.tokenizer import load_tokenizer_spec
         from mixlm.model_families import get_family
         from mixlm.models import abstract_params, layers, merge_params
 

@@ -80,7 +80,7 @@ def flax_nll_sums(texts: Sequence[str], cfg: ModelConfig, graphdef, params: dict
     `mixlm.data.prepare.TokenizerSpec`; it needs an EOS token."""
     from tokenizers import Tokenizer
 
-    from mixlm.data.prepare import load_tokenizer_spec
+    from mixlm.data.tokenizer import load_tokenizer_spec
 
     spec = load_tokenizer_spec(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if spec.eos_id is None:
@@ -120,7 +120,7 @@ class FlaxPerplexity:
 
     def __init__(self, checkpoint: str | Path, *, batch_size: int = 8, max_length: int | None = None):
         from mixlm.checkpoint import open_checkpoint
-        from mixlm.data.prepare import load_tokenizer_spec
+        from mixlm.data.tokenizer import load_tokenizer_spec
         from mixlm.errors import ExportError
         from mixlm.hf.verify import load_params
         from mixlm.model_families import get_family

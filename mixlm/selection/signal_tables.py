@@ -349,8 +349,7 @@ def _progress_bar(paths: list[Path], text_field: str, *, shards: bool):
     ETA) when every shard's line count is cheap to know (uncompressed jsonl)."""
     from tqdm import tqdm
 
-    from mixlm.data.inputs import InputUnit
-    from mixlm.data.prepare import count_documents
+    from mixlm.data.inputs import InputUnit, count_documents
 
     if shards:
         return tqdm(total=len(paths), desc="select: shards", unit="shard", file=sys.stderr, dynamic_ncols=True)
@@ -380,7 +379,7 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
     settings_dict = settings.to_dict()
     tokenizer_json = None
     if settings.tokenizer:
-        from mixlm.data.prepare import load_tokenizer_spec
+        from mixlm.data.tokenizer import load_tokenizer_spec
 
         tokenizer_json = load_tokenizer_spec(settings.tokenizer).backend_json
     jobs = [(i, str(p), str(out), settings_dict, tokenizer_json, strict, overwrite) for i, p in enumerate(paths)]
