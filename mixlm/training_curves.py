@@ -94,13 +94,13 @@ def _checkpoint_updates(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
 def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
     """[(first step, normalised weights)] in force over the run: config.yaml's data.mixture (and stages),
     then the mixture updates saved in the newest checkpoint; [] when the run has no config.yaml or mixture."""
-    import yaml
+    from mixlm.config import read_yaml_file
 
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():
         return []
-    raw = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("mixture") or {}
+    raw = (read_yaml_file(config) or {}).get("data", {}).get("mixture") or {}
     if not raw:
         return []
     from mixlm.data.mixture import parse_mixture

@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
+from mixlm.config import read_yaml_file
 from mixlm.data.prepare import PreparedFolderLockedError, PrepareOptions, prepare_domains
 from mixlm.errors import PrepareError, ShardError
 
@@ -67,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_domains(pairs: list[str], domains_file: str | None) -> dict[str, list[str]]:
     domains: dict[str, list[str]] = {}
     if domains_file:
-        raw = yaml.safe_load(Path(domains_file).read_text()) or {}
+        raw = read_yaml_file(Path(domains_file)) or {}
         if not isinstance(raw, dict):
             raise PrepareError(f"{domains_file}: expected a mapping of domain: source(s)")
         for name, src in raw.items():

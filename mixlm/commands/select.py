@@ -39,7 +39,9 @@ from pathlib import Path
 
 import yaml
 
+from mixlm.config import load_yaml, read_yaml_file
 from mixlm.data.inputs import counted
+from mixlm.errors import ConfigError
 from mixlm.selection import SelectionError
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -243,9 +245,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_weights(text: str) -> dict:
     path = Path(text)
     try:
-        spec = yaml.safe_load(path.read_text()) if path.is_file() else yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SelectionError(f"--weights {text!r}: not valid YAML ({e})") from e
+        spec = read_yaml_file(path) if path.is_file() else load_yaml(text, f"--weights {text!r}")
+    except ConfigError as e:
+        raise SelectionError(str(e)) from None
     if not isinstance(spec, dict):
         raise SelectionError(f"--weights {text!r}: expected a YAML file or inline mapping {{signal: weight}}")
     return spec
@@ -276,7 +278,7 @@ def _fasttext_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SelectionError(f"--fasttext-option {item!r}: write KEY=VALUE, e.g. bucket=100000")
-        out[key] = yaml.safe_load(value)
+        out[key] = load_yaml(value, f"--fasttext-option {item!r}")
     return out
 
 

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mixlm.errors import EvalError
+from mixlm.config import read_yaml_file
+from mixlm.errors import ConfigError, EvalError
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 DEFAULT_PREFERENCE = ("acc_norm", "acc")
@@ -164,9 +163,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise EvalError(f"no suite {str(name_or_path)!r}: known suites are {', '.join(available_suites())} "
                         f"(configs/eval/*.yaml), or pass a suite YAML path.{hint}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise EvalError(f"{path}: not valid YAML: {e}") from None
+        raw = read_yaml_file(path)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     return suite_from_dict(raw, str(path))
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from mixlm.config import read_yaml_file
 from mixlm.errors import ConfigError
 from mixlm.mixing.regression import parse_target
 from mixlm.mixing.stats import spearman
@@ -54,7 +54,7 @@ class Sweep:
 
 def _run_config(folder: Path) -> dict | None:
     for config in sorted(folder.glob("runs/*/config.yaml"))[:1]:
-        return yaml.safe_load(config.read_text())
+        return read_yaml_file(config)
     return None
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from mixlm.config import read_yaml_file
 from mixlm.errors import ConfigError
 
 # Values of a prior YAML summing to 1 within this are shares, not token counts.
@@ -131,7 +131,7 @@ def _load_prior(source: str | Path) -> DomainPrior:
         return prior_from_mapping({m.parent.name: _manifest_tokens(m) for m in manifests})
     if not path.is_file():
         raise ConfigError(f"prior {path}: no such file or directory (a prepared-data dir or a YAML)")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml_file(path)
     if isinstance(data, dict) and isinstance(data.get("train"), dict):
         data = data["train"]
     if not isinstance(data, dict):

@@ -24,8 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mixlm.config import load_yaml
 from mixlm.errors import ConfigError
 from mixlm.mixing.prior import load_prior, prior_from_mapping
 from mixlm.mixing.sample import sample_mixtures
@@ -150,8 +149,8 @@ def origin_dir(where: str) -> Path:
             return Path.cwd()
         value = text.split("=", 1)[1] if isinstance(text, str) and "=" in text else ""
         try:
-            is_path = isinstance(yaml.safe_load(value), str)
-        except yaml.YAMLError:
+            is_path = isinstance(load_yaml(value, where), str)
+        except ConfigError:
             is_path = False
         return Path(value.strip()).parent if is_path else Path.cwd()
     path = Path(where)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mixlm.config import read_yaml_file
 from mixlm.errors import ConfigError
 
 INDEX = "index"
@@ -163,7 +164,7 @@ def write_mixture_yaml(path: str | Path, weights: Mapping[str, float], comment: 
 def read_mixture_yaml(path: str | Path) -> dict[str, float]:
     """`{domain: weight}` from our mixture YAML, a `{weights: {...}}` one, or RegMix's `{train: {...}}`."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml_file(path)
     if isinstance(data, dict):
         for key in ("weights", "train"):
             if isinstance(data.get(key), dict):

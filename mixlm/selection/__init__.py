@@ -41,12 +41,12 @@ class SelectionError(ConfigError):
 def load_yaml_file(path: str | Path, what: str):
     """The YAML document at `path` (a selection config); a missing file or invalid YAML is a SelectionError
     naming `what` (e.g. "pipeline config") and the path."""
-    import yaml
+    from mixlm.config import read_yaml_file
 
     path = Path(path)
     if not path.is_file():
         raise SelectionError(f"{what} {path}: file not found")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SelectionError(f"{what} {path}: not valid YAML ({e})") from None
+        return read_yaml_file(path)
+    except ConfigError as e:
+        raise SelectionError(f"{what}: {e}") from None
