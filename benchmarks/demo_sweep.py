@@ -212,7 +212,7 @@ def main() -> None:
         preds = {k: result.predict(held_weights, k) for k in result.regressors}
         held_scores[t] = (actual_H, preds)
         # fit() has chosen the regressor with the best per-fold Spearman on the fitted proxies (never the
-        # held-out), skipping any whose score is undefined in most folds (mixlm.mixing.regression.choose_model).
+        # held-out), skipping any whose score is undefined in most folds (mixlm.mixing.fitting.choose_model).
         fits[t] = result
         # 4. optimise for the larger run's token budget
         candidates[f"opt_{t}"] = optimize(result, prior, n_samples=args.samples, top_k=args.top_k,

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mixlm.mixing import fit, load_prior, read_csv, read_mixture_yaml
+from mixlm.mixing.fitting import choose_model, cv_table
 from mixlm.mixing.optimize import Constraints, propose
-from mixlm.mixing.regression import choose_model, cv_table
 from mixlm.mixing.regressors import default_regressors
 
 PUBLISHED = ("regmix", "human", "doremi", "pile_cc_only")

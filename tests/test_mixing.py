@@ -408,7 +408,7 @@ def _small_sweep(n, seed=1):
 
 
 def _force_lightgbm(monkeypatch, tied_calls=None):
-    from mixlm.mixing import regression
+    from mixlm.mixing import fitting as regression
 
     calls, original = [], regression.make_regressor
     monkeypatch.setattr(
@@ -419,7 +419,7 @@ def _force_lightgbm(monkeypatch, tied_calls=None):
 
 
 def test_cv_with_tied_predictions_is_reported_not_nan_and_never_chosen(monkeypatch, tmp_path):
-    from mixlm.mixing.regression import cv_table
+    from mixlm.mixing.fitting import cv_table
 
     _force_lightgbm(monkeypatch)  # every fold tied
     table, results = _small_sweep(60)

@@ -20,8 +20,8 @@ from mixlm.mixing import (
     write_csv,
 )
 from mixlm.mixing.fidelity import agreement, fidelity, load_sweep
+from mixlm.mixing.fitting import FitResult
 from mixlm.mixing.optimize import Constraints, kl_to_prior, propose
-from mixlm.mixing.regression import FitResult
 from mixlm.mixing.regressors import REGRESSORS, fit_regressor, make_regressor
 from mixlm.mixing.reuse import reuse_runs
 from mixlm.mixing.stats import spearman

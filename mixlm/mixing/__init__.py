@@ -17,10 +17,7 @@ mixture reuse over changed domain sets: `reuse_runs`; proxy fidelity across swee
 lightgbm, scipy and matplotlib are imported only by the functions that need them.
 """
 
-from mixlm.mixing.optimize import Constraints, optimize, propose
-from mixlm.mixing.plots import plot_loss_vs_weight, plot_mixture, plot_predictions
-from mixlm.mixing.prior import DomainPrior, load_prior, prior_from_mapping
-from mixlm.mixing.regression import (
+from mixlm.mixing.fitting import (
     DEFAULT_REGRESSORS,
     REGRESSORS,
     CVScore,
@@ -32,6 +29,9 @@ from mixlm.mixing.regression import (
     parse_target,
     save_model,
 )
+from mixlm.mixing.optimize import Constraints, optimize, propose
+from mixlm.mixing.plots import plot_loss_vs_weight, plot_mixture, plot_predictions
+from mixlm.mixing.prior import DomainPrior, load_prior, prior_from_mapping
 from mixlm.mixing.regressors import make_regressor
 from mixlm.mixing.reuse import reuse_runs
 from mixlm.mixing.sample import dirichlet_draws, quantize, sample_mixtures, strength_grid

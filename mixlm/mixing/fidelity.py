@@ -29,7 +29,7 @@ import numpy as np
 
 from mixlm.config import read_yaml_file
 from mixlm.errors import ConfigError
-from mixlm.mixing.regression import parse_target
+from mixlm.mixing.fitting import parse_target
 from mixlm.mixing.stats import spearman
 from mixlm.mixing.tables import Table, read_csv
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mixlm.errors import ConfigError
+from mixlm.mixing.fitting import FitResult
 from mixlm.mixing.prior import DomainPrior
-from mixlm.mixing.regression import FitResult
 from mixlm.mixing.sample import DRAW_CHUNK, as_prior, dirichlet_draws, strength_grid
 from mixlm.mixing.tables import NEGLIGIBLE_WEIGHT
 

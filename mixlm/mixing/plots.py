@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm.mixing.regression import FitResult
+from mixlm.mixing.fitting import FitResult
 from mixlm.mixing.stats import pearson, spearman
 
 

@@ -150,8 +150,8 @@ def learn_rater_weights(
     from mixlm.data.prepare import PrepareOptions, prepare_domains
     from mixlm.mixing import fit as fit_regression
     from mixlm.mixing import save_model
+    from mixlm.mixing.fitting import choose_model
     from mixlm.mixing.plots import plot_fit
-    from mixlm.mixing.regression import choose_model
     from mixlm.mixing.sweep import final_losses
     from mixlm.mixing.tables import loss_column, write_csv
     from mixlm.run_config import load_run_config
