@@ -8,6 +8,8 @@ tensorstore. The few operations whose meaning differs between the two live here:
     write_atomic(path, data)    readers see the old content or the new, never a torn file
                                 (local: a temp file in the same folder, fsync, rename; object store: one PUT
                                 is atomic already)
+    atomic_writer(path)         the same for a file streamed in pieces (a context manager giving a binary
+                                file; nothing appears at `path` if the block raises)
     read_json / write_json      the same, for JSON documents
     local_file(path)            the OS path of a local file, for the few readers that need one (ArrayRecord,
                                 fcntl); a URL is refused with one line
@@ -19,12 +21,14 @@ Nothing else in mixlm wraps a user path in `pathlib.Path`, calls `open()` on one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from etils import epath
 
@@ -100,6 +104,32 @@ def write_atomic(path, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.fspath(target))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path) -> Iterator[BinaryIO]:
+    """A binary file to stream `path`'s content into: it appears at `path` whole when the block ends, and not at
+    all when the block raises (local: a temp file in the same folder, fsync, rename; object store: a local temp
+    file uploaded as one object at the end)."""
+    target = location(path)
+    remote = is_remote(target)
+    folder = Path(tempfile.gettempdir()) if remote else Path(os.fspath(target)).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if remote:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            location(tmp).copy(target, overwrite=True)
+            Path(tmp).unlink()
+        else:
+            os.replace(tmp, os.fspath(target))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

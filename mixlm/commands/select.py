@@ -254,7 +254,7 @@ def _load_weights(text: str) -> dict:
 
 
 def _read_texts(paths: list[str], text_field: str, limit: int | None) -> list[str]:
-    from mixlm.selection.signal_tables import BadLines, read_texts
+    from mixlm.selection.documents import BadLines, read_texts
 
     bad = BadLines()
     texts = read_texts(paths, text_field, limit, bad=bad)

@@ -5,14 +5,14 @@ The pieces, each usable alone (the `mixlm select` verb chains them):
 * `signals.compute_signals(text)` — rule-based signals of one document (RedPajama-v2 / Gopher / DCLM style).
 * `heuristics` — threshold rules over those signals, as presets (`refinedweb`: DCLM's RefinedWeb filters)
   or YAML rules; `apply_rules` counts what each rule dropped.
-* `shards` — input reading (`iter_documents`, `iter_texts`, `read_texts`, `resolve_inputs`),
-  `compute_tables(inputs, out_dir, ...)`: signals (plus rating columns of the input, a classifier score, model
+* `documents` — input reading (`iter_documents`, `iter_texts`, `read_texts`, `resolve_inputs`) and
+  `write_selected(...)`, the chosen documents (jsonl lines verbatim, parquet rows as JSON) as jsonl.zst for
+  `mixlm prepare`. Inputs are jsonl(.gz/.zst) or parquet files, read by `mixlm.data.inputs.iter_records`.
+* `signal_tables` — `compute_tables(inputs, out_dir, ...)`: signals (plus rating columns of the input, a classifier score, model
   raters, perplexity, token counts) for every document of every input shard, in parallel, one table (parquet
-  or jsonl) per shard keyed by `file` and `line`; `load_tables(dirs)` reads them back as one `SignalTable`;
-  `write_selected(...)` writes the chosen documents (jsonl lines verbatim, parquet rows as JSON) as jsonl.zst
-  for `mixlm prepare`. Inputs are jsonl(.gz/.zst) or parquet files, read by `mixlm.data.inputs.iter_records`.
+  or jsonl) per shard keyed by `file` and `line`; `load_tables(dirs)` reads them back as one `SignalTable`.
 * `score_folder.write_score_folder(inputs, out_dir, scorer)` — the same tables from any batch scorer.
-* `scoring` — percentile normalisation, weighted combination, budgeted top-k selection, DSIR's Gumbel
+* `pick` — percentile normalisation, weighted combination, budgeted top-k selection, DSIR's Gumbel
   top-k resampling, the seeded random baseline, and `sample_rater_weightings` (Meta-rater's Dirichlet).
 * `classifier` — the DCLM-style filter: hashed uni+bigrams + logistic regression, or fastText (`dclm` preset).
 * `dsir` — DSIR importance weights against target sets (hashed n-gram models); `hashing` — the stable word

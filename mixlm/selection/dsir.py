@@ -159,7 +159,7 @@ def parse_targets(specs: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _texts(paths: Sequence[str | Path], text_field: str, bad, strict: bool) -> Iterable[str]:
-    from mixlm.selection.signal_tables import iter_documents, resolve_inputs
+    from mixlm.selection.documents import iter_documents, resolve_inputs
 
     for path in resolve_inputs(paths):
         yield from (text for _, _, text in iter_documents(path, text_field, bad, strict))
@@ -175,8 +175,8 @@ def score_dsir(inputs: Sequence[str | Path], targets: Mapping[str, Sequence[str 
     `out_dir` with one `dsir_<target>` column per target and `out_dir/dsir_model.npz`. Returns the folder's
     report (plus `columns`, and `fit_malformed` / `fit_malformed_examples`: lines skipped in the files the
     models were fitted on)."""
+    from mixlm.selection.documents import BadLines
     from mixlm.selection.score_folder import write_score_folder
-    from mixlm.selection.signal_tables import BadLines
 
     fit_bad = BadLines()  # skipped lines of the files the models are fitted on (raw pool, targets)
     if model_path is not None:

@@ -245,7 +245,8 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
     budget (the budget, or the units the top selection took when it was a `top_fraction`) in the same
     layout. Returns the report.
     """
-    from mixlm.selection.signal_tables import load_tables, write_selected
+    from mixlm.selection.documents import write_selected
+    from mixlm.selection.signal_tables import load_tables
 
     table = load_tables(signal_dirs)
     if budget_unit is None:

@@ -106,7 +106,8 @@ def _skipped(bad) -> dict:
 def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: Callable, strict: bool = False
                   ) -> dict:
     """Runs `keep_fn(texts) -> bool [n]` over the documents of `inputs` and writes the kept ones."""
-    from mixlm.selection.signal_tables import BadLines, SignalTable, iter_texts, write_selected
+    from mixlm.selection.documents import BadLines, iter_texts, write_selected
+    from mixlm.selection.signal_tables import SignalTable
 
     bad = BadLines()
     keys: list[tuple[int, int]] = []
@@ -129,7 +130,7 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
     `inputs`, and writes each kept document's JSON object with its text field replaced."""
     import zstandard
 
-    from mixlm.selection.signal_tables import BadLines, iter_documents
+    from mixlm.selection.documents import BadLines, iter_documents
 
     bad = BadLines()
     pending: deque[dict] = deque()  # the objects whose texts rewrite_fn has read and not yet answered
@@ -161,8 +162,9 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
 
 def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool
                 ) -> dict:
+    from mixlm.selection.documents import write_selected
     from mixlm.selection.heuristics import apply_rules, describe, parse_rules
-    from mixlm.selection.signal_tables import TableSettings, compute_tables, load_tables, write_selected
+    from mixlm.selection.signal_tables import TableSettings, compute_tables, load_tables
 
     rules = parse_rules(stage.get("rules", "refinedweb"))
     signals = compute_tables(inputs, out / "signals", TableSettings(text_field=text_field), workers=workers,
@@ -183,15 +185,9 @@ def _settings(cls, stage: dict):
 def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool
                 ) -> dict:
     from mixlm.selection.classifier import classifier_preset, train_classifier
+    from mixlm.selection.documents import BadLines, read_texts, write_selected
     from mixlm.selection.pick import select_top
-    from mixlm.selection.signal_tables import (
-        BadLines,
-        TableSettings,
-        compute_tables,
-        load_tables,
-        read_texts,
-        write_selected,
-    )
+    from mixlm.selection.signal_tables import TableSettings, compute_tables, load_tables
 
     report: dict = {}
     if stage.get("model"):
@@ -266,7 +262,7 @@ def dedup_documents(inputs: Sequence[str | Path], out_dir: str | Path, method: s
     into `out_dir/documents.jsonl.zst` (kept input lines, verbatim) and `out_dir/report.json` (documents in
     and out, what was removed, skipped lines). A rerun with the same inputs and settings reuses the output;
     other settings are refused unless `overwrite`. Returns the report."""
-    from mixlm.selection.signal_tables import resolve_inputs
+    from mixlm.selection.documents import resolve_inputs
 
     if method not in DEDUP_METHODS:
         raise SelectionError(f"dedup method {method!r}: use one of {', '.join(DEDUP_METHODS)}")
@@ -318,7 +314,7 @@ def _digest(fingerprint: dict) -> str:
 def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | Path, *, workers: int = 1,
                  overwrite: bool = False, progress: Callable[[str], None] | None = None, strict: bool = False) -> dict:
     """Run every stage of `config` (from `load_pipeline`) on `inputs`; returns and writes OUT/report.json."""
-    from mixlm.selection.signal_tables import resolve_inputs
+    from mixlm.selection.documents import resolve_inputs
 
     paths = resolve_inputs(inputs)
     out = Path(out_dir)

@@ -20,18 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mixlm import storage
 from mixlm.data.inputs import MALFORMED_KINDS
 from mixlm.selection import SelectionError
-from mixlm.selection.signal_tables import (
-    TABLE_FORMATS,
-    BadLines,
-    atomic_write_text,
-    iter_documents,
-    resolve_inputs,
-    shard_name,
-    write_run_report,
-    write_table,
-)
+from mixlm.selection.documents import BadLines, iter_documents, resolve_inputs
+from mixlm.selection.signal_tables import TABLE_FORMATS, shard_name, write_run_report, write_table
 
 Scorer = Callable[[list[str]], Mapping[str, np.ndarray]]
 _BATCH = 512
@@ -76,7 +69,7 @@ def _score_one(job: tuple) -> dict:
         "malformed_examples": bad.examples, "missing_ratings": {},
         "seconds": round(time.time() - start, 3), "settings": settings,
     }
-    atomic_write_text(report_path, json.dumps(report, indent=1))
+    storage.write_atomic(report_path, json.dumps(report, indent=1))
     return report
 
 

@@ -1,4 +1,5 @@
-"""Signal tables over document shards, and writing a selection back out as documents.
+"""Signal tables over document shards: one row of signals per document, computed resumably, read back as a
+`SignalTable`. (Reading input documents and writing a selection back out: mixlm.selection.documents.)
 
 Input shards are jsonl, jsonl.gz or jsonl.zst files, one JSON object per line with a text field, or parquet
 files with a text column (a row's number stands for the line), read by `mixlm.data.inputs.iter_records`.
@@ -33,89 +34,20 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mixlm.data.inputs import MALFORMED_KINDS, file_kind, iter_lines, iter_records, record_field
+from mixlm import storage
+from mixlm.data.inputs import MALFORMED_KINDS, file_kind, record_field
 from mixlm.selection import SelectionError
+from mixlm.selection.documents import MAX_EXAMPLES, BadLines, iter_documents, resolve_inputs
 from mixlm.selection.signals import SIGNAL_NAMES, compute_signals
 
 TABLE_FORMATS = ("parquet", "jsonl")
-DOCUMENT_KINDS = ("jsonl", "parquet")  # the input files selection reads (`sources.file_kind`)
 _BATCH = 512  # documents per classifier / tokenizer call
-_MAX_EXAMPLES = 5
-
-
-@dataclass
-class BadLines:
-    """Counts of skipped lines by kind (`MALFORMED_KINDS`, as `mixlm prepare` counts them), with the
-    first few `file:line: kind: detail` examples."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, path: str, line: int, kind: str, detail: str, strict: bool) -> None:
-        where = f"{path}:{line}: {kind.replace('_', ' ')}: {detail}"
-        if strict:
-            raise SelectionError(f"{where}; fix or drop that line, or run without --strict to skip and count it")
-        self.counts[kind] += 1
-        if len(self.examples) < _MAX_EXAMPLES:
-            self.examples.append(where)
-
-
-def iter_documents(path: str | Path, text_field: str, bad: BadLines, strict: bool = False
-                   ) -> Iterator[tuple[int, dict, str]]:
-    """(record number from 1, the record, its text) for each good document of a jsonl(.gz/.zst) file (number:
-    the line; blank lines are ignored) or a parquet file (number: the row), read by `sources.iter_records`.
-
-    Malformed records (invalid UTF-8 or JSON, no object with a string text field, empty text) go to `bad`;
-    a compressed file that is cut short or corrupt raises InputFileError naming it.
-    """
-    path = str(path)
-    yield from iter_records(path, text_field, lambda kind, number, detail: bad.add(path, number, kind, detail, strict))
-
-
-def iter_texts(paths: Sequence[str | Path], text_field: str, bad: BadLines, strict: bool = False
-               ) -> Iterator[tuple[int, int, str]]:
-    """(index of the file in `paths`, line number from 1, text) for each good line of each file in order."""
-    for file_id, path in enumerate(paths):
-        for line, _, text in iter_documents(path, text_field, bad, strict):
-            yield file_id, line, text
-
-
-def read_texts(paths: Sequence[str | Path], text_field: str, limit: int | None = None, *,
-               bad: BadLines | None = None, what: str = "file", strict: bool = False) -> list[str]:
-    """The texts of the good lines of `paths`, in order, at most `limit` of them in all. A missing file is an
-    error naming it as `what` (e.g. "classifier training file"); skipped lines are counted in `bad` (strict:
-    the first one raises)."""
-    for path in paths:
-        if not Path(path).is_file():
-            raise SelectionError(f"{path}: {what} not found")
-    texts: list[str] = []
-    for _, _, text in iter_texts(paths, text_field, bad if bad is not None else BadLines(), strict):
-        texts.append(text)
-        if limit is not None and len(texts) >= limit:
-            break
-    return texts
-
-
-def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """The input shards as absolute paths; an error names the missing ones, one given twice, or one that is
-    neither jsonl(.gz/.zst) nor parquet."""
-    paths = [Path(p).resolve() for p in inputs]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SelectionError(f"input files not found: {', '.join(missing)}")
-    other = [str(p) for p in paths if file_kind(p) not in DOCUMENT_KINDS]
-    if other:
-        raise SelectionError(f"input files of no document format: {', '.join(other)}; selection reads .jsonl "
-                             "(.json, .ndjson; + .gz / .zst) and .parquet files: rename or convert them")
-    if len(set(paths)) != len(paths):
-        raise SelectionError("an input file is given twice; each shard must appear once")
-    return paths
 
 
 @dataclass(frozen=True)
@@ -311,14 +243,8 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
         "settings": settings_dict,
         "signals": signal_names,
     }
-    atomic_write_text(report_path, json.dumps(report, indent=1))
+    storage.write_atomic(report_path, json.dumps(report, indent=1))
     return report
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_table(path: str, columns: dict[str, array], out: Path) -> None:
@@ -420,14 +346,14 @@ def write_run_report(out: Path, reports: Sequence[dict], settings: dict, start: 
         "documents": sum(r["documents"] for r in reports),
         "malformed_lines": sum(r["malformed_lines"] for r in reports),
         "malformed": dict(reasons),
-        "malformed_examples": [e for r in reports for e in r["malformed_examples"]][:_MAX_EXAMPLES],
+        "malformed_examples": [e for r in reports for e in r["malformed_examples"]][:MAX_EXAMPLES],
         "missing_ratings": dict(missing_ratings),
         "seconds": round(time.time() - start, 3),
         "settings": settings,
         # The tables of this run: `load_tables` reads these and no stale file of an earlier run.
         "tables": [{k: r[k] for k in ("table", "input", "input_bytes")} for r in reports],
     }
-    atomic_write_text(out / "signals_report.json", json.dumps(summary, indent=1))
+    storage.write_atomic(out / "signals_report.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -527,62 +453,3 @@ def load_tables(dirs: Sequence[str | Path]) -> SignalTable:
     if joined is None or not len(joined):
         raise SelectionError(f"no documents in the signal tables of {', '.join(map(str, dirs))}")
     return joined
-
-
-def _group(record: dict, field: str | None, path: str) -> str:
-    """The document's `field` value (a string, or JSON), or its input file's name when it has none."""
-    try:
-        value = record_field(record, field) if field else None
-    except KeyError:
-        value = None
-    if value is None:
-        return Path(path).name
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def write_selected(table: SignalTable, chosen: np.ndarray, out_path: str | Path, level: int = 3, *,
-                   source_field: str | None = None, group_field: str | None = None,
-                   groups: dict[int, str] | None = None) -> int:
-    """Write the documents `chosen` (indices into `table`) into one jsonl.zst, in (file, line) order: a jsonl
-    input's lines verbatim, a parquet input's rows as JSON objects. Returns the number of documents written.
-
-    `source_field`: a document without that field gets it, holding its input file's path (appended to the
-    line's object, the line's other bytes unchanged), so a selection from several files still says where each
-    document came from. `groups`, when given, is filled with {index into table: the document's `group_field`
-    value, or its input file's name when it has none} (the mix of the selection by domain or source).
-    """
-    import zstandard
-
-    wanted: dict[str, dict[int, int]] = {}
-    for i, f, line in zip(np.asarray(chosen).tolist(), table.file_id[chosen].tolist(), table.line[chosen].tolist()):
-        wanted.setdefault(table.files[f], {})[line] = i
-    parse = source_field is not None or groups is not None
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    written = 0
-    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=level).stream_writer(raw) as out:
-        for path in sorted(wanted):
-            lines_wanted = wanted[path]
-            if file_kind(path) == "parquet":
-                from mixlm.data.inputs import iter_parquet_rows
-
-                records = ((n, row, None) for n, row in iter_parquet_rows(path) if n in lines_wanted)
-            else:
-                records = ((n, json.loads(line) if parse else None, line) for n, line in iter_lines(path)
-                           if n in lines_wanted)
-            for number, record, line in records:
-                if groups is not None:
-                    groups[lines_wanted[number]] = _group(record, group_field, path)
-                add_source = source_field is not None and source_field not in record if parse else False
-                if line is None:  # a parquet row
-                    out.write((json.dumps({**record, **({source_field: path} if add_source else {})},
-                                          ensure_ascii=False, default=str) + "\n").encode("utf-8"))
-                elif add_source:  # the object's last byte is its closing brace: add the field before it
-                    body = line.rstrip()
-                    out.write(body[:-1] + f", {json.dumps(source_field)}: {json.dumps(path)}}}\n".encode())
-                else:
-                    out.write(line if line.endswith(b"\n") else line + b"\n")
-                written += 1
-    os.replace(tmp, out_path)
-    return written
