@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ def _all_docs(domain: PreparedDomain):
 
 
 def _file_bytes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The prepared data's files and bytes (not the host's stat cache, which records modification times)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != prepare_mod.STATS_FILE}
 
 
 def test_tokenizer_train_loads_with_auto_tokenizer(tmp_path, tokenizer):
@@ -250,6 +253,39 @@ def test_prepare_twice_is_byte_identical_and_workers_do_not_matter(tmp_path, tok
         "d", [str(src)], tmp_path / "a", PrepareOptions(**{**vars(opts), "seed": 1, "overwrite": True})
     )
     assert _file_bytes(tmp_path / "a") != a
+
+
+def test_a_no_op_rerun_reads_no_input_or_shard_bytes_and_a_touched_input_is_hashed_again(tmp_path, tokenizer,
+                                                                                          monkeypatch):
+    from mixlm.data import inputs, prepared
+
+    src = [str(_write_jsonl(tmp_path / f"{i}.jsonl", _texts(60, f"f{i}", seed=i))) for i in range(2)]
+    opts = _opts(tokenizer, shard_tokens=1500)
+    prepare_domain("d", src, tmp_path / "out", opts)
+    before = _file_bytes(tmp_path / "out")
+    hashed, checksummed = [], []
+    real_digest, real_check = inputs.file_digest, prepared.check_shard
+
+    def digest(path, known=None):
+        if known is None:
+            hashed.append(str(path))  # a read of every byte
+        return real_digest(path, known)
+
+    monkeypatch.setattr(inputs, "file_digest", digest)
+    monkeypatch.setattr(prepared, "check_shard", lambda path, shard, checksum=False: (
+        checksummed.append(path.name) if checksum else None) or real_check(path, shard, checksum))
+    prepare_domain("d", src, tmp_path / "out", opts)
+    assert hashed == [] and checksummed == []  # nothing read whole: sizes and mtimes as recorded
+    assert _file_bytes(tmp_path / "out") == before
+    # touched (same bytes, new mtime): that one input is hashed again, found unchanged, and nothing is redone
+    os.utime(src[1], ns=(0, 10**9))
+    prepare_domain("d", src, tmp_path / "out", opts)
+    assert hashed == [src[1]] and checksummed == [] and _file_bytes(tmp_path / "out") == before
+    # an output shard rewritten in place (same size): its sha256 is checked, the damage found, the domain rebuilt
+    shard = sorted((tmp_path / "out" / "d").glob("train-*.array_record"))[0]
+    _corrupt_middle(shard)
+    prepare_domain("d", src, tmp_path / "out", opts)
+    assert shard.name in checksummed and _file_bytes(tmp_path / "out") == before
 
 
 def test_interrupted_prepare_resumes(tmp_path, tokenizer, monkeypatch):

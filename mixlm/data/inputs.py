@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -95,8 +96,21 @@ def resolve_input(domain: str, spec: str, text_field: str) -> list[InputUnit]:
     )
 
 
-def file_digest(path: str | Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file."""
+FileStats = dict  # {path: [size in bytes, mtime in ns, sha256 hex]}: digests known from an earlier run
+
+
+def file_digest(path: str | Path, known: FileStats | None = None) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file. With `known` (an earlier run's stats), a file whose size and
+    modification time are unchanged keeps its recorded digest without being read; `known` gets this file's
+    current entry."""
+    if known is not None:
+        st = os.stat(path)
+        entry = known.get(str(path))
+        if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            return st.st_size, entry[2]
+        size, digest = file_digest(path)
+        known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+        return size, digest
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -106,15 +120,16 @@ def file_digest(path: str | Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def describe_unit(unit: InputUnit) -> dict:
-    """Provenance for the manifest: path, bytes, sha256 (of all files that make up the unit)."""
+def describe_unit(unit: InputUnit, known: FileStats | None = None) -> dict:
+    """Provenance for the manifest: path, bytes, sha256 (of all files that make up the unit). `known`: see
+    file_digest (unchanged files are not read)."""
     if unit.kind in ("jsonl", "parquet", "text"):
-        size, digest = file_digest(unit.location)
+        size, digest = file_digest(unit.location, known)
         return {"path": unit.location, "bytes": size, "sha256": digest}
     files = _unit_files(unit)
     h, size = hashlib.sha256(), 0
     for f in files:
-        s, d = file_digest(f)
+        s, d = file_digest(f, known)
         h.update(f"{Path(f).name}:{d}\n".encode())
         size += s
     return {

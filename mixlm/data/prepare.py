@@ -39,6 +39,9 @@ from mixlm.errors import PrepareError, ShardError
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
 _WORK = ".work"
+# This host's [size, mtime_ns, sha256] of the domain's input files and outputs, so that a rerun reads only the
+# files that changed: not part of the prepared data (a copied folder just computes it again).
+STATS_FILE = ".prepare-stats.json"
 
 
 class PreparedFolderLockedError(PrepareError):
@@ -104,6 +107,46 @@ def _split_documents(n: int, domain: str, options: PrepareOptions) -> tuple[np.n
 
 
 # ---- a domain, end to end -----------------------------------------------------------------------
+def _read_stats(dom_dir: Path) -> dict:
+    try:
+        stats = storage.read_json(dom_dir / STATS_FILE)
+    except (OSError, ValueError):
+        return {"inputs": {}, "outputs": {}}
+    ok = isinstance(stats, dict) and all(isinstance(stats.get(k), dict) for k in ("inputs", "outputs"))
+    return stats if ok else {"inputs": {}, "outputs": {}}
+
+
+def _output_files(manifest: DomainManifest) -> dict[str, str | None]:
+    """{file name: sha256 or None} of the domain's shards and split indexes."""
+    files: dict[str, str | None] = {}
+    for split in manifest.splits.values():
+        files.update({shard.file: shard.sha256 for shard in split.shards})
+        files[split.index] = None
+    return files
+
+
+def _output_stats(dom_dir: Path, manifest: DomainManifest) -> dict:
+    out = {}
+    for name, digest in _output_files(manifest).items():
+        st = (dom_dir / name).stat()
+        out[name] = [st.st_size, st.st_mtime_ns, digest]
+    return out
+
+
+def _outputs_unchanged(dom_dir: Path, manifest: DomainManifest, known: dict) -> bool:
+    """True when every output file has the size and modification time recorded when it was written (or last
+    verified) on this host: then no byte of it needs reading to trust it."""
+    for name in _output_files(manifest):
+        entry = known.get(name)
+        try:
+            st = (dom_dir / name).stat()
+        except OSError:
+            return False
+        if not isinstance(entry, list) or entry[:2] != [st.st_size, st.st_mtime_ns]:
+            return False
+    return True
+
+
 def _clear_outputs(dom_dir: Path) -> None:
     for p in dom_dir.iterdir() if dom_dir.is_dir() else ():
         if p.name == MANIFEST or p.name.endswith((".array_record", ".array_record.tmp", ".index.npy")):
@@ -206,7 +249,9 @@ def prepare_domain(
         raise PrepareError(f"tokenizer {spec.name!r} has no eos token; set one or pass --no-eos")
     if options.prepend_bos and spec.bos_id is None:
         raise PrepareError(f"tokenizer {spec.name!r} has no bos token; drop --bos")
-    provenance = [describe_unit(u) for u in units]
+    dom_dir = Path(out_dir) / domain
+    stats = _read_stats(dom_dir)
+    provenance = [describe_unit(u, stats["inputs"]) for u in units]  # unchanged inputs (size, mtime) are not read
     output_options = plan_options(options)
     plan = {
         "domain": domain,
@@ -217,7 +262,6 @@ def prepare_domain(
     }
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:20]
 
-    dom_dir = Path(out_dir) / domain
     with _domain_lock(dom_dir):  # one prepare at a time in a domain folder
         work = dom_dir / _WORK
         if (dom_dir / MANIFEST).is_file():
@@ -227,8 +271,12 @@ def prepare_domain(
                 existing = None
             if existing is not None and existing.options.get("plan") == plan_id:
                 try:
-                    PreparedDomain(out_dir, domain, checksums=True)  # every shard: size, records, sha256
+                    # outputs of the size and mtime recorded when written or last verified here are trusted
+                    # unread; any other: every shard's size, record count and sha256
+                    if not _outputs_unchanged(dom_dir, existing, stats["outputs"]):
+                        PreparedDomain(out_dir, domain, checksums=True)
                     print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
+                    storage.write_json(dom_dir / STATS_FILE, {**stats, "outputs": _output_stats(dom_dir, existing)})
                     return existing
                 except ShardError as e:
                     print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
@@ -299,6 +347,7 @@ def prepare_domain(
             },
         )
         storage.write_atomic(dom_dir / MANIFEST, manifest.to_json())
+        storage.write_json(dom_dir / STATS_FILE, {**stats, "outputs": _output_stats(dom_dir, manifest)})
         del store
         if not options.keep_work:
             shutil.rmtree(work, ignore_errors=True)
