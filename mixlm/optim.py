@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from mixlm.config import OptimizerConfig, ScheduleConfig
+from mixlm.sharding import is_logical_axes
 
 
 def warmup_steps(sched: ScheduleConfig, total_steps: int) -> int:
@@ -46,10 +47,6 @@ def make_schedule(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int)
     return schedule
 
 
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
-
-
 def decay_mask(logical_axes, *, decay_embeddings: bool):
     """True where weight decay applies: matrices yes, norms and biases (1-D) never, embedding tables
     (first logical axis 'vocab' or 'position') only when `decay_embeddings`. A leading 'layers' axis
@@ -64,7 +61,7 @@ def decay_mask(logical_axes, *, decay_embeddings: bool):
             return decay_embeddings
         return True
 
-    return jax.tree.map(decays, logical_axes, is_leaf=_is_axes)
+    return jax.tree.map(decays, logical_axes, is_leaf=is_logical_axes)
 
 
 def make_optimizer(

@@ -132,7 +132,8 @@ def logical_to_spec(logical_axes: tuple, shape: tuple[int, ...], mesh: Mesh, rul
     return P(*spec)
 
 
-def _is_axes(x) -> bool:
+def is_logical_axes(x) -> bool:
+    """True for a leaf of a logical-axes tree: a tuple of axis names (None for an unnamed dimension)."""
     return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
 
 
@@ -169,7 +170,7 @@ class Layout:
         """A NamedSharding per parameter (same tree as `abstract_params`); warns about (or, when strict,
         refuses) any weight above FALLBACK_WARN_ELEMENTS elements left replicated by indivisible sizes."""
         shardings = jax.tree.map(lambda a, axes: self.sharding(axes, a.shape), abstract_params, logical_axes,
-                                 is_leaf=_is_axes)
+                                 is_leaf=is_logical_axes)
         problems = self.fallbacks(abstract_params, logical_axes)
         if problems:
             text = (f"{len(problems)} weight(s) above {FALLBACK_WARN_ELEMENTS:,} elements are replicated on every "
@@ -185,7 +186,7 @@ class Layout:
         """'path [shape]: why' for each weight above FALLBACK_WARN_ELEMENTS elements that shards over no mesh
         axis although its rules name mesh axes of size > 1."""
         out = []
-        flat_axes = dict(jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=_is_axes)[0])
+        flat_axes = dict(jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=is_logical_axes)[0])
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
             axes = flat_axes[path]
             if math.prod(leaf.shape) <= FALLBACK_WARN_ELEMENTS or any(self.spec(axes, leaf.shape)):
@@ -205,32 +206,18 @@ def make_layout(cfg: MeshConfig, devices=None) -> Layout:
     return Layout(make_mesh(cfg, devices), DEFAULT_RULES.with_overrides(cfg.rules), strict=cfg.strict)
 
 
-def as_layout(mesh_or_layout: Mesh | Layout) -> Layout:
+def _as_layout(mesh_or_layout: Mesh | Layout) -> Layout:
     return mesh_or_layout if isinstance(mesh_or_layout, Layout) else Layout(mesh_or_layout)
-
-
-def param_shardings(abstract_params, logical_axes, mesh: Mesh, rules: AxisRules = DEFAULT_RULES):
-    """A NamedSharding per parameter (same tree as `abstract_params`); see Layout.param_shardings."""
-    return Layout(mesh, rules).param_shardings(abstract_params, logical_axes)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh | Layout, ndim: int = 2) -> NamedSharding:
-    """Rows over (data, fsdp), everything else replicated."""
-    return as_layout(mesh).batch_sharding(ndim)
 
 
 def to_global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh | Layout) -> dict[str, jax.Array]:
     """Host-local rows → one global jax.Array per key (each process passes its own slice of rows)."""
-    layout = as_layout(mesh)
+    layout = _as_layout(mesh)
     return {
         k: jax.make_array_from_process_local_data(layout.batch_sharding(v.ndim), v) for k, v in host_batch.items()
     }
 
 
 __all__ = ["ACTIVATION_AXES", "DEFAULT_RULES", "MESH_AXES", "AxisRules", "Layout", "ShardingFallbackWarning",
-           "batch_sharding", "logical_to_spec", "make_layout", "make_mesh", "param_shardings",
-           "replicated", "resolve_mesh_shape", "to_global_batch"]
+           "is_logical_axes", "logical_to_spec", "make_layout", "make_mesh", "replicated", "resolve_mesh_shape",
+           "to_global_batch"]
