@@ -219,5 +219,5 @@ def to_global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh | Layout) -> d
 
 
 __all__ = ["ACTIVATION_AXES", "DEFAULT_RULES", "MESH_AXES", "AxisRules", "Layout", "ShardingFallbackWarning",
-           "is_logical_axes", "logical_to_spec", "make_layout", "make_mesh", "replicated", "resolve_mesh_shape",
+           "is_logical_axes", "logical_to_spec", "make_layout", "make_mesh", "resolve_mesh_shape",
            "to_global_batch"]

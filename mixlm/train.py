@@ -31,7 +31,7 @@ from mixlm.metrics import MetricsLog, peak_flops_per_device
 from mixlm.models import forward
 from mixlm.models.forward import token_losses
 from mixlm.optim import make_optimizer
-from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh, replicated, to_global_batch
+from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh, to_global_batch
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums", "build_setup", "evaluate",
            "program_key", "token_losses", "train"]
@@ -198,9 +198,9 @@ def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRule
 
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: replicated(mesh)
+        tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: layout.replicated()
     )
-    state_shardings = TrainState(step=replicated(mesh), params=p_shardings, opt_state=opt_shardings)
+    state_shardings = TrainState(step=layout.replicated(), params=p_shardings, opt_state=opt_shardings)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
     )
@@ -213,7 +213,7 @@ def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRule
         cfg=cfg, layout=layout, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
         abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_fn, out_shardings=state_shardings),
-        train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated(mesh))),
+        train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, layout.replicated())),
         eval_step=jax.jit(eval_fn), init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn,
     )
 

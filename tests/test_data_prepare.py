@@ -282,7 +282,7 @@ def test_a_no_op_rerun_reads_no_input_or_shard_bytes_and_a_touched_input_is_hash
     prepare_domain("d", src, tmp_path / "out", opts)
     assert hashed == [src[1]] and checksummed == [] and _file_bytes(tmp_path / "out") == before
     # an output shard rewritten in place (same size): its sha256 is checked, the damage found, the domain rebuilt
-    shard = sorted((tmp_path / "out" / "d").glob("train-*.array_record"))[0]
+    shard = min((tmp_path / "out" / "d").glob("train-*.array_record"))
     _corrupt_middle(shard)
     prepare_domain("d", src, tmp_path / "out", opts)
     assert shard.name in checksummed and _file_bytes(tmp_path / "out") == before
