@@ -54,6 +54,7 @@ from mixlm.checkpoint import (
     checkpoint_dir,
     run_metadata,
 )
+from mixlm.collectives import gather_members, host_view
 from mixlm.config import (
     ConfigError,
     ExperimentConfig,
@@ -149,44 +150,6 @@ class SwarmSetup:
         """A [K] vector every process knows whole -> the device vector over the member axis."""
         values = np.asarray(values)
         return jax.make_array_from_callback(values.shape, self.member_sharding, lambda index: values[index])
-
-
-def host_view(tree):
-    """[K, ...] device arrays -> numpy with this process's members filled (the others 0): in one process
-    jax.device_get; across processes only the addressable shards are read (no collective)."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-
-    def one(a: jax.Array) -> np.ndarray:
-        out = np.zeros(a.shape, a.dtype)
-        for shard in a.addressable_shards:
-            out[shard.index] = np.asarray(shard.data)
-        return out
-
-    return jax.tree.map(one, tree)
-
-
-def allgather_json(obj) -> list:
-    """`obj` (JSON-able) of every process, in process order; [obj] in one process. A collective: every
-    process calls it at the same point."""
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:data.size] = data
-    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [json.loads(bytes(gathered[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
-
-
-def gather_members(local: dict[int, Any]) -> dict[int, Any]:
-    """{member: value} of this process's members -> {member: value} of every member (allgather_json)."""
-    merged: dict[int, Any] = {}
-    for part in allgather_json({str(m): v for m, v in local.items()}):
-        merged.update({int(m): v for m, v in part.items()})
-    return merged
 
 
 def member_owners(mesh: jax.sharding.Mesh, members: int) -> tuple[int, ...]:

@@ -372,9 +372,9 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
             except RunFolderLockedError:
                 raise RunFolderLockedError(_locked_swarm_message(where, out_dir)) from None
             if jax.process_count() > 1:  # every member's metrics.jsonl and swarm.json are written
-                from jax.experimental import multihost_utils
+                from mixlm.collectives import barrier
 
-                multihost_utils.sync_global_devices(f"mixlm sweep: swarm {where.name} done")
+                barrier(f"mixlm sweep: swarm {where.name} done")
             if result.preempted_at is not None:
                 raise RuntimeError(f"sweep: swarm {where.name} stopped after step {result.preempted_at} "
                                    "(checkpoint saved); rerun the same command to resume it")
