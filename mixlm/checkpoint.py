@@ -5,7 +5,8 @@ One Orbax `CheckpointManager` over `<train.output_dir>/checkpoints/`; each step 
     checkpoints/<step>/state/            TrainState (step, params, optimizer state): sharded arrays, OCDBT
     checkpoints/<step>/data/metadata     the data source's `get_state()` (JSON), so batches resume exactly
     checkpoints/<step>/meta/metadata     JSON: resolved config, mixture, tokens seen per domain, mixlm
-                                         version, git commit, mesh shape, time
+                                         version, git commit, mesh shape, time, value sums of every array
+                                         of the state (VALUE_SUMS)
     checkpoints/<step>/mixlm_files.json  size and crc32 of every file above, written once the step has
                                          committed (crc32 with checkpoint.verify, the default)
     .mixlm.lock                          the run folder's lock while a run writes to it (RunFolderLock)
@@ -326,6 +327,13 @@ def is_listed(step_dir: epath.Path) -> bool:
     return (epath.Path(step_dir) / FILE_LIST).exists()
 
 
+def _replicated_jit(fn: Callable, arrays: list):
+    """fn(arrays) jitted with every output replicated on the arrays' mesh (so each process reads them whole)."""
+    meshes = [a.sharding.mesh for a in arrays if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding)]
+    out = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec()) if meshes else None
+    return jax.jit(fn, out_shardings=out)(arrays)
+
+
 def non_finite_values(tree) -> dict[str, int]:
     """{leaf path: count of NaN/inf elements} of the floating-point leaves of `tree` (jax or numpy arrays) that
     have any; {} when every value is finite. One jitted reduction per call; the counts are global (every
@@ -334,7 +342,8 @@ def non_finite_values(tree) -> dict[str, int]:
              if np.issubdtype(x.dtype, np.inexact)]
     if not named:
         return {}
-    counts = jax.jit(lambda xs: [jax.numpy.sum(~jax.numpy.isfinite(x)) for x in xs])([x for _, x in named])
+    counts = _replicated_jit(lambda xs: [jax.numpy.sum(~jax.numpy.isfinite(x)) for x in xs],
+                             [x for _, x in named])
     return {name: int(c) for (name, _), c in zip(named, counts) if int(c)}
 
 
@@ -399,7 +408,7 @@ def value_sums(tree) -> dict[str, str]:
     named = [(n, x) for n, x in zip(leaf_names(tree), jax.tree.leaves(tree)) if _summable(x)]
     if not named:
         return {}
-    sums = jax.jit(lambda xs: [_device_sums(x) for x in xs])([x for _, x in named])
+    sums = _replicated_jit(lambda xs: [_device_sums(x) for x in xs], [x for _, x in named])
     return {n: f"{int(p):08x}{int(w):08x}" for (n, _), (p, w) in zip(named, sums)}
 
 
