@@ -296,7 +296,7 @@ def file_problem(step_dir: epath.Path, *, verify: bool = True, process_index: in
     """'' when every file in `mixlm_files.json` is present at its recorded size and, with `verify`, has its
     recorded crc32 (the files this process owns, checksum_owner; lists written without checksums are checked
     by size only), else what is wrong. A step with no list at all (a run killed right after the commit) gives ''
-    here: it is unverified (is_listed), and its callers check what it restores (non_finite_values)."""
+    here: it is unverified (is_listed), and its callers check what it restores (unlisted_problem)."""
     listing = step_dir / FILE_LIST
     if not listing.exists():
         return ""
@@ -412,9 +412,21 @@ def value_sums(tree) -> dict[str, str]:
     return {n: f"{int(p):08x}{int(w):08x}" for (n, _), (p, w) in zip(named, sums)}
 
 
-def _changed_values(saved: dict[str, str], now: dict[str, str]) -> list[str]:
-    """The leaves whose value sum differs from the one saved (leaves the save did not sum are not compared)."""
-    return [n for n, v in saved.items() if n in now and now[n] != v]
+def unlisted_problem(state, meta: dict, exact: bool) -> str:
+    """What is wrong with a step that has no file list, from what it restored ('' when nothing): `state`'s
+    values against the value sums of the step's `meta` item (saved with the arrays), else (an older
+    checkpoint, other leaves, or `exact` False: vocabulary padding changed on restore) whether they are all
+    finite."""
+    unlisted = f"it has no file list {FILE_LIST} (the run stopped right after saving it)"
+    saved, now = meta.get(VALUE_SUMS) or {}, value_sums(state)
+    if exact and now and set(now) <= set(saved):
+        changed = [n for n, v in now.items() if saved[n] != v]
+        if changed:
+            return (f"{unlisted} and the values it restores differ from those saved (value sums of "
+                    f"{len(changed)} arrays, e.g. {', '.join(changed[:3])})")
+        return ""
+    non_finite = non_finite_values(state)
+    return f"{unlisted} and {_non_finite_text(non_finite)}" if non_finite else ""
 
 
 def _non_finite_text(bad: dict[str, int]) -> str:
@@ -777,7 +789,8 @@ class RunCheckpoints:
         """The newest step that validates, restored onto `abstract_state`'s shardings (with its data state
         and meta); None when the folder holds no checkpoint. Newer steps that fail validation are reported
         and moved to checkpoints_corrupt/, but only once a good step is found (else CheckpointError). A step
-        without a file list is used only if every value it restores is finite; its list is then written."""
+        without a file list is used only if what it restores checks out (unlisted_problem); its list is then
+        written."""
         bad: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
@@ -805,7 +818,7 @@ class RunCheckpoints:
                     problem = f"it does not restore ({type(e).__name__}: {_short(e)})"
                     state = None
                 if not listed and state is not None:
-                    problem = self._unlisted_problem(state, meta, exact)
+                    problem = unlisted_problem(state, meta, exact)
                 if _all_processes(not problem):
                     if not listed and not self.read_only:
                         self._list_step(step_dir)
@@ -823,22 +836,6 @@ class RunCheckpoints:
                 "the folder away to start from scratch"
             )
         return None
-
-    @staticmethod
-    def _unlisted_problem(state, meta: dict, exact: bool) -> str:
-        """What is wrong with a step that has no file list, from what it restored: its values against the
-        value sums its meta item holds (saved with the arrays), else (an older checkpoint, or vocabulary
-        padding changed on restore) whether they are all finite."""
-        unlisted = f"it has no file list {FILE_LIST} (the run stopped right after saving it)"
-        saved = meta.get(VALUE_SUMS)
-        if saved and exact:
-            changed = _changed_values(saved, value_sums(state))
-            if changed:
-                return (f"{unlisted} and the values it restores differ from those saved (value sums of "
-                        f"{len(changed)} arrays, e.g. {', '.join(changed[:3])})")
-            return ""
-        non_finite = non_finite_values(state)
-        return f"{unlisted} and {_non_finite_text(non_finite)}" if non_finite else ""
 
     def _report_elastic(self, step: int, meta: dict, abstract_state) -> None:
         """One line when the step was saved by another number of processes or on another mesh."""
@@ -1002,7 +999,7 @@ def _check_unlisted_params(step_dir: epath.Path, params, *, exact: bool) -> None
     if is_listed(step_dir):
         return
     meta = _read_meta(Path(str(step_dir)))
-    problem = RunCheckpoints._unlisted_problem({"params": params}, meta, exact)
+    problem = unlisted_problem({"params": params}, meta, exact)
     if problem:
         raise CheckpointError(f"checkpoint step {step_dir}: {problem}. Point checkpoint.init_from at an earlier "
                               "step folder")
