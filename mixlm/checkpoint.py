@@ -1119,7 +1119,8 @@ class MemorySource:
 class OrbaxSource:
     """The params of one checkpoint step (<step>/state, <step>/meta), restored array by array as host
     numpy arrays, so only the array being read is in memory. `verified`: the step's files matched its file
-    list (False: it has none). A param that does not read back, or holds NaN/inf, raises CheckpointError."""
+    list (False: it has none). A param that does not read back, holds NaN/inf, or (unverified) differs from
+    its value sum in the meta item raises CheckpointError."""
 
     def __init__(self, step_dir: Path, cfg: ExperimentConfig, meta: dict, step: int, *, verified: bool = True):
         self.step_dir, self.cfg, self.meta, self.step = Path(step_dir), cfg, meta, step
@@ -1158,7 +1159,7 @@ class OrbaxSource:
         saved_sum = self.meta.get(VALUE_SUMS, {}).get(f"params/{name}") if not self.verified else None
         if saved_sum is not None and host_value_sum(np.asarray(node)) != saved_sum:
             raise CheckpointError(self._damaged(f"param {name} restores other values than were saved (its value "
-                                                "sum differs from the one in the step's meta item)"))
+                                                "sum differs from the one saved in the step's meta item)"))
         array = np.asarray(node, np.float32)
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if bad:  # training never saves past a non-finite value: these bytes changed after the save
@@ -1167,9 +1168,8 @@ class OrbaxSource:
         return array
 
     def _damaged(self, what: str) -> str:
-        unlisted = ("" if self.verified else f" (the step has no file list {FILE_LIST}: the run stopped right "
-                    "after saving it, so its bytes could not be checked)")
-        return (f"checkpoint step {self.step} ({self.step_dir}): {what}{unlisted}; its files are damaged. Export "
+        unlisted = "" if self.verified else f", which has no file list {FILE_LIST} (the run stopped right after saving it)"
+        return (f"checkpoint step {self.step} ({self.step_dir}){unlisted}: {what}; its files are damaged. Export "
                 "an earlier step with --step N, or rerun `mixlm train` on the run (it sets a damaged newest step "
                 "aside and trains it again)")
 
@@ -1182,7 +1182,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> OrbaxSource:
     """The checkpoint at `path`: a run's output folder (train.output_dir), its checkpoints/ folder, or one
     step folder. `step` picks a step; by default the newest step whose files are complete (a step with
     missing or truncated files is skipped with a warning naming it). A step without a file list comes with
-    `verified=False` (its params are still checked finite as they are read). Raises ExportError, or
+    `verified=False` (each param is checked against its saved value sum as it is read). Raises ExportError, or
     CheckpointError for a step whose files are damaged."""
     p = Path(path).absolute()  # Orbax reads absolute paths only
     if not p.is_dir():

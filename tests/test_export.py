@@ -266,7 +266,7 @@ def test_a_damaged_step_is_one_line_exit_4_and_writes_nothing(trained_runs, tmp_
         return lines[0]
 
     line = refused(["export", str(run), str(tmp_path / "hf"), "--verify"], "restores other values than were saved")
-    assert f"checkpoint step 3 ({root / '3'}): param " in line
+    assert f"checkpoint step 3 ({root / '3'}), which has no file list {FILE_LIST} (the run stopped right " in line
     line = refused(["export", str(run), str(tmp_path / "hf"), "--step", "2"], "its files are damaged")
     assert f"checkpoint step 2 ({root / '2'})" in line and "Traceback" not in line, line
     capsys.readouterr()

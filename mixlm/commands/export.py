@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         source = open_checkpoint(args.checkpoint, step=args.step)
-        unverified = ("; it has no file list (the run stopped right after saving it), so its params are only "
-                      "checked finite as they are read" if not source.verified else "")
+        unverified = ("; it has no file list (the run stopped right after saving it), so each param is checked "
+                      "against the value sums saved with it as it is read" if not source.verified else "")
         print(f"exporting {source.description} (step {source.step}, "
               f"{source.cfg.model.name or source.cfg.model.family}){unverified}")
         result = export_hf(source, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer or None,
