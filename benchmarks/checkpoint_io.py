@@ -2,6 +2,8 @@
 time until the step has committed, the restore time, and what the content checksums cost (crc32 of every
 file at save, checkpoint.verify; checked again before a restore), for a ~100M-param llama with AdamW moments
 (fp32 params + two fp32 moments ≈ 1.2 GB), through mixlm.checkpoint.RunCheckpoints as train() uses it.
+Also: the value sums each save records in its meta item (mixlm.checkpoint.VALUE_SUMS), and the checksum
+choice: crc32 against adler32, md5, sha256 and blake2b over the same step's files, held in memory, one thread.
 
 Prints a Markdown table and writes it to benchmarks/results/checkpoint_io.md.
 
@@ -11,6 +13,7 @@ Prints a Markdown table and writes it to benchmarks/results/checkpoint_io.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import shutil
@@ -18,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,6 +38,37 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# Candidate whole-file checksums: zlib.crc32 is what checkpoint.verify records (mixlm.checkpoint.file_crc32).
+HASHES = {
+    "crc32 (zlib; checkpoint.verify)": zlib.crc32,
+    "adler32 (zlib)": zlib.adler32,
+    "md5": lambda data: hashlib.md5(data).digest(),
+    "sha256": lambda data: hashlib.sha256(data).digest(),
+    "blake2b": lambda data: hashlib.blake2b(data).digest(),
+}
+
+
+def hash_throughput(files: list[Path], repeats: int) -> dict[str, list[float]]:
+    """{hash: [seconds to hash every file's bytes, per repeat]}: the files are read into memory first (so the
+    disk is not timed), hashed in one thread, in 4 MiB chunks as file_crc32 reads them; one untimed warm-up."""
+    chunks = []
+    for path in files:
+        data = path.read_bytes()
+        chunks += [memoryview(data)[i:i + (1 << 22)] for i in range(0, len(data), 1 << 22)]
+    out: dict[str, list[float]] = {}
+    for name, fn in HASHES.items():
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            for chunk in chunks:
+                fn(chunk)
+            if i:
+                times.append(time.perf_counter() - t0)
+        out[name] = times
+        print(f"{name}: {statistics.median(times):.3f}s", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -45,7 +80,14 @@ def main() -> int:
     import jax.numpy as jnp
     from etils import epath
 
-    from mixlm.checkpoint import RunCheckpoints, checkpoint_dir, file_problem, run_metadata, write_file_list
+    from mixlm.checkpoint import (
+        RunCheckpoints,
+        checkpoint_dir,
+        file_problem,
+        run_metadata,
+        value_sums,
+        write_file_list,
+    )
     from mixlm.config import CheckpointConfig, load_config
     from mixlm.sharding import make_mesh
     from mixlm.train import build_setup
@@ -69,6 +111,12 @@ def main() -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="mixlm-ckpt-bench-"))
     print(f"state: {n_params / 1e6:.1f}M params, {mb:,.0f} MB with AdamW moments; writing under {root}", flush=True)
 
+    sums_s: list[float] = []  # the value sums save() records in the meta item (one reduction over the state)
+    for i in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        value_sums(state)
+        if i:
+            sums_s.append(time.perf_counter() - t0)
     rows = []
     restore_s: list[float] = []
     hash_s: list[float] = []  # crc32 of every file of the step, at save (checkpoint.verify)
@@ -121,6 +169,7 @@ def main() -> int:
                     verify_s.append(times[3] - times[2])
                 print(f"checksums {i + 1}: at save +{times[1] - times[0]:.2f}s, at restore +{times[3] - times[2]:.2f}s",
                       flush=True)
+            hashes = hash_throughput([p for p in Path(str(step_dir)).rglob("*") if p.is_file()], args.repeats)
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -150,6 +199,8 @@ def main() -> int:
                  f"{spread(hash_s)} | {disk / 1e6 / statistics.median(hash_s):,.0f} |")
     lines.append(f"| checksum check before a restore (part of the restore above) | at start-up only | {spread(verify_s)} | "
                  f"{disk / 1e6 / statistics.median(verify_s):,.0f} |")
+    lines.append(f"| value sums at save (VALUE_SUMS; part of the saves above) | all of it | {spread(sums_s)} | "
+                 f"{mb / statistics.median(sums_s):,.0f} |")
     lines += [
         "",
         ("\"Blocked\" is the time `RunCheckpoints.save` holds the train loop (async: until the arrays are "
@@ -160,6 +211,19 @@ def main() -> int:
          "OCDBT folder, so the save-side cost is per process, not per checkpoint. The host has far more RAM "
          "than the state, so writes and reads mostly hit the OS page cache: these are upper bounds for a cold "
          "disk or a network file system."),
+        "",
+        "## Which checksum",
+        "",
+        (f"The same step's {disk / 1e6:,.0f} MB of files, read into memory first, hashed in 4 MiB chunks in one "
+         f"thread (median of {args.repeats} after a warm-up; Python {sys.version.split()[0]}, "
+         f"zlib {zlib.ZLIB_RUNTIME_VERSION}):"),
+        "",
+        "| checksum | time | MB/s |",
+        "|---|---|---|",
+        *(f"| {name} | {spread(times)} | {disk / 1e6 / statistics.median(times):,.0f} |" for name, times in hashes.items()),
+        "",
+        ("checkpoint.verify needs to catch torn and overwritten bytes, not tampering: any of these does; the "
+         "fastest one is used. The save-side and restore-side rows above run it on 4 threads (zlib releases the GIL)."),
         "",
         f"Command: `.venv/bin/python {' '.join(sys.argv)}`",
         "",

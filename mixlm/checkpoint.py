@@ -5,7 +5,8 @@ One Orbax `CheckpointManager` over `<train.output_dir>/checkpoints/`; each step 
     checkpoints/<step>/state/            TrainState (step, params, optimizer state): sharded arrays, OCDBT
     checkpoints/<step>/data/metadata     the data source's `get_state()` (JSON), so batches resume exactly
     checkpoints/<step>/meta/metadata     JSON: resolved config, mixture, tokens seen per domain, mixlm
-                                         version, git commit, mesh shape, time
+                                         version, git commit, mesh shape, time, value sums of every array
+                                         of the state (VALUE_SUMS)
     checkpoints/<step>/mixlm_files.json  size and crc32 of every file above, written once the step has
                                          committed (crc32 with checkpoint.verify, the default)
     .mixlm.lock                          the run folder's lock while a run writes to it (RunFolderLock)
@@ -19,9 +20,13 @@ Guarantees, and who gives them:
   process dies); a second run is refused with RunFolderLockedError naming the holder (host, pid, since).
 * On resume each step, newest first, is validated: its file list must match `mixlm_files.json` (missing
   or truncated files, and with checkpoint.verify a changed crc32: same-size corruption; lists without
-  checksums, from older mixlm, are checked by size) and it must restore without error. A bad step is moved to
-  `checkpoints_corrupt/<step>` with a warning naming it, and the next older step is used. When no step is
-  good nothing is moved and `CheckpointError` is raised: a long run never silently restarts from scratch.
+  checksums, from older mixlm, are checked by size) and it must restore without error. A step with no file list
+  (a run killed right after the save committed, before the list was written) is checked by what it restores:
+  its values against the value sums (VALUE_SUMS) its meta item was saved with (an older checkpoint without
+  them: every value must be finite); only then is its file list written, so later damage is caught.
+  A bad step is moved to `checkpoints_corrupt/<step>` with a warning naming it, and the next older step is
+  used. When no step is good nothing is moved and `CheckpointError` is raised: a long run never silently
+  restarts from scratch.
 * Restore targets the *current* mesh (`TrainSetup.abstract_state` carries its shardings), so a run saved
   on 8 devices resumes on 4 or on 1. Embedding rows are padded to a multiple of the device count; a
   difference in that padding (and nothing else) is absorbed by truncating/zero-padding the padding rows.
@@ -35,10 +40,12 @@ Guarantees, and who gives them:
 * Resuming with a different config is refused naming the keys (`config_diff`), except RESUMABLE_KEYS and
   RESUMABLE_SECTIONS below; `allow_config_change` (CLI: --allow-config-change) resumes anyway.
 * A save that fails (disk full, permissions) raises CheckpointSaveError naming the step folder and the
-  previous step, which is kept.
+  previous step, which is kept. Orbax's own error logs and tracebacks of such a failure go to debug level
+  (quiet_orbax_errors): the user sees mixlm's one line.
 * `PreemptionGuard`: SIGTERM/SIGINT end the loop after the current step, which is then saved and waited for.
 * Reading for export (the last section): `open_checkpoint(path, step=None)` is the newest complete step
-  as an `OrbaxSource` that restores one param at a time; `MemorySource` wraps params already in memory.
+  as an `OrbaxSource` that restores one param at a time (a param that does not read back, or holds NaN/inf,
+  raises CheckpointError naming the step); `MemorySource` wraps params already in memory.
 
 Multi-process: every process calls the same methods; Orbax coordinates array writes, only the primary
 process writes JSON items, `mixlm_files.json` and moves corrupt steps. Checksums are split by
@@ -56,10 +63,13 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -89,8 +99,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints_corrupt"
 FILE_LIST = "mixlm_files.json"
 LOCK_FILE = ".mixlm.lock"
-# zlib.crc32 of each file: ~7 GB/s on this host against blake2b 1.5, sha256 2.2, md5 0.9
-# (benchmarks/checkpoint_io.py); it catches torn and overwritten bytes, it is no defence against tampering.
+# zlib.crc32 of each file: benchmarks/checkpoint_io.py times it against adler32, md5, sha256 and blake2b on a
+# step's files ("Which checksum"); it catches torn and overwritten bytes, it is no defence against tampering.
 CHECKSUM = "crc32"
 _OCDBT_PREFIX = "ocdbt.process_"
 
@@ -285,7 +295,8 @@ def file_problem(step_dir: epath.Path, *, verify: bool = True, process_index: in
                  process_count: int = 1) -> str:
     """'' when every file in `mixlm_files.json` is present at its recorded size and, with `verify`, has its
     recorded crc32 (the files this process owns, checksum_owner; lists written without checksums are checked
-    by size only; no list at all: a run killed right after the commit), else what is wrong."""
+    by size only), else what is wrong. A step with no list at all (a run killed right after the commit) gives ''
+    here: it is unverified (is_listed), and its callers check what it restores (unlisted_problem)."""
     listing = step_dir / FILE_LIST
     if not listing.exists():
         return ""
@@ -309,6 +320,119 @@ def file_problem(step_dir: epath.Path, *, verify: bool = True, process_index: in
         if crc != sums[name]:
             return f"{name} has {CHECKSUM} {crc}, expected {sums[name]} (same size: its bytes changed)"
     return ""
+
+
+def is_listed(step_dir: epath.Path) -> bool:
+    """Whether the step has its file list (else nothing records what its files should hold: it is unverified)."""
+    return (epath.Path(step_dir) / FILE_LIST).exists()
+
+
+def _replicated_jit(fn: Callable, arrays: list):
+    """fn(arrays) jitted with every output replicated on the arrays' mesh (so each process reads them whole)."""
+    meshes = [a.sharding.mesh for a in arrays if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding)]
+    out = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec()) if meshes else None
+    return jax.jit(fn, out_shardings=out)(arrays)
+
+
+def non_finite_values(tree) -> dict[str, int]:
+    """{leaf path: count of NaN/inf elements} of the floating-point leaves of `tree` (jax or numpy arrays) that
+    have any; {} when every value is finite. One jitted reduction per call; the counts are global (every
+    process gets the same answer)."""
+    named = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if np.issubdtype(x.dtype, np.inexact)]
+    if not named:
+        return {}
+    counts = _replicated_jit(lambda xs: [jax.numpy.sum(~jax.numpy.isfinite(x)) for x in xs],
+                             [x for _, x in named])
+    return {name: int(c) for (name, _), c in zip(named, counts) if int(c)}
+
+
+# ---- value sums: what a step's arrays held when it was saved, in its own meta item ---------------------
+# Per leaf, two wrapping uint32 sums of the values' bit patterns: plain, and weighted by an odd number made
+# from each element's coordinates. Integer sums are exact in any order, so they match across meshes, process
+# counts and host or device arithmetic; any one changed element changes the first, a moved one the second.
+# They verify a step whose file list is missing (a run killed right after the commit): Orbax commits the meta
+# item together with the arrays.
+
+VALUE_SUMS = "value_sums"
+_COORD_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C)
+_UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def leaf_names(tree) -> list[str]:
+    """'params/layers/0/mlp/down_proj/kernel'-style names of `tree`'s leaves, in jax.tree order."""
+    def part(key) -> str:
+        return str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key))))
+
+    return ["/".join(part(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _summable(x) -> bool:
+    return np.dtype(x.dtype).itemsize in _UINT_OF_SIZE and np.dtype(x.dtype) != np.bool_
+
+
+def _device_sums(x):
+    uint = _UINT_OF_SIZE[np.dtype(x.dtype).itemsize]
+    bits = jax.lax.bitcast_convert_type(x, uint).astype(np.uint32)
+    weight = jax.numpy.ones(x.shape, np.uint32)
+    for axis in range(x.ndim):
+        coord = jax.lax.broadcasted_iota(np.uint32, x.shape, axis)
+        weight = weight + 2 * coord * np.uint32(_COORD_MULTIPLIERS[axis % len(_COORD_MULTIPLIERS)])
+    return jax.numpy.sum(bits, dtype=np.uint32), jax.numpy.sum(bits * weight, dtype=np.uint32)
+
+
+def host_value_sum(a: np.ndarray, rows_per_chunk: int = 1 << 16) -> str:
+    """The value sum (see VALUE_SUMS) of a host array, as 16 hex digits; computed in chunks of rows so a large
+    embedding needs no full-size temporaries."""
+    a = np.ascontiguousarray(a)
+    bits = a.view(_UINT_OF_SIZE[a.dtype.itemsize]).reshape(a.shape)
+    if a.ndim == 0:
+        bits = bits.reshape(1)
+    plain = weighted = 0
+    for start in range(0, bits.shape[0], rows_per_chunk):
+        chunk = bits[start:start + rows_per_chunk].astype(np.uint32)
+        weight = np.ones(chunk.shape, np.uint32)
+        for axis in range(a.ndim):
+            shape = [1] * chunk.ndim
+            shape[axis] = chunk.shape[axis]
+            coord = np.arange(chunk.shape[axis], dtype=np.uint32) + np.uint32(start if axis == 0 else 0)
+            weight += np.uint32(2) * coord.reshape(shape) * np.uint32(_COORD_MULTIPLIERS[axis % len(_COORD_MULTIPLIERS)])
+        plain = (plain + int(chunk.sum(dtype=np.uint32))) & 0xFFFFFFFF
+        weighted = (weighted + int((chunk * weight).sum(dtype=np.uint32))) & 0xFFFFFFFF
+    return f"{plain:08x}{weighted:08x}"
+
+
+def value_sums(tree) -> dict[str, str]:
+    """{leaf name: value sum} of a pytree of jax arrays (one jitted reduction; every process gets all of
+    them); equals host_value_sum of each leaf's values."""
+    named = [(n, x) for n, x in zip(leaf_names(tree), jax.tree.leaves(tree)) if _summable(x)]
+    if not named:
+        return {}
+    sums = _replicated_jit(lambda xs: [_device_sums(x) for x in xs], [x for _, x in named])
+    return {n: f"{int(p):08x}{int(w):08x}" for (n, _), (p, w) in zip(named, sums)}
+
+
+def unlisted_problem(state, meta: dict, exact: bool) -> str:
+    """What is wrong with a step that has no file list, from what it restored ('' when nothing): `state`'s
+    values against the value sums of the step's `meta` item (saved with the arrays), else (an older
+    checkpoint, other leaves, or `exact` False: vocabulary padding changed on restore) whether they are all
+    finite."""
+    unlisted = f"it has no file list {FILE_LIST} (the run stopped right after saving it)"
+    saved, now = meta.get(VALUE_SUMS) or {}, value_sums(state)
+    if exact and now and set(now) <= set(saved):
+        changed = [n for n, v in now.items() if saved[n] != v]
+        if changed:
+            return (f"{unlisted} and the values it restores differ from those saved (value sums of "
+                    f"{len(changed)} arrays, e.g. {', '.join(changed[:3])})")
+        return ""
+    non_finite = non_finite_values(state)
+    return f"{unlisted} and {_non_finite_text(non_finite)}" if non_finite else ""
+
+
+def _non_finite_text(bad: dict[str, int]) -> str:
+    total = sum(bad.values())
+    first = ", ".join(f"{name} ({n:,})" for name, n in list(bad.items())[:3])
+    return f"{total:,} restored values are NaN or infinite (in {first}{', ...' if len(bad) > 3 else ''})"
 
 
 def _all_processes(ok: bool) -> bool:
@@ -401,7 +525,7 @@ class RunFolderLock:
             os.write(self._fd, json.dumps(info).encode())
         except OSError as e:
             self.release()
-            raise CheckpointError(f"cannot write to the run folder {self.folder} ({_os_reason(e)}); fix its "
+            raise CheckpointError(f"cannot write to the run folder {self.folder} ({os_reason(e)}); fix its "
                                   "permissions or free space there, or choose another train.output_dir") from None
         return self
 
@@ -452,13 +576,76 @@ def _lock_on_process_0(folder: epath.Path, log: Callable[[str], None]) -> RunFol
     return lock
 
 
-def _os_reason(e: BaseException) -> str:
-    """'<strerror>: <file>' for an OSError (also one wrapped by Orbax or TensorStore), else the short text."""
+def os_reason(e: BaseException) -> str:
+    """'<strerror>: <file>' for an OSError (also one wrapped by Orbax, or TensorStore's text of one:
+    `... Failed writing: "<file>" ... [os_error_code='28']`), else the short text."""
     while not isinstance(e, OSError) and e.__cause__ is not None:
         e = e.__cause__
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        where = re.search(r'(?:Failed writing|Error opening|Failed to open)[^"]*"([^"]+)"', text)
+        reason = os.strerror(int(code.group(1)))
+        return f"{reason}: {where.group(1)}" if where else reason
     return f"{type(e).__name__}: {_short(e)}"
+
+
+# ---- Orbax's own error output ---------------------------------------------------------------------------
+# A failed save or restore makes Orbax log each failing background operation at ERROR with a traceback,
+# asyncio log Orbax's gathered futures whose "exception was never retrieved", and TensorStore's callbacks into
+# Orbax's closed event loops print "Event loop is closed" tracebacks (hundreds, as unraisable exceptions);
+# mixlm turns the failure itself into one line (CheckpointSaveError, ...). These go to debug level: the
+# 'absl' and 'asyncio' loggers' records (at DEBUG) and the 'mixlm.checkpoint' logger.
+
+_log = logging.getLogger("mixlm.checkpoint")
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}"
+_quiet_installed = False
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+    """Logged by Orbax, or about an exception raised inside Orbax."""
+    if _ORBAX_DIR in record.pathname:
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:
+        if _ORBAX_DIR in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxErrorsToDebug(logging.Filter):
+    """Orbax's ERROR records (and asyncio's about Orbax's failed futures) become DEBUG records, shown only
+    when their logger logs at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and _from_orbax(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_orbax_errors() -> None:
+    """Moves Orbax's error tracebacks and TensorStore's "Event loop is closed" tracebacks to debug level
+    (idempotent; what mixlm reports about a failed save or restore is unchanged)."""
+    global _quiet_installed
+    if _quiet_installed:
+        return
+    _quiet_installed = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OrbaxErrorsToDebug())
+    previous = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            _log.debug("TensorStore callback into a closed Orbax event loop",
+                       exc_info=(info.exc_type, info.exc_value, info.exc_traceback))
+            return
+        previous(info)
+
+    sys.unraisablehook = unraisable
 
 
 # ---- the manager ---------------------------------------------------------------------------------------
@@ -476,7 +663,8 @@ class RunCheckpoints:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False,
                  log: Callable[[str], None] = print):
         self.directory = _absolute(epath.Path(directory))
-        self.cfg, self.log = cfg, log
+        self.cfg, self.log, self.read_only = cfg, log, read_only
+        quiet_orbax_errors()
         # The run folder's one writer: locked before Orbax creates folders or cleans up a save in progress.
         self._lock = None if read_only else _lock_on_process_0(self.directory.parent, log)
         options = ocp.CheckpointManagerOptions(
@@ -489,7 +677,7 @@ class RunCheckpoints:
                                                   item_handlers=_item_handlers())
         except OSError as e:
             self._release_lock()
-            raise CheckpointError(f"cannot create the checkpoint folder {self.directory} ({_os_reason(e)}); "
+            raise CheckpointError(f"cannot create the checkpoint folder {self.directory} ({os_reason(e)}); "
                                   "fix its permissions or choose another train.output_dir") from None
         except BaseException:
             self._release_lock()
@@ -511,6 +699,7 @@ class RunCheckpoints:
         self.wait()  # the previous save must commit first (Orbax would wait here anyway)
         if step in self._manager.all_steps():
             return False
+        meta = {**meta, VALUE_SUMS: value_sums(state)}  # committed with the arrays: verifies them without a list
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
         try:
@@ -531,9 +720,12 @@ class RunCheckpoints:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the background write or the commit failed
             self._save_failed(step, e)
-        if step is None:
-            return
-        step_dir, count = self.directory / str(step), jax.process_count()
+        if step is not None:
+            self._list_step(self.directory / str(step))
+
+    def _list_step(self, step_dir: epath.Path) -> None:
+        """Writes a committed step's file list (every process calls it: each checksums its own files)."""
+        count = jax.process_count()
         if self.cfg.verify and count > 1:
             _sync("mixlm_checkpoint_committed")  # process 0's commit rename is done
             if jax.process_index() > 0 and step_dir.exists():
@@ -552,7 +744,7 @@ class RunCheckpoints:
         previous = (f"the previous checkpoint (step {max(kept)}, {self.directory / str(max(kept))}) is kept"
                     if kept else "there is no earlier checkpoint")
         self._save_error = CheckpointSaveError(
-            f"saving checkpoint step {step} to {where} failed ({_os_reason(e)}); {previous}. Free disk space or "
+            f"saving checkpoint step {step} to {where} failed ({os_reason(e)}); {previous}. Free disk space or "
             "fix the folder's permissions, then rerun the same command to resume")
         raise self._save_error from e
 
@@ -584,21 +776,25 @@ class RunCheckpoints:
     def read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def _restore(self, step: int, abstract_state, vocab_size: int) -> tuple[Any, dict]:
+    def _restore(self, step: int, abstract_state, vocab_size: int) -> tuple[Any, dict, bool]:
+        """(state, data state, whether the shapes matched exactly: no vocabulary padding was cut or added)."""
         saved_tree = self._manager.item_metadata(step)["state"]
         strict = restore_args_for(getattr(saved_tree, "tree", saved_tree), abstract_state, vocab_size)
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state, strict=strict), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+        return out["state"], out["data"], strict
 
     def restore_latest(self, abstract_state, cfg: ExperimentConfig, *,
                        allow_config_change: bool = False) -> Restored | None:
         """The newest step that validates, restored onto `abstract_state`'s shardings (with its data state
         and meta); None when the folder holds no checkpoint. Newer steps that fail validation are reported
-        and moved to checkpoints_corrupt/, but only once a good step is found (else CheckpointError)."""
+        and moved to checkpoints_corrupt/, but only once a good step is found (else CheckpointError). A step
+        without a file list is used only if what it restores checks out (unlisted_problem); its list is then
+        written."""
         bad: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
+            listed = _all_processes(is_listed(step_dir))
             problem = file_problem(step_dir, verify=self.cfg.verify, process_index=jax.process_index(),
                                    process_count=jax.process_count())
             meta = None
@@ -615,13 +811,19 @@ class RunCheckpoints:
                 check_resume_config(meta["config"], cfg, where=where, allow_change=allow_config_change,
                                     log=self.log)
                 try:
-                    state, data_state = self._restore(step, abstract_state, cfg.model.vocab_size)
+                    state, data_state, exact = self._restore(step, abstract_state, cfg.model.vocab_size)
                 except CheckpointError:
                     raise
                 except Exception as e:  # noqa: BLE001
                     problem = f"it does not restore ({type(e).__name__}: {_short(e)})"
                     state = None
+                if not listed and state is not None:
+                    problem = unlisted_problem(state, meta, exact)
                 if _all_processes(not problem):
+                    if not listed and not self.read_only:
+                        self._list_step(step_dir)
+                        self.log(f"checkpoint step {step} ({step_dir}) had no file list (the run stopped right "
+                                 "after saving it): its restored values check out; its file list is written now")
                     self._move_aside(bad, good=step)
                     self._report_elastic(step, meta, abstract_state)
                     return Restored(step=step, state=state, data_state=data_state, meta=meta,
@@ -762,8 +964,10 @@ def _fit_rows(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def restore_params(step_dir: str | Path, abstract_params, vocab_size: int):
     """Only the params of a checkpoint step, restored onto `abstract_params`' shardings. A checkpoint of the
     other layer layout (model.scan_layers on one side only) is restored to host, converted
-    (mixlm.models.stacked) and placed on those shardings."""
+    (mixlm.models.stacked) and placed on those shardings. A step without a file list is checked by what it
+    restores (as restore_latest does); CheckpointError when that fails."""
     state_dir = epath.Path(step_dir) / "state"
+    quiet_orbax_errors()
     saved_tree = _saved_state_tree(state_dir)
     if "params" not in saved_tree:
         raise CheckpointError(f"{state_dir} holds no params")
@@ -771,6 +975,7 @@ def restore_params(step_dir: str | Path, abstract_params, vocab_size: int):
     if relayout is not None:
         key, to_stacked = relayout
         host = _restore_host_params(state_dir, saved_tree["params"])
+        _check_unlisted_params(epath.Path(step_dir), host, exact=True)  # before the layout changes
         host = stacked.stack_layers(host, key) if to_stacked else stacked.unstack_layers(host, key)
         restore_args_for(host, abstract_params, vocab_size)  # same checks as a direct restore
         return jax.tree.map(lambda a, t: jax.device_put(_fit_rows(a, t.shape).astype(t.dtype), t.sharding),
@@ -784,7 +989,20 @@ def restore_params(step_dir: str | Path, abstract_params, vocab_size: int):
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args,
                                                                     partial_restore=True))
+    _check_unlisted_params(epath.Path(step_dir), out["params"], exact=strict)
     return out["params"]
+
+
+def _check_unlisted_params(step_dir: epath.Path, params, *, exact: bool) -> None:
+    """For a step without a file list: raises CheckpointError unless `params` (as saved: `exact`, else with
+    vocabulary padding changed) match the value sums of its meta item, or, without them, are all finite."""
+    if is_listed(step_dir):
+        return
+    meta = _read_meta(Path(str(step_dir)))
+    problem = unlisted_problem({"params": params}, meta, exact)
+    if problem:
+        raise CheckpointError(f"checkpoint step {step_dir}: {problem}. Point checkpoint.init_from at an earlier "
+                              "step folder")
 
 
 # ---- preemption ----------------------------------------------------------------------------------------
@@ -900,13 +1118,21 @@ class MemorySource:
 
 class OrbaxSource:
     """The params of one checkpoint step (<step>/state, <step>/meta), restored array by array as host
-    numpy arrays, so only the array being read is in memory."""
+    numpy arrays, so only the array being read is in memory. `verified`: the step's files matched its file
+    list (False: it has none). A param that does not read back, holds NaN/inf, or (unverified) differs from
+    its value sum in the meta item raises CheckpointError."""
 
-    def __init__(self, step_dir: Path, cfg: ExperimentConfig, meta: dict, step: int):
+    def __init__(self, step_dir: Path, cfg: ExperimentConfig, meta: dict, step: int, *, verified: bool = True):
         self.step_dir, self.cfg, self.meta, self.step = Path(step_dir), cfg, meta, step
+        self.verified = verified
         self.description = str(self.step_dir)
         self._state_dir = epath.Path(self.step_dir) / "state"
-        tree = _saved_state_tree(self._state_dir)
+        quiet_orbax_errors()
+        try:
+            tree = _saved_state_tree(self._state_dir)
+        except Exception as e:  # noqa: BLE001 - garbage in Orbax's metadata: any error means a damaged step
+            raise CheckpointError(self._damaged(f"its state metadata does not read ({type(e).__name__}: "
+                                                f"{_short(e, 160)})")) from None
         if "params" not in tree:
             raise ExportError(f"{self._state_dir} holds no params (keys: {sorted(tree)})")
         self._shapes = {p: tuple(m.shape) for p, m in flatten_params(dict(tree["params"])).items()}
@@ -918,15 +1144,34 @@ class OrbaxSource:
     def read(self, path: ParamPath) -> np.ndarray:
         if path not in self._shapes:
             raise KeyError(f"{self._state_dir} has no param {'/'.join(path)}")
+        name = "/".join(path)
         item = {"params": unflatten_params({path: 0})}
         restore_args = {"params": unflatten_params({path: ocp.RestoreArgs(restore_type=np.ndarray)})}
-        out = self._checkpointer.restore(
-            self._state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        )
+        try:
+            out = self._checkpointer.restore(self._state_dir, args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # noqa: BLE001 - e.g. ValueError: ... ZSTD_decompressStream() of garbage bytes
+            raise CheckpointError(self._damaged(f"param {name} does not read back ({type(e).__name__}: "
+                                                f"{_short(e, 160)})")) from None
         node = out["params"]
         for key in path:
             node = node[key]
-        return np.asarray(node, np.float32)
+        saved_sum = self.meta.get(VALUE_SUMS, {}).get(f"params/{name}") if not self.verified else None
+        if saved_sum is not None and host_value_sum(np.asarray(node)) != saved_sum:
+            raise CheckpointError(self._damaged(f"param {name} restores other values than were saved (its value "
+                                                "sum differs from the one saved in the step's meta item)"))
+        array = np.asarray(node, np.float32)
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:  # training never saves past a non-finite value: these bytes changed after the save
+            raise CheckpointError(self._damaged(f"param {name} holds {bad:,} NaN or infinite values (of "
+                                                f"{array.size:,})"))
+        return array
+
+    def _damaged(self, what: str) -> str:
+        unlisted = "" if self.verified else f", which has no file list {FILE_LIST} (the run stopped right after saving it)"
+        return (f"checkpoint step {self.step} ({self.step_dir}){unlisted}: {what}; its files are damaged. Export "
+                "an earlier step with --step N, or rerun `mixlm train` on the run (it sets a damaged newest step "
+                "aside and trains it again)")
 
 
 def _step_dirs(checkpoints: Path) -> dict[int, Path]:
@@ -936,7 +1181,9 @@ def _step_dirs(checkpoints: Path) -> dict[int, Path]:
 def open_checkpoint(path: str | Path, step: int | None = None) -> OrbaxSource:
     """The checkpoint at `path`: a run's output folder (train.output_dir), its checkpoints/ folder, or one
     step folder. `step` picks a step; by default the newest step whose files are complete (a step with
-    missing or truncated files is skipped with a warning naming it). Raises ExportError."""
+    missing or truncated files is skipped with a warning naming it). A step without a file list comes with
+    `verified=False` (each param is checked against its saved value sum as it is read). Raises ExportError, or
+    CheckpointError for a step whose files are damaged."""
     p = Path(path).absolute()  # Orbax reads absolute paths only
     if not p.is_dir():
         raise ExportError(f"{path}: no such folder; pass a run's output folder (train.output_dir), its "
@@ -969,7 +1216,12 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> OrbaxSource:
             raise ExportError(f"{where}: no complete checkpoint step (all of {sorted(steps)} have missing or "
                               "truncated files)")
     step_dir = steps[chosen]
-    meta = _read_meta(step_dir)
+    try:
+        meta = _read_meta(step_dir)
+    except Exception as e:  # noqa: BLE001 - garbage in the JSON item
+        raise CheckpointError(f"checkpoint step {chosen} ({step_dir}): its metadata does not read "
+                              f"({type(e).__name__}: {_short(e, 160)}); its files are damaged. Export an earlier "
+                              "step with --step N") from None
     cfg_dict = meta.get("config")
     if cfg_dict is None:
         run_config = where.parent / "config.yaml"
@@ -982,7 +1234,7 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> OrbaxSource:
         cfg = config_from_dict(cfg_dict)
     except ConfigError as e:
         raise ExportError(f"{step_dir}: the saved config does not load: {e}") from None
-    return OrbaxSource(step_dir, cfg, meta, chosen)
+    return OrbaxSource(step_dir, cfg, meta, chosen, verified=is_listed(epath.Path(step_dir)))
 
 
 def _read_meta(step_dir: Path) -> dict:

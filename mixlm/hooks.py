@@ -113,6 +113,8 @@ class Run:
     final_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     stop_reason: str = ""  # set by run.stop(): the loop ends after this step's hooks
     preempted_at: int | None = None
+    already_finished: bool = False  # resumed at train.steps: a rerun of a finished run (nothing to train)
+    logged_at_end: dict = dataclasses.field(default_factory=dict)  # then: metrics.jsonl's values at that step
 
     def flush(self) -> None:
         self.meter.flush()
@@ -166,9 +168,11 @@ def evaluate(
 
 class EvalHook(Hook):
     """Values about the live model (`values(run)`) every `every` steps and once at the end (so not again on
-    the last step), logged as one line each; the end's values are the run's final eval."""
+    the last step), logged as one line each; the end's values are the run's final eval. In a rerun of a
+    finished run whose metrics.jsonl already has them (keys starting with `keys`), they are read, not redone."""
 
     name = "eval"  # the log line's label: "step N <name>" / "final <name>"
+    keys: tuple[str, ...] = ()  # the prefixes of the keys `values` returns
 
     def __init__(self, every: int):
         self.every = every
@@ -183,6 +187,10 @@ class EvalHook(Hook):
         run.log_values(step, f"step {step} {self.name}", self.values(run))
 
     def at_end(self, run: Run) -> None:
+        logged = {k: v for k, v in run.logged_at_end.items() if self.keys and k.startswith(self.keys)}
+        if run.already_finished and logged:  # written before: never a second row for the same step
+            run.final_eval.update(logged)
+            return
         values = self.values(run)
         run.final_eval.update(values)
         run.log_values(run.cfg.train.steps, f"final {self.name}", values)
@@ -193,6 +201,7 @@ class ValidationLossHook(EvalHook):
     held-out batches per domain."""
 
     name = "eval"
+    keys = ("val_loss",)
 
     def __init__(self, every: int, batches: int):
         super().__init__(every)
@@ -210,6 +219,7 @@ class LiveTasksHook(EvalHook):
     """lm-eval tasks (eval.tasks) scored on the live model, no export."""
 
     name = "tasks"
+    keys = ("lm_eval/",)
 
     def values(self, run: Run) -> dict[str, float]:
         # lm-eval is heavy: imported only by runs that score tasks.

@@ -68,6 +68,27 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     return 0.0, f"unknown device {device.device_kind!r}: set logging.peak_flops"
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl could not be written (disk full, permissions); the message names the file and what to do."""
+
+
+def read_metrics_log(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] when there is no such file); a line that is not a JSON object (a torn
+    last line of a killed run) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 class WandbSink:
     """One Weights & Biases run for a training run (process 0 only): numbers logged at their step."""
 
@@ -101,6 +122,7 @@ class MetricsLog:
                  progress: bool, wandb: bool = False, wandb_project: str = "mixlm", run_config: dict | None = None,
                  writer: bool | None = None):
         self.is_main = jax.process_index() == 0 if writer is None else writer
+        self.path = out_dir / "metrics.jsonl"
         self._wandb = WandbSink(out_dir, project=wandb_project, config=run_config) if wandb and self.is_main else None
         # Kept open for the run (closed in close()): one line per logged step.
         self._jsonl = open(out_dir / "metrics.jsonl", "a") if (jsonl and self.is_main) else None  # noqa: SIM115
@@ -120,8 +142,16 @@ class MetricsLog:
             return
         row = {"step": step, **{k: (float(v) if not isinstance(v, (str, dict)) else v) for k, v in metrics.items()}}
         if self._jsonl:
-            self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(row) + "\n")
+                self._jsonl.flush()
+            except OSError as e:
+                self._drop_jsonl()
+                reason = f"{e.strerror or e}" if not e.filename else f"{e.strerror}: {e.filename}"
+                raise MetricsWriteError(
+                    f"writing the metrics log {self.path} failed at step {step} ({reason}); free space there or "
+                    "fix its permissions, then rerun the same command (it resumes from the newest checkpoint in "
+                    f"{self.path.parent / 'checkpoints'}, if any)") from None
         if self._tb:
             for k, v in row.items():
                 if isinstance(v, float):
@@ -145,6 +175,14 @@ class MetricsLog:
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
+
+    def _drop_jsonl(self) -> None:
+        """Closes metrics.jsonl after a failed write (its unwritten row is dropped: the rerun redoes the step)."""
+        jsonl, self._jsonl = self._jsonl, None
+        try:
+            jsonl.close()  # flushes the failed row again and fails again, but closes the file either way
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._bar is not None:

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,18 @@ import optax
 from flax import nnx
 
 from mixlm import models
-from mixlm.checkpoint import RunCheckpoints, checkpoint_dir, resolve_step_dir, restore_params
+from mixlm.checkpoint import (
+    CheckpointError,
+    RunCheckpoints,
+    checkpoint_dir,
+    os_reason,
+    resolve_step_dir,
+    restore_params,
+)
 from mixlm.config import ExperimentConfig, save_config, validate_for_mesh
 from mixlm.data import make_train_source
 from mixlm.hooks import Hook, NonFiniteLossError, Run, StepMeter, default_hooks, evaluate
-from mixlm.metrics import MetricsLog, peak_flops_per_device
+from mixlm.metrics import MetricsLog, peak_flops_per_device, read_metrics_log
 from mixlm.models import forward
 from mixlm.models.forward import token_losses
 from mixlm.optim import make_optimizer
@@ -236,6 +244,10 @@ class TrainResult:
     eval: dict[str, float]
     out_dir: Path
     preempted_at: int | None = None  # the step saved before stopping on SIGTERM/SIGINT, else None
+    # Resumed at train.steps (a finished run, rerun): nothing was trained or appended to metrics.jsonl;
+    # `logged` holds what metrics.jsonl has at that step (train loss, final evals), `eval` its final evals.
+    already_finished: bool = False
+    logged: dict = dataclasses.field(default_factory=dict)
 
 
 def state_from_params(setup: TrainSetup, params: dict) -> TrainState:
@@ -257,9 +269,15 @@ def trim_metrics_log(path: Path, last_step: int, *, writer: bool | None = None) 
             row = json.loads(line)
         except ValueError:
             continue
-        if row.get("step", 0) <= last_step:
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    # Written aside and renamed: a full disk fails the write, never the log (a rewrite in place could cut it).
+    tmp = path.with_name(f".{path.name}.trim-{os.getpid()}")
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change: bool,
@@ -297,12 +315,27 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
         checkpoints.close()
         raise
     start_step = int(state.step)
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    trim_metrics_log(out_dir / "metrics.jsonl", start_step)
+    try:
+        if jax.process_index() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")
+        trim_metrics_log(out_dir / "metrics.jsonl", start_step)
+        log = MetricsLog.for_run(out_dir, cfg, start_step=start_step)
+    except OSError as e:
+        checkpoints.close()
+        raise CheckpointError(f"cannot write to the run folder {out_dir} ({os_reason(e)}); free space there or "
+                              "fix its permissions, then rerun the same command, or choose another "
+                              "train.output_dir") from None
+    except BaseException:
+        checkpoints.close()
+        raise
+    finished = start_step >= cfg.train.steps
+    logged: dict = {}
+    if finished:  # what the finished run logged at its last step: its loss and final evals
+        for row in read_metrics_log(out_dir / "metrics.jsonl"):
+            if row.get("step") == start_step:
+                logged.update({k: v for k, v in row.items() if k != "step"})
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
-    log = MetricsLog.for_run(out_dir, cfg, start_step=start_step)
     say = checkpoints.log = log_fn or log.message
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
     say(f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "
@@ -312,7 +345,7 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
     meter = StepMeter(cfg, log, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
                       num_devices=setup.mesh.size, tokens_before=sum(source.tokens_seen().values()))
     return Run(cfg=cfg, setup=setup, source=source, checkpoints=checkpoints, log=log, say=say, meter=meter,
-               state=state, out_dir=out_dir, step=start_step)
+               state=state, out_dir=out_dir, step=start_step, already_finished=finished, logged_at_end=logged)
 
 
 def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
@@ -324,7 +357,9 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
 
     Rerunning with the same output folder resumes from its newest good checkpoint (mixlm.checkpoint);
     a different config there is refused unless `allow_config_change`. SIGTERM/SIGINT stop the loop after
-    the current step with a checkpoint of it (`TrainResult.preempted_at`)."""
+    the current step with a checkpoint of it (`TrainResult.preempted_at`). A rerun of a finished run trains
+    nothing and appends nothing (`TrainResult.already_finished`; the final evals come from metrics.jsonl,
+    computed only if the run stopped before writing them)."""
     mesh = mesh or make_mesh(cfg.mesh)
     validate_for_mesh(cfg, Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules)).axis_size("batch"),
                       jax.process_count(), devices=mesh.devices.flat)  # sizes checked before anything is built
@@ -356,4 +391,5 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
         run.checkpoints.close()
         source.close()
     return TrainResult(state=run.state, history=run.meter.history, eval=run.final_eval, out_dir=run.out_dir,
-                       preempted_at=run.preempted_at)
+                       preempted_at=run.preempted_at, already_finished=run.already_finished,
+                       logged=run.logged_at_end)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from etils import epath
 from ports import free_port
 
 from mixlm.checkpoint import (
+    FILE_LIST,
+    VALUE_SUMS,
     CheckpointCorruptWarning,
     CheckpointError,
     CheckpointSaveError,
@@ -175,7 +178,7 @@ def test_failed_save_never_deletes_the_older_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "c").iterdir() if p.name.isdigit()] == ["1"]
     reader = RunCheckpoints(tmp_path / "c", CheckpointConfig(keep_last=1), log=quiet)
-    assert reader.steps() == [1] and reader.read_meta(1) == {"step": 1}
+    assert reader.steps() == [1] and reader.read_meta(1)["step"] == 1
     reader.close()
 
 
@@ -219,7 +222,75 @@ def test_corrupt_steps_are_skipped_with_a_warning_until_none_is_left(tmp_path):
     assert [p.name for p in root.iterdir() if p.name.isdigit()] == ["1"]
 
 
+def test_an_unlisted_step_without_value_sums_must_restore_finite(tmp_path):
+    """A step with no file list from a mixlm that saved no value sums: what it restores must be finite, else it
+    is set aside for the step before (never trusted because nothing says it is wrong)."""
+    cfg = tiny_cfg(tmp_path / "run")
+    setup = build_setup(cfg, make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1]))
+    state = setup.init_state(jax.random.key(0))
+    ckpts = RunCheckpoints(checkpoint_dir(tmp_path / "run"), CheckpointConfig(keep_last=0), log=quiet)
+    ckpts.save(1, state.replace(step=jnp.int32(1)), data_state={"step": 1}, meta=run_metadata(cfg, 1, tokens_seen={}))
+    nan_params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params)  # one NaN per array
+    ckpts.save(2, state.replace(step=jnp.int32(2), params=nan_params), data_state={"step": 2},
+               meta=run_metadata(cfg, 2, tokens_seen={}))
+    ckpts.close()
+    step2 = tmp_path / "run" / "checkpoints" / "2"
+    (step2 / FILE_LIST).unlink()  # killed right after the commit
+    meta = json.loads((step2 / "meta" / "metadata").read_text())
+    assert {f"params/{n}" for n in _param_names(state.params)} <= set(meta[VALUE_SUMS])  # every array has one
+    del meta[VALUE_SUMS]  # as an older mixlm wrote it
+    (step2 / "meta" / "metadata").write_text(json.dumps(meta))
+
+    reader = RunCheckpoints(checkpoint_dir(tmp_path / "run"), cfg.checkpoint, log=quiet)
+    with pytest.warns(CheckpointCorruptWarning, match=r"step 2 .* no file list .* restored values are NaN or "
+                                                      r"infinite .*using step 1"):
+        restored = reader.restore_latest(setup.abstract_state, cfg)
+    reader.close()
+    assert restored.step == 1 and not any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(restored.state))
+
+
+def _param_names(params, prefix=""):
+    for key, value in params.items():
+        if isinstance(value, dict):
+            yield from _param_names(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}"
+
+
 # ---- in-process: train() ------------------------------------------------------------------------------
+
+
+def test_an_unlisted_step_is_checked_by_its_values_then_listed_or_set_aside(tmp_path):
+    """A run killed right after a save commits leaves a step without its file list (mixlm_files.json). Such a
+    step is checked against the value sums its meta item was committed with: step 2 (intact) is used, and its
+    file list written; step 3, whose arrays were replaced by other valid bytes (they restore cleanly, into
+    step 1's values), is set aside. On the old code step 3 was trusted and the run went on from wrong state."""
+    cfg = tiny_cfg(tmp_path / "run", "train.steps=3", "checkpoint.every=1", "checkpoint.keep_last=0",
+                   "eval.batches=0")
+    first = train(cfg, log_fn=quiet)
+    root = tmp_path / "run" / "checkpoints"
+    for step in ("2", "3"):
+        (root / step / FILE_LIST).unlink()
+    shutil.rmtree(root / "3" / "state")
+    shutil.copytree(root / "1" / "state", root / "3" / "state")
+    # checkpoint.init_from of that step refuses it too
+    setup = build_setup(cfg, make_mesh(cfg.mesh))
+    with pytest.raises(CheckpointError, match=r"step .*3: it has no file list .* differ from those saved .*Point "
+                                              r"checkpoint.init_from at an earlier step folder"):
+        restore_params(root / "3", setup.abstract_state.params, cfg.model.vocab_size)
+
+    messages = []
+    expected = r"checkpoint step 3 .* no file list .* values it restores differ from those saved .*using step 2"
+    with pytest.warns(CheckpointCorruptWarning, match=expected):
+        second = train(cfg, log_fn=messages.append)
+    assert any("step 2" in m and "had no file list" in m and "file list is written now" in m for m in messages)
+    assert (root / "2" / FILE_LIST).exists() and file_problem(epath.Path(root / "2")) == ""
+    assert any("resumed from" in m and "(step 2," in m for m in messages), messages
+    assert leaves_equal(first.state, second.state)  # the redone step 3 is bitwise the same
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
 
 
 def test_train_resumes_exactly_past_a_truncated_checkpoint(tmp_path):
@@ -297,6 +368,29 @@ def test_a_full_disk_during_save_ends_in_one_error_keeping_the_previous_step(tmp
     assert file_problem(epath.Path(root / "1")) == ""  # complete, checksums included: a rerun resumes from it
     RunFolderLock(tmp_path / "run").acquire().release()  # and the failed run released the folder
     # (not rerun here: the failed save's state writes may still run in this process; a real run has exited)
+
+
+def test_a_save_that_cannot_write_is_one_line_without_orbax_tracebacks(tmp_path):
+    """A real failed write (the child's file-size limit, RLIMIT_FSIZE: writes past it fail with EFBIG, as a full
+    disk fails with ENOSPC) during the first save: mixlm's one line, exit 4, and none of the error logs and
+    tracebacks Orbax and TensorStore print of their own (there were 4 to 250 before)."""
+    config_file = write_config(tmp_path / "tiny.yaml", "train.steps=2", "checkpoint.every=1", "eval.batches=0")
+    out = tmp_path / "run"
+    # The limit is set in the child itself (a preexec_fn would fork this multithreaded process); the state's
+    # data files are ~100-300 KB, config.yaml and metrics.jsonl ~1 KB.
+    limited_cli = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); sys.argv[0] = 'mixlm'; "
+                   "runpy.run_module('mixlm.cli', run_name='__main__')")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8))
+    proc = subprocess.run([sys.executable, "-c", limited_cli, "train", str(config_file), f"train.output_dir={out}"],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+                          check=False, timeout=300)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ERROR:absl" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mixlm train:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert f"saving checkpoint step 1 to {out / 'checkpoints' / '1'} failed (File too large: {out}" in lines[0]
+    assert "there is no earlier checkpoint. Free disk space" in lines[0]
 
 
 def test_an_unwritable_output_folder_is_one_line_and_exit_4(tmp_path):

@@ -5,12 +5,13 @@ clear errors and no half-written folders; the model card; release --dry-run."""
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mixlm.checkpoint import MemorySource, open_checkpoint
+from mixlm.checkpoint import FILE_LIST, MemorySource, open_checkpoint
 from mixlm.config import (
     CheckpointConfig,
     DataConfig,
@@ -234,6 +235,70 @@ def test_clear_errors_and_no_half_written_folder(trained_runs, tmp_path, capsys)
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExportError, match="already exists"):
         export_hf(open_checkpoint(run), tmp_path / "taken")
+
+
+def test_a_damaged_step_is_one_line_exit_4_and_writes_nothing(trained_runs, tmp_path, capsys):
+    """Steps without a file list (a run killed right after the save committed) cannot be checked by their
+    bytes: their params are checked against the value sums saved in their meta item, and for NaN/inf. Step 3's
+    arrays replaced by step 1's (bytes that restore cleanly into other values), step 2's data files overwritten
+    with garbage: each export exits 4 with one line naming the step and what to do, and writes nothing, also
+    with --verify (which used to leave a folder behind); the intact unlisted step 1 exports, saying so."""
+    from mixlm.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_runs("llama-untied"), run)
+    root = run / "checkpoints"
+    for step in ("1", "2", "3"):
+        (root / step / FILE_LIST).unlink()
+    shutil.rmtree(root / "3" / "state")
+    shutil.copytree(root / "1" / "state", root / "3" / "state")
+    rng = np.random.default_rng(0)
+    for data_file in (root / "2" / "state").rglob("d/*"):
+        data_file.write_bytes(rng.integers(0, 256, data_file.stat().st_size, dtype=np.uint8).tobytes())
+
+    def refused(argv, what: str) -> str:
+        capsys.readouterr()
+        assert main(argv) == 4
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("mixlm export: checkpoint step "), lines
+        assert what in lines[0] and "no file list" in lines[0] and "Export an earlier step with --step N" in lines[0]
+        assert not (tmp_path / "hf").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+        return lines[0]
+
+    line = refused(["export", str(run), str(tmp_path / "hf"), "--verify"], "restores other values than were saved")
+    assert f"checkpoint step 3 ({root / '3'}), which has no file list {FILE_LIST} (the run stopped right " in line
+    line = refused(["export", str(run), str(tmp_path / "hf"), "--step", "2"], "its files are damaged")
+    assert f"checkpoint step 2 ({root / '2'})" in line and "Traceback" not in line, line
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "hf"), "--step", "1", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "(step 1, " in out and "it has no file list" in out and ": OK" in out
+
+
+def test_a_check_that_fails_leaves_out_dir_as_it_was(tmp_path):
+    """export_hf's `check` (the CLI's --verify) runs on the finished hidden folder: when it raises, OUT_DIR is
+    not created, or with overwrite the old folder stays as it was."""
+    from flax import nnx
+
+    from mixlm.models import build_model, split_params
+
+    _, params = split_params(build_model(LLAMA, rngs=nnx.Rngs(0)))
+    checked = []
+
+    def refuse(folder: Path) -> None:
+        checked.append(sorted(p.name for p in folder.iterdir()))
+        raise ExportError("parity check failed")
+
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_hf(MemorySource(LLAMA, params), tmp_path / "new", check=refuse)
+    assert "config.json" in checked[0] and "model.safetensors" in checked[0]  # it saw the whole folder
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("the previous export")
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_hf(MemorySource(LLAMA, params), tmp_path / "old", overwrite=True, check=refuse)
+    assert os.listdir(tmp_path / "old") == ["keep.txt"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 def _hf_source_model(kind: str, folder: Path, tokenizer_dir: Path):

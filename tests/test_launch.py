@@ -25,7 +25,6 @@ import yaml
 from conftest import xla_flags
 from ports import free_port
 
-from launch import local as launch_local_module
 from launch.common import check_command
 from launch.local import launch_local, local_env, run_processes
 from launch.slurm import slurm_script
@@ -585,12 +584,50 @@ def test_a_killed_process_1_is_noticed_and_the_others_are_stopped(tmp_path, p0_i
     assert [p.name for p in tmp_path.glob("term*")] == ["term0"]  # p0 got SIGTERM (and, ignoring it, a kill)
 
 
-def test_launch_local_runs_its_commands_through_run_processes(tmp_path, monkeypatch):
-    """launch_local is local_commands + run_processes: the check above holds for `mixlm train` too."""
-    seen = {}
-    monkeypatch.setattr(launch_local_module, "run_processes", lambda commands, **kw: seen.update(kw, n=len(commands)) or 0)
-    assert launch_local(["train", "c.yaml"], 3, port=1, stop_grace_s=2.0) == 0
-    assert seen["n"] == 3 and seen["stop_grace_s"] == 2.0
+def _pids_with(*parts: str) -> list[int]:
+    """Processes whose command line holds every one of `parts` as an argument (read from /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # it ended meanwhile
+            continue
+        if all(part.encode() in args for part in parts):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_launch_local_notices_a_killed_train_process_and_stops_the_others(config, tmp_path):
+    """launch_local itself (its commands, its environment, run_processes) on two real `mixlm train` processes:
+    SIGKILL process 1 once training runs; the launch names it, returns 128+9 within a poll plus the stop
+    grace it was given (process 0, whose peer is dead, cannot finish its SIGTERM checkpoint and is killed), and
+    leaves no process behind."""
+    out_dir, printed, result = tmp_path / "run", io.StringIO(), {}
+    argv = ["--", "train", str(config), f"train.output_dir={out_dir}", "train.steps=100000",
+            "checkpoint.save_at_end=false", "train.heartbeat_timeout_s=600"]
+
+    def target():
+        result["code"] = launch_local(argv, 2, cpu_devices=4, env=dict(os.environ, XLA_FLAGS=xla_flags(4)),
+                                      out=printed, stop_grace_s=2.0)
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    metrics, deadline = out_dir / "metrics.jsonl", time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and thread.is_alive(), printed.getvalue()[-3000:]
+        time.sleep(0.2)
+    (p1,) = _pids_with(f"train.output_dir={out_dir}", "--process-id", "1")
+    os.kill(p1, signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(timeout=60)
+    assert "code" in result, "launch_local did not return"
+    took = result["at"] - killed_at
+    assert result["code"] == 128 + signal.SIGKILL and took < 2.0 + 5, (result, took)
+    text = printed.getvalue()
+    assert "[p1] exited with -9; stopping the others" in text
+    assert "[p0] mixlm train: " in text  # p0's own output, prefixed
+    assert not _pids_with(f"train.output_dir={out_dir}")  # both processes are gone
 
 
 def test_heartbeat_timeout_reaches_distributed_initialize(config, monkeypatch, capsys):

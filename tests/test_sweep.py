@@ -2,6 +2,7 @@
 YAML that trains. The target is an eval-only domain (`eval.domains`) that no run trains on, as in RegMix.
 Also: a rerun of the sweep skips finished runs."""
 
+import json
 import math
 import os
 import subprocess
@@ -48,16 +49,22 @@ def test_sweep_fit_optimize_train(demo, capsys):
     write_csv(root / "mixtures.csv", mixtures_table(mixtures, prior.domains))
 
     sweep = root / "sweep"
-    assert main(["sweep", str(base), "--mixtures", str(root / "mixtures.csv"), "--out", str(sweep),
-                 "--parallel", "0"]) == 0
+    command = ["sweep", str(base), "--mixtures", str(root / "mixtures.csv"), "--out", str(sweep), "--parallel", "0"]
+    assert main(command) == 0
     results = read_csv(sweep / "results.csv")
     assert sorted(results.index_N.tolist()) == list(range(1, 9))
     assert "office" not in results.weight_columns()
     losses = results.select([f"metric/{d}_val_loss" for d in [*prior.domains, "office"]])
     assert all(math.isfinite(x) and x > 0 for x in losses.ravel())
-    # each run trained on its own mixture: the weights in the results are the sampled ones
-    row = results.rows(results.index_N[:1]).select(list(prior.domains))[0]
-    assert dict(zip(prior.domains, row)) == pytest.approx({d: mixtures[0].get(d, 0.0) for d in prior.domains})
+    # each run trained on its own mixture: the config each run trained with (config.yaml, written by train()
+    # from the config its data source was built from, not the table results.csv copies its weights from) holds
+    # its own row of the table, and no two runs share one
+    for index, mixture in enumerate(mixtures, start=1):
+        run_dir = sweep / "runs" / f"{index:04d}"
+        trained = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["mixture"]
+        assert trained == pytest.approx({d: mixture.get(d, 0.0) for d in prior.domains}, rel=1e-9), index
+    assert len({json.dumps(yaml.safe_load((sweep / "runs" / f"{i:04d}" / "config.yaml").read_text())["data"]
+                           ["mixture"], sort_keys=True) for i in range(1, 9)}) == 8
 
     # a rerun finds every run finished and trains nothing: it says so, starts no run, rewrites no run's
     # metrics log and leaves results.csv as it was
@@ -68,8 +75,7 @@ def test_sweep_fit_optimize_train(demo, capsys):
     assert len(trained) == 8
     recorded = (sweep / "results.csv").read_text()
     capsys.readouterr()
-    assert main(["sweep", str(base), "--mixtures", str(root / "mixtures.csv"), "--out", str(sweep),
-                 "--parallel", "0"]) == 0
+    assert main(command) == 0
     printed = capsys.readouterr().out
     assert f"sweep: 8 runs, 8 already in {sweep / 'results.csv'}, 0 to run" in printed
     assert "sweep: run " not in printed  # the line each run that trains (or is recorded) prints

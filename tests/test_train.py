@@ -2,12 +2,18 @@
 memorises, a non-finite loss stops the run, and `train()` writes its outputs."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
+from mixlm.cli import main
 from mixlm.config import ExperimentConfig, MeshConfig, ModelConfig, load_config
 from mixlm.data.synthetic import SyntheticSource
 from mixlm.sharding import make_mesh, to_global_batch
@@ -151,3 +157,80 @@ def test_evaluate_reports_eval_only_domains_but_leaves_them_out_of_the_total():
     assert every["val_loss"] == pytest.approx((2 * 128 * every["val_loss/a"] + 64 * every["val_loss/b"]
                                                + 128 * every["val_loss/target"]) / (3 * 128 + 64), rel=1e-6)
     assert some["val_loss"] != pytest.approx(every["val_loss"], rel=1e-6)
+
+
+def write_tiny_config(path: Path, **sections) -> Path:
+    """make_cfg's run as a YAML for `mixlm train` (section -> {key: value} updates on top)."""
+    tree = {"model": {k: v for k, v in TINY.__dict__.items() if k in ("family", "num_layers", "d_model", "num_heads",
+                                                                     "num_kv_heads", "mlp_dim", "vocab_size",
+                                                                     "max_seq_len", "vocab_multiple")},
+            "data": {"seq_len": 16}, "optimizer": {"lr": 1e-2, "eps": 1e-3}, "schedule": {"kind": "constant"},
+            "train": {"global_batch_size": 8, "steps": 2}, "eval": {"batches": 1},
+            "logging": {"every": 1, "progress": False, "tensorboard": False, "peak_flops": 1e9}}
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_rerunning_a_finished_run_appends_nothing_and_says_so(tmp_path, capsys):
+    """A finished run rerun (or one killed after its final eval) trains nothing, appends no second final
+    val_loss row and prints its logged loss (it printed `done: step 2, loss nan`); one killed after the last
+    checkpoint but before its final eval writes that eval, once."""
+    config = write_tiny_config(tmp_path / "tiny.yaml")
+    out = tmp_path / "run"
+    argv = ["train", str(config), f"train.output_dir={out}"]
+    assert main(argv) == 0
+    log = out / "metrics.jsonl"
+    finished = log.read_text()
+    rows = [json.loads(line) for line in finished.splitlines()]
+    loss = [r for r in rows if "loss" in r][-1]["loss"]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2]
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"already finished: step 2, loss {loss:.4f}, val_loss {val[0]['val_loss']:.4f} (from metrics.jsonl)" \
+        in printed and "nan" not in printed
+    assert log.read_text() == finished
+
+    # killed after the step-2 checkpoint committed, before the final eval was written
+    log.write_text("".join(line + "\n" for line in finished.splitlines() if "val_loss" not in line))
+    assert main(argv) == 0
+    again = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in again if "val_loss" in r] == [2]
+    assert next(r for r in again if "val_loss" in r)["val_loss"] == pytest.approx(val[0]["val_loss"], rel=1e-6)
+    assert main(argv) == 0 and log.read_text().count("val_loss") == finished.count("val_loss")
+
+
+def test_a_full_disk_under_the_metrics_log_is_one_line_and_exit_4(tmp_path, capsys):
+    """metrics.jsonl on a full disk (here the kernel's /dev/full: every write fails with ENOSPC, checkpoint.every=0
+    so nothing else is written during the run): one line naming the file, what happened and what to do, exit 4
+    as for a checkpoint that cannot be written (it was a raw OSError traceback, exit 1)."""
+    config = write_tiny_config(tmp_path / "tiny.yaml", checkpoint={"every": 0, "save_at_end": False})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    assert main(["train", str(config), f"train.output_dir={out}"]) == 4
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"mixlm train: writing the metrics log {out / 'metrics.jsonl'} failed at step 1 "
+                               "(No space left on device)"), lines
+    assert "free space there or fix its permissions, then rerun the same command" in lines[0]
+
+
+def test_trimming_the_metrics_log_on_a_full_disk_keeps_it_whole(tmp_path):
+    """A resumed run rewrites metrics.jsonl up to its checkpoint's step; when the disk is full that rewrite
+    must fail without cutting the log (it was rewritten in place: truncated, then a partial write). The child
+    process's file-size limit makes the rewrite fail for real (EFBIG) once it passes 4 KB."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "pad": "x" * 80}) + "\n" for s in range(1, 101)))
+    whole = log.read_text()
+    assert len(whole) > 8000
+    trim = ("import resource, signal, sys; from pathlib import Path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from mixlm.train import trim_metrics_log; "
+            "trim_metrics_log(Path(sys.argv[1]), 90)")
+    proc = subprocess.run([sys.executable, "-c", trim, str(log)], capture_output=True, text=True, check=False,
+                          timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert log.read_text() == whole and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

@@ -1,12 +1,20 @@
 """mixlm export CKPT_DIR OUT_DIR [--step N] [--dtype float32|bfloat16] [--verify]: an Orbax checkpoint as a
 transformers folder (LlamaForCausalLM / Qwen3ForCausalLM / GPT2LMHeadModel) with the tokenizer and a model
-card; --verify compares its logits with our Flax model's."""
+card; --verify compares its logits with our Flax model's before OUT_DIR is put in place.
+
+Exit codes: 0 written; 1 --verify failed (nothing written to OUT_DIR); 2 usage, config or export error (no such
+step, a model transformers cannot hold, OUT_DIR exists); 4 the checkpoint's files are damaged (a param does not
+read back or holds NaN/inf; the message names the step), as `mixlm train` exits 4 for an unusable checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+
+class VerifyFailed(Exception):
+    """--verify: the exported model's logits differ from ours; the folder is not put in place."""
 
 
 def parse_size(text: str) -> int:
@@ -56,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype in the safetensors files (default float32)")
     parser.add_argument("--tokenizer", default="", help="HF tokenizer folder or hub name (default: data.tokenizer)")
     parser.add_argument("--verify", action="store_true",
-                        help="compare logits of our Flax model and the exported model; fail above 1e-4")
+                        help="compare logits of our Flax model and the exported model before OUT_DIR is put in "
+                             "place; fail above 1e-4 (OUT_DIR is then left as it was)")
     parser.add_argument("--max-shard-size", default="5GB", help="split safetensors above this (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     add_card_arguments(parser)
@@ -70,21 +79,34 @@ def run(args: argparse.Namespace) -> int:
     from mixlm.hf.export import export_hf
     from mixlm.hf.verify import verify_export
 
+    def verify(folder: Path) -> None:  # runs on the finished hidden folder, before it becomes OUT_DIR
+        report = verify_export(source, folder)
+        print(report.summary())
+        if not report.passed:
+            raise VerifyFailed(report.summary())
+
     try:
         source = open_checkpoint(args.checkpoint, step=args.step)
-        print(f"exporting {source.description} (step {source.step}, {source.cfg.model.name or source.cfg.model.family})")
+        unverified = ("; it has no file list (the run stopped right after saving it), so each param is checked "
+                      "against the value sums saved with it as it is read" if not source.verified else "")
+        print(f"exporting {source.description} (step {source.step}, "
+              f"{source.cfg.model.name or source.cfg.model.family}){unverified}")
         result = export_hf(source, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer or None,
                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
-                           card=card_options(args, Path(args.out_dir).name), log=print)
+                           card=card_options(args, Path(args.out_dir).name), log=print,
+                           check=verify if args.verify else None)
         print(f"wrote {result.out_dir}: {result.architecture}, {result.num_params:,} params, "
               f"{result.weight_bytes / 1e9:.2f} GB {args.dtype}, {result.seconds:.1f} s; files: "
               + ", ".join(result.files))
-        if args.verify:
-            report = verify_export(source, result.out_dir)
-            print(report.summary())
-            if not report.passed:
-                return 1
-    except (ExportError, CheckpointError) as e:
+    except VerifyFailed:
+        kept = "left as it was" if Path(args.out_dir).exists() else "not written"
+        print(f"mixlm export: the exported model's logits differ from ours (see the verify line above): "
+              f"{args.out_dir} {kept}. Report it with the command you ran", file=sys.stderr)
+        return 1
+    except CheckpointError as e:  # damaged files in the step: the message names it and what to do
+        print(f"mixlm export: {e}", file=sys.stderr)
+        return 4
+    except ExportError as e:
         print(f"mixlm export: {e}", file=sys.stderr)
         return 2
     return 0

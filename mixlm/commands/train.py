@@ -40,6 +40,7 @@ def run(args) -> int:
     initialize_distributed(args, cfg.train.heartbeat_timeout_s)
     from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
     from mixlm.errors import DataError
+    from mixlm.metrics import MetricsWriteError
     from mixlm.train import NonFiniteLossError, train
 
     try:
@@ -50,7 +51,7 @@ def run(args) -> int:
     except (ConfigMismatchError, RunFolderLockedError) as e:  # another config, or another run, in the folder
         print(f"mixlm train: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:
+    except (CheckpointError, MetricsWriteError) as e:  # an unusable checkpoint, a run folder it cannot write
         print(f"mixlm train: {e}", file=sys.stderr)
         return 4
     except DataError as e:  # a corrupt shard, a domain used up: the message names the file and the fix
@@ -58,6 +59,14 @@ def run(args) -> int:
         return 5
     if result.preempted_at is not None:  # a clean stop: the scheduler should not count it as a failure
         print(f"preempted: checkpoint of step {result.preempted_at} saved; rerun the same command to resume")
+        return 0
+    if result.already_finished:  # a rerun: report what the run logged, append nothing
+        loss = result.logged.get("loss")
+        val = result.eval.get("val_loss")
+        logged = ", ".join(text for text in (f"loss {loss:.4f}" if loss is not None else "",
+                                             f"val_loss {val:.4f}" if val is not None else "") if text)
+        print(f"already finished: step {int(result.state.step)}" + (f", {logged} (from metrics.jsonl)" if logged else "")
+              + f"; nothing to train, outputs in {result.out_dir}. Raise train.steps to train further")
         return 0
     last = result.history[-1] if result.history else {}
     print(f"done: step {cfg.train.steps}, loss {last.get('loss', float('nan')):.4f}, outputs in {result.out_dir}")

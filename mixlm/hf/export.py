@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mixlm import model_card
-from mixlm.checkpoint import ParamPath, ParamSource, flatten_params
+from mixlm.checkpoint import VALUE_SUMS, ParamPath, ParamSource, flatten_params
 from mixlm.config import ModelConfig
 from mixlm.data.tokenizer import copy_tokenizer
 from mixlm.errors import ExportError
@@ -169,10 +169,13 @@ class ExportResult:
 
 def export_hf(source: ParamSource, out_dir: str | Path, *, dtype: str = "float32", tokenizer: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-              card: CardOptions | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+              card: CardOptions | None = None, log: Callable[[str], None] | None = None,
+              check: Callable[[Path], None] | None = None) -> ExportResult:
     """Writes a transformers folder for `source`: safetensors weights in `dtype`, config.json,
     generation_config.json, the tokenizer (`tokenizer`, else the run's data.tokenizer), README.md (model card)
-    and mixlm_export.json. Atomic: OUT_DIR appears only when everything is written."""
+    and mixlm_export.json. Atomic: OUT_DIR appears only when everything is written and `check(folder)` (e.g.
+    the parity check, mixlm.hf.verify) has run on the finished hidden folder without raising; whatever raises
+    leaves OUT_DIR as it was (absent, or the old folder with --overwrite)."""
     start = time.perf_counter()
     cfg = source.cfg.model
     architecture = get_family(cfg.family).hf_architecture(cfg)
@@ -202,12 +205,14 @@ def export_hf(source: ParamSource, out_dir: str | Path, *, dtype: str = "float32
             "source": source.description,
             "step": source.step,
             "config": source.cfg.to_dict(),
-            "checkpoint_meta": {k: v for k, v in source.meta.items() if k != "config"},
+            "checkpoint_meta": {k: v for k, v in source.meta.items() if k not in ("config", VALUE_SUMS)},
             "tokenizer": tokenizer_src or "",
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
         info = card_info_from_provenance(provenance, dataclasses.replace(card, name=provenance["name"]))
         (tmp / "README.md").write_text(model_card.render_model_card(info))
+        if check is not None:
+            check(tmp)
         commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
