@@ -52,8 +52,8 @@ def create_checkpoint(model_path: str, run_dir: Path) -> dict:
     import numpy as np
 
     from mixlm import checkpoint
-    from mixlm.checkpoint import flatten_params, unflatten_params
     from mixlm.config import CheckpointConfig, ExperimentConfig, TrainConfig, load_model_config
+    from mixlm.hf.param_readers import flatten_params, unflatten_params
     from mixlm.models import abstract_params
 
     model = load_model_config(model_path)
@@ -84,8 +84,8 @@ def run_export(run_dir: Path, out_dir: Path, dtype: str, verify: bool) -> dict:
     import transformers  # noqa: F401
     from transformers import GenerationConfig, GPT2Config, LlamaConfig, Qwen3Config  # noqa: F401 (pulls in torch)
 
-    from mixlm.checkpoint import open_checkpoint
     from mixlm.hf.export import export_hf
+    from mixlm.hf.param_readers import open_checkpoint
     from mixlm.hf.verify import verify_export
 
     exact = reset_peak()

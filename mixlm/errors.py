@@ -12,6 +12,9 @@ Every message names what, where and what to do, in one line; `mixlm.cli` prints 
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class ConfigError(ValueError):
     """A config file, override or flag is wrong; the message names the file, the key and what to do."""
@@ -54,6 +57,10 @@ class InputFileError(PrepareError):
     """An input file cannot be read to its end: cut short, corrupt, or not the format its name says."""
 
 
+class CheckpointCorruptWarning(UserWarning):
+    """A checkpoint step failed validation and was set aside."""
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss, gradient or parameter norm became NaN or infinite; nothing was saved after it."""
 
@@ -86,3 +93,25 @@ def exit_code(error: BaseException) -> int:
         if isinstance(error, kind):
             return code
     return 1
+
+
+def short_text(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, cut to `limit` characters."""
+    text = str(e).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def os_reason(e: BaseException) -> str:
+    """'<strerror>: <file>' for an OSError (also one wrapped by Orbax, or TensorStore's text of one:
+    `... Failed writing: "<file>" ... [os_error_code='28']`), else the short text."""
+    while not isinstance(e, OSError) and e.__cause__ is not None:
+        e = e.__cause__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        where = re.search(r'(?:Failed writing|Error opening|Failed to open)[^"]*"([^"]+)"', text)
+        reason = os.strerror(int(code.group(1)))
+        return f"{reason}: {where.group(1)}" if where else reason
+    return f"{type(e).__name__}: {short_text(e)}"

@@ -26,8 +26,9 @@ from typing import Any
 
 import jax
 
-from mixlm.checkpoint import PreemptionGuard, run_metadata
+from mixlm.checkpoint import run_metadata
 from mixlm.config import ExperimentConfig
+from mixlm.preemption import PreemptionGuard
 from mixlm.sharding import to_global_batch
 
 

@@ -49,7 +49,6 @@ from jax.sharding import PartitionSpec as P
 
 from mixlm.checkpoint import (
     ConfigMismatchError,
-    PreemptionGuard,
     RunCheckpoints,
     checkpoint_dir,
     run_metadata,
@@ -65,6 +64,7 @@ from mixlm.config import (
 )
 from mixlm.hooks import GUARDED_METRICS
 from mixlm.metrics import MetricsLog
+from mixlm.preemption import PreemptionGuard
 from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh
 from mixlm.train import TrainSetup, build_setup, program_key, trim_metrics_log
 

@@ -28,12 +28,12 @@ from mixlm.checkpoint import (
     CheckpointError,
     RunCheckpoints,
     checkpoint_dir,
-    os_reason,
     resolve_step_dir,
     restore_params,
 )
 from mixlm.config import ExperimentConfig, save_config, validate_for_mesh
 from mixlm.data import make_train_source
+from mixlm.errors import os_reason
 from mixlm.hooks import Hook, NonFiniteLossError, Run, StepMeter, default_hooks, evaluate
 from mixlm.metrics import MetricsLog, peak_flops_per_device, read_metrics_log
 from mixlm.models import forward

@@ -32,7 +32,6 @@ from mixlm.checkpoint import (
     CheckpointSaveError,
     ConfigMismatchError,
     RunCheckpoints,
-    RunFolderLock,
     checkpoint_dir,
     file_problem,
     restore_params,
@@ -40,6 +39,7 @@ from mixlm.checkpoint import (
 )
 from mixlm.config import CheckpointConfig, MeshConfig, load_config
 from mixlm.data.synthetic import SyntheticSource
+from mixlm.folder_lock import RunFolderLock
 from mixlm.sharding import make_mesh, to_global_batch
 from mixlm.train import build_setup, initial_state, train
 

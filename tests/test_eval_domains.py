@@ -39,8 +39,8 @@ SEQ_LEN = 64
 def run(tmp_path_factory):
     """Two prepared domains (with BOS and EOS, 12 held-out documents each), a 3-step first_fit run on them with
     a checkpoint, and the run exported as a transformers folder."""
-    from mixlm.checkpoint import open_checkpoint
     from mixlm.hf.export import export_hf
+    from mixlm.hf.param_readers import open_checkpoint
     from mixlm.hooks import MixtureUpdateHook, default_hooks
     from mixlm.train import train
 

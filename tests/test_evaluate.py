@@ -37,17 +37,17 @@ LIMIT = 12
 def tiny(tmp_path_factory):
     """A tiny random llama (large init so choices differ clearly), a BPE tokenizer trained on demo text, and
     the model exported as a transformers folder."""
-    from mixlm.checkpoint import MemorySource
     from mixlm.data.demo_corpus import GENERATORS
     from mixlm.data.tokenizer import train_tokenizer_from_texts
     from mixlm.hf.export import export_hf
+    from mixlm.hf.param_readers import MemoryReader
 
     root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
     texts = [gen(rng) for gen in GENERATORS.values() for _ in range(150)]
     tokenizer_dir = train_tokenizer_from_texts(texts, root / "tokenizer", vocab_size=CFG.vocab_size)
     graphdef, params = split_params(build_model(CFG, rngs=nnx.Rngs(0)))
-    export_hf(MemorySource(ExperimentConfig(model=CFG), params), root / "hf", tokenizer=str(tokenizer_dir))
+    export_hf(MemoryReader(ExperimentConfig(model=CFG), params), root / "hf", tokenizer=str(tokenizer_dir))
     return {"root": root, "graphdef": graphdef, "params": params, "tokenizer": tokenizer_dir, "hf": root / "hf"}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixlm.checkpoint import FILE_LIST, MemorySource, open_checkpoint
+from mixlm.checkpoint import FILE_LIST
 from mixlm.config import (
     CheckpointConfig,
     DataConfig,
@@ -24,6 +24,7 @@ from mixlm.config import (
 )
 from mixlm.errors import ExportError
 from mixlm.hf.export import export_hf
+from mixlm.hf.param_readers import MemoryReader, open_checkpoint
 from mixlm.hf.verify import flax_forward, load_params, verify_export
 
 VOCAB = 300  # the byte-level tokenizer below: 256 bytes + 3 specials + merges
@@ -213,7 +214,7 @@ def test_clear_errors_and_no_half_written_folder(trained_runs, tmp_path, capsys)
 
     _, params = split_params(build_model(odd, rngs=nnx.Rngs(0)))
     with pytest.raises(ExportError, match=r"cannot be exported to GPT2LMHeadModel.*n_embd == n_head \* head_dim"):
-        export_hf(MemorySource(odd, params), tmp_path / "odd")
+        export_hf(MemoryReader(odd, params), tmp_path / "odd")
     assert not (tmp_path / "odd").exists()
 
     # A failure halfway through the weights leaves nothing that looks like a model folder.
@@ -290,13 +291,13 @@ def test_a_check_that_fails_leaves_out_dir_as_it_was(tmp_path):
         raise ExportError("parity check failed")
 
     with pytest.raises(ExportError, match="parity check failed"):
-        export_hf(MemorySource(LLAMA, params), tmp_path / "new", check=refuse)
+        export_hf(MemoryReader(LLAMA, params), tmp_path / "new", check=refuse)
     assert "config.json" in checked[0] and "model.safetensors" in checked[0]  # it saw the whole folder
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("the previous export")
     with pytest.raises(ExportError, match="parity check failed"):
-        export_hf(MemorySource(LLAMA, params), tmp_path / "old", overwrite=True, check=refuse)
+        export_hf(MemoryReader(LLAMA, params), tmp_path / "old", overwrite=True, check=refuse)
     assert os.listdir(tmp_path / "old") == ["keep.txt"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
@@ -415,7 +416,7 @@ def test_model_card_and_release(tmp_path, tokenizer_dir, capsys, monkeypatch):
     meta = {"tokens_seen": {"web": 15360, "code": 7680, "books": 2560}, "tokens_seen_total": 25600,
             "mixlm_version": "0.1.0"}
     folder = tmp_path / "card-test"
-    export_hf(MemorySource(cfg, params, step=100, meta=meta), folder)
+    export_hf(MemoryReader(cfg, params, step=100, meta=meta), folder)
     card = (folder / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["license"] == "apache-2.0" and front["library_name"] == "transformers"
@@ -470,6 +471,6 @@ def test_more_than_ten_layers_keep_their_order(tmp_path):
     rng = np.random.default_rng(0)
     for layer in params["layers"].values():  # distinct norm scales make every layer's position matter
         layer["input_layernorm"]["scale"] = 1.0 + rng.standard_normal(32).astype(np.float32)
-    source = MemorySource(cfg, params)
+    source = MemoryReader(cfg, params)
     export_hf(source, tmp_path / "hf")
     assert verify_export(source, tmp_path / "hf").passed

@@ -126,9 +126,9 @@ def test_test_only_family_trains_exports_and_imports(biased_family, tmp_path):
     import torch
     import transformers
 
-    from mixlm.checkpoint import open_checkpoint
     from mixlm.hf.export import export_hf
     from mixlm.hf.import_hf import import_hf
+    from mixlm.hf.param_readers import open_checkpoint
     from mixlm.hf.verify import flax_forward, load_params, verify_export
     from mixlm.train import train
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import xla_flags
 from test_checkpoint import quiet, tiny_cfg, write_config
 
-from mixlm.checkpoint import LOCK_FILE, RunFolderLock, RunFolderLockedError
+from mixlm.checkpoint import RunFolderLockedError
+from mixlm.folder_lock import LOCK_FILE, RunFolderLock
 from mixlm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding the run folder's lock (as a running trainer does) until it is killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from mixlm.checkpoint import RunFolderLock
+        from mixlm.folder_lock import RunFolderLock
         RunFolderLock({str(folder)!r}).acquire()
         print("locked", flush=True)
         time.sleep(600)

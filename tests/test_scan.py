@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from mixlm import models
-from mixlm.checkpoint import MemorySource, open_checkpoint
 from mixlm.config import (
     CheckpointConfig,
     DataConfig,
@@ -25,6 +24,7 @@ from mixlm.config import (
 )
 from mixlm.hf.export import export_hf
 from mixlm.hf.import_hf import read_hf_params
+from mixlm.hf.param_readers import MemoryReader, open_checkpoint
 from mixlm.hf.verify import load_params, verify_export
 from mixlm.models import forward
 from mixlm.optim import decay_mask
@@ -166,7 +166,7 @@ def test_scanned_checkpoint_exports_the_plain_models_hf_folder(cfg, tmp_path):
     export_hf(source, tmp_path / "hf_scanned")
 
     stacked_params = load_params(source)
-    plain_source = MemorySource(cfg, models.unstack_layers(stacked_params, cfg))
+    plain_source = MemoryReader(cfg, models.unstack_layers(stacked_params, cfg))
     export_hf(plain_source, tmp_path / "hf_plain")
 
     ours, theirs = safetensors_tensors(tmp_path / "hf_scanned"), safetensors_tensors(tmp_path / "hf_plain")

@@ -9,10 +9,10 @@ import re
 import pytest
 import yaml
 
-from mixlm.checkpoint import RunFolderLock
 from mixlm.cli import main
 from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
 from mixlm.data.tokenizer import load_tokenizer_spec
+from mixlm.folder_lock import RunFolderLock
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
 from mixlm.mixing.sweep import plan_sweep, search_target
 

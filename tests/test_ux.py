@@ -160,16 +160,16 @@ def test_repetition_warning_is_one_line_without_source():
 def test_release_dry_run_writes_a_card_preview_beside_the_folder(demo_data, tmp_path, capsys):
     from flax import nnx
 
-    from mixlm.checkpoint import MemorySource
     from mixlm.config import DataConfig, ExperimentConfig, ModelConfig
     from mixlm.hf.export import export_hf
+    from mixlm.hf.param_readers import MemoryReader
     from mixlm.models import build_model, split_params
 
     cfg = ExperimentConfig(model=ModelConfig(num_layers=1, d_model=32, num_heads=2, mlp_dim=64, vocab_size=300),
                            data=DataConfig(seq_len=16, tokenizer=str(demo_data["tokenizer"]), mixture={"a": 1.0}))
     _, params = split_params(build_model(cfg.model, rngs=nnx.Rngs(0)))
     folder = tmp_path / "model"
-    export_hf(MemorySource(cfg, params, step=1, meta={}), folder)
+    export_hf(MemoryReader(cfg, params, step=1, meta={}), folder)
     card = (folder / "README.md").read_text()
     assert main(["release", str(folder), "--repo-id", "org/model", "--dry-run", "--name", "renamed"]) == 0
     preview = tmp_path / "model.README.preview.md"

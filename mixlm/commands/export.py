@@ -74,9 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mixlm.checkpoint import CheckpointError, open_checkpoint
+    from mixlm.checkpoint import CheckpointError
     from mixlm.errors import ExportError
     from mixlm.hf.export import export_hf
+    from mixlm.hf.param_readers import open_checkpoint
     from mixlm.hf.verify import verify_export
 
     def verify(folder: Path) -> None:  # runs on the finished hidden folder, before it becomes OUT_DIR

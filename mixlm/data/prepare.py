@@ -35,7 +35,8 @@ from mixlm.data.prepare_options import PrepareOptions, plan_options
 from mixlm.data.prepared import MANIFEST, DomainManifest, PreparedDomain, ShardInfo, SplitInfo
 from mixlm.data.tokenize_chunks import ChunkStore, Progress, save_npy, tokenize_units, tokenizer_pool
 from mixlm.data.tokenizer import TokenizerSpec, load_tokenizer_spec
-from mixlm.errors import PrepareError, ShardError
+from mixlm.errors import CheckpointError, PrepareError, RunFolderLockedError, ShardError
+from mixlm.folder_lock import RunFolderLock
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
 _WORK = ".work"
@@ -202,10 +203,8 @@ def _plan_changes(existing: DomainManifest, provenance: list[dict], spec: Tokeni
 
 @contextlib.contextmanager
 def _domain_lock(dom_dir: Path):
-    """Holds the domain folder's lock (checkpoint.RunFolderLock: an flock the kernel drops with its holder)
+    """Holds the domain folder's lock (mixlm.folder_lock.RunFolderLock: an flock the kernel drops with its holder)
     while the block runs; PreparedFolderLockedError naming the holder when another prepare has it."""
-    from mixlm.checkpoint import CheckpointError, RunFolderLock, RunFolderLockedError
-
     lock = RunFolderLock(dom_dir, log=lambda message: print(message, file=sys.stderr))
     try:
         lock.acquire()

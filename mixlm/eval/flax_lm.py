@@ -105,9 +105,9 @@ class FlaxLM(TemplateLM):
     @classmethod
     def from_checkpoint(cls, path: str | Path, tokenizer: Any = None, step: int | None = None, **kwargs) -> FlaxLM:
         """Our Flax model on a training run's checkpoint (a run folder, its checkpoints/ or one step folder;
-        mixlm.checkpoint.open_checkpoint picks the newest complete step). `tokenizer` defaults to the run's
+        mixlm.hf.param_readers.open_checkpoint picks the newest complete step). `tokenizer` defaults to the run's
         data.tokenizer. Raises ExportError (checkpoint) or ValueError (no tokenizer)."""
-        from mixlm.checkpoint import flatten_params, open_checkpoint, unflatten_params
+        from mixlm.hf.param_readers import flatten_params, open_checkpoint, unflatten_params
         from mixlm.models import abstract_params
 
         source = open_checkpoint(path, step)

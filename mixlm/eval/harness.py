@@ -126,8 +126,8 @@ def model_tokenizer(model: str | Path):
     import transformers
 
     if is_run_folder(model):
-        from mixlm.checkpoint import open_checkpoint
         from mixlm.errors import ExportError
+        from mixlm.hf.param_readers import open_checkpoint
 
         try:
             name = open_checkpoint(model).cfg.data.tokenizer

@@ -8,7 +8,7 @@
     mixlm.hf.provenance    mixlm_export.json and the model card rendered from it
     mixlm.hf.folders       folders that appear only when complete (staging + rename)
 
-Param sources (what export reads: `open_checkpoint`, `MemorySource`) live in mixlm.checkpoint; what a
+Param sources (what export reads: `open_checkpoint`, `MemoryReader`) live in mixlm.checkpoint; what a
 family exports to and reads from (architecture, config.json, tensor names) lives in the family's module,
 reached through mixlm.model_families. This package file imports nothing; export's error is mixlm.errors.ExportError.
 """

@@ -1,6 +1,6 @@
-"""A param source (mixlm.checkpoint: open_checkpoint, MemorySource) as a transformers folder.
+"""A param source (mixlm.checkpoint: open_checkpoint, MemoryReader) as a transformers folder.
 
-    source = open_checkpoint("runs/x", step=None)       # newest good step; or MemorySource(cfg, params)
+    source = open_checkpoint("runs/x", step=None)       # newest good step; or MemoryReader(cfg, params)
     result = export_hf(source, "hf/x", dtype="bfloat16", tokenizer="tok/")
 
 The family (mixlm.model_families) names the transformers class (llama → `LlamaForCausalLM`, llama with
@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from mixlm import model_card
-from mixlm.checkpoint import VALUE_SUMS, ParamPath, ParamSource, flatten_params
+from mixlm.checkpoint import VALUE_SUMS
 from mixlm.config import ModelConfig
 from mixlm.data.tokenizer import copy_tokenizer
 from mixlm.errors import ExportError
 from mixlm.hf.folders import commit_dir, staging_dir
+from mixlm.hf.param_readers import ParamPath, ParamReader, flatten_params
 from mixlm.hf.provenance import PROVENANCE_FILE, CardOptions, card_info_from_provenance
 from mixlm.hf.safetensors_files import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -75,12 +76,12 @@ def hf_plan(cfg: ModelConfig, shapes: dict[ParamPath, tuple[int, ...]]) -> list[
 
 
 class PlainLayoutSource:
-    """A ParamSource of a scanned model (model.scan_layers: blocks stacked [num_layers, ...]) seen in the plain
+    """A ParamReader of a scanned model (model.scan_layers: blocks stacked [num_layers, ...]) seen in the plain
     layout that hf_name_map speaks: read(('layers', '3', ...)) is layer 3 of the stacked ('layers', ...) array.
     Each stacked array is read once and dropped when its last layer has been handed out, so an export in
     hf_name_map's layer-major order holds about the blocks' params once in host memory (not two copies)."""
 
-    def __init__(self, source: ParamSource):
+    def __init__(self, source: ParamReader):
         self.source, self.cfg, self.step, self.meta = source, source.cfg, source.step, source.meta
         self.description = source.description
         self._key = layers_param(source.cfg.model)
@@ -113,12 +114,12 @@ class PlainLayoutSource:
         return out
 
 
-def plain_layout(source: ParamSource) -> ParamSource:
+def plain_layout(source: ParamReader) -> ParamReader:
     """`source` in the plain layout: itself, or a PlainLayoutSource when its config has model.scan_layers."""
     return PlainLayoutSource(source) if source.cfg.model.scan_layers else source
 
 
-def write_weights(plan: list[HFTensor], source: ParamSource, folder: Path, *, dtype: str,
+def write_weights(plan: list[HFTensor], source: ParamReader, folder: Path, *, dtype: str,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log: Callable[[str], None] | None = None) -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above
     max_shard_bytes. Returns the file names."""
@@ -167,7 +168,7 @@ class ExportResult:
     seconds: float
 
 
-def export_hf(source: ParamSource, out_dir: str | Path, *, dtype: str = "float32", tokenizer: str | None = None,
+def export_hf(source: ParamReader, out_dir: str | Path, *, dtype: str = "float32", tokenizer: str | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
               card: CardOptions | None = None, log: Callable[[str], None] | None = None,
               check: Callable[[Path], None] | None = None) -> ExportResult:

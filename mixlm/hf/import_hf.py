@@ -24,6 +24,7 @@ from mixlm import checkpoint
 from mixlm.config import CheckpointConfig, DataConfig, ExperimentConfig, ModelConfig, save_config
 from mixlm.data.tokenizer import TOKENIZER_FILES, copy_tokenizer_files
 from mixlm.errors import ExportError
+from mixlm.hf import param_readers
 from mixlm.hf.folders import commit_dir, staging_dir
 from mixlm.model_families import family_names, get_family
 from mixlm.models import layers, stack_layers
@@ -88,7 +89,7 @@ def read_hf_params(hf_dir: Path, cfg: ModelConfig) -> dict:
     missing = [name for name, (path, _) in wanted.items() if path not in flat]
     if missing:
         raise ExportError(f"{hf_dir}: the weights lack {missing[:6]} (truncated download?)")
-    params = checkpoint.unflatten_params(flat)
+    params = param_readers.unflatten_params(flat)
     return stack_layers(params, cfg) if cfg.scan_layers else params  # model.scan_layers: blocks stacked
 
 
@@ -140,7 +141,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fals
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n = sum(int(np.size(a)) for a in checkpoint.flatten_params(params).values())
+    n = sum(int(np.size(a)) for a in param_readers.flatten_params(params).values())
     return ImportResult(out_dir=out_dir, step_dir=out_dir / checkpoint.CHECKPOINT_SUBDIR / "0",
                         model_config=out_dir / "model.yaml", experiment_config=out_dir / "config.yaml",
                         num_params=n, seconds=time.perf_counter() - start)

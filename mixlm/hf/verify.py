@@ -15,9 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mixlm.checkpoint import ParamSource, unflatten_params
 from mixlm.config import ModelConfig
 from mixlm.errors import ExportError
+from mixlm.hf.param_readers import ParamReader, unflatten_params
 from mixlm.hf.provenance import PROVENANCE_FILE
 from mixlm.hf.safetensors_files import numpy_dtype
 from mixlm.model_families import get_family
@@ -43,7 +43,7 @@ class VerifyReport:
                 f"compute): {verdict}")
 
 
-def load_params(source: ParamSource, *, round_to: str = "float32", place: Callable | None = None) -> dict:
+def load_params(source: ParamReader, *, round_to: str = "float32", place: Callable | None = None) -> dict:
     """All params as a nested dict of float32 arrays, optionally rounded through `round_to` (so the Flax
     model sees exactly the weights a bfloat16 export holds) and moved by `place` (e.g. jax.device_put) one
     array at a time, so at most one extra host copy exists at once."""
@@ -81,7 +81,7 @@ def logits_agreement(ours_BxLxV: np.ndarray, theirs_BxLxV: np.ndarray) -> tuple[
     return float(np.max(np.abs(a - b))), float(np.mean(kl))
 
 
-def verify_export(source: ParamSource, out_dir: str | Path, *, batch_size: int = 2, seq_len: int = 64,
+def verify_export(source: ParamReader, out_dir: str | Path, *, batch_size: int = 2, seq_len: int = 64,
                   seed: int = 0, tolerance: float = 1e-4) -> VerifyReport:
     """Runs our Flax model (on the source's params, rounded to the export's dtype) and the exported
     transformers model (float32) on the same random tokens; compares the logits."""

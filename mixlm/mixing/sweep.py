@@ -320,7 +320,7 @@ def swarm_dir_of(out_dir: Path, members: list[ProxyRun]) -> Path:
 
 def _locked_swarm_message(where: Path, out_dir: Path) -> str:
     """One line for a swarm folder another process holds: who holds it and what to do."""
-    from mixlm.checkpoint import LOCK_FILE
+    from mixlm.folder_lock import LOCK_FILE
 
     try:
         info = json.loads((where / LOCK_FILE).read_text())

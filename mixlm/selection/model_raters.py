@@ -180,8 +180,8 @@ class PooledHiddenStates:
 
 def load_checkpoint_model(checkpoint: str | Path):
     """(ModelConfig, params, tokenizer name) of a mixlm run / checkpoint folder."""
-    from mixlm.checkpoint import open_checkpoint
     from mixlm.errors import ExportError
+    from mixlm.hf.param_readers import open_checkpoint
     from mixlm.hf.verify import load_params
 
     try:

@@ -119,9 +119,9 @@ class FlaxPerplexity:
     """Perplexity columns under a mixlm run / checkpoint folder (its newest complete step), in Flax."""
 
     def __init__(self, checkpoint: str | Path, *, batch_size: int = 8, max_length: int | None = None):
-        from mixlm.checkpoint import open_checkpoint
         from mixlm.data.tokenizer import load_tokenizer_spec
         from mixlm.errors import ExportError
+        from mixlm.hf.param_readers import open_checkpoint
         from mixlm.hf.verify import load_params
         from mixlm.model_families import get_family
         from mixlm.models import abstract_params
