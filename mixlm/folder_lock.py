@@ -11,8 +11,8 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from mixlm.errors import CheckpointError, RunFolderLockedError, os_reason
 
+from mixlm.errors import CheckpointError, RunFolderLockedError, os_reason
 
 LOCK_FILE = ".mixlm.lock"
 

@@ -41,7 +41,6 @@ from mixlm.checkpoint.integrity import (
     write_file_list,
 )
 from mixlm.checkpoint.metadata import CORRUPT_SUBDIR, absolute_path, check_resume_config
-from mixlm.folder_lock import RunFolderLock
 from mixlm.errors import (
     CheckpointCorruptWarning,
     CheckpointError,
@@ -50,6 +49,7 @@ from mixlm.errors import (
     os_reason,
     short_text,
 )
+from mixlm.folder_lock import RunFolderLock
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:
