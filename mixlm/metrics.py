@@ -72,23 +72,6 @@ class MetricsWriteError(RuntimeError):
     """metrics.jsonl could not be written (disk full, permissions); the message names the file and what to do."""
 
 
-def read_metrics_log(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl ([] when there is no such file); a line that is not a JSON object (a torn
-    last line of a killed run) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 class WandbSink:
     """One Weights & Biases run for a training run (process 0 only): numbers logged at their step."""
 

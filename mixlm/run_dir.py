@@ -122,8 +122,13 @@ class RunDir:
         file instead of repeating the steps it redoes. Call it on the writing process only."""
         if not self.metrics_file.exists():
             return
-        kept = [row for row in self.metrics() if row["step"] <= last_step]
-        storage.write_atomic(self.metrics_file, "".join(json.dumps(row) + "\n" for row in kept))
+        kept = []
+        for line in self.metrics_file.read_text().splitlines():
+            rows = parse_metrics(line).rows
+            if rows and rows[0]["step"] <= last_step:
+                kept.append(line)  # verbatim
+        # written whole (storage.write_atomic): a full disk fails the write, never the log
+        storage.write_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
 
     # ---- result.json ---------------------------------------------------------------------------------------
 

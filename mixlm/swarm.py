@@ -65,8 +65,9 @@ from mixlm.config import (
 from mixlm.hooks import GUARDED_METRICS
 from mixlm.metrics import MetricsLog
 from mixlm.preemption import PreemptionGuard
+from mixlm.run_dir import RunDir
 from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh
-from mixlm.train import TrainSetup, build_setup, program_key, trim_metrics_log
+from mixlm.train import TrainSetup, build_setup, program_key
 
 MEMBER_AXIS = "data"  # the mesh axis the member axis is sharded over
 SWARM_DONE = "swarm.json"
@@ -360,7 +361,7 @@ class _MemberLogs:
             out = Path(cfgs[m].train.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfgs[m], out / "config.yaml")
-            trim_metrics_log(out / "metrics.jsonl", start_step, writer=True)
+            RunDir(out).trim_metrics(start_step)
             quiet = cfgs[m].replace(logging=dataclasses.replace(cfgs[m].logging, progress=False, wandb=False))
             self.logs[m] = MetricsLog.for_run(out, quiet, start_step=start_step, writer=True)  # its owner writes
         self.tokens_total = dict(tokens_before)

@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,11 @@ from mixlm.config import ExperimentConfig, save_config, validate_for_mesh
 from mixlm.data import make_train_source
 from mixlm.errors import os_reason
 from mixlm.hooks import Hook, NonFiniteLossError, Run, StepMeter, default_hooks, evaluate
-from mixlm.metrics import MetricsLog, peak_flops_per_device, read_metrics_log
+from mixlm.metrics import MetricsLog, peak_flops_per_device
 from mixlm.models import forward
 from mixlm.models.forward import token_losses
 from mixlm.optim import make_optimizer
+from mixlm.run_dir import RunDir
 from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh, to_global_batch
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums", "build_setup", "evaluate",
@@ -257,29 +257,6 @@ def state_from_params(setup: TrainSetup, params: dict) -> TrainState:
     return fresh(params)
 
 
-def trim_metrics_log(path: Path, last_step: int, *, writer: bool | None = None) -> None:
-    """Keeps the rows of metrics.jsonl up to `last_step` (dropping a torn last line), so that a resumed run
-    continues the file instead of repeating the steps it redoes. `writer`: whether this process owns the file
-    (default: process 0)."""
-    if not (jax.process_index() == 0 if writer is None else writer) or not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= last_step:
-            kept.append(line)
-    # Written aside and renamed: a full disk fails the write, never the log (a rewrite in place could cut it).
-    tmp = path.with_name(f".{path.name}.trim-{os.getpid()}")
-    try:
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change: bool,
                   say: Callable[[str], None]) -> TrainState:
     """Resumes from the newest good checkpoint of this output folder (state and data position), else
@@ -319,7 +296,8 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
         if jax.process_index() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out_dir / "config.yaml")
-        trim_metrics_log(out_dir / "metrics.jsonl", start_step)
+        if jax.process_index() == 0:
+            RunDir(out_dir).trim_metrics(start_step)
         log = MetricsLog.for_run(out_dir, cfg, start_step=start_step)
     except OSError as e:
         checkpoints.close()
@@ -332,7 +310,7 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
     finished = start_step >= cfg.train.steps
     logged: dict = {}
     if finished:  # what the finished run logged at its last step: its loss and final evals
-        for row in read_metrics_log(out_dir / "metrics.jsonl"):
+        for row in RunDir(out_dir).metrics():
             if row.get("step") == start_step:
                 logged.update({k: v for k, v in row.items() if k != "step"})
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)

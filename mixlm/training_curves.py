@@ -17,10 +17,11 @@ config.yaml (data.mixture and its stages) and checkpoints/<step>/data (mixture u
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
+
+from mixlm.run_dir import RunDir
 
 
 class PlotError(RuntimeError):
@@ -29,18 +30,10 @@ class PlotError(RuntimeError):
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of <run_dir>/metrics.jsonl (lines that are not JSON objects are skipped). Raises PlotError."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    run = RunDir(run_dir)
+    if not run.metrics_file.exists():
         raise PlotError(f"{run_dir}: no metrics.jsonl (is it a training run's output folder, train.output_dir?)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
+    return run.metrics()
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

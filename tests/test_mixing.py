@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from corpus import write_manifest
 
 from mixlm.cli import main
 from mixlm.errors import ConfigError
@@ -104,10 +105,9 @@ def test_strength_grid_is_log_spaced():
 
 
 def test_prior_from_manifests_and_yaml(tmp_path):
-    for domain, tokens in [("web", 300), ("code", {"train": 100, "validation": 5})]:
-        (tmp_path / "prepared" / domain).mkdir(parents=True)
-        (tmp_path / "prepared" / domain / "manifest.json").write_text(json.dumps({"tokens": tokens}))
-    prior = load_prior(tmp_path / "prepared")
+    for domain, train, validation in [("web", 300, 0), ("code", 100, 5)]:
+        write_manifest(tmp_path / "prepared" / domain, train, validation)
+    prior = load_prior(tmp_path / "prepared")  # the train split's tokens
     assert prior.domains == ("code", "web")
     np.testing.assert_allclose(prior.tokens_D, [100, 300])
     np.testing.assert_allclose(prior.usage_bounds(2.0, token_budget=400), [0.5, 1.0])
@@ -128,8 +128,7 @@ def test_prior_from_manifests_and_yaml(tmp_path):
     with pytest.raises(ConfigError, match="missing from the prior"):
         prior.reorder(("code", "books"))
     # a subset (the training domains of a folder that also holds an eval-only target): shares renormalised
-    (tmp_path / "prepared" / "target").mkdir()
-    (tmp_path / "prepared" / "target" / "manifest.json").write_text(json.dumps({"tokens": 600}))
+    write_manifest(tmp_path / "prepared" / "target", 600)
     sub = load_prior(tmp_path / "prepared", domains=["web", "code"])
     assert sub.domains == ("web", "code")
     np.testing.assert_allclose(sub.shares_D, [0.75, 0.25])
@@ -526,8 +525,7 @@ def test_cli_fit_prints_and_saves_the_choice_and_warns_of_few_runs(tmp_path, cap
 
 def _prepared_manifests(root, tokens):
     for domain, count in tokens.items():
-        (root / domain).mkdir(parents=True)
-        (root / domain / "manifest.json").write_text(json.dumps({"tokens": {"train": count, "validation": 7}}))
+        write_manifest(root / domain, count, 7)
     return root
 
 

@@ -6,6 +6,7 @@ All data is synthetic (no ../shared)."""
 import numpy as np
 import pytest
 import yaml
+from corpus import write_manifest
 
 from mixlm.cli import main
 from mixlm.errors import ConfigError
@@ -230,14 +231,12 @@ def test_impossible_constraints_are_one_line_errors(corner_model, tmp_path, caps
 
 def _sweep_folder(path, losses, weights_NxD, steps, tokens):
     """A sweep folder as `mixlm sweep` writes it: results.csv, runs/0001/config.yaml, prepared manifests."""
-    import json
 
     index_N = np.arange(1, len(losses) + 1)
     values = np.concatenate([weights_NxD, np.asarray(losses, float)[:, None]], axis=1)
     write_csv(path / "results.csv", Table(index_N, ("a", "b", "metric/val_loss"), values))
     for d, t in tokens.items():
-        (path / "prepared" / d).mkdir(parents=True, exist_ok=True)
-        (path / "prepared" / d / "manifest.json").write_text(json.dumps({"tokens": t}))
+        write_manifest(path / "prepared" / d, t)
     (path / "runs" / "0001").mkdir(parents=True)
     config = {"train": {"steps": steps, "global_batch_size": 10}, "data": {"seq_len": 10,
               "prepared_dir": str(path / "prepared")}}

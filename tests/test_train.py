@@ -228,9 +228,13 @@ def test_trimming_the_metrics_log_on_a_full_disk_keeps_it_whole(tmp_path):
     whole = log.read_text()
     assert len(whole) > 8000
     trim = ("import resource, signal, sys; from pathlib import Path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from mixlm.train import trim_metrics_log; "
-            "trim_metrics_log(Path(sys.argv[1]), 90)")
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from mixlm.run_dir import RunDir; "
+            "RunDir(Path(sys.argv[1]).parent).trim_metrics(90)")
     proc = subprocess.run([sys.executable, "-c", trim, str(log)], capture_output=True, text=True, check=False,
                           timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
     assert log.read_text() == whole and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    from mixlm.run_dir import RunDir
+
+    RunDir(tmp_path).trim_metrics(90)  # without the limit: the rows up to step 90, each line as it was
+    assert log.read_text() == "".join(whole.splitlines(keepends=True)[:90])

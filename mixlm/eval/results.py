@@ -11,6 +11,7 @@ from mixlm.errors import EvalError
 from mixlm.eval.report import card_rows, markdown_table
 from mixlm.eval.suites import Suite, adhoc_suite
 from mixlm.eval.task_scores import finite_number, score_suite
+from mixlm.run_dir import RunDir
 
 RESULTS_FORMAT = "mixlm-eval/1"
 
@@ -53,12 +54,8 @@ def write_results(results: dict, path: str | Path) -> tuple[Path, Path]:
 def _results_from_metrics_log(path: Path) -> dict:
     """A results-like document from a training run's metrics.jsonl: the last record with lm_eval/ keys."""
     last = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and any(str(k).startswith("lm_eval/") for k in record):
+    for record in RunDir(path.parent).metrics():
+        if any(str(k).startswith("lm_eval/") for k in record):
             last = record
     if last is None:
         raise EvalError(f"{path}: no lm_eval/ metrics (set eval.tasks to run lm-eval during training)")

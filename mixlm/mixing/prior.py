@@ -6,7 +6,6 @@ reject any mixture that would repeat a domain more than `max_usage` times in a r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.config import read_yaml_file
-from mixlm.errors import ConfigError
+from mixlm.data.prepared import DomainManifest
+from mixlm.errors import ConfigError, ShardError
 
 # Values of a prior YAML summing to 1 within this are shares, not token counts.
 _SHARE_TOLERANCE = 1e-3
@@ -149,10 +149,8 @@ def _load_prior(source: str | Path) -> DomainPrior:
 
 
 def _manifest_tokens(path: Path) -> float:
-    manifest = json.loads(path.read_text())
-    tokens = manifest.get("tokens")
-    if isinstance(tokens, dict):
-        tokens = tokens.get("train")
-    if not isinstance(tokens, (int, float)):
-        raise ConfigError(f"{path}: key 'tokens' should be the train split's token count, got {tokens!r}")
-    return float(tokens)
+    """The train split's token count of a prepared domain's manifest.json."""
+    try:
+        return float(DomainManifest.load(path).splits["train"].tokens)
+    except (ShardError, KeyError) as e:
+        raise ConfigError(f"{path}: not a readable prepared-domain manifest ({e}); run `mixlm prepare` again") from None
