@@ -101,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     verb_parser = ArgumentParser(prog=f"mixlm {verb}", description=COMMANDS[verb][1])
     module.add_arguments(verb_parser)
     args = parse_verb_args(verb_parser, argv[1:])
-    from mixlm.errors import ConfigError
+    from mixlm.errors import USER_ERRORS, ConfigError, exit_code
 
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:
         print(f"mixlm {verb}: config error: {e}", file=sys.stderr)
         return 2
+    except USER_ERRORS as e:  # one a verb did not turn into its own line: still one line, never a traceback
+        print(f"mixlm {verb}: {e}", file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The errors a user can act on, in one leaf module (it imports nothing of mixlm), and the exit code each gives.
 
-Every message names what, where and what to do, in one line; `mixlm.cli` prints it and exits with
-`exit_code(error)`:
+Every message names what, where and what to do, in one line; the verbs print it and exit with the code of
+this table (`mixlm.cli` does so for any the verb did not handle itself: never a traceback):
 
-    2  usage or config: a bad flag, key or value; another run holds the folder; another config in the folder
+    1  an input file that cannot be read as asked (PrepareError: cut short, corrupt, malformed in strict mode)
+    2  usage or config: a bad flag, key or value; another run holds the folder; another config in the folder;
+       an export or evaluation asked of something that cannot give it (ExportError, EvalError)
     3  training stopped on a non-finite loss
-    4  no usable checkpoint, or one that cannot be written
-    5  data: a corrupt or exhausted shard, a malformed input in strict mode
-    6  export or evaluation could not finish
+    4  no usable checkpoint, or one (or the metrics log) that cannot be written
+    5  prepared data: a corrupt or exhausted shard
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, 2),
     (ConfigMismatchError, 2),
     (RunFolderLockedError, 2),
+    (ExportError, 2),
+    (EvalError, 2),
     (NonFiniteLossError, 3),
     (CheckpointError, 4),
     (DataError, 5),
-    (PrepareError, 5),
-    (ExportError, 6),
-    (EvalError, 6),
+    (PrepareError, 1),
 )
 USER_ERRORS = tuple(kind for kind, _ in _EXIT_CODES)
 
