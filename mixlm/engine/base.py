@@ -31,6 +31,21 @@ def worker_threads() -> int | None:
     return _THREADS[-1] if _THREADS else None
 
 
+class Failed:
+    """An item's exception, held until the items before it are yielded: a map raises the error of the first
+    failing item in order, whichever finished first."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def unwrap(result):
+    """The result, or raises the exception a `Failed` holds."""
+    if isinstance(result, Failed):
+        raise result.error
+    return result
+
+
 class TaskProgress:
     """A tqdm line on stderr over tasks: done / total, ETA, and documents/s when results count documents."""
 

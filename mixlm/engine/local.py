@@ -19,9 +19,11 @@ from mixlm.engine.base import (
     Count,
     Engine,
     EngineError,
+    Failed,
     TaskProgress,
     cpu_count,
     set_worker_threads,
+    unwrap,
 )
 
 
@@ -101,7 +103,8 @@ class LocalEngine(Engine):
                         i = suspects.popleft()
                         running[self._executor().submit(fn, items[i])] = i
                 else:
-                    while waiting and len(running) < window:
+                    stop = min((i for i, r in results.items() if isinstance(r, Failed)), default=len(items))
+                    while waiting and waiting[0] < stop and len(running) < window:
                         i = waiting.popleft()
                         running[self._executor().submit(fn, items[i])] = i
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -113,12 +116,17 @@ class LocalEngine(Engine):
                     except BrokenProcessPool:
                         broken = True
                         continue
-                    except RETRYABLE:
+                    except RETRYABLE as e:
                         attempts[i] += 1
-                        if attempts[i] > self.max_retries:
-                            raise
                         del running[future]
-                        (suspects if suspects else waiting).appendleft(i)
+                        if attempts[i] > self.max_retries:
+                            results[i] = Failed(e)
+                        else:
+                            (suspects if suspects else waiting).appendleft(i)
+                        continue
+                    except Exception as e:  # noqa: BLE001 - the item's own error: raised when its turn comes
+                        del running[future]
+                        results[i] = Failed(e)
                         continue
                     del running[future]
                     progress.done(count(results[i]) if count else None)
@@ -129,12 +137,13 @@ class LocalEngine(Engine):
                     if len(lost) == 1:  # it ran alone: it killed its worker
                         attempts[lost[0]] += 1
                         if attempts[lost[0]] > self.max_retries:
-                            raise EngineError(f"{desc or 'a task'}: item {lost[0]} of {len(items)} failed "
-                                              f"{attempts[lost[0]]} times: its worker process died each time "
-                                              "(out of memory? killed?)")
+                            results[lost[0]] = Failed(EngineError(
+                                f"{desc or 'a task'}: item {lost[0]} of {len(items)} failed {attempts[lost[0]]} "
+                                "times: its worker process died each time (out of memory? killed?)"))
+                            lost = []
                     suspects.extendleft(reversed(lost))
                 while yielded in results:
-                    yield results.pop(yielded)
+                    yield unwrap(results.pop(yielded))
                     yielded += 1
         finally:
             for future in running:

@@ -16,7 +16,16 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from mixlm.engine.base import RETRYABLE, Count, Engine, EngineError, TaskProgress, set_worker_threads
+from mixlm.engine.base import (
+    RETRYABLE,
+    Count,
+    Engine,
+    EngineError,
+    Failed,
+    TaskProgress,
+    set_worker_threads,
+    unwrap,
+)
 from mixlm.errors import ConfigError
 
 
@@ -139,7 +148,8 @@ class RayEngine(Engine):
         submitted = yielded = 0
         try:
             while yielded < n:
-                while submitted < n and len(running) < window:
+                stop = min((i for i, r in results.items() if isinstance(r, Failed)), default=n)
+                while submitted < stop and len(running) < window:
                     ref = submit(submitted)
                     if ref is None:  # no free actor
                         break
@@ -150,10 +160,14 @@ class RayEngine(Engine):
                     i = running.pop(ref)
                     if release is not None:
                         release(ref)
-                    results[i] = self._get(ref, desc, i, n)
+                    try:
+                        results[i] = self._get(ref, desc, i, n)
+                    except Exception as e:  # noqa: BLE001 - the item's own error: raised when its turn comes
+                        results[i] = Failed(e)
+                        continue
                     progress.done(count(results[i]) if count else None)
                 while yielded in results:
-                    yield results.pop(yielded)
+                    yield unwrap(results.pop(yielded))
                     yielded += 1
         finally:
             for ref in running:  # a failed item, or a consumer that stopped early: the rest is not needed
