@@ -173,6 +173,8 @@ def run_pod(commands: dict[str, list[list[str]]], *, dry_run: bool, runner=subpr
 
 # ---- the command line ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # also before slurm|tpu|hosts, as the other launchers take it first (`mixlm launch ray --dry-run slurm ...`)
+    parser.add_argument("--dry-run", dest="dry_run_first", action="store_true", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="where", required=True, metavar="slurm|tpu|hosts")
     slurm = sub.add_parser("slurm", help="an sbatch script: the Ray head and a worker per node, the stage on the head")
     slurm.add_argument("--nodes", type=int, required=True)
@@ -198,6 +200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.dry_run = args.dry_run or args.dry_run_first
     if args.where == "slurm":
         script = slurm_script(
             args.command, nodes=args.nodes, cpus_per_node=args.cpus_per_node, gpus_per_node=args.gpus_per_node,
