@@ -99,3 +99,34 @@ def _prepare_then_die(args: dict) -> None:
 
 if __name__ == "__main__":
     _prepare_then_die(json.loads(sys.argv[1]))
+
+
+class RecordLoads:
+    """fn, then one line `pid classifier-loads-so-far` appended to `log` (from whatever process ran the item)."""
+
+    def __init__(self, fn, log: str):
+        self.fn, self.log = fn, log
+
+    def __call__(self, item):
+        from mixlm.selection import signal_tables
+
+        result = self.fn(item)
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {signal_tables._load_classifier.cache_info().misses}\n")
+        return result
+
+
+class LoadRecordingEngine:
+    """An engine whose stateful maps record, per item, the process and its classifier loads so far."""
+
+    def __init__(self, engine, log: str | Path):
+        self.engine, self.log = engine, str(log)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def imap(self, fn, items, **kwargs):
+        return self.engine.imap(RecordLoads(fn, self.log) if kwargs.get("stateful") else fn, items, **kwargs)
+
+    def map(self, fn, items, **kwargs):
+        return list(self.imap(fn, items, **kwargs))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from engine_faults import FaultyEngine
+from engine_faults import FaultyEngine, LoadRecordingEngine
 
 from mixlm.data.prepare import STATS_FILE, PrepareOptions, prepare_domains
 from mixlm.data.tokenizer import train_tokenizer_from_texts
@@ -241,6 +241,24 @@ def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engin
             engine.close()
     assert picked["ray"] == picked["local"]
     assert 0 < picked["ray"][0]["tokens_out"] <= 4000
+
+
+def test_a_classifier_is_loaded_once_per_ray_actor_not_per_shard(corpus, ray_engine, tmp_path):
+    from mixlm.selection.classifier import train_classifier
+    from mixlm.selection.signal_tables import TableSettings, compute_tables
+
+    model = tmp_path / "clf"
+    train_classifier(corpus["web"][:40], [f"def g{i}(y): return y * {i}" for i in range(40)], model)
+    settings = TableSettings(rules=False, classifier=str(model))
+    log = tmp_path / "loads.txt"
+    report = compute_tables(corpus["files"], tmp_path / "ray", settings, engine=LoadRecordingEngine(ray_engine, log))
+    compute_tables(corpus["files"], tmp_path / "local", settings, engine=LocalEngine(1, progress=False))
+    assert _tables(tmp_path / "ray") == _tables(tmp_path / "local")
+    loads = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    assert len(loads) == len(corpus["files"]) == 5 and report["documents"] == 137
+    processes = {pid for pid, _ in loads}
+    assert len(processes) <= 2  # the 2 actors scored all 5 files
+    assert all(misses == 1 for _, misses in loads)  # each loaded the model once, for its first file only
 
 
 def _kept_texts(path: Path) -> list[str]:

@@ -91,6 +91,7 @@ class RayEngine(Engine):
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, int(workers) or cpus)
         self._task = ray.remote(_run)
+        self._actors: tuple[float, list] | None = None  # (GPUs each, the actors) of the last stateful map
 
     def describe(self) -> str:
         return f"ray engine, {self.workers} worker{'s' * (self.workers != 1)} " \
@@ -100,6 +101,7 @@ class RayEngine(Engine):
         return int(self.ray.cluster_resources().get("GPU", 0))
 
     def close(self) -> None:
+        self._release_actors()
         if self._started:
             self.ray.shutdown()
             self._started = False
@@ -130,6 +132,7 @@ class RayEngine(Engine):
             if stateful:
                 yield from self._actor_imap(fn, items, desc, count, progress, gpus)
             else:
+                self._release_actors()  # they hold CPUs the tasks need
                 task = self._task.options(num_cpus=1, num_gpus=gpus, max_retries=self.max_retries,
                                           retry_exceptions=list(RETRYABLE))
                 fn_ref = self.ray.put(fn)
@@ -140,9 +143,9 @@ class RayEngine(Engine):
 
     def _ordered(self, submit: Callable, n: int, desc: str, count: Count | None, progress: TaskProgress,
                  release: Callable | None = None) -> Iterator:
-        """Submits tasks 0..n-1 (at most 2 x workers in flight) and yields their results in order."""
+        """Submits tasks 0..n-1 (at most `workers` in flight) and yields their results in order."""
         ray = self.ray
-        window = 2 * self.workers
+        window = self.workers
         running: dict = {}
         results: dict[int, object] = {}
         submitted = yielded = 0
@@ -175,13 +178,15 @@ class RayEngine(Engine):
 
     def _actor_imap(self, fn: Callable, items: list, desc: str, count: Count | None, progress: TaskProgress,
                     gpus: float) -> Iterator:
-        """Items on up to `workers` actors, each running one item at a time; the actors hold their CPUs (and
-        GPUs) while they live, so they are released when the items are done."""
+        """Items on `workers` actors, each running one item at a time. The actors live on for the next stateful
+        map (their models stay loaded); since they hold their CPUs (and GPUs), a stateless map releases them."""
         ray = self.ray
-        cls = ray.remote(_Worker).options(num_cpus=1, num_gpus=gpus, max_restarts=self.max_retries,
-                                          max_task_retries=self.max_retries)
-        actors = [cls.remote(1) for _ in range(min(self.workers, len(items)))]
-        idle = list(actors)
+        if self._actors is None or self._actors[0] != gpus:
+            self._release_actors()
+            cls = ray.remote(_Worker).options(num_cpus=1, num_gpus=gpus, max_restarts=self.max_retries,
+                                              max_task_retries=self.max_retries)
+            self._actors = (gpus, [cls.remote(1) for _ in range(self.workers)])
+        idle = list(self._actors[1])
         busy: dict = {}
         fn_ref = ray.put(fn)
 
@@ -193,18 +198,21 @@ class RayEngine(Engine):
             busy[ref] = actor
             return ref
 
-        try:
-            yield from self._ordered(submit, len(items), desc, count, progress,
-                                     release=lambda ref: idle.append(busy.pop(ref)))
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+        yield from self._ordered(submit, len(items), desc, count, progress,
+                                 release=lambda ref: idle.append(busy.pop(ref)))
+
+    def _release_actors(self) -> None:
+        if self._actors is not None:
+            for actor in self._actors[1]:
+                self.ray.kill(actor)
+            self._actors = None
 
     # ---- shuffle --------------------------------------------------------------------------------------------
     def shuffle(self, map_fn: Callable, items: Sequence, buckets: int, reduce_fn: Callable, *, desc: str = ""
                 ) -> list:
         ray = self.ray
         items = list(items)
+        self._release_actors()
         options = {"num_cpus": 1, "max_retries": self.max_retries, "retry_exceptions": list(RETRYABLE)}
         mapper = ray.remote(_run_parts).options(num_returns=buckets + 1, **options)
         reducer = ray.remote(_run_reduce).options(**options)
