@@ -133,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         (f"Load average (1, 5, 15 min) at start: {load_start[0]:.2f}, {load_start[1]:.2f}, {load_start[2]:.2f}; at "
         f"end: {load_end[0]:.2f}, {load_end[1]:.2f}, {load_end[2]:.2f} (the host is shared: other jobs' load "
         "lowers every rate, the 2-worker ones most)."),
-        f"Command: `python benchmarks/data_engine.py --files {args.files} --docs-per-file {args.docs_per_file}`.",
+        f"Command: `python benchmarks/data_engine.py {' '.join(sys.argv[1:] if argv is None else argv)}`.",
         (f"Corpus: {args.files} jsonl files in 4 domains, {args.files * args.docs_per_file:,} synthetic prose "
         f"documents (~919 gpt-neox tokens each); prepare with the {tok_note}. Each rate is documents / wall "
         "second of one run on a fresh output folder, after a warm-up run with the same engine (worker start, "
         "imports and model loads excluded). Ray: a local cluster of 2 CPUs (ray.init took "
         f"{ray_start:.1f} s), `workers` = tasks in flight."),
         "",
-        ("| stage | local x1 | local x2 | ray x1 | ray x2 | ray / local at x1 | ray / local at x2 | x2 / x1 local "
-        "| same bytes on all 4 |"),
+        ("| stage | local x1 | local x2 | ray x1 | ray x2 | Ray time / local time, x1 | Ray time / local time, x2 "
+         "| local x2 / x1 speed-up | same bytes on all 4 |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, _ in stages:

@@ -238,6 +238,13 @@ class _DomainWork:
         return self.dom_dir / _WORK
 
 
+def _known_of(unit: InputUnit, known: dict) -> dict:
+    """The recorded stats a unit's description needs: its file's (all of them for a dataset folder)."""
+    if unit.kind in ("jsonl", "parquet", "text"):
+        return {unit.location: known[unit.location]} if unit.location in known else {}
+    return known
+
+
 def describe_input(item: tuple[InputUnit, dict]) -> tuple[dict, dict]:
     """An engine task: (unit, the stats an earlier run recorded of its files) -> (its provenance, those stats
     now). A file of unchanged size and modification time is not read."""
@@ -257,7 +264,8 @@ def _plan_domain(domain: str, sources: Sequence[str] | str, out_dir: str | Path,
     dom_dir = Path(out_dir) / domain
     stats = _read_stats(dom_dir)
     # unchanged inputs (size, mtime) are not read; the others are hashed by the engine's workers
-    described = engine.map(describe_input, [(u, stats["inputs"]) for u in units], desc=f"prepare {domain}: inputs")
+    known = stats["inputs"]
+    described = engine.map(describe_input, [(u, _known_of(u, known)) for u in units], desc=f"prepare {domain}: inputs")
     provenance = [prov for prov, _ in described]
     for _, known in described:
         stats["inputs"].update(known)
