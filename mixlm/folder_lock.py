@@ -1,15 +1,18 @@
-"""One writer per folder: a run folder (train.output_dir) or a prepared domain folder. `RunFolderLock` holds an
-flock the kernel drops with its holder, so a crashed writer never leaves the folder locked."""
+"""One writer per folder: a run folder (train.output_dir), a prepared domain folder, a `mixlm select` --out. `RunFolderLock` holds an
+flock the kernel drops with its holder, so a crashed writer never leaves the folder locked; `writer_lock` is the
+form data jobs hold (a second job refused in one line naming the first)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
 import json
 import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mixlm.errors import CheckpointError, RunFolderLockedError, os_reason
@@ -91,3 +94,32 @@ def _same_file(fd: int, path: Path) -> bool:
     except FileNotFoundError:
         return False
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, job: str, locked_error: type[Exception], *, rerun_note: str = "",
+                error: type[Exception] | None = None) -> Iterator[None]:
+    """Holds `folder`'s RunFolderLock while the block runs (creating the folder). Another holder: `locked_error`
+    naming it ("{folder} is being written by another {job} (host, pid, since; lock): wait ... or choose another
+    --out"); a folder that cannot be written: `error` (default `locked_error`) saying so."""
+    lock = RunFolderLock(folder, log=lambda message: print(message, file=sys.stderr))
+    try:
+        lock.acquire()
+    except RunFolderLockedError:
+        try:
+            held = json.loads(lock.path.read_text())
+            who = f"host {held['host']}, pid {held['pid']}, since {held['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who = "a process that is just starting"
+        raise locked_error(
+            f"{folder} is being written by another {job} ({who}; lock {lock.path}): wait for it to finish"
+            f"{' ' + rerun_note if rerun_note else ''} or stop it, or choose another --out"
+        ) from None
+    except CheckpointError as e:
+        cause = e.__context__ if isinstance(e.__context__, OSError) else e
+        raise (error or locked_error)(f"cannot write to {folder} ({getattr(cause, 'strerror', None) or cause}); fix "
+                                      "its permissions or free space there, or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()

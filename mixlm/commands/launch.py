@@ -1,5 +1,6 @@
 """`mixlm launch local|tpu|slurm [options] -- train CONFIG [overrides]`: one training on many processes;
-`mixlm launch slurm-sweep [options] -- sweep BASE --mixtures M --out O`: a proxy sweep as a job array.
+`mixlm launch slurm-sweep [options] -- sweep BASE --mixtures M --out O`: a proxy sweep as a job array;
+`mixlm launch ray slurm|tpu|hosts [options] -- prepare|select ...`: a data stage on a Ray cluster.
 
   mixlm launch local -n 2 --cpu-devices 4 -- train configs/experiments/demo.yaml   # 2 processes here
   mixlm launch tpu --tpu my-v4-32 --zone us-central2-b -- train configs/experiments/regmix-1b.yaml
@@ -7,8 +8,10 @@
       -- train configs/experiments/regmix-1b.yaml          # writes the script; --submit runs sbatch
   mixlm launch slurm-sweep --shards 16 --workdir /shared/mixlm -- sweep configs/experiments/regmix-proxy.yaml \\
       --mixtures mixtures/ --out sweep/                    # then `mixlm sweep ...` once records the runs
+  mixlm launch ray slurm --nodes 8 --cpus-per-node 64 --workdir /shared/mixlm --out prep.sbatch \\
+      -- prepare --out /shared/prepared --tokenizer /shared/tok --domain web=/shared/raw/web/   # a Ray cluster
 
-The launchers are the repo's launch/ scripts (launch/local.py, tpu.py, slurm.py, sweep.py), not part of
+The launchers are the repo's launch/ scripts (launch/local.py, tpu.py, slurm.py, sweep.py, ray.py), not part of
 the library: this verb finds that folder next to the mixlm package and runs the script's main() with the
 arguments after WHERE, exactly as `python launch/<script>.py ARGS` would.
 """
@@ -26,6 +29,7 @@ SCRIPTS: dict[str, tuple[str, str]] = {
     "tpu": ("tpu", "every worker of a Cloud TPU VM slice, over gcloud ssh"),
     "slurm": ("slurm", "an sbatch script: one task per GPU, srun ... --distributed"),
     "slurm-sweep": ("sweep", "a proxy sweep as a SLURM job array: task I runs --shard I/K"),
+    "ray": ("ray", "a Ray cluster (SLURM nodes, a TPU pod's or ssh hosts) running one data stage, --engine ray"),
 }
 
 
@@ -34,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = f"WHERE (`mixlm launch WHERE --help` for its options):\n{where}\n\n{__doc__}"
     # argparse.PARSER: WHERE and every argument after it, options included, go to the script's own parser.
     parser.add_argument("where", nargs=argparse.PARSER, choices=list(SCRIPTS), metavar="WHERE",
-                        help="local | tpu | slurm | slurm-sweep, then its options and -- COMMAND")
+                        help="local | tpu | slurm | slurm-sweep | ray, then its options and -- COMMAND")
 
 
 def launch_folder() -> Path:

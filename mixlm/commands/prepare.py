@@ -3,6 +3,7 @@
     mixlm prepare --out data/prepared --tokenizer data/tokenizer \
         --domain arithmetic=data/raw/arithmetic.jsonl --domain code=data/raw/code/ \
         --domain wiki='hf:wikitext?config=wikitext-103-raw-v1&split=train' --workers 8
+    mixlm prepare ... --engine ray --ray-address HEAD:6379     # the same bytes, on a Ray cluster
 
 Sources: see mixlm/data/inputs.py (files, folders, hf:..., tfds:...; `?text_field=...` per source).
 """
@@ -13,8 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mixlm.commands.engine_options import add_engine_arguments, add_workers_argument, engine_from_args
 from mixlm.config import read_yaml_file
 from mixlm.data.prepare import PreparedFolderLockedError, PrepareOptions, prepare_domains
+from mixlm.engine import EngineError
 from mixlm.errors import PrepareError, ShardError
 
 
@@ -42,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--validation-docs", type=int, default=0, help="> 0: hold out exactly this many documents"
     )
     parser.add_argument("--shard-tokens", type=int, default=50_000_000, help="target train tokens per shard")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    add_engine_arguments(parser, workers=False)
+    add_workers_argument(parser, ", each tokenizing one input file and writing one shard at a time")
     parser.add_argument("--batch-docs", type=int, default=256, help="documents per tokenizer call")
     parser.add_argument("--chunk-docs", type=int, default=50_000, help="documents per resumable chunk")
     parser.add_argument(
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         validation_fraction=args.validation_fraction,
         validation_docs=args.validation_docs,
         shard_tokens=args.shard_tokens,
-        workers=args.workers,
+        workers=args.workers or 1,
         batch_docs=args.batch_docs,
         chunk_docs=args.chunk_docs,
         strict=args.strict,
@@ -100,12 +104,14 @@ def run(args: argparse.Namespace) -> int:
         keep_work=args.keep_work,
         max_document_chars=args.max_document_chars,
     )
+    domains = parse_domains(args.domain, args.domains_file)
     try:
-        prepare_domains(parse_domains(args.domain, args.domains_file), args.out, options)
+        with engine_from_args(args, progress=options.progress) as engine:
+            prepare_domains(domains, args.out, options, engine)
     except PreparedFolderLockedError as e:  # another prepare writes there: a usage error, as for train
         print(f"mixlm prepare: error: {e}", file=sys.stderr)
         return 2
-    except (PrepareError, ShardError) as e:
+    except (PrepareError, ShardError, EngineError) as e:
         print(f"mixlm prepare: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,10 @@
   mixlm select dedup DOCS.jsonl.zst ... --method exact|minhash|bloom --out OUT [--threshold 0.8 --ngram 5 ...]
   mixlm select list                                                       (the rule-based signals)
 
+Every verb that reads documents (signals, rate, classifier score, dsir, pick, run, dedup) takes --engine local
+(--workers N processes on this host) or --engine ray [--ray-address HOST:PORT] (tasks on a Ray cluster): the same
+output bytes either way. A second job writing the same --out folder is refused.
+
 `signals` computes the rule signals (`mixlm select list`) and, with the flags, classifier scores, perplexity
 (perplexity_nll, perplexity_bpb) and model-rater columns; `rate` only the model raters (HF classification /
 regression folders, or every model a rater config lists).
@@ -32,6 +36,7 @@ also takes the mapping inline, e.g. `--weights '{classifier_score: 1}'`. The DCL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import re
 import sys
@@ -39,9 +44,12 @@ from pathlib import Path
 
 import yaml
 
+from mixlm.commands.engine_options import add_engine_arguments, engine_from_args
 from mixlm.config import load_yaml, read_yaml_file
 from mixlm.data.inputs import counted
+from mixlm.engine import EngineError
 from mixlm.errors import ConfigError
+from mixlm.folder_lock import writer_lock
 from mixlm.selection import SelectionError
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -64,7 +72,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the per-shard signal tables")
     p.add_argument("--text-field", default="text", help="JSON field holding the text (a.b for nested)")
     p.add_argument("--tokenizer", help="HF tokenizer folder or hub name: adds num_tokens for token budgets")
-    p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
+    add_engine_arguments(p)
     p.add_argument("--format", choices=("parquet", "jsonl"), default="parquet", help="table format")
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting it")
     p.add_argument("--overwrite", action="store_true", help="recompute shards that already have tables")
@@ -131,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-field", default="domain",
                    help="document field (a.b for nested) the selection's mix is reported by; documents without it "
                    "count under their input file's name")
+    add_engine_arguments(p)
 
     p = sub.add_parser("classifier", help="DCLM-style classifier: train | score")
     csub = p.add_subparsers(dest="classifier_action", required=True, metavar="train|score")
@@ -167,7 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="target documents (repeatable; a name given twice pools its files)")
     p.add_argument("--raw", nargs="+", help="fit the raw model on these files instead of the inputs")
     p.add_argument("--model", help="score with a saved model (an earlier run's dsir_model.npz) instead of fitting")
-    p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time")
+    add_engine_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--buckets", type=int, default=10_000, help="hash buckets of the n-gram features")
     p.add_argument("--ngrams", type=int, default=2, help="1 = unigrams, 2 = unigrams + bigrams")
     p.add_argument("--smoothing", type=float, default=1.0, help="pseudo-count added to every bucket")
@@ -179,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pos", nargs="+", help="classifier stage: positive (high-quality) training files")
     p.add_argument("--neg", nargs="+", help="classifier stage: negative training files")
     p.add_argument("--model", help="classifier stage: a trained classifier folder instead of --pos/--neg")
-    p.add_argument("--workers", type=int, default=1, help="processes for the signal and scoring stages")
+    add_engine_arguments(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace stage outputs left by a run with other settings or inputs (matching ones are reused)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of counting it")
@@ -207,6 +217,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--min-words", type=int, help="bloom --paragraphs: drop a document left with fewer words")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input line instead of counting it")
     p.add_argument("--overwrite", action="store_true", help="replace the output of a run with other settings")
+    add_engine_arguments(p)
 
     p = sub.add_parser("weightings", help="Dirichlet weightings over raters (Meta-rater)")
     p.add_argument("--signals", required=True, help="comma-separated rater / signal names")
@@ -290,8 +301,9 @@ def _tokenizer_arg(value: str | None) -> str | None:
 def _compute(args, settings) -> int:
     from mixlm.selection.signal_tables import compute_tables
 
-    report = compute_tables(args.inputs, args.out, settings, workers=args.workers, strict=args.strict,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+    with _job(args, args.out) as engine:
+        report = compute_tables(args.inputs, args.out, settings, strict=args.strict, overwrite=args.overwrite,
+                                progress=not args.no_progress, engine=engine)
     print(f"{counted(report['documents'], 'document')} in {counted(report['shards'], 'shard')} → {args.out} "
           f"({report['seconds']:.1f} s)", flush=True)
     _print_skipped(report["malformed"], report["malformed_examples"])
@@ -334,6 +346,21 @@ def _classifier_dir(path: str, trust_pickle: bool) -> str:
         print(f"converted {model_dir}/model.joblib to model.npz: later runs load it without --trust-pickle",
               file=sys.stderr)
     return str(model_dir)
+
+
+class SelectFolderLockedError(SelectionError):
+    """Another `mixlm select` is writing the output folder."""
+
+
+@contextlib.contextmanager
+def _job(args, *outs: str | None):
+    """The engine the flags ask for, with the lock of each output folder held: a second job writing one of
+    them is refused in one line."""
+    with contextlib.ExitStack() as stack:
+        for out in outs:
+            if out:
+                stack.enter_context(writer_lock(Path(out), f"mixlm select {args.action}", SelectFolderLockedError))
+        yield stack.enter_context(engine_from_args(args, progress=not getattr(args, "no_progress", False)))
 
 
 def _run(args) -> int:
@@ -392,10 +419,12 @@ def _run(args) -> int:
             raise SelectionError("--weights is needed with --mode top (or use --mode dsir-resample --signal COL)")
         if args.mode == "dsir-resample" and not args.signal:
             raise SelectionError("--mode dsir-resample needs --signal, the log-weight column (e.g. dsir_books)")
-        report = select_documents(args.signals, _load_weights(args.weights) if args.weights else None, args.out,
-                                  budget=args.budget, top_fraction=args.top_fraction, budget_unit=args.budget_unit,
-                                  random_out=args.random_out, seed=args.seed, plot=args.plot, mode=args.mode,
-                                  resample_signal=args.signal, mix_field=args.mix_field)
+        weights = _load_weights(args.weights) if args.weights else None
+        with _job(args, args.out, args.random_out) as engine:
+            report = select_documents(args.signals, weights, args.out, budget=args.budget,
+                                      top_fraction=args.top_fraction, budget_unit=args.budget_unit,
+                                      random_out=args.random_out, seed=args.seed, plot=args.plot, mode=args.mode,
+                                      resample_signal=args.signal, mix_field=args.mix_field, engine=engine)
         unit = report["budget_unit"]
         print(f"kept {report['documents_out']:,} of {counted(report['documents_in'], 'document')}, "
               f"{report[unit + '_out']:,} of {report[unit + '_in']:,} {unit} → {args.out}")
@@ -420,10 +449,11 @@ def _run(args) -> int:
 
         if not args.target and not args.model:
             raise SelectionError("select dsir needs --target NAME=PATH (one or more), or --model dsir_model.npz")
-        report = score_dsir(args.inputs, parse_targets(args.target), args.out,
-                            settings=DSIRSettings(args.buckets, args.ngrams, args.smoothing), raw=args.raw,
-                            model_path=args.model, text_field=args.text_field, table_format=args.format,
-                            strict=args.strict, overwrite=args.overwrite, workers=args.workers)
+        with _job(args, args.out) as engine:
+            report = score_dsir(args.inputs, parse_targets(args.target), args.out,
+                                settings=DSIRSettings(args.buckets, args.ngrams, args.smoothing), raw=args.raw,
+                                model_path=args.model, text_field=args.text_field, table_format=args.format,
+                                strict=args.strict, overwrite=args.overwrite, engine=engine)
         print(f"{', '.join(report['columns'])} for {counted(report['documents'], 'document')} in "
               f"{counted(report['shards'], 'shard')} → {args.out} ({report['seconds']:.1f} s)")
         _print_skipped(report["fit_malformed"], report["fit_malformed_examples"], "in the files fitted on")
@@ -433,8 +463,9 @@ def _run(args) -> int:
         from mixlm.selection.pipeline import load_pipeline, run_pipeline
 
         config = load_pipeline(args.config, {"pos": args.pos, "neg": args.neg, "model": args.model})
-        result = run_pipeline(config, args.input, args.out, workers=args.workers, overwrite=args.overwrite,
-                              progress=lambda line: print(line, flush=True), strict=args.strict)
+        with _job(args, args.out) as engine:
+            result = run_pipeline(config, args.input, args.out, overwrite=args.overwrite,
+                                  progress=lambda line: print(line, flush=True), strict=args.strict, engine=engine)
         print(f"kept {result['documents_out']:,} of {counted(result['documents_in'], 'document')} → "
               f"{result['output']}; per stage: {Path(args.out) / 'report.json'}")
         return 0
@@ -444,8 +475,9 @@ def _run(args) -> int:
         options = {key: getattr(args, key) for key in ("threshold", "ngram", "num_perm", "bands", "rows", "seed",
                                                        "verify", "expected_ngrams", "false_positive_rate",
                                                        "paragraphs", "min_words")}
-        report = dedup_documents(args.inputs, args.out, args.method, options, text_field=args.text_field,
-                                 strict=args.strict, overwrite=args.overwrite)
+        with _job(args, args.out) as engine:
+            report = dedup_documents(args.inputs, args.out, args.method, options, text_field=args.text_field,
+                                     strict=args.strict, overwrite=args.overwrite, engine=engine)
         removed = report["documents_in"] - report["documents_out"]
         extra = f", {report['paragraphs_removed']:,} duplicate paragraphs cut" if "paragraphs_removed" in report else ""
         print(f"dedup {args.method}: kept {report['documents_out']:,} of {counted(report['documents_in'], 'document')} "
@@ -503,3 +535,6 @@ def run(args: argparse.Namespace) -> int:
     except (SelectionError, PrepareError) as e:
         print(f"mixlm select: error: {e}", file=sys.stderr)
         return 2
+    except EngineError as e:
+        print(f"mixlm select: error: {e}", file=sys.stderr)
+        return 1

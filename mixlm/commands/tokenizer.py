@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixlm.commands.engine_options import add_engine_arguments, add_workers_argument, engine_from_args
 from mixlm.commands.prepare import parse_domains
 from mixlm.data.tokenizer import train_tokenizer
+from mixlm.engine import EngineError
 from mixlm.errors import PrepareError
 
 
@@ -31,20 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--text-field", default="text", help="field holding the text in jsonl / parquet / hf / tfds")
     train.add_argument("--max-docs-per-domain", type=int, default=0, help="0: every document")
     train.add_argument("--no-progress", action="store_true", help="no progress bar and summary on stderr")
+    add_engine_arguments(train, workers=False)
+    add_workers_argument(train, ", each reading one input file ahead of the trainer")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = train_tokenizer(
-            parse_domains(args.domain, args.domains_file),
-            args.out,
-            vocab_size=args.vocab_size,
-            min_frequency=args.min_frequency,
-            text_field=args.text_field,
-            max_docs_per_domain=args.max_docs_per_domain,
-            progress=not args.no_progress,
-        )
-    except PrepareError as e:
+        domains = parse_domains(args.domain, args.domains_file)
+        with engine_from_args(args, progress=False) as engine:
+            out = train_tokenizer(
+                domains,
+                args.out,
+                vocab_size=args.vocab_size,
+                min_frequency=args.min_frequency,
+                text_field=args.text_field,
+                max_docs_per_domain=args.max_docs_per_domain,
+                progress=not args.no_progress,
+                engine=engine,
+            )
+    except (PrepareError, EngineError) as e:
         print(f"mixlm tokenizer train: error: {e}", file=sys.stderr)
         return 1
     if args.no_progress:

@@ -1,14 +1,17 @@
 """`mixlm prepare`: raw documents per domain -> tokenized, shuffled ArrayRecord shards + manifest.
 
-Per domain, in two resumable phases under `<out>/<domain>/.work/`:
+Per domain, in two resumable phases under `<out>/<domain>/.work/`, each an engine map (mixlm.engine: this
+host's processes, or Ray tasks on a cluster) over the work of every domain at once:
 
-1. Tokenize into resumable chunks (mixlm.data.tokenize_chunks).
+1. Tokenize into resumable chunks, a task per input file (mixlm.data.tokenize_chunks).
 2. Shard: a seeded permutation of all documents; the first ones form the held-out validation split,
-   the rest are cut into train shards of about `shard_tokens` tokens. Each shard is written to a temp
-   file and renamed; a rerun skips finished shards. The manifest is written last: its presence means the
-   domain is complete, and a rerun with the same inputs and options does nothing.
+   the rest are cut into train shards of about `shard_tokens` tokens, a task per shard. Each shard is
+   written to a temp file and renamed, then marked done; a rerun skips finished shards. The manifest is
+   written last: its presence means the domain is complete, and a rerun with the same inputs and options
+   does nothing.
 
-The output is a pure function of (inputs, tokenizer, options): running it twice gives identical bytes.
+The output is a pure function of (inputs, tokenizer, options): running it twice, with any number of
+workers, on either engine, gives identical bytes.
 One `mixlm prepare` at a time writes a domain folder: it holds the folder's lock (`RunFolderLock`, the
 lock of run folders) from start to end, and a second one is refused naming the first.
 """
@@ -16,6 +19,7 @@ lock of run folders) from start to end, and a second one is refused naming the f
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -23,20 +27,22 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mixlm import storage
-from mixlm.data.inputs import MALFORMED_KINDS, counted, describe_unit, file_digest, resolve_input
+from mixlm.data.inputs import MALFORMED_KINDS, InputUnit, counted, describe_unit, file_digest, resolve_input
 from mixlm.data.prepare_options import PrepareOptions, plan_options
 from mixlm.data.prepared import MANIFEST, DomainManifest, PreparedDomain, ShardInfo, SplitInfo
-from mixlm.data.tokenize_chunks import ChunkStore, Progress, save_npy, tokenize_units, tokenizer_pool
+from mixlm.data.tokenize_chunks import ChunkStore, finished_chunks, save_npy, tokenize_units
 from mixlm.data.tokenizer import TokenizerSpec, load_tokenizer_spec
-from mixlm.errors import CheckpointError, PrepareError, RunFolderLockedError, ShardError
-from mixlm.folder_lock import RunFolderLock
+from mixlm.engine import Engine, LocalEngine
+from mixlm.errors import PrepareError, ShardError
+from mixlm.folder_lock import writer_lock
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
 _WORK = ".work"
@@ -61,38 +67,40 @@ def _shard_name(split: str, i: int, n: int) -> str:
 def _write_shard(path: Path, store: ChunkStore, doc_ids: np.ndarray) -> ShardInfo:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(str(tmp), ARRAY_RECORD_OPTIONS)
-    for i in doc_ids.tolist():
-        writer.write(store.doc(i).tobytes())
-    writer.close()
-    os.replace(tmp, path)
+    # a name of its own: a task of a killed driver still running on a cluster never writes into this one's file
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        writer = ArrayRecordWriter(str(tmp), ARRAY_RECORD_OPTIONS)
+        for i in doc_ids.tolist():
+            writer.write(store.doc(i).tobytes())
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     size, digest = file_digest(path)
     return ShardInfo(path.name, len(doc_ids), int(store.lengths[doc_ids].sum()), size, digest)
 
 
-def _write_split(
-    dom_dir: Path, work: Path, split: str, groups: list[np.ndarray], store: ChunkStore, progress: Progress
-) -> SplitInfo:
-    shards = []
-    for i, ids in enumerate(groups):
-        name = _shard_name(split, i, len(groups))
-        done = work / f"{name}.json"
-        if done.is_file() and (dom_dir / name).is_file():
-            info = ShardInfo(**json.loads(done.read_text()))
-            if (dom_dir / name).stat().st_size == info.bytes:  # finished by an interrupted run
-                shards.append(info)
-                progress.update(info.documents, info.tokens)
-                continue
-        info = _write_shard(dom_dir / name, store, ids)
-        storage.write_atomic(done, json.dumps(asdict(info)))
-        shards.append(info)
-        progress.update(info.documents, info.tokens)
-    ids = np.concatenate(groups) if groups else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(store.lengths[ids])]).astype(np.int64)
-    index = f"{split}.index.npy"
-    save_npy(dom_dir / index, offsets)
-    return SplitInfo(len(ids), int(offsets[-1]), index, shards)
+@functools.lru_cache(maxsize=4)
+def _chunk_store(work: str, units: int, plan_key: str) -> ChunkStore:
+    # Once per worker process and domain (the chunk files are memory-mapped), not once per shard.
+    return ChunkStore(Path(work), [m for u in range(units) for m in finished_chunks(Path(work), u)])
+
+
+def write_shard(item: tuple[str, str, int, str, str, np.ndarray]) -> dict:
+    """An engine task: (domain folder, its work folder, its input units, plan key, shard file name, document
+    ids) -> the shard's ShardInfo as a dict. A shard marked done by an earlier run, still of its recorded size,
+    is kept, not rewritten."""
+    dom_dir, work, units, plan_key, name, ids = item
+    dom_dir, work = Path(dom_dir), Path(work)
+    done = work / f"{name}.json"
+    if done.is_file() and (dom_dir / name).is_file():
+        info = json.loads(done.read_text())
+        if (dom_dir / name).stat().st_size == info["bytes"]:  # finished by an interrupted run
+            return info
+    info = _write_shard(dom_dir / name, _chunk_store(str(work), units, plan_key), ids)
+    storage.write_atomic(done, json.dumps(asdict(info)))
+    return asdict(info)
 
 
 def _split_documents(n: int, domain: str, options: PrepareOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +158,8 @@ def _outputs_unchanged(dom_dir: Path, manifest: DomainManifest, known: dict) -> 
 
 def _clear_outputs(dom_dir: Path) -> None:
     for p in dom_dir.iterdir() if dom_dir.is_dir() else ():
-        if p.name == MANIFEST or p.name.endswith((".array_record", ".array_record.tmp", ".index.npy")):
+        if p.name == MANIFEST or p.name.endswith((".array_record", ".index.npy")) or (
+                ".array_record." in p.name and p.name.endswith(".tmp")):
             p.unlink()
 
 
@@ -201,56 +210,65 @@ def _plan_changes(existing: DomainManifest, provenance: list[dict], spec: Tokeni
     return changes or ["the text field of a source (?text_field=...) or the manifest's plan format"]
 
 
-@contextlib.contextmanager
 def _domain_lock(dom_dir: Path):
-    """Holds the domain folder's lock (mixlm.folder_lock.RunFolderLock: an flock the kernel drops with its holder)
-    while the block runs; PreparedFolderLockedError naming the holder when another prepare has it."""
-    lock = RunFolderLock(dom_dir, log=lambda message: print(message, file=sys.stderr))
-    try:
-        lock.acquire()
-    except RunFolderLockedError:
-        try:
-            held = json.loads(lock.path.read_text())
-            who = f"host {held['host']}, pid {held['pid']}, since {held['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            who = "a process that is just starting"
-        raise PreparedFolderLockedError(
-            f"{dom_dir} is being written by another mixlm prepare ({who}; lock {lock.path}): wait for it to "
-            "finish (then rerun: a finished domain is reused) or stop it, or choose another --out"
-        ) from None
-    except CheckpointError as e:
-        cause = e.__context__ if isinstance(e.__context__, OSError) else e
-        raise PrepareError(f"cannot write to {dom_dir} ({getattr(cause, 'strerror', None) or cause}); fix its "
-                           "permissions or free space there, or choose another --out") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    """Holds the domain folder's lock (an flock the kernel drops with its holder) while the block runs;
+    PreparedFolderLockedError naming the holder when another prepare has it."""
+    return writer_lock(dom_dir, "mixlm prepare", PreparedFolderLockedError, error=PrepareError,
+                       rerun_note="(then rerun: a finished domain is reused)")
 
 
-def prepare_domain(
-    domain: str,
-    sources: Sequence[str] | str,
-    out_dir: str | Path,
-    options: PrepareOptions,
-    tokenizer: TokenizerSpec | None = None,
-    pool=None,
-) -> DomainManifest:
-    """Prepares one domain from its source specs (see mixlm/data/inputs.py) into `<out_dir>/<domain>/`.
-    Returns the manifest; a domain already prepared with the same inputs and options is left as is.
-    `tokenizer` / `pool`: a loaded TokenizerSpec and a `tokenizer_pool` to reuse across domains."""
+@dataclass
+class _DomainWork:
+    """A domain to prepare (not up to date): what phase 1 and 2 need, filled in as they run."""
+
+    name: str
+    sources: list[str]
+    units: list[InputUnit]
+    dom_dir: Path
+    stats: dict
+    provenance: list[dict]
+    plan_id: str
+    output_options: dict
+    metas: list[dict] = field(default_factory=list)
+    splits: dict = field(default_factory=dict)  # split -> (shard names, document ids of each), in order
+    store_lengths: np.ndarray | None = None  # tokens of every document, in chunk order
+
+    @property
+    def work(self) -> Path:
+        return self.dom_dir / _WORK
+
+
+def _known_of(unit: InputUnit, known: dict) -> dict:
+    """The recorded stats a unit's description needs: its file's (all of them for a dataset folder)."""
+    if unit.kind in ("jsonl", "parquet", "text"):
+        return {unit.location: known[unit.location]} if unit.location in known else {}
+    return known
+
+
+def describe_input(item: tuple[InputUnit, dict]) -> tuple[dict, dict]:
+    """An engine task: (unit, the stats an earlier run recorded of its files) -> (its provenance, those stats
+    now). A file of unchanged size and modification time is not read."""
+    unit, known = item
+    known = dict(known)
+    return describe_unit(unit, known), known
+
+
+def _plan_domain(domain: str, sources: Sequence[str] | str, out_dir: str | Path, options: PrepareOptions,
+                 spec: TokenizerSpec, engine: Engine, locks: contextlib.ExitStack) -> DomainManifest | _DomainWork:
+    """Takes the domain folder's lock (held by `locks`) and returns its manifest when it is up to date, else
+    what is left to do (the work folder made ready: stale work of other inputs or options removed)."""
     sources = [sources] if isinstance(sources, str) else list(sources)
     if not sources:
         raise PrepareError(f"domain {domain!r}: no sources given")
-    units = [u for spec in sources for u in resolve_input(domain, spec, options.text_field)]
-    spec = tokenizer or load_tokenizer_spec(options.tokenizer)
-    if options.append_eos and spec.eos_id is None:
-        raise PrepareError(f"tokenizer {spec.name!r} has no eos token; set one or pass --no-eos")
-    if options.prepend_bos and spec.bos_id is None:
-        raise PrepareError(f"tokenizer {spec.name!r} has no bos token; drop --bos")
+    units = [u for spec_ in sources for u in resolve_input(domain, spec_, options.text_field)]
     dom_dir = Path(out_dir) / domain
     stats = _read_stats(dom_dir)
-    provenance = [describe_unit(u, stats["inputs"]) for u in units]  # unchanged inputs (size, mtime) are not read
+    # unchanged inputs (size, mtime) are not read; the others are hashed by the engine's workers
+    known = stats["inputs"]
+    described = engine.map(describe_input, [(u, _known_of(u, known)) for u in units], desc=f"prepare {domain}: inputs")
+    provenance = [prov for prov, _ in described]
+    for _, known in described:
+        stats["inputs"].update(known)
     output_options = plan_options(options)
     plan = {
         "domain": domain,
@@ -261,96 +279,158 @@ def prepare_domain(
     }
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:20]
 
-    with _domain_lock(dom_dir):  # one prepare at a time in a domain folder
-        work = dom_dir / _WORK
-        if (dom_dir / MANIFEST).is_file():
-            try:
-                existing = DomainManifest.load(dom_dir / MANIFEST)
-            except (ShardError, KeyError, TypeError):  # an unreadable manifest is stale output
-                existing = None
-            if existing is not None and existing.options.get("plan") == plan_id:
-                try:
-                    # outputs of the size and mtime recorded when written or last verified here are trusted
-                    # unread; any other: every shard's size, record count and sha256
-                    if not _outputs_unchanged(dom_dir, existing, stats["outputs"]):
-                        PreparedDomain(out_dir, domain, checksums=True)
-                    print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
-                    storage.write_json(dom_dir / STATS_FILE, {**stats, "outputs": _output_stats(dom_dir, existing)})
-                    return existing
-                except ShardError as e:
-                    print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
-                    existing = None
-            if existing is not None and not options.overwrite:
-                changes = _plan_changes(existing, provenance, spec, output_options, dom_dir / MANIFEST)
-                raise PrepareError(
-                    f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options "
-                    f"({'; '.join(changes)}); pass --overwrite to replace it, or choose another --out"
-                )
-            _clear_outputs(dom_dir)
-        if (
-            not (work / "plan.json").is_file()
-            or json.loads((work / "plan.json").read_text()).get("plan") != plan_id
-        ):
-            shutil.rmtree(work, ignore_errors=True)  # stale partial work from other inputs or options
-            _clear_outputs(dom_dir)
-            work.mkdir(parents=True)
-            storage.write_atomic(work / "plan.json", json.dumps({"plan": plan_id, **plan}, indent=1))
-
-        if pool is None and options.workers > 1:
-            with tokenizer_pool(spec, options) as own_pool:
-                metas = tokenize_units(domain, units, work, spec, options, own_pool)
-        else:
-            metas = tokenize_units(domain, units, work, spec, options, pool)
-        per_unit = [{"documents": 0, "malformed": dict.fromkeys(MALFORMED_KINDS, 0)} for _ in units]
-        for m in metas:
-            per_unit[m["unit"]]["documents"] += m["documents"]
-            for k, v in m["malformed"].items():
-                per_unit[m["unit"]]["malformed"][k] += v
-        sources_info = [{**p, **u} for p, u in zip(provenance, per_unit)]
-        malformed = {k: sum(u["malformed"][k] for u in per_unit) for k in MALFORMED_KINDS}
-        store = ChunkStore(work, metas)
-        if not len(store.lengths):
-            raise PrepareError(
-                f"domain {domain!r}: no usable documents in {', '.join(sources)} "
-                f"(malformed: {malformed}); check the paths and --text-field"
-            )
-
-        train_ids, val_ids = _split_documents(len(store.lengths), domain, options)
-        train_tokens = int(store.lengths[train_ids].sum())
-        num_shards = max(1, min(len(train_ids), math.ceil(train_tokens / options.shard_tokens)))
-        progress = Progress(options.progress, f"shard {domain}", len(store.lengths))
+    locks.enter_context(_domain_lock(dom_dir))  # one prepare at a time in a domain folder
+    work = dom_dir / _WORK
+    if (dom_dir / MANIFEST).is_file():
         try:
-            splits = {
-                "train": _write_split(
-                    dom_dir, work, "train", np.array_split(train_ids, num_shards), store, progress
-                ),
-                "validation": _write_split(
-                    dom_dir, work, "validation", [val_ids] if len(val_ids) else [], store, progress
-                ),
-            }
-        finally:
-            progress.close()
-        manifest = DomainManifest(
-            domain=domain,
-            dtype=spec.dtype.name,
-            tokenizer=spec.describe(),
-            seed=options.seed,
-            splits=splits,
-            sources=sources_info,
-            malformed=malformed,
-            options={
-                "plan": plan_id,
-                **output_options,
-                "tokenizer": spec.name,
-                "array_record_options": ARRAY_RECORD_OPTIONS,
-            },
+            existing = DomainManifest.load(dom_dir / MANIFEST)
+        except (ShardError, KeyError, TypeError):  # an unreadable manifest is stale output
+            existing = None
+        if existing is not None and existing.options.get("plan") == plan_id:
+            try:
+                # outputs of the size and mtime recorded when written or last verified here are trusted
+                # unread; any other: every shard's size, record count and sha256
+                if not _outputs_unchanged(dom_dir, existing, stats["outputs"]):
+                    PreparedDomain(out_dir, domain, checksums=True)
+                print(f"prepare {domain}: up to date ({dom_dir})", file=sys.stderr)
+                storage.write_json(dom_dir / STATS_FILE, {**stats, "outputs": _output_stats(dom_dir, existing)})
+                return existing
+            except ShardError as e:
+                print(f"prepare {domain}: {e}; preparing the domain again", file=sys.stderr)
+                existing = None
+        if existing is not None and not options.overwrite:
+            changes = _plan_changes(existing, provenance, spec, output_options, dom_dir / MANIFEST)
+            raise PrepareError(
+                f"domain {domain!r}: {dom_dir} holds data prepared from other inputs or options "
+                f"({'; '.join(changes)}); pass --overwrite to replace it, or choose another --out"
+            )
+        _clear_outputs(dom_dir)
+    if (
+        not (work / "plan.json").is_file()
+        or json.loads((work / "plan.json").read_text()).get("plan") != plan_id
+    ):
+        shutil.rmtree(work, ignore_errors=True)  # stale partial work from other inputs or options
+        _clear_outputs(dom_dir)
+        work.mkdir(parents=True)
+        storage.write_atomic(work / "plan.json", json.dumps({"plan": plan_id, **plan}, indent=1))
+    return _DomainWork(domain, sources, units, dom_dir, stats, provenance, plan_id, output_options)
+
+
+def _plan_key(d: _DomainWork) -> str:
+    # The plan and when its work folder was made: a worker's cached chunk store is never a stale folder's.
+    return f"{d.plan_id}-{(d.work / 'plan.json').stat().st_mtime_ns}"
+
+
+def _shard_items(d: _DomainWork, options: PrepareOptions) -> list[tuple]:
+    """The domain's shards as `write_shard` items (train shards, then the validation shard), from its chunks."""
+    store = ChunkStore(d.work, d.metas)
+    if not len(store.lengths):
+        malformed = {k: sum(m["malformed"][k] for m in d.metas) for k in MALFORMED_KINDS}
+        raise PrepareError(
+            f"domain {d.name!r}: no usable documents in {', '.join(d.sources)} "
+            f"(malformed: {malformed}); check the paths and --text-field"
         )
-        storage.write_atomic(dom_dir / MANIFEST, manifest.to_json())
-        storage.write_json(dom_dir / STATS_FILE, {**stats, "outputs": _output_stats(dom_dir, manifest)})
-        del store
-        if not options.keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-        return manifest
+    train_ids, val_ids = _split_documents(len(store.lengths), d.name, options)
+    train_tokens = int(store.lengths[train_ids].sum())
+    num_shards = max(1, min(len(train_ids), math.ceil(train_tokens / options.shard_tokens)))
+    groups = {"train": np.array_split(train_ids, num_shards), "validation": [val_ids] if len(val_ids) else []}
+    items, key = [], _plan_key(d)
+    for split, ids_list in groups.items():
+        names = [_shard_name(split, i, len(ids_list)) for i in range(len(ids_list))]
+        d.splits[split] = (names, ids_list)
+        items += [(str(d.dom_dir), str(d.work), len(d.units), key, name, ids) for name, ids in zip(names, ids_list)]
+    d.store_lengths = store.lengths
+    return items
+
+
+def _finish_domain(d: _DomainWork, shards: dict[str, dict], spec: TokenizerSpec, options: PrepareOptions
+                   ) -> DomainManifest:
+    """Split indexes, the manifest (written last: the domain is complete) and this host's stats of the outputs."""
+    splits = {}
+    for split, (names, ids_list) in d.splits.items():
+        ids = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(d.store_lengths[ids])]).astype(np.int64)
+        index = f"{split}.index.npy"
+        save_npy(d.dom_dir / index, offsets)
+        splits[split] = SplitInfo(len(ids), int(offsets[-1]), index, [ShardInfo(**shards[n]) for n in names])
+    per_unit = [{"documents": 0, "malformed": dict.fromkeys(MALFORMED_KINDS, 0)} for _ in d.units]
+    for m in d.metas:
+        per_unit[m["unit"]]["documents"] += m["documents"]
+        for k, v in m["malformed"].items():
+            per_unit[m["unit"]]["malformed"][k] += v
+    manifest = DomainManifest(
+        domain=d.name,
+        dtype=spec.dtype.name,
+        tokenizer=spec.describe(),
+        seed=options.seed,
+        splits=splits,
+        sources=[{**p, **u} for p, u in zip(d.provenance, per_unit)],
+        malformed={k: sum(u["malformed"][k] for u in per_unit) for k in MALFORMED_KINDS},
+        options={
+            "plan": d.plan_id,
+            **d.output_options,
+            "tokenizer": spec.name,
+            "array_record_options": ARRAY_RECORD_OPTIONS,
+        },
+    )
+    storage.write_atomic(d.dom_dir / MANIFEST, manifest.to_json())
+    storage.write_json(d.dom_dir / STATS_FILE, {**d.stats, "outputs": _output_stats(d.dom_dir, manifest)})
+    if not options.keep_work:
+        shutil.rmtree(d.work, ignore_errors=True)
+    return manifest
+
+
+def _prepare(domains: Mapping[str, Sequence[str] | str], out_dir: str | Path, options: PrepareOptions,
+             spec: TokenizerSpec, engine: Engine | None) -> dict[str, DomainManifest]:
+    """Every domain through both phases: each phase one engine map over all domains' work."""
+    if options.append_eos and spec.eos_id is None:
+        raise PrepareError(f"tokenizer {spec.name!r} has no eos token; set one or pass --no-eos")
+    if options.prepend_bos and spec.bos_id is None:
+        raise PrepareError(f"tokenizer {spec.name!r} has no bos token; drop --bos")
+    own_engine = engine is None
+    engine = engine or LocalEngine(options.workers, progress=options.progress)
+    try:
+        with contextlib.ExitStack() as locks:
+            done: dict[str, DomainManifest] = {}
+            todo: list[_DomainWork] = []
+            for name, sources in domains.items():
+                planned = _plan_domain(name, sources, out_dir, options, spec, engine, locks)
+                if isinstance(planned, DomainManifest):
+                    done[name] = planned
+                else:
+                    todo.append(planned)
+            if todo:
+                metas = tokenize_units([(d.name, d.units, d.work) for d in todo], spec, options, engine)
+                items = []
+                for d in todo:
+                    d.metas = metas[d.name]
+                    items += _shard_items(d, options)
+                infos = engine.map(write_shard, items, desc="prepare: shards", count=lambda info: info["documents"])
+                shards = {(item[0], item[4]): info for item, info in zip(items, infos)}
+                for d in todo:
+                    mine = {name: info for (folder, name), info in shards.items() if folder == str(d.dom_dir)}
+                    done[d.name] = _finish_domain(d, mine, spec, options)
+                _chunk_store.cache_clear()  # the work folders are gone: drop this process's maps of them
+            return {name: done[name] for name in domains}
+    finally:
+        if own_engine:
+            engine.close()
+
+
+def prepare_domain(
+    domain: str,
+    sources: Sequence[str] | str,
+    out_dir: str | Path,
+    options: PrepareOptions,
+    tokenizer: TokenizerSpec | None = None,
+    engine: Engine | None = None,
+) -> DomainManifest:
+    """Prepares one domain from its source specs (see mixlm/data/inputs.py) into `<out_dir>/<domain>/`.
+    Returns the manifest; a domain already prepared with the same inputs and options is left as is.
+    `tokenizer`: a loaded TokenizerSpec; `engine`: where the work runs (default: `options.workers` local
+    processes)."""
+    spec = tokenizer or load_tokenizer_spec(options.tokenizer)
+    return _prepare({domain: sources}, out_dir, options, spec, engine)[domain]
 
 
 def malformed_report(manifest: DomainManifest) -> str:
@@ -366,30 +446,31 @@ def malformed_report(manifest: DomainManifest) -> str:
 
 
 def prepare_domains(
-    domains: Mapping[str, Sequence[str] | str], out_dir: str | Path, options: PrepareOptions
+    domains: Mapping[str, Sequence[str] | str], out_dir: str | Path, options: PrepareOptions,
+    engine: Engine | None = None,
 ) -> dict[str, DomainManifest]:
-    """Prepares each domain (name -> source specs) into `<out_dir>/<name>/`; prints a summary per domain."""
+    """Prepares each domain (name -> source specs) into `<out_dir>/<name>/` on `engine` (default:
+    `options.workers` local processes); prints a summary per domain."""
     for name in domains:
         if not name or "/" in name or name.startswith("."):
             raise PrepareError(f"domain name {name!r}: use a plain folder name (letters, digits, _ or -)")
     spec = load_tokenizer_spec(options.tokenizer)
-    out = {}
-    with tokenizer_pool(spec, options) as pool:
-        for name, sources in domains.items():
-            t0 = time.perf_counter()
-            m = prepare_domain(name, sources, out_dir, options, tokenizer=spec, pool=pool)
-            out[name] = m
-            _summary(name, m, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    out = _prepare(domains, out_dir, options, spec, engine)
+    secs = time.perf_counter() - t0
+    for name, m in out.items():
+        _summary(name, m)
+    print(f"prepare: {counted(len(out), 'domain')} in {secs:.1f}s", file=sys.stderr)
     return out
 
 
-def _summary(name: str, m: DomainManifest, secs: float) -> None:
+def _summary(name: str, m: DomainManifest) -> None:
     bad = sum(m.malformed.values())
     print(
         f"prepare {name}: {counted(m.documents, 'document')}, {counted(m.tokens, 'token')} "
         f"({counted(m.splits['validation'].documents, 'document')} held out), "
         f"{counted(len(m.splits['train'].shards), 'train shard')}, {counted(bad, 'malformed record')}, "
-        f"vocab {m.tokenizer['vocab_size']:,}, {secs:.1f}s",
+        f"vocab {m.tokenizer['vocab_size']:,}",
         file=sys.stderr,
     )
     if bad:

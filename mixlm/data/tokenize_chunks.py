@@ -1,8 +1,11 @@
 """`mixlm prepare`, phase 1: a domain's documents tokenized into resumable chunks under `<domain>/.work/`.
 
-The inputs' documents are read in a fixed order and tokenized in batches over `workers` processes (results
-kept in order); every `chunk_docs` documents of an input are saved as a chunk (`tok-<unit>-<chunk>.*`, each
-file written whole), the chunk's JSON last: a rerun skips finished chunks. A long document is tokenized in
+Each input unit (a file, a dataset split) is one engine task (`tokenize_unit`; mixlm.engine runs them in
+processes here or on a Ray cluster): it reads the unit's documents in order and tokenizes them in batches;
+every `chunk_docs` documents are saved as a chunk (`tok-<unit>-<chunk>.*`, each file written whole), the
+chunk's JSON last: a rerun (after a crash, or a killed driver) skips finished chunks. The chunks depend only
+on the unit and the options, never on which worker tokenized them, so the shards written from them are the
+same bytes on any engine. A long document is tokenized in
 pieces of at most `_PIECE_CHARS` characters, cut before a space between two word characters, when the
 tokenizer provably gives the same ids that way (mixlm.data.tokenizer.piecewise_problem); memory then stays
 bounded whatever the document's size. A stretch that cannot be cut (or any document, for another tokenizer)
@@ -12,19 +15,15 @@ about `_TOKENIZER_BYTES_PER_CHAR` bytes of memory per character. `ChunkStore` re
 
 from __future__ import annotations
 
-import collections
-import contextlib
+import functools
 import io
 import json
-import multiprocessing
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from mixlm import storage
-from mixlm.data.inputs import InputUnit, count_documents, read_located_documents
+from mixlm.data.inputs import InputUnit, read_located_documents
 from mixlm.data.prepare_options import PrepareOptions
 from mixlm.data.tokenizer import TokenizerSpec, document_pieces, piecewise_problem
 from mixlm.errors import PrepareError
@@ -80,31 +79,6 @@ def _tokenize(item):
     return unit, chunk, flat, np.array(lengths, np.int64), final, last, counts
 
 
-class Progress:
-    """A tqdm bar over documents with tokens/s in the postfix (silent when disabled); `total` (documents,
-    None when unknown) gives it an ETA."""
-
-    def __init__(self, enabled: bool, desc: str, total: int | None = None):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc=desc, total=total, unit="doc", unit_scale=True, file=sys.stderr,
-                            dynamic_ncols=True)
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def update(self, docs: int, tokens: int) -> None:
-        self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(docs)
-            rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def save_npy(path: Path, array: np.ndarray) -> None:
     """`array` as an .npy file, written whole (storage.write_atomic)."""
     buffer = io.BytesIO()
@@ -116,7 +90,7 @@ def _chunk_name(unit: int, chunk: int) -> str:
     return f"tok-{unit:05d}-{chunk:06d}"
 
 
-def _finished_chunks(work: Path, unit: int) -> list[dict]:
+def finished_chunks(work: Path, unit: int) -> list[dict]:
     metas = []
     while (work / f"{_chunk_name(unit, len(metas))}.json").is_file():
         metas.append(json.loads((work / f"{_chunk_name(unit, len(metas))}.json").read_text()))
@@ -160,100 +134,69 @@ def _too_long(unit: InputUnit, where: str, size: int, longest: int, options: Pre
     )
 
 
-def _batches(units: list[InputUnit], work: Path, options: PrepareOptions, spec: TokenizerSpec):
-    """Yields (unit, chunk, documents, final_of_chunk, last_of_unit, malformed counts) for unfinished chunks;
-    each document is a list of its pieces (one, unless it is long and the tokenizer allows cuts)."""
+def _unit_batches(u: int, unit: InputUnit, work: Path, options: PrepareOptions, spec: TokenizerSpec, done: int):
+    """Yields (unit, chunk, documents, final_of_chunk, last_of_unit, malformed counts) for the unit's chunks
+    after its first `done` (finished) ones; each document is a list of its pieces (one, unless it is long and
+    the tokenizer allows cuts)."""
     cut_problem = piecewise_problem(spec)
     piece_chars = min(_PIECE_CHARS, options.max_document_chars)
-    for u, unit in enumerate(units):
-        done = _finished_chunks(work, u)
-        if done and done[-1]["last"]:
-            continue
-        skip, chunk = len(done) * options.chunk_docs, len(done)
-        located, counts = read_located_documents(unit, options.strict)
-        docs, chars, in_chunk, seen = [], 0, 0, 0
-        for where, text in located:
-            seen += 1
-            if seen <= skip:  # finished chunks of an interrupted run: their counts are already saved
-                if seen == skip:
-                    counts.update(dict.fromkeys(counts, 0))
-                continue
-            pieces = [text]
-            if len(text) > piece_chars and cut_problem is None:
-                pieces = document_pieces(text, piece_chars)
-            longest = max(len(piece) for piece in pieces)
-            if longest > options.max_document_chars:
-                raise _too_long(unit, where, len(text), longest, options, cut_problem, spec.name)
-            docs.append(pieces)
-            chars += len(text)
-            in_chunk += 1
-            if in_chunk == options.chunk_docs:
-                yield u, chunk, docs, True, False, dict(counts)
+    skip, chunk = done * options.chunk_docs, done
+    located, counts = read_located_documents(unit, options.strict)
+    docs, chars, in_chunk, seen = [], 0, 0, 0
+    for where, text in located:
+        seen += 1
+        if seen <= skip:  # finished chunks of an interrupted run: their counts are already saved
+            if seen == skip:
                 counts.update(dict.fromkeys(counts, 0))
-                docs, chars, in_chunk, chunk = [], 0, 0, chunk + 1
-            elif len(docs) == options.batch_docs or chars >= _ENCODE_CHARS:
-                yield u, chunk, docs, False, False, None
-                docs, chars = [], 0
-        yield u, chunk, docs, True, True, dict(counts)
+            continue
+        pieces = [text]
+        if len(text) > piece_chars and cut_problem is None:
+            pieces = document_pieces(text, piece_chars)
+        longest = max(len(piece) for piece in pieces)
+        if longest > options.max_document_chars:
+            raise _too_long(unit, where, len(text), longest, options, cut_problem, spec.name)
+        docs.append(pieces)
+        chars += len(text)
+        in_chunk += 1
+        if in_chunk == options.chunk_docs:
+            yield u, chunk, docs, True, False, dict(counts)
+            counts.update(dict.fromkeys(counts, 0))
+            docs, chars, in_chunk, chunk = [], 0, 0, chunk + 1
+        elif len(docs) == options.batch_docs or chars >= _ENCODE_CHARS:
+            yield u, chunk, docs, False, False, None
+            docs, chars = [], 0
+    yield u, chunk, docs, True, True, dict(counts)
 
 
-def _bounded_imap(pool, items, window: int):
-    """pool.imap in order, but reads at most `window` items ahead (imap would read the whole corpus)."""
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.apply_async(_tokenize, (item,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+def tokenize_unit(spec: TokenizerSpec, options: PrepareOptions, item: tuple[int, InputUnit, str]) -> list[dict]:
+    """An engine task: (unit index, unit, work folder) -> the metas of the unit's chunks, tokenized and saved
+    there (the unit's finished chunks are kept, not redone)."""
+    u, unit, work = item
+    work = Path(work)
+    done = finished_chunks(work, u)
+    if done and done[-1]["last"]:
+        return done
+    _init_worker(spec, options.append_eos, options.prepend_bos)
+    parts_tokens, parts_lengths = [], []
+    for batch in _unit_batches(u, unit, work, options, spec, len(done)):
+        _, chunk, flat, lengths, final, last, counts = _tokenize(batch)
+        parts_tokens.append(flat)
+        parts_lengths.append(lengths)
+        if final:
+            _write_chunk(work, u, chunk, np.concatenate(parts_tokens).astype(spec.dtype, copy=False),
+                         np.concatenate(parts_lengths), counts, last)
+            parts_tokens, parts_lengths = [], []
+    return finished_chunks(work, u)
 
 
-@contextlib.contextmanager
-def tokenizer_pool(spec: TokenizerSpec, options: PrepareOptions):
-    """`options.workers` tokenizer processes (None for 1: tokenize in this process); share one across domains."""
-    if options.workers <= 1:
-        yield None
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold jax / threads
-    pool = ctx.Pool(options.workers, _init_worker, (spec, options.append_eos, options.prepend_bos))
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-def tokenize_units(
-    domain: str, units: list[InputUnit], work: Path, spec: TokenizerSpec, options: PrepareOptions, pool
-) -> list[dict]:
-    items = _batches(units, work, options, spec)
-    counts = [count_documents(u) for u in units] if options.progress else [None]
-    progress = Progress(options.progress, f"tokenize {domain}", None if None in counts else sum(counts))
-    if pool is not None:
-        results = _bounded_imap(pool, items, 4 * options.workers)
-    else:
-        _init_worker(spec, options.append_eos, options.prepend_bos)
-        results = map(_tokenize, items)
-    try:
-        parts_tokens, parts_lengths = [], []
-        for unit, chunk, flat, lengths, final, last, counts in results:
-            parts_tokens.append(flat)
-            parts_lengths.append(lengths)
-            progress.update(len(lengths), int(lengths.sum()))
-            if final:
-                _write_chunk(
-                    work,
-                    unit,
-                    chunk,
-                    np.concatenate(parts_tokens).astype(spec.dtype, copy=False),
-                    np.concatenate(parts_lengths),
-                    counts,
-                    last,
-                )
-                parts_tokens, parts_lengths = [], []
-    finally:
-        progress.close()
-    return [m for u in range(len(units)) for m in _finished_chunks(work, u)]
+def tokenize_units(domains: list[tuple[str, list[InputUnit], Path]], spec: TokenizerSpec, options: PrepareOptions,
+                   engine) -> dict[str, list[dict]]:
+    """Phase 1 of every domain in `domains` ((name, its units, its work folder)) as one engine map, a task per
+    unit; returns {domain: the metas of its chunks, in unit order}."""
+    items = [(u, unit, str(work)) for _, units, work in domains for u, unit in enumerate(units)]
+    results = iter(engine.map(functools.partial(tokenize_unit, spec, options), items, desc="prepare: tokenize",
+                              count=lambda metas: sum(m["documents"] for m in metas)))
+    return {name: [m for _ in units for m in next(results)] for name, units, _ in domains}
 
 
 class ChunkStore:

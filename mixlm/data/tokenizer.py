@@ -181,6 +181,14 @@ def _expected_documents(units_per_domain: list[list[InputUnit]], max_docs_per_do
     return total
 
 
+def sample_unit(item: tuple[InputUnit, int]) -> tuple[list[str], dict[str, int]]:
+    """An engine task: (input unit, most documents to take, 0: all) -> (its first documents' texts, its malformed
+    record counts up to there)."""
+    unit, limit = item
+    texts, counts = read_documents(unit)
+    return list(itertools.islice(texts, limit) if limit else texts), dict(counts)
+
+
 def train_tokenizer(
     domains: Mapping[str, Sequence[str] | str],
     out_dir: str | Path,
@@ -190,27 +198,39 @@ def train_tokenizer(
     text_field: str = "text",
     max_docs_per_domain: int = 0,
     progress: bool = False,
+    engine=None,
 ) -> Path:
     """Trains on the documents of the given domains (name -> source specs, as for `prepare`), taking at
     most `max_docs_per_domain` documents of each (0: all), domains interleaved in the given order.
-    progress=True: a tqdm bar over the documents read (with an ETA when their number is cheap to know)
-    on stderr, then a one-line summary there (documents, domains, vocabulary, seconds)."""
+    `engine` (mixlm.engine; default this process) reads the input files, a task each, a few ahead of the
+    trainer; the BPE merges are computed here. progress=True: a tqdm bar over the documents read (with an
+    ETA when their number is cheap to know) on stderr, then a one-line summary there (documents, domains,
+    vocabulary, seconds)."""
+    from mixlm.engine import engine_or_local
+
+    with engine_or_local(engine, 1, False) as run_on:
+        return _train_tokenizer(domains, out_dir, vocab_size, min_frequency, text_field, max_docs_per_domain,
+                                progress, run_on)
+
+
+def _train_tokenizer(domains: Mapping[str, Sequence[str] | str], out_dir: str | Path, vocab_size: int,
+                     min_frequency: int, text_field: str, max_docs_per_domain: int, progress: bool, engine) -> Path:
     start = time.perf_counter()
     units_per_domain = [
         [u for spec in ([s] if isinstance(s, str) else s) for u in resolve_input(n, spec, text_field)]
         for n, s in domains.items()
     ]
 
-    skipped: list[tuple[InputUnit, dict[str, int]]] = []  # each unit's malformed counts, filled while reading
-
-    def unit_texts(unit):
-        texts, counts = read_documents(unit)
-        skipped.append((unit, counts))
-        yield from texts
+    skipped: list[tuple[InputUnit, dict[str, int]]] = []  # each unit's malformed counts, as it is read
 
     def domain_texts(units):
-        texts = itertools.chain.from_iterable(unit_texts(u) for u in units)
-        return itertools.islice(texts, max_docs_per_domain) if max_docs_per_domain else texts
+        def read():
+            sampled = engine.imap(sample_unit, [(u, max_docs_per_domain) for u in units])
+            for unit, (texts, counts) in zip(units, sampled):
+                skipped.append((unit, counts))
+                yield from texts
+
+        return itertools.islice(read(), max_docs_per_domain) if max_docs_per_domain else read()
 
     streams = [domain_texts(units) for units in units_per_domain]
     interleaved = (t for group in itertools.zip_longest(*streams) for t in group if t is not None)

@@ -1,6 +1,7 @@
 """The documents a selection reads and writes: input shards (jsonl(.gz/.zst) or parquet, read by
 `mixlm.data.inputs.iter_records`) with malformed records counted by kind (`BadLines`), and a selection written
-back out as one jsonl.zst (`write_selected`: jsonl lines verbatim, parquet rows as JSON objects).
+back out as one jsonl.zst (`write_selected`: jsonl lines verbatim, parquet rows as JSON objects; a zstd frame per
+input file, each written by an engine task).
 
 A malformed line (invalid UTF-8 or JSON, text field missing or not a string, blank text) is skipped and
 counted by kind, as `mixlm prepare` counts them, with the first few locations; `strict=True` raises instead.
@@ -9,6 +10,7 @@ A compressed input cut short or corrupt raises InputFileError naming it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -20,6 +22,7 @@ import numpy as np
 
 from mixlm import storage
 from mixlm.data.inputs import file_kind, iter_lines, iter_parquet_rows, iter_records, record_field
+from mixlm.engine import Engine, engine_or_local
 from mixlm.selection import SelectionError
 
 DOCUMENT_KINDS = ("jsonl", "parquet")  # the input files selection reads (`inputs.file_kind`)
@@ -115,45 +118,123 @@ def _group(record: dict, field: str | None, path: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+Lines = np.ndarray | tuple[str, np.ndarray]  # wanted line numbers, or (.npz with a `line` array, positions to drop)
+
+
+def _wanted_lines(lines: Lines) -> np.ndarray:
+    if isinstance(lines, tuple):  # a dedup stage's per-file lines, less the duplicates' positions
+        features, dropped = lines
+        with np.load(features) as z:
+            return np.delete(z["line"], dropped)
+    return np.asarray(lines, np.int64)
+
+
+def write_part(common: tuple[str, int, str | None, str | None, bool], job: tuple[int, str, Lines]
+               ) -> tuple[int, list[tuple[int, str]]]:
+    """An engine task: (parts folder, zstd level, source field, group field, want groups), (part number, input
+    file, its wanted line numbers, ascending, or where to read them) -> (documents written, [(line, group)] when
+    groups are wanted). Writes the wanted records as one zstd frame, `part-<number>.zst`, whole; a part an
+    earlier run finished for the same lines (its `.json` beside it) is kept."""
+    import zstandard
+
+    folder, level, source_field, group_field, want_groups = common
+    number, path, lines = job
+    lines = _wanted_lines(lines)
+    part = Path(folder) / f"part-{number:06d}.zst"
+    marker = part.with_suffix(".json")
+    key = {"input": path, "bytes": Path(path).stat().st_size, "lines": _lines_digest(lines), "level": level,
+           "source_field": source_field, "group_field": group_field if want_groups else None}
+    if part.is_file() and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            return done["written"], [tuple(g) for g in done["groups"]]
+    wanted = set(np.asarray(lines).tolist())
+    parse = source_field is not None or want_groups
+    groups: list[tuple[int, str]] = []
+    written = 0
+    with storage.atomic_writer(part) as raw, \
+            zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as out:
+        if file_kind(path) == "parquet":
+            records = ((n, row, None) for n, row in iter_parquet_rows(path) if n in wanted)
+        else:
+            records = ((n, json.loads(line) if parse else None, line) for n, line in iter_lines(path) if n in wanted)
+        for number_, record, line in records:
+            if want_groups:
+                groups.append((number_, _group(record, group_field, path)))
+            add_source = source_field is not None and source_field not in record if parse else False
+            if line is None:  # a parquet row
+                out.write((json.dumps({**record, **({source_field: path} if add_source else {})},
+                                      ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+            elif add_source:  # the object's last byte is its closing brace: add the field before it
+                body = line.rstrip()
+                out.write(body[:-1] + f", {json.dumps(source_field)}: {json.dumps(path)}}}\n".encode())
+            else:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+            written += 1
+    storage.write_atomic(marker, json.dumps({"key": key, "written": written, "groups": groups}))
+    return written, groups
+
+
+def _lines_digest(lines: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.blake2b(np.asarray(lines, np.int64).tobytes(), digest_size=16).hexdigest()
+
+
 def write_selected(table: LocatedDocuments, chosen: np.ndarray, out_path: str | Path, level: int = 3, *,
                    source_field: str | None = None, group_field: str | None = None,
-                   groups: dict[int, str] | None = None) -> int:
+                   groups: dict[int, str] | None = None, engine: Engine | None = None) -> int:
     """Write the documents `chosen` (indices into `table`) into one jsonl.zst, in (file, line) order: a jsonl
-    input's lines verbatim, a parquet input's rows as JSON objects. Returns the number of documents written.
+    input's lines verbatim, a parquet input's rows as JSON objects. Returns the number of documents written
+    (see `write_records`).
 
     `source_field`: a document without that field gets it, holding its input file's path (appended to the
     line's object, the line's other bytes unchanged), so a selection from several files still says where each
     document came from. `groups`, when given, is filled with {index into table: the document's `group_field`
     value, or its input file's name when it has none} (the mix of the selection by domain or source).
     """
-    import zstandard
-
     wanted: dict[str, dict[int, int]] = {}
     for i, f, line in zip(np.asarray(chosen).tolist(), table.file_id[chosen].tolist(), table.line[chosen].tolist()):
         wanted.setdefault(table.files[f], {})[line] = i
-    parse = source_field is not None or groups is not None
+    files = [(path, np.array(sorted(wanted[path]), np.int64)) for path in sorted(wanted)]
+    by_line: dict[str, dict[int, str]] | None = {} if groups is not None else None
+    written = write_records(files, out_path, level, source_field=source_field, group_field=group_field,
+                            groups=by_line, engine=engine)
+    if groups is not None:
+        for path, lines in by_line.items():
+            groups.update({wanted[path][line]: group for line, group in lines.items()})
+    return written
+
+
+def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, level: int = 3, *,
+                  source_field: str | None = None, group_field: str | None = None,
+                  groups: dict[str, dict[int, str]] | None = None, engine: Engine | None = None) -> int:
+    """Write the records of each (input file, its wanted lines) in `files`, in that order, into one jsonl.zst;
+    returns the number written. Each file is one engine task (default: this process) writing one zstd frame
+    in a parts folder beside `out_path` (a rerun keeps finished parts); the frames are then joined in order into
+    `out_path`, written whole: one zstd stream of several frames, which every zstd reader reads as one.
+    `groups`, when given, gets {file: {line: its group}} (see `write_selected`)."""
+    import shutil
+
+    import zstandard
+
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    parts = out_path.with_name(f".{out_path.name}.parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    jobs = [(k, str(path), lines) for k, (path, lines) in enumerate(files)]
+    common = (str(parts), level, source_field, group_field, groups is not None)
+    with engine_or_local(engine, 1, False) as run_on:
+        results = run_on.map(functools.partial(write_part, common), jobs, desc="select: write",
+                             count=lambda r: r[0])
     written = 0
-    with storage.atomic_writer(out_path) as raw, zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as out:
-        for path in sorted(wanted):
-            lines_wanted = wanted[path]
-            if file_kind(path) == "parquet":
-                records = ((n, row, None) for n, row in iter_parquet_rows(path) if n in lines_wanted)
-            else:
-                records = ((n, json.loads(line) if parse else None, line) for n, line in iter_lines(path)
-                           if n in lines_wanted)
-            for number, record, line in records:
-                if groups is not None:
-                    groups[lines_wanted[number]] = _group(record, group_field, path)
-                add_source = source_field is not None and source_field not in record if parse else False
-                if line is None:  # a parquet row
-                    out.write((json.dumps({**record, **({source_field: path} if add_source else {})},
-                                          ensure_ascii=False, default=str) + "\n").encode("utf-8"))
-                elif add_source:  # the object's last byte is its closing brace: add the field before it
-                    body = line.rstrip()
-                    out.write(body[:-1] + f", {json.dumps(source_field)}: {json.dumps(path)}}}\n".encode())
-                else:
-                    out.write(line if line.endswith(b"\n") else line + b"\n")
-                written += 1
+    with storage.atomic_writer(out_path) as out:
+        if not jobs:
+            out.write(zstandard.ZstdCompressor(level=level).compress(b""))  # an empty file: one empty frame
+        for (k, path, _), (count, part_groups) in zip(jobs, results):
+            with open(parts / f"part-{k:06d}.zst", "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+            written += count
+            if groups is not None:
+                groups.setdefault(path, {}).update(dict(part_groups))
+    shutil.rmtree(parts, ignore_errors=True)
     return written

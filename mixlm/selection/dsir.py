@@ -22,6 +22,7 @@ a small target set never saw from dominating. Several targets give several colum
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixlm.engine import Engine, engine_or_local
 from mixlm.selection import SelectionError
 from mixlm.selection.hashing import ngram_hashes, word_hashes
 from mixlm.selection.signals import raw_words
@@ -133,18 +135,26 @@ def fit_dsir(raw_texts: Iterable[str], targets: Mapping[str, Iterable[str]],
     settings.check()
     if not targets:
         raise SelectionError("DSIR needs at least one target: --target NAME=PATH")
-    target_counts = {}
-    for name, texts in targets.items():
-        if not _TARGET_NAME.fullmatch(name):
-            raise SelectionError(f"--target {name!r}: a name of letters, digits and _ (it becomes column dsir_{name})")
-        counts = bucket_counts(texts, settings)
+    for name in targets:
+        _check_target_name(name)
+    target_counts = {name: bucket_counts(texts, settings) for name, texts in targets.items()}
+    return fit_dsir_counts(bucket_counts(raw_texts, settings), target_counts, settings)
+
+
+def _check_target_name(name: str) -> None:
+    if not _TARGET_NAME.fullmatch(name):
+        raise SelectionError(f"--target {name!r}: a name of letters, digits and _ (it becomes column dsir_{name})")
+
+
+def fit_dsir_counts(raw: np.ndarray, target_counts: Mapping[str, np.ndarray], settings: DSIRSettings) -> DSIRModel:
+    """The DSIR model of already counted n-grams (int64 [num_buckets] each); errors for an empty pool or target."""
+    for name, counts in target_counts.items():
+        _check_target_name(name)
         if not counts.any():
             raise SelectionError(f"target {name!r} has no documents with words; check its files and --text-field")
-        target_counts[name] = counts
-    raw = bucket_counts(raw_texts, settings)
     if not raw.any():
         raise SelectionError("the raw pool has no documents with words; check the inputs and --text-field")
-    return DSIRModel(settings, raw, target_counts)
+    return DSIRModel(settings, raw, dict(target_counts))
 
 
 def parse_targets(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -158,40 +168,68 @@ def parse_targets(specs: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def _texts(paths: Sequence[str | Path], text_field: str, bad, strict: bool) -> Iterable[str]:
-    from mixlm.selection.documents import iter_documents, resolve_inputs
+def file_bucket_counts(common: tuple[DSIRSettings, str, bool], path: str) -> tuple[np.ndarray, dict, list[str]]:
+    """An engine task: (settings, text field, strict), one document file -> (int64 [num_buckets] n-gram counts of
+    its documents, its skipped lines by kind, the first few of them)."""
+    from mixlm.selection.documents import BadLines, iter_documents
 
-    for path in resolve_inputs(paths):
-        yield from (text for _, _, text in iter_documents(path, text_field, bad, strict))
+    settings, text_field, strict = common
+    bad = BadLines()
+    counts = bucket_counts((text for _, _, text in iter_documents(path, text_field, bad, strict)), settings)
+    return counts, dict(bad.counts), bad.examples
+
+
+def _pooled_counts(paths: Sequence[str | Path], settings: DSIRSettings, text_field: str, bad, strict: bool,
+                   engine) -> np.ndarray:
+    """The n-gram counts of all documents of `paths`, a task per file (integer sums: the same on any engine);
+    their skipped lines go to `bad`."""
+    from mixlm.selection.documents import MAX_EXAMPLES, resolve_inputs
+
+    total = np.zeros(settings.num_buckets, np.int64)
+    files = [str(p) for p in resolve_inputs(paths)]
+    for counts, skipped, examples in engine.map(functools.partial(file_bucket_counts, (settings, text_field, strict)),
+                                               files, desc="select dsir: fit"):
+        total += counts
+        bad.counts.update(skipped)
+        bad.examples.extend(examples[:MAX_EXAMPLES - len(bad.examples)])
+    return total
 
 
 def score_dsir(inputs: Sequence[str | Path], targets: Mapping[str, Sequence[str | Path]] | None,
                out_dir: str | Path, *, settings: DSIRSettings = DSIRSettings(),
                raw: Sequence[str | Path] | None = None, model_path: str | Path | None = None,
                text_field: str = "text", table_format: str = "parquet", strict: bool = False,
-               overwrite: bool = False, workers: int = 1) -> dict:
+               overwrite: bool = False, workers: int = 1, engine: Engine | None = None, progress: bool = False
+               ) -> dict:
     """Fit the raw model on `raw` (default: the `inputs`) and one model per target (or load a saved model from
     `model_path`, e.g. one fitted on a sample, to score more shards alike), then write the signal folder
     `out_dir` with one `dsir_<target>` column per target and `out_dir/dsir_model.npz`. Returns the folder's
     report (plus `columns`, and `fit_malformed` / `fit_malformed_examples`: lines skipped in the files the
-    models were fitted on)."""
+    models were fitted on). `engine` runs the fit's counting and the scoring, a task per file (default:
+    `workers` local processes)."""
     from mixlm.selection.documents import BadLines
     from mixlm.selection.score_folder import write_score_folder
 
     fit_bad = BadLines()  # skipped lines of the files the models are fitted on (raw pool, targets)
-    if model_path is not None:
-        if targets or raw:
-            raise SelectionError("a saved DSIR model (--model) already holds its targets and raw pool; drop "
-                                 "--target / --raw, or fit a new model without --model")
-        model = load_dsir_model(model_path)
-    else:
-        model = fit_dsir(_texts(raw or inputs, text_field, fit_bad, strict),
-                         {name: _texts(paths, text_field, fit_bad, strict) for name, paths in (targets or {}).items()},
-                         settings)
-    settings_json = {"scorer": "dsir", **asdict(model.settings), "targets": model.columns,
-                     "model": model.fingerprint(), "text_field": text_field, "table_format": table_format}
-    report = write_score_folder(inputs, out_dir, model.log_weights, settings=settings_json, text_field=text_field,
-                                table_format=table_format, strict=strict, overwrite=overwrite, workers=workers)
+    with engine_or_local(engine, workers, progress) as run_on:
+        if model_path is not None:
+            if targets or raw:
+                raise SelectionError("a saved DSIR model (--model) already holds its targets and raw pool; drop "
+                                     "--target / --raw, or fit a new model without --model")
+            model = load_dsir_model(model_path)
+        else:
+            settings.check()
+            if not targets:
+                raise SelectionError("DSIR needs at least one target: --target NAME=PATH")
+            target_counts = {name: _pooled_counts(paths, settings, text_field, fit_bad, strict, run_on)
+                             for name, paths in targets.items()}
+            model = fit_dsir_counts(_pooled_counts(raw or inputs, settings, text_field, fit_bad, strict, run_on),
+                                    target_counts, settings)
+        settings_json = {"scorer": "dsir", **asdict(model.settings), "targets": model.columns,
+                         "model": model.fingerprint(), "text_field": text_field, "table_format": table_format}
+        report = write_score_folder(inputs, out_dir, model.log_weights, settings=settings_json,
+                                    text_field=text_field, table_format=table_format, strict=strict,
+                                    overwrite=overwrite, engine=run_on)
     model.save(Path(out_dir) / MODEL_FILE)
     return {**report, "columns": model.columns, "fit_malformed": dict(fit_bad.counts),
             "fit_malformed_examples": fit_bad.examples}

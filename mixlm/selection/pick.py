@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixlm import storage
 from mixlm.selection import SelectionError
 from mixlm.selection.signals import DIRECTIONS
 
@@ -227,7 +228,7 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
                      budget: float | None = None, top_fraction: float | None = None,
                      budget_unit: str | None = None, random_out: str | Path | None = None, seed: int = 0,
                      plot: bool = False, mode: str = "top", resample_signal: str | None = None,
-                     mix_field: str | None = "domain") -> dict:
+                     mix_field: str | None = "domain", engine=None) -> dict:
     """Score the documents of `signal_dirs` with `weights`, keep the best, write them out.
 
     mode "dsir-resample" instead samples without replacement proportional to exp(`resample_signal`), a log
@@ -243,12 +244,13 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
     `mix_field` (dotted; an input file's name for documents without it), per-signal summaries over all and
     chosen documents, malformed input lines); with `random_out`, the seeded random baseline with the same
     budget (the budget, or the units the top selection took when it was a `top_fraction`) in the same
-    layout. Returns the report.
+    layout. Returns the report. `engine` (mixlm.engine; default this process) reads the signal tables and writes
+    the chosen documents, a task per file.
     """
     from mixlm.selection.documents import write_selected
     from mixlm.selection.signal_tables import load_tables
 
-    table = load_tables(signal_dirs)
+    table = load_tables(signal_dirs, engine=engine)
     if budget_unit is None:
         # A top fraction counts documents; its unit only feeds the report.
         budget_unit = "tokens" if "num_tokens" in table.columns or top_fraction is None else "chars"
@@ -291,7 +293,7 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
         where = Path(where)
         groups: dict[int, str] = {}
         written = write_selected(table, picked, where / "documents.jsonl.zst", source_field=SOURCE_FIELD,
-                                 group_field=mix_field, groups=groups)
+                                 group_field=mix_field, groups=groups, engine=engine)
         mix: dict[str, dict] = {}
         for i, group in groups.items():
             entry = mix.setdefault(group, {"documents": 0, budget_unit: 0})
@@ -310,7 +312,7 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
             "mix": {"field": mix_field, "groups": dict(sorted(mix.items(), key=lambda kv: -kv[1][budget_unit]))},
             "signals": summarize({"score": scores, **columns}, picked),
         }
-        (where / "report.json").write_text(json.dumps(report, indent=1))
+        storage.write_json(where / "report.json", report)
         return report
 
     report = write(out_dir, chosen, {**method, "budget": budget, "top_fraction": top_fraction})
@@ -321,7 +323,7 @@ def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None,
         baseline = write(random_out, random_chosen, {"method": "random", "seed": seed, "budget": random_budget})
         report["random_baseline"] = {"out": str(random_out), "documents_out": baseline["documents_out"],
                                      f"{budget_unit}_out": baseline[f"{budget_unit}_out"], "mix": baseline["mix"]}
-        (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=1))
+        storage.write_json(Path(out_dir) / "report.json", report)
     if plot:
         shown = ["score"] + [w.signal for w in parsed] if parsed else ["score"]
         plot_selection({"score": scores, **columns}, shown, chosen, random_chosen,

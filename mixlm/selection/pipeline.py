@@ -42,7 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mixlm import storage
+from mixlm.engine import Engine, engine_or_local
 from mixlm.selection import SelectionError, load_yaml_file
+from mixlm.selection.dedup import BloomSettings
 
 STAGE_KINDS = ("heuristics", "exact_dedup", "minhash_dedup", "bloom_dedup", "classifier")
 DOCUMENTS = "documents.jsonl.zst"
@@ -103,25 +106,19 @@ def _skipped(bad) -> dict:
             "malformed_examples": bad.examples}
 
 
-def _keep_by_text(inputs: Sequence[Path], text_field: str, out: Path, keep_fn: Callable, strict: bool = False
-                  ) -> dict:
-    """Runs `keep_fn(texts) -> bool [n]` over the documents of `inputs` and writes the kept ones."""
-    from mixlm.selection.documents import BadLines, iter_texts, write_selected
-    from mixlm.selection.signal_tables import SignalTable
+def _dedup(method: str, settings, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine,
+           strict: bool = False) -> dict:
+    """One dedup method over all of `inputs` (mixlm.selection.corpus_dedup: duplicates found across files, on
+    the engine), the kept documents written to `out`."""
+    from mixlm.selection.corpus_dedup import dedup_corpus
+    from mixlm.selection.documents import write_records
 
-    bad = BadLines()
-    keys: list[tuple[int, int]] = []
-
-    def texts():
-        for file_id, line, text in iter_texts(inputs, text_field, bad, strict):
-            keys.append((file_id, line))
-            yield text
-
-    keep = keep_fn(texts())
-    ids = np.array(keys, np.int64).reshape(-1, 2)
-    table = SignalTable([str(p) for p in inputs], ids[:, 0], ids[:, 1], {})
-    write_selected(table, np.flatnonzero(keep), out / DOCUMENTS)
-    return {"documents_in": len(keys), "documents_out": int(keep.sum()), **_skipped(bad)}
+    found = dedup_corpus(inputs, out / ".dedup-work", method, settings, engine, text_field=text_field, strict=strict)
+    written = write_records(found.kept(), out / DOCUMENTS, engine=engine)
+    shutil.rmtree(out / ".dedup-work", ignore_errors=True)
+    return {"documents_in": found.documents_in, "documents_out": written,
+            "malformed_lines": sum(found.malformed.values()), "malformed": found.malformed,
+            "malformed_examples": found.malformed_examples}
 
 
 def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
@@ -160,18 +157,30 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
     return {"documents_in": documents_in, "documents_out": documents_out, **_skipped(bad)}
 
 
-def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool
+def bloom_paragraphs(item: tuple[list[str], str, str, BloomSettings, bool]) -> dict:
+    """An engine task (one: the filter is sequential): `dedup.bloom_dedup_paragraphs` over the documents of all
+    inputs, in order, written to the out folder; returns the stage's report entries."""
+    from mixlm.selection import dedup
+
+    inputs, text_field, out, bloom, strict = item
+    counts: Counter = Counter()
+    report = _rewrite_by_text([Path(p) for p in inputs], text_field, Path(out),
+                              lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts), strict)
+    return {**report, **{k: counts[k] for k in ("duplicate_documents", "too_short_documents", "paragraphs_removed")}}
+
+
+def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool
                 ) -> dict:
     from mixlm.selection.documents import write_selected
     from mixlm.selection.heuristics import apply_rules, describe, parse_rules
     from mixlm.selection.signal_tables import TableSettings, compute_tables, load_tables
 
     rules = parse_rules(stage.get("rules", "refinedweb"))
-    signals = compute_tables(inputs, out / "signals", TableSettings(text_field=text_field), workers=workers,
-                             strict=strict)
-    table = load_tables([out / "signals"])
+    signals = compute_tables(inputs, out / "signals", TableSettings(text_field=text_field), strict=strict,
+                             engine=engine)
+    table = load_tables([out / "signals"], engine=engine)
     keep, dropped = apply_rules(table.columns, rules)
-    write_selected(table, np.flatnonzero(keep), out / DOCUMENTS)
+    write_selected(table, np.flatnonzero(keep), out / DOCUMENTS, engine=engine)
     return {"documents_in": len(table), "documents_out": int(keep.sum()), "dropped_by": dropped,
             "rules": describe(rules), "malformed_lines": signals["malformed_lines"],
             "malformed": signals["malformed"], "malformed_examples": signals["malformed_examples"]}
@@ -182,7 +191,7 @@ def _settings(cls, stage: dict):
     return cls(**{k: v for k, v in stage.items() if k in known})
 
 
-def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool
+def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool
                 ) -> dict:
     from mixlm.selection.classifier import classifier_preset, train_classifier
     from mixlm.selection.documents import BadLines, read_texts, write_selected
@@ -208,15 +217,15 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
         report["training_malformed"] = _skipped(training_bad)
     settings = TableSettings(text_field=text_field, rules=False, classifier=str(model_dir),
                              classifier_signal=stage.get("signal"))
-    scored = compute_tables(inputs, out / "scores", settings, workers=workers, strict=strict)
-    table = load_tables([out / "scores"])
+    scored = compute_tables(inputs, out / "scores", settings, strict=strict, engine=engine)
+    table = load_tables([out / "scores"], engine=engine)
     signal = next(k for k in table.columns if k != "num_chars")
     scores = table.columns[signal]
     if stage.get("keep_top_fraction") is not None:
         chosen = select_top(scores, table.columns["num_chars"], top_fraction=stage["keep_top_fraction"])
     else:
         chosen = np.flatnonzero(scores >= stage["min_score"])
-    write_selected(table, chosen, out / DOCUMENTS)
+    write_selected(table, chosen, out / DOCUMENTS, engine=engine)
     threshold = float(scores[chosen].min()) if chosen.size else None
     return {**report, "documents_in": len(table), "documents_out": int(chosen.size), "signal": signal,
             "score_threshold": threshold,
@@ -224,44 +233,46 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
             "malformed": scored["malformed"], "malformed_examples": scored["malformed_examples"]}
 
 
-def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, workers: int, strict: bool = False
+def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool = False
                ) -> dict:
     from mixlm.selection import dedup
 
     kind = stage["kind"]
     if kind == "heuristics":
-        return _heuristics(stage, inputs, text_field, out, workers, strict)
+        return _heuristics(stage, inputs, text_field, out, engine, strict)
     if kind == "exact_dedup":
-        return _keep_by_text(inputs, text_field, out, dedup.exact_keep, strict)
+        return _dedup("exact", None, inputs, text_field, out, engine, strict)
     if kind == "minhash_dedup":
         settings = _settings(dedup.MinHashSettings, stage)
         bands, rows = settings.bands_rows()
-        report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.fuzzy_keep(texts, settings)[0], strict)
-        return {**report, "bands": bands, "rows": rows}
+        return {**_dedup("minhash", settings, inputs, text_field, out, engine, strict), "bands": bands, "rows": rows}
     if kind == "bloom_dedup":
         bloom = _settings(dedup.BloomSettings, stage)
         bits, hashes = bloom.size()
         if bloom.paragraphs:
-            counts: Counter = Counter()
-            report = _rewrite_by_text(inputs, text_field, out,
-                                      lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts), strict)
-            report.update({k: counts[k] for k in ("duplicate_documents", "too_short_documents", "paragraphs_removed")})
+            report = engine.map(bloom_paragraphs, [([str(p) for p in inputs], text_field, str(out), bloom, strict)],
+                                desc="dedup bloom: paragraphs")[0]
         else:
-            report = _keep_by_text(inputs, text_field, out, lambda texts: dedup.bloom_keep(texts, bloom), strict)
+            report = _dedup("bloom", bloom, inputs, text_field, out, engine, strict)
         return {**report, "bloom_bits": bits, "bloom_hashes": hashes}
-    return _classifier(stage, inputs, text_field, out, workers, strict)
+    return _classifier(stage, inputs, text_field, out, engine, strict)
+
+
+_PARTIAL = ".partial.json"  # in a stage's temp folder: the fingerprint of the work in it (an interrupted run's)
 
 
 DEDUP_METHODS = {"exact": "exact_dedup", "minhash": "minhash_dedup", "bloom": "bloom_dedup"}
 
 
 def dedup_documents(inputs: Sequence[str | Path], out_dir: str | Path, method: str, options: Mapping | None = None,
-                    *, text_field: str = "text", strict: bool = False, overwrite: bool = False) -> dict:
+                    *, text_field: str = "text", strict: bool = False, overwrite: bool = False,
+                    engine: Engine | None = None) -> dict:
     """One dedup stage alone (`mixlm select dedup`): the documents of `inputs` without duplicates by `method`
-    (exact | minhash | bloom; `options` as that stage takes them in a pipeline config, None for its default)
-    into `out_dir/documents.jsonl.zst` (kept input lines, verbatim) and `out_dir/report.json` (documents in
-    and out, what was removed, skipped lines). A rerun with the same inputs and settings reuses the output;
-    other settings are refused unless `overwrite`. Returns the report."""
+    (exact | minhash | bloom; `options` as that stage takes them in a pipeline config, None for its default),
+    found across all files on `engine` (default: this process), into `out_dir/documents.jsonl.zst` (kept input
+    lines, verbatim) and `out_dir/report.json` (documents in and out, what was removed, skipped lines). A rerun
+    with the same inputs and settings reuses the output (an interrupted one, the files it finished); other
+    settings are refused unless `overwrite`. Returns the report."""
     from mixlm.selection.documents import resolve_inputs
 
     if method not in DEDUP_METHODS:
@@ -285,11 +296,10 @@ def dedup_documents(inputs: Sequence[str | Path], out_dir: str | Path, method: s
                              "replace them, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    report = {"method": method, **_run_stage(stage, paths, text_field, out, 1, strict),
-              "seconds": round(time.time() - start, 3), "fingerprint": fingerprint}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, report_path)
+    with engine_or_local(engine) as run_on:
+        report = {"method": method, **_run_stage(stage, paths, text_field, out, run_on, strict),
+                  "seconds": round(time.time() - start, 3), "fingerprint": fingerprint}
+    storage.write_json(report_path, report)
     return {**report, "reused": False}
 
 
@@ -312,8 +322,16 @@ def _digest(fingerprint: dict) -> str:
 
 
 def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | Path, *, workers: int = 1,
-                 overwrite: bool = False, progress: Callable[[str], None] | None = None, strict: bool = False) -> dict:
-    """Run every stage of `config` (from `load_pipeline`) on `inputs`; returns and writes OUT/report.json."""
+                 overwrite: bool = False, progress: Callable[[str], None] | None = None, strict: bool = False,
+                 engine: Engine | None = None) -> dict:
+    """Run every stage of `config` (from `load_pipeline`) on `inputs`, each on `engine` (default: `workers`
+    local processes); returns and writes OUT/report.json."""
+    with engine_or_local(engine, workers, False) as run_on:
+        return _run_pipeline(config, inputs, out_dir, overwrite, progress, strict, run_on)
+
+
+def _run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | Path, overwrite: bool,
+                  progress: Callable[[str], None] | None, strict: bool, engine: Engine) -> dict:
     from mixlm.selection.documents import resolve_inputs
 
     paths = resolve_inputs(inputs)
@@ -334,13 +352,16 @@ def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | P
             report = {**old, "reused": True}
         else:
             tmp = out / f".{final.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            start = time.time()
+            if not (tmp / _PARTIAL).is_file() or json.loads((tmp / _PARTIAL).read_text()) != fingerprint:
+                shutil.rmtree(tmp, ignore_errors=True)  # partial work of other settings or inputs
+                tmp.mkdir()
+                storage.write_json(tmp / _PARTIAL, fingerprint)
+            start = time.time()  # an interrupted stage resumes here with the files (shards) it finished
             report = {"stage": stage["name"], "kind": stage["kind"],
-                      **_run_stage(stage, paths, text_field, tmp, workers, strict),
+                      **_run_stage(stage, paths, text_field, tmp, engine, strict),
                       "seconds": round(time.time() - start, 3), "fingerprint": fingerprint, "digest": digest}
-            (tmp / "report.json").write_text(json.dumps(report, indent=1))
+            (tmp / _PARTIAL).unlink()
+            storage.write_json(tmp / "report.json", report)
             if final.exists():  # --overwrite: swap the new stage in, then drop the old one
                 stale = out / f".{final.name}.old"
                 shutil.rmtree(stale, ignore_errors=True)
@@ -361,9 +382,7 @@ def run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | P
         paths, previous = [final / DOCUMENTS], digest
     result = {"stages": summary, "output": str(paths[0]),
               "documents_in": summary[0]["documents_in"], "documents_out": summary[-1]["documents_out"]}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "report.json")
+    storage.write_json(out / "report.json", result)
     return result
 
 

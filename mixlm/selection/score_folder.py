@@ -11,8 +11,8 @@ DSIR (`dsir.py`) writes its columns this way.
 
 from __future__ import annotations
 
+import functools
 import json
-import multiprocessing
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +22,7 @@ import numpy as np
 
 from mixlm import storage
 from mixlm.data.inputs import MALFORMED_KINDS
+from mixlm.engine import Engine, engine_or_local
 from mixlm.selection import SelectionError
 from mixlm.selection.documents import BadLines, iter_documents, resolve_inputs
 from mixlm.selection.signal_tables import TABLE_FORMATS, shard_name, write_run_report, write_table
@@ -30,8 +31,12 @@ Scorer = Callable[[list[str]], Mapping[str, np.ndarray]]
 _BATCH = 512
 
 
-def _score_one(job: tuple) -> dict:
-    index, path, out, scorer, settings, text_field, table_format, strict, overwrite = job
+def score_one(common: tuple, job: tuple[int, str]) -> dict:
+    """An engine task: (out folder, scorer, settings, text field, format, strict, overwrite), (index, input shard)
+    → the shard's table and report; returns the report (a shard whose report matches is kept)."""
+    out, scorer, settings, text_field, table_format, strict, overwrite = common
+    index, path = job
+    out, path = Path(out), Path(path)
     name = shard_name(index, path)
     table_path, report_path = out / f"{name}.signals.{table_format}", out / f"{name}.report.json"
     input_bytes = path.stat().st_size
@@ -75,11 +80,12 @@ def _score_one(job: tuple) -> dict:
 
 def write_score_folder(inputs: Sequence[str | Path], out_dir: str | Path, scorer: Scorer, *, settings: dict,
                        text_field: str = "text", table_format: str = "parquet", strict: bool = False,
-                       overwrite: bool = False, workers: int = 1) -> dict:
+                       overwrite: bool = False, workers: int = 1, engine: Engine | None = None,
+                       progress: bool = False) -> dict:
     """Score every document of `inputs` into the signal folder `out_dir`; returns the summed report.
 
     `settings` (JSON values) identifies the scorer: a rerun with equal settings reuses finished shards.
-    `workers` > 1 scores shards in that many spawned processes (the scorer is pickled to each).
+    `engine` scores the shards, a task each (default: `workers` local processes; the scorer is pickled to each).
     """
     if table_format not in TABLE_FORMATS:
         raise SelectionError(f"table format {table_format!r}: use one of {TABLE_FORMATS}")
@@ -87,10 +93,8 @@ def write_score_folder(inputs: Sequence[str | Path], out_dir: str | Path, scorer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    jobs = [(i, p, out, scorer, settings, text_field, table_format, strict, overwrite) for i, p in enumerate(paths)]
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            reports = pool.map(_score_one, jobs)
-    else:
-        reports = [_score_one(job) for job in jobs]
+    common = (str(out), scorer, settings, text_field, table_format, strict, overwrite)
+    with engine_or_local(engine, workers, progress) as run_on:
+        reports = run_on.map(functools.partial(score_one, common), list(enumerate(map(str, paths))),
+                             desc="select: shards", count=lambda r: r["documents"])
     return write_run_report(out, reports, settings, start)

@@ -16,10 +16,12 @@ A malformed line (invalid UTF-8 or JSON, text field missing or not a string, bla
 and counted by kind, as `mixlm prepare` counts them, with the first few locations; `strict=True`
 raises instead. A compressed input cut short or corrupt raises InputFileError naming it. `num_tokens` counts the text's tokens without special tokens (prepare adds an EOS).
 
-Model columns are computed where the shard is read: with `workers` > 1 every worker process loads each
-model once (and keeps it for all its shards), with torch limited to its share of the CPU threads. On
-one accelerator, or with a large model, `workers=1` keeps a single copy; the rule signals are cheap
-beside a model's forward pass anyway.
+Each shard is one task of an engine (mixlm.engine: processes on this host, or Ray tasks on a cluster); the
+tables are the same bytes on either. Model columns are computed where the shard is read: with a classifier,
+model raters or perplexity the shards run on long-lived workers (Ray actors, one GPU each when the cluster has
+GPUs and the device allows), each loading each model once and keeping it for all its shards, with torch
+limited to its share of the CPU threads. On one accelerator, or with a large model, `workers=1` keeps a single
+copy; the rule signals are cheap beside a model's forward pass anyway.
 """
 
 from __future__ import annotations
@@ -27,10 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import multiprocessing
-import os
 import re
-import sys
 import time
 from array import array
 from collections import Counter
@@ -41,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from mixlm import storage
-from mixlm.data.inputs import MALFORMED_KINDS, file_kind, record_field
+from mixlm.data.inputs import MALFORMED_KINDS, record_field
+from mixlm.engine import Engine, engine_or_local
 from mixlm.selection import SelectionError
 from mixlm.selection.documents import MAX_EXAMPLES, BadLines, iter_documents, resolve_inputs
 from mixlm.selection.signals import SIGNAL_NAMES, compute_signals
@@ -117,18 +117,13 @@ def _load_perplexity(folder: str, device: str, batch_size: int, max_length: int)
     return load_perplexity_scorer(folder, device=device, batch_size=batch_size, max_length=max_length)
 
 
-_TORCH_THREADS: list[int] = []  # set in worker processes: this process's share of the CPU threads
-
-
-def _init_worker(threads: int) -> None:
-    _TORCH_THREADS.append(threads)
-
-
 def _limit_torch_threads() -> None:
-    if _TORCH_THREADS:
+    from mixlm.engine import worker_threads
+
+    if worker_threads():  # in an engine's worker process: its share of the host's CPU threads
         import torch
 
-        torch.set_num_threads(_TORCH_THREADS[-1])
+        torch.set_num_threads(worker_threads())
 
 
 @functools.lru_cache(maxsize=2)
@@ -138,10 +133,11 @@ def _load_tokenizer(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_documents=None) -> dict:
-    """Worker: one input shard → one table + its report. Returns the report. on_documents(n), when given,
-    is called as documents are read (a progress bar in the calling process)."""
-    index, path, out_dir, settings_dict, tokenizer_json, strict, overwrite = job
+def score_shard(common: tuple[str, dict, str | None, bool, bool], job: tuple[int, str]) -> dict:
+    """An engine task: (out folder, settings, tokenizer JSON, strict, overwrite), (index, input shard) → the
+    shard's table and report in the out folder. Returns the report; a shard whose report matches is kept."""
+    out_dir, settings_dict, tokenizer_json, strict, overwrite = common
+    index, path = job
     settings = TableSettings.from_dict(settings_dict)
     name = shard_name(index, Path(path))
     table_path = Path(out_dir) / f"{name}.signals.{settings.table_format}"
@@ -153,8 +149,6 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
         old = json.loads(report_path.read_text())
         if (old.get("settings"), old.get("input"), old.get("input_bytes"), old.get("signals", [])) == (
                 settings_dict, path, input_bytes, signal_names):
-            if on_documents is not None:
-                on_documents(old["documents"] + old["malformed_lines"])
             return old
 
     start = time.time()
@@ -188,13 +182,7 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
     missing_ratings: Counter = Counter()
     pending: list[str] = []
 
-    reported = [0]
-
     def flush() -> None:
-        if on_documents is not None:  # lines read, bad ones included (the bar's total counts lines)
-            done = len(columns["line"]) + sum(bad.counts.values())
-            on_documents(done - reported[0])
-            reported[0] = done
         if tokenizer is not None:
             columns["num_tokens"].extend(len(e.ids) for e in tokenizer.encode_batch(pending, add_special_tokens=False))
         if classifier is not None:
@@ -248,49 +236,34 @@ def _score_shard(job: tuple[int, str, str, dict, str | None, bool, bool], on_doc
 
 
 def write_table(path: str, columns: dict[str, array], out: Path) -> None:
-    """One row per document: file, then `columns` (int64 'q' / float64 'd' arrays of equal length)."""
-    tmp = out.with_name(out.name + ".tmp")
+    """One row per document: file, then `columns` (int64 'q' / float64 'd' arrays of equal length); written
+    whole (storage.atomic_writer), so a reader never sees part of a table."""
     rows = len(columns["line"])
-    if out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with storage.atomic_writer(out) as f:
+        if out.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        table = pa.table({
-            "file": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([path])),
-            **{k: pa.array(np.frombuffer(v, np.int64 if v.typecode == "q" else np.float64))
-               for k, v in columns.items()},
-        })
-        pq.write_table(table, tmp)
-    else:
-        names = list(columns)
-        with open(tmp, "w") as f:
+            table = pa.table({
+                "file": pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([path])),
+                **{k: pa.array(np.frombuffer(v, np.int64 if v.typecode == "q" else np.float64))
+                   for k, v in columns.items()},
+            })
+            pq.write_table(table, f)
+        else:
+            names = list(columns)
             for row in zip(*(columns[k] for k in names)):
                 clean = [None if isinstance(v, float) and math.isnan(v) else v for v in row]
-                f.write(json.dumps({"file": path, **dict(zip(names, clean))}) + "\n")
-    os.replace(tmp, out)
-
-
-def _progress_bar(paths: list[Path], text_field: str, *, shards: bool):
-    """A tqdm bar on stderr: over shards (worker processes), else over documents, with a total (and so an
-    ETA) when every shard's line count is cheap to know (uncompressed jsonl)."""
-    from tqdm import tqdm
-
-    from mixlm.data.inputs import InputUnit, count_documents
-
-    if shards:
-        return tqdm(total=len(paths), desc="select: shards", unit="shard", file=sys.stderr, dynamic_ncols=True)
-    counts = [count_documents(InputUnit(file_kind(p), str(p), text_field)) for p in paths]
-    return tqdm(total=None if None in counts else sum(counts), desc="select: documents", unit="doc",
-                unit_scale=True, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+                f.write((json.dumps({"file": path, **dict(zip(names, clean))}) + "\n").encode())
 
 
 def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: TableSettings = TableSettings(),
                    *, workers: int = 1, strict: bool = False, overwrite: bool = False,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, engine: Engine | None = None) -> dict:
     """Signal tables for every input shard (see the module docstring); returns the summed report.
 
-    `workers` > 1 runs shards in that many processes (spawned, so safe beside jax / tokenizers threads).
-    progress=True: a tqdm bar on stderr (documents in this process, shards with workers).
+    `engine` runs the shards (default: `workers` local processes, spawned, so safe beside jax / tokenizers
+    threads). progress=True: a tqdm line on stderr (shards done, documents/s, ETA).
     """
     if settings.table_format not in TABLE_FORMATS:
         raise SelectionError(f"table format {settings.table_format!r}: use one of {TABLE_FORMATS}")
@@ -308,29 +281,14 @@ def compute_tables(inputs: Sequence[str | Path], out_dir: str | Path, settings: 
         from mixlm.data.tokenizer import load_tokenizer_spec
 
         tokenizer_json = load_tokenizer_spec(settings.tokenizer).backend_json
-    jobs = [(i, str(p), str(out), settings_dict, tokenizer_json, strict, overwrite) for i, p in enumerate(paths)]
+    common = (str(out), settings_dict, tokenizer_json, strict, overwrite)
+    models = bool(settings.classifier or settings.model_raters or settings.perplexity)
     start = time.time()
-    bar = _progress_bar(paths, settings.text_field, shards=workers > 1 and len(jobs) > 1) if progress else None
-    try:
-        if workers > 1 and len(jobs) > 1:
-            processes = min(workers, len(jobs))
-            threads = max(1, (os.cpu_count() or 1) // processes)
-            with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (threads,)) as pool:
-                reports = []
-                for report in pool.imap(_score_shard, jobs):
-                    reports.append(report)
-                    if bar is not None:
-                        bar.update(1)
-        else:
-            reports = [_score_shard(job, bar.update if bar is not None else None) for job in jobs]
-    except BaseException:
-        if bar is not None:
-            bar.leave = False  # the error is the one line left on stderr
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-
+    with engine_or_local(engine, workers, progress) as run_on:
+        gpus = 1 if (settings.model_raters or settings.perplexity) and settings.device != "cpu" and run_on.gpus() \
+            else 0
+        reports = run_on.map(functools.partial(score_shard, common), list(enumerate(map(str, paths))),
+                             desc="select: shards", count=lambda r: r["documents"], stateful=models, gpus=gpus)
     return write_run_report(out, reports, settings_dict, start)
 
 
@@ -370,8 +328,10 @@ def _check_model_folders(settings: TableSettings) -> None:
                              "(mixlm export output included) or a mixlm run / checkpoint folder")
 
 
-def _read_columns(path: Path) -> dict[str, np.ndarray]:
-    """A table's columns except `file`, as numpy: line int64, every other column float64 (NaN = null)."""
+def read_columns(path: str | Path) -> dict[str, np.ndarray]:
+    """A table's columns except `file`, as numpy: line int64, every other column float64 (NaN = null); an
+    engine task of `load_tables`."""
+    path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -398,31 +358,35 @@ class SignalTable:
         return int(self.line.size)
 
 
-def _load_dir(d: Path) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+def _load_dir(d: Path, engine: Engine) -> dict[str, list]:
     report_path = d / "signals_report.json"
     if not report_path.is_file():
         raise SelectionError(f"{d}: no signals_report.json; run (or finish) `mixlm select signals` there")
-    parts: dict[str, list] = {}
-    for entry in json.loads(report_path.read_text())["tables"]:
+    entries = json.loads(report_path.read_text())["tables"]
+    for entry in entries:
         source = Path(entry["input"])
         if not source.is_file():
             raise SelectionError(f"{source} (signals in {d}) no longer exists; restore it or recompute")
         if source.stat().st_size != entry["input_bytes"]:
             raise SelectionError(f"{source} changed since its signals in {d} were computed; "
                                  "rerun `mixlm select signals` on it")
-        cols = _read_columns(d / entry["table"])
-        parts.setdefault(str(source), []).append(cols)
+    tables = engine.map(read_columns, [str(d / entry["table"]) for entry in entries], desc=f"read {d.name}")
+    parts: dict[str, list] = {}
+    for entry, cols in zip(entries, tables):
+        parts.setdefault(str(Path(entry["input"])), []).append(cols)
     return parts
 
 
-def load_tables(dirs: Sequence[str | Path]) -> SignalTable:
-    """The signal tables of the last `compute_tables` run in each of `dirs`, joined on (file, line).
+def load_tables(dirs: Sequence[str | Path], engine: Engine | None = None) -> SignalTable:
+    """The signal tables of the last `compute_tables` run in each of `dirs`, joined on (file, line); the tables
+    are read on `engine` (default: this process), a task each.
 
     Only documents present in every dir are kept. A column found in several dirs (num_chars, say) is
     kept once when the values agree and is an error when they do not. Raises when an input shard is
     gone or changed size since its signals were computed (lines would no longer match).
     """
-    loaded = [_load_dir(Path(d)) for d in dirs]
+    with engine_or_local(engine, 1, False) as run_on:
+        loaded = [_load_dir(Path(d), run_on) for d in dirs]
     files = sorted({f for parts in loaded for f in parts})
     file_index = {f: i for i, f in enumerate(files)}
     joined: SignalTable | None = None
