@@ -233,9 +233,9 @@ def remove_tree(path) -> None:
     target = location(path)
     if is_remote(target):
         fs, key = _fs(target)
-        names = fs.find(key)
-        if names:
-            fs.rm(names)
+        keys = [f"{key.rstrip('/')}/{name}" for name in list_files(target)]  # below key/, never key-other/
+        if keys:
+            fs.rm(keys)
         return
     if target.exists():
         shutil.rmtree(os.fspath(target))

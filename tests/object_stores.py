@@ -1,5 +1,6 @@
-"""Real object stores for tests, no cloud: gcp-storage-emulator (the GCS JSON API) and moto's S3 server, each
-started once per session as a subprocess on 127.0.0.1 and stopped at the end. Every layer is pointed at them
+"""Real object stores for tests, no cloud: gcp-storage-emulator (the GCS JSON API; started by
+tests/gcs_emulator.py, which adds the generation headers and preconditions real GCS has) and moto's S3 server,
+each started once per session as a subprocess on 127.0.0.1 and stopped at the end. Every layer is pointed at them
 through its environment: fsspec/gcsfs (STORAGE_EMULATOR_HOST), tensorstore, which Orbax writes through
 (TENSORSTORE_GCS_HTTP_URL, GOOGLE_AUTH_TOKEN_FOR_TESTING), s3fs/boto (AWS_ENDPOINT_URL and fake keys).
 Subprocesses (`mixlm train` started by a test) inherit the same environment.
@@ -77,11 +78,11 @@ def _fresh_filesystems() -> None:
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """gs://mixlm-test on a gcp-storage-emulator (in memory) for the whole session."""
+    """gs://mixlm-test on gcp-storage-emulator (in memory; tests/gcs_emulator.py) for the whole session."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}",
-            "--in-memory", f"--default-bucket={BUCKET}"]
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py"), str(port),
+            BUCKET]
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     with _server(argv, f"{url}/storage/v1/b/{BUCKET}", "gcs-emulator"), _environment(env):
