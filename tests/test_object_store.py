@@ -27,6 +27,7 @@ from mixlm.checkpoint import (
     RunCheckpoints,
     checkpoint_dir,
     restore_params,
+    staging,
 )
 from mixlm.checkpoint.params import resolve_step_dir
 from mixlm.cli import main as cli_main
@@ -428,3 +429,24 @@ def test_a_sweep_on_a_bucket_reads_prepared_data_through_the_cache(gs_folder, tm
     with pytest.raises(ShardError, match=f"{domains[1]}/{shard}: sha256"):
         PreparedDomain(prepared, domains[1])
     assert not list((tmp_path / "cache2").rglob(shard))
+
+
+def test_s3_staging_mirrors_only_the_steps_whose_upload_finished(s3_folder, tmp_path):
+    """S3 steps go through a local staging folder; a step is on S3 once its file list is (uploaded last)."""
+    remote, local = f"{s3_folder}/checkpoints", tmp_path / "staging"
+    for step in ("2", "4"):
+        storage.write_atomic(f"{remote}/{step}/state/a", f"step {step}")
+        storage.write_atomic(f"{remote}/{step}/{FILE_LIST}", f'{{"files": {{"state/a": 6}}, "step": {step}}}')
+    storage.write_atomic(f"{remote}/6/state/a", "cut short")  # an upload killed before its file list
+    (local / "4" / "state").mkdir(parents=True)  # already staged, same list: kept as it is
+    (local / "4" / "state" / "a").write_text("step 4")
+    (local / "4" / FILE_LIST).write_text(storage.location(f"{remote}/4/{FILE_LIST}").read_text())
+    (local / "8").mkdir()  # committed here, never uploaded: not a checkpoint of the run
+    assert staging.pull(remote, local) == [2, 4]
+    assert sorted(p.name for p in local.iterdir()) == ["2", "4"]
+    assert (local / "2" / "state" / "a").read_text() == "step 2"
+    staging.push(local / "2", f"{remote}/6")  # a new step 6 replaces what the cut-short upload left
+    assert sorted(storage.list_files(f"{remote}/6")) == [FILE_LIST, "state/a"]
+    assert storage.location(f"{remote}/6/state/a").read_text() == "step 2"
+    staging.prune(remote, keep={4, 6})
+    assert sorted({n.split("/")[0] for n in storage.list_files(remote)}) == ["4", "6"]

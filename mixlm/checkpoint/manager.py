@@ -141,20 +141,21 @@ class RunCheckpoints:
         quiet_orbax_errors()
         # The run folder's one writer: locked before Orbax creates folders or cleans up a save in progress.
         self._lock = None if read_only else _lock_on_process_0(self.location.parent, log)
-        if self.remote is not None:
-            self._pull_staged()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last or None, keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=not read_only,
             create=not read_only, read_only=read_only,
         )
         try:
+            if self.remote is not None:
+                self._pull_staged()
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=_item_handlers())
         except OSError as e:
             self._release_lock()
-            raise CheckpointError(f"cannot create the checkpoint folder {self.directory} ({os_reason(e)}); "
-                                  "fix its permissions or choose another train.output_dir") from None
+            raise CheckpointError(f"cannot create or read the checkpoint folder {self.location} ({os_reason(e)}); "
+                                  "fix its permissions (a bucket: its credentials) or choose another "
+                                  "train.output_dir") from None
         except BaseException:
             self._release_lock()
             raise
@@ -163,19 +164,11 @@ class RunCheckpoints:
 
     def _pull_staged(self) -> None:
         """s3://: the staging folder made a copy of the steps on S3 (mixlm.checkpoint.staging)."""
-        try:
-            if jax.process_count() > 1:
-                raise CheckpointError(f"checkpoints on s3:// ({self.location}) are saved through a local staging "
-                                      "folder, which one process alone can write; run multi-process jobs on gs:// "
-                                      "or a shared file system")
-            staging.pull(self.remote, self.directory)
-        except OSError as e:
-            self._release_lock()
-            raise CheckpointError(f"cannot read the checkpoints in {self.location} ({os_reason(e)}); check the "
-                                  "bucket and its credentials") from None
-        except BaseException:
-            self._release_lock()
-            raise
+        if jax.process_count() > 1:
+            raise CheckpointError(f"checkpoints on s3:// ({self.location}) are saved through a local staging "
+                                  "folder, which one process alone can write; run multi-process jobs on gs:// or "
+                                  "a shared file system")
+        staging.pull(self.remote, self.directory)
 
     def shown(self, step: int | None = None) -> str:
         """Where the checkpoints (or step `step`) live, for messages: the s3:// URL, not its staging folder."""

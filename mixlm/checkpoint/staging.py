@@ -61,7 +61,9 @@ def pull(remote, local, *, steps: set[int] | None = None) -> list[int]:
 
 
 def push(local_step, remote_step) -> None:
-    """Uploads one committed, listed step folder: its files, then its file list."""
+    """Uploads one committed, listed step folder: its files, then its file list. What an upload cut short left
+    under that step (no file list: never a checkpoint) is deleted first, so no stray object outlives it."""
+    storage.remove_tree(remote_step)
     storage.copy_tree(local_step, remote_step, last=(FILE_LIST,))
 
 

@@ -270,7 +270,7 @@ def evaluate_model(model: str | Path, suite: Suite, *, limit: float | None = Non
     import transformers
 
     run = is_run_folder(model)
-    pretrained = str(Path(model).resolve()) if run else check_model_dir(model)
+    pretrained = (str(model) if storage.is_remote(model) else str(Path(model).resolve())) if run else check_model_dir(model)
     manager = task_manager(suite.lm_eval_tasks(), include_paths)
     if suite.any_metric:  # ad-hoc: a tag becomes one row per member task (other tasks keep their own shots)
         tasks = []
