@@ -196,6 +196,12 @@ def exists(path) -> bool:
     return location(path).exists()
 
 
+def is_file(path) -> bool:
+    """A regular file or an object (epath's is_file counts a device, e.g. a log symlinked to /dev/full, whose
+    read never ends)."""
+    return location(path).is_file() if is_remote(path) else os.path.isfile(os.fspath(location(path)))
+
+
 def create_exclusive(path, data: str | bytes) -> bool:
     """Creates `path` holding `data` only if nothing is there; False when something is (local: O_EXCL; gs: a PUT
     with ifGenerationMatch=0; s3: a PUT with If-None-Match: *). The store decides, so of two processes racing
