@@ -136,7 +136,13 @@ def test_cached_copy_downloads_once_and_checks_the_sha256(gs_folder, tmp_path, m
     assert not storage.cache_path(f"{gs_folder}/dom/bad").exists()
 
 
-def test_unsupported_schemes_are_refused_in_one_line():
+def test_unsupported_schemes_are_refused_in_one_line(capsys, tmp_path):
+    for argv in (["plot", str(tmp_path), "--out", "hdfs://x/plots"], ["eval", "hdfs://x/run", "--tasks", "arc_easy"],
+                 ["export", "gs://bucket/run", "gs://bucket/hf"], ["prepare", "--out", "s3://bucket/prepared",
+                                                                   "--domain", "a=a.jsonl", "--tokenizer", "t"]):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and ("hdfs:// is not supported" in err or "local folder" in err), err
     out = subprocess.run([sys.executable, "-m", "mixlm.cli", "train", "configs/experiments/cpu-proxy.yaml",
                           "train.output_dir=hdfs://x"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2, out.stderr

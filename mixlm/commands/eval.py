@@ -156,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.paths and args.paths[0] == "compare" and not Path("compare").is_dir():
             return _run_compare(args)
+        from mixlm import storage
+
+        for path in (*args.paths[:1], args.out or ""):  # before minutes of evaluation, not after
+            storage.check_location(path, "--out" if path == args.out else "MODEL_DIR")
         return _run_eval(args)
     except EvalError as e:
         _say(f"mixlm eval: {e}")
