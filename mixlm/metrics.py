@@ -9,10 +9,10 @@ On an object store (train.output_dir=gs://... or s3://...), which has no append:
 and the object rewritten whole at most every storage.REMOTE_FLUSH_S (30) seconds, at every checkpoint save
 (`flush()`, called by the checkpoint hook) and at close; TensorBoard writes its events to a local temporary
 folder that is uploaded to <output_dir>/tensorboard/ at the same times; W&B's offline files go to
-storage.cache_root()/wandb/... A run killed without warning (SIGKILL, a lost VM) loses the rows of at most the
-last 30 s; none of them precede its newest checkpoint, and a resumed run trims metrics.jsonl to that checkpoint
-and logs the steps after it again, so the resumed log has every row. SIGTERM (preemption) saves a checkpoint,
-which flushes.
+storage.cache_root()/wandb/... A run killed without warning (SIGKILL, a lost VM) loses the rows logged in at most
+the last 30 s: ceil(30 s / (logging.every x step time)) rows, and none at or before its newest checkpoint. A
+resumed run trims metrics.jsonl to that checkpoint and logs the steps after it again, so the resumed log has
+every row (tests/test_object_store.py). SIGTERM (preemption) saves a checkpoint, which flushes.
 
 MFU = achieved model FLOP/s / (peak FLOP/s per device × devices). Model FLOPs per token come from the
 model's `flops_per_token` (6 × matmul params + causal attention, see mixlm.models). Peaks are per
