@@ -294,7 +294,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, log=None) -> list
     why a figure is not written or which runs it leaves out. Raises PlotError for a folder without metrics."""
     say = log or (lambda _text: None)
     runs = load_runs(run_dirs)
-    out = storage.location(out_dir)
+    out = storage.location(out_dir) if storage.is_remote(out_dir) else Path(out_dir)  # local: pathlib, as before
     storage.make_dirs(out)
     written = []
 
