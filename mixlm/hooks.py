@@ -263,11 +263,12 @@ class CheckpointHook(Hook):
         run.checkpoints.save(step, run.state, data_state=run.source.get_state(),
                              meta=run_metadata(run.cfg, step, tokens_seen=run.source.tokens_seen(),
                                                mesh=run.setup.mesh))
+        run.log.flush()  # an object store's buffered metrics rows: none before a checkpoint is ever lost
         if run.stop_reason:
             run.checkpoints.wait()
             run.preempted_at = step
             run.say(f"stopped by {run.stop_reason} after step {step}: checkpoint saved in "
-                    f"{run.checkpoints.directory / str(step)}; rerun the same command to resume")
+                    f"{run.checkpoints.shown(step)}; rerun the same command to resume")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mixlm import storage
 from mixlm.checkpoint import (
     ConfigMismatchError,
     RunCheckpoints,
@@ -267,7 +268,8 @@ def check_members(cfgs: Sequence[ExperimentConfig]) -> None:
         if diffs:
             raise ConfigError(f"swarm member {i} differs from member 0 in {', '.join(diffs)}: members share "
                               f"everything but {', '.join(MEMBER_KEYS)}; train it in another swarm")
-    dirs = [str(Path(c.train.output_dir).resolve()) for c in cfgs]
+    dirs = [str(storage.location(d) if storage.is_remote(d) else Path(d).resolve())
+            for d in (c.train.output_dir for c in cfgs)]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("swarm members need their own train.output_dir; two members share one")
     if cfgs[0].eval.tasks:
@@ -340,7 +342,7 @@ class SwarmResult:
 
 def read_swarm_done(swarm_dir: str | Path) -> dict | None:
     """The finished swarm's record ({'runs', 'steps', 'failed'}), or None if it has not finished."""
-    path = Path(swarm_dir) / SWARM_DONE
+    path = storage.location(swarm_dir) / SWARM_DONE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -358,8 +360,8 @@ class _MemberLogs:
                                    writer=jax.process_index() == 0)
         self.logs: dict[int, MetricsLog] = {}
         for m in self.local:
-            out = Path(cfgs[m].train.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
+            out = storage.location(cfgs[m].train.output_dir)
+            storage.make_dirs(out)
             save_config(cfgs[m], out / "config.yaml")
             RunDir(out).trim_metrics(start_step)
             quiet = cfgs[m].replace(logging=dataclasses.replace(cfgs[m].logging, progress=False, wandb=False))
@@ -471,7 +473,7 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
     readable shards cover those members; `failed` and swarm.json cover all of them."""
     cfgs = list(member_cfgs)
     check_members(cfgs)
-    swarm_dir = Path(swarm_dir)
+    swarm_dir = storage.location(swarm_dir)
     base = _swarm_config(cfgs, swarm_dir)
     k, steps = len(cfgs), base.train.steps
     if setup is None:
@@ -484,7 +486,7 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
     sources = list(sources) if sources is not None else [member_source(cfgs[m]) for m in local]
     if len(sources) != len(local):
         raise ValueError(f"train_swarm got {len(sources)} data sources for this process's {len(local)} members")
-    swarm_dir.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(swarm_dir)
     checkpoints = RunCheckpoints(checkpoint_dir(swarm_dir), base.checkpoint, log=say)
     logs = guard = None
     try:
@@ -557,7 +559,7 @@ def train_swarm(member_cfgs: Sequence[ExperimentConfig], swarm_dir: str | Path, 
             for m in failed:
                 final[m] = {}
             if lead:
-                (swarm_dir / SWARM_DONE).write_text(json.dumps({
+                storage.write_atomic(swarm_dir / SWARM_DONE, json.dumps({
                     "runs": [str(c.train.output_dir) for c in cfgs], "steps": steps,
                     "failed": {str(m): v for m, v in sorted(failed.items())}}, indent=1) + "\n")
         return SwarmResult(state=state, eval=final, failed=dict(failed), swarm_dir=swarm_dir,

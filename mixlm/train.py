@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mixlm import models
+from mixlm import models, storage
 from mixlm.checkpoint import (
     CheckpointError,
     RunCheckpoints,
@@ -283,7 +283,7 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
              allow_config_change: bool) -> Run:
     """Resumes or initialises the state, then (only after the config check passed, so a refused run leaves the
     folder as it was) writes config.yaml, opens the metrics log and prints what is about to run."""
-    out_dir = Path(cfg.train.output_dir)
+    out_dir = storage.location(cfg.train.output_dir)
     early_say = log_fn or (lambda text: print(text, flush=True) if jax.process_index() == 0 else None)
     checkpoints = RunCheckpoints(checkpoint_dir(out_dir), cfg.checkpoint, log=early_say)
     try:
@@ -294,7 +294,6 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
     start_step = int(state.step)
     try:
         if jax.process_index() == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out_dir / "config.yaml")
         if jax.process_index() == 0:
             RunDir(out_dir).trim_metrics(start_step)

@@ -12,7 +12,6 @@ workers share the host (mixlm.mixing.sweep.worker_envs)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mixlm.cli import add_overrides_argument
 
@@ -48,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
+    from mixlm import storage
     from mixlm.errors import ConfigError
     from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
@@ -55,7 +55,8 @@ def run(args) -> int:
 
     if args.swarm < 0:
         raise ConfigError(f"--swarm {args.swarm}: expected a member count K >= 1 (or 0: no swarm)")
-    path = Path(args.mixtures)
+    storage.check_location(args.out, "--out")
+    path = storage.location(args.mixtures)  # local or gs:// / s3://, as --out
     table = read_csv(path / "mixtures.csv" if path.is_dir() else path)
     if args.limit:
         table = table.rows(table.index_N[: args.limit])

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from mixlm import storage
 from mixlm.errors import ConfigError
 from mixlm.mixing.tables import INDEX, METRIC_PREFIX, Table, loss_column, read_csv
 from mixlm.run_config import load_run_config
@@ -151,8 +152,9 @@ SINGLE_RUN_ONLY = ("logging.progress=false", "checkpoint.save_at_end=false", "ch
 
 
 def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides: list[str] = ()) -> list[ProxyRun]:
-    """One ProxyRun per mixture row; writes each run's mixture.yaml (the only file planning creates)."""
-    out_dir = Path(out_dir)
+    """One ProxyRun per mixture row; writes each run's mixture.yaml (the only file planning creates). `out_dir`
+    may be local or on an object store."""
+    out_dir = storage.location(out_dir)
     load_run_config(base_config, list(overrides))  # fail on a bad base config before any run starts
     runs = []
     for index, row in zip(mixtures.index_N, mixtures.values_NxC):
@@ -161,10 +163,7 @@ def plan_sweep(base_config: str, mixtures: Table, out_dir: str | Path, overrides
         run_dir = out_dir / "runs" / f"{int(index):04d}"
         mixture_path = run_dir / "mixture.yaml"
         if not mixture_path.exists():  # written whole (the processes of a distributed sweep all plan it)
-            mixture_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = mixture_path.with_name(f".mixture.yaml.{os.getpid()}")
-            partial.write_text(f"# sweep run {int(index)}\n" + yaml.safe_dump(weights, sort_keys=False))
-            os.replace(partial, mixture_path)
+            storage.write_atomic(mixture_path, f"# sweep run {int(index)}\n" + yaml.safe_dump(weights, sort_keys=False))
         command = (
             sys.executable, "-m", "mixlm.cli", "train", str(base_config), *overrides,
             f"data.mixture={mixture_path}", f"train.output_dir={run_dir}", *SINGLE_RUN_ONLY,
@@ -177,21 +176,19 @@ def append_result(out_dir: Path, run: ProxyRun, domains: list[str], losses: dict
     """One row per run: index, the weights of every domain, each domain's loss, the loss of every other
     evaluated domain (eval.domains: a target trained on by no run) and the total. The first row fixes
     the columns; later rows follow them (a loss a run lacks is NaN)."""
-    path = out_dir / RESULTS
+    path = storage.location(out_dir) / RESULTS
     extra = sorted(k.split("/", 1)[1] for k in losses if k.startswith("val_loss/") and k.split("/", 1)[1] not in domains)
     value = {d: run.weights.get(d, 0.0) for d in domains}
     value.update({loss_column(d): losses.get(f"val_loss/{d}", float("nan")) for d in [*domains, *extra]})
     value[f"{METRIC_PREFIX}val_loss"] = losses["val_loss"]
-    new = not path.exists()
-    if new:
+    text = path.read_text() if path.exists() else ""
+    if not text:
         columns = [*domains, *(loss_column(d) for d in [*domains, *extra]), f"{METRIC_PREFIX}val_loss"]
+        text = ",".join([INDEX, *columns]) + "\n"
     else:
-        with path.open() as f:
-            columns = f.readline().strip().split(",")[1:]
-    with path.open("a") as f:
-        if new:
-            f.write(",".join([INDEX, *columns]) + "\n")
-        f.write(",".join([str(run.index), *(repr(float(value.get(c, float("nan")))) for c in columns)]) + "\n")
+        columns = text.split("\n", 1)[0].strip().split(",")[1:]
+    row = ",".join([str(run.index), *(repr(float(value.get(c, float("nan")))) for c in columns)]) + "\n"
+    storage.write_atomic(path, text + row)  # rewritten whole: an object store has no append
 
 
 def run_config(run: ProxyRun, *, swarm: bool = False):
@@ -207,8 +204,8 @@ def train_in_process(run: ProxyRun) -> dict[str, float]:
     from mixlm.train import train
 
     cfg = run_config(run)  # train() reuses the compiled step of an earlier run with the same shapes
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    storage.make_dirs(run.run_dir)
+    storage.remove(run.run_dir / "metrics.jsonl")
     return {k: v for k, v in train(cfg).eval.items() if k.startswith("val_loss")}
 
 
@@ -231,8 +228,8 @@ def shard_of(table: Table, shard: str, group: int = 1) -> Table:
     return table.rows([index for g in groups[i::k] for index in g])
 
 
-def done_indices(out_dir: Path) -> set[int]:
-    path = Path(out_dir) / RESULTS
+def done_indices(out_dir) -> set[int]:
+    path = storage.location(out_dir) / RESULTS
     return set(read_csv(path).index_N.tolist()) if path.is_file() else set()
 
 
@@ -314,8 +311,8 @@ def swarms_of(runs: list[ProxyRun], swarm: int) -> list[list[ProxyRun]]:
     return [runs[j:j + swarm] for j in range(0, len(runs), swarm)]
 
 
-def swarm_dir_of(out_dir: Path, members: list[ProxyRun]) -> Path:
-    return Path(out_dir) / "swarms" / f"{members[0].index:04d}-{members[-1].index:04d}"
+def swarm_dir_of(out_dir, members: list[ProxyRun]):
+    return storage.location(out_dir) / "swarms" / f"{members[0].index:04d}-{members[-1].index:04d}"
 
 
 def _locked_swarm_message(where: Path, out_dir: Path) -> str:
@@ -346,7 +343,7 @@ def run_swarms(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *,
 
     lead = jax.process_index() == 0
     record = record and lead
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     finished = done_indices(out_dir)
     record_result = append_result if record else _no_record
     groups = swarms_of(runs, swarm)
@@ -419,7 +416,7 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
     target = tuple(target or search_target(runs, domains))
     if swarm:
         return run_swarms(runs, out_dir, domains, steps=steps, swarm=swarm, record=record, log=log, target=target)
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     if accelerator == "auto":
         accelerator = detect_accelerator()
     slots = worker_envs(parallel, accelerator, visible_gpus() if gpus is None and accelerator == "gpu" else gpus or ())
@@ -433,7 +430,8 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
         if extra:
             log(f"sweep: worker {slot}: " + " ".join(f"{k}={v}" for k, v in extra.items()))
     env = dict(os.environ)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out_dir / ".jax_cache"))  # proxies share one shape
+    jax_cache = storage.cache_path(out_dir, "jax") if storage.is_remote(out_dir) else out_dir / ".jax_cache"
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(jax_cache))  # proxies share one shape
     running: list[tuple[ProxyRun, subprocess.Popen, float, int]] = []  # each Popen owns its log file
     failures = []
     eta = _Eta(len(todo))
@@ -445,6 +443,8 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
                 continue
             proc.wait()
             proc.log_file.close()
+            if storage.is_remote(run.run_dir):  # the child wrote its output to a local file
+                storage.copy_tree(os.path.dirname(proc.log_file.name), run.run_dir)
             running.remove(item)
             losses = final_losses(run.run_dir, steps)
             if proc.returncode != 0 or losses is None:
@@ -469,10 +469,12 @@ def run_sweep(runs: list[ProxyRun], out_dir: str | Path, domains: list[str], *, 
             record_result(out_dir, run, domains, losses)
             eta.total -= 1
             continue
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an interrupted run starts over
+        storage.make_dirs(run.run_dir)
+        storage.remove(run.run_dir / "metrics.jsonl")  # an interrupted run starts over
         slot = min(set(range(parallel)) - {item[3] for item in running})
-        log_file = open(run.run_dir / "train.log", "w")  # noqa: SIM115 - closed in reap() when the run ends
+        log_dir = storage.cache_path(run.run_dir, "logs") if storage.is_remote(run.run_dir) else run.run_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_dir / "train.log", "w")  # noqa: SIM115 - closed in reap() when the run ends
         if slots[slot]:
             log_file.write(f"mixlm sweep: worker {slot}: "
                            + " ".join(f"{k}={v}" for k, v in slots[slot].items()) + "\n")

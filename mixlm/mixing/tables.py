@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mixlm import storage
 from mixlm.config import read_yaml_file
 from mixlm.errors import ConfigError
 
@@ -78,18 +80,18 @@ class Table:
 
 
 def read_csv(path: str | Path) -> Table:
-    """Reads a table with an `index` column and numeric value columns (empty cells become NaN)."""
-    path = Path(path)
+    """Reads a table with an `index` column and numeric value columns (empty cells become NaN); `path` may be
+    local or on an object store."""
+    path = storage.location(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such CSV file")
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or INDEX not in header:
-            raise ConfigError(
-                f"{path}: the first row must be a header with an {INDEX!r} column (RegMix layout)"
-            )
-        body = [row for row in reader if row]
+    reader = csv.reader(io.StringIO(path.read_text(), newline=""))
+    header = next(reader, None)
+    if not header or INDEX not in header:
+        raise ConfigError(
+            f"{path}: the first row must be a header with an {INDEX!r} column (RegMix layout)"
+        )
+    body = [row for row in reader if row]
     at = header.index(INDEX)
     columns = tuple(h for i, h in enumerate(header) if i != at)
     index_N = np.empty(len(body), dtype=np.int64)
@@ -108,14 +110,14 @@ def read_csv(path: str | Path) -> Table:
 
 
 def write_csv(path: str | Path, table: Table) -> None:
-    """Writes `index` then the value columns; floats in repr form, so a read gives them back exactly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([INDEX, *table.columns])
-        for i, row in zip(table.index_N, table.values_NxC):
-            writer.writerow([int(i), *(repr(float(v)) for v in row)])
+    """Writes `index` then the value columns; floats in repr form, so a read gives them back exactly. Written
+    whole (storage.write_atomic: local or object store)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([INDEX, *table.columns])
+    for i, row in zip(table.index_N, table.values_NxC):
+        writer.writerow([int(i), *(repr(float(v)) for v in row)])
+    storage.write_atomic(path, text.getvalue())
 
 
 def mixtures_table(
