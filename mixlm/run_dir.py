@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import warnings
 from typing import Any
 
@@ -119,8 +120,10 @@ class RunDir:
 
     def trim_metrics(self, last_step: int) -> None:
         """Keeps the rows up to `last_step` (and drops a torn last line), so that a resumed run continues the
-        file instead of repeating the steps it redoes. Call it on the writing process only."""
-        if not self.metrics_file.exists():
+        file instead of repeating the steps it redoes. Call it on the writing process only. A log that is not a
+        regular file (a pipe, a device such as /dev/full) is left alone: it cannot be rewritten, only appended to."""
+        local_special = not storage.is_remote(self.metrics_file) and not os.path.isfile(os.fspath(self.metrics_file))
+        if not self.metrics_file.exists() or local_special:
             return
         kept = []
         for line in self.metrics_file.read_text().splitlines():
