@@ -63,13 +63,23 @@ class ProxyRun:
 
 
 def plan_proxy(index: int, weights: dict[str, float], cfg: ExperimentConfig) -> ProxyRun:
-    """The run of `cfg` (resolved: mixlm.run_config) as ProxyRun, with its proxy.yaml written (atomically; only
-    when it is missing or says something else, so every process of a distributed sweep may plan it)."""
+    """The run of `cfg` (resolved: mixlm.run_config) as ProxyRun, with its proxy.yaml written (atomically, so
+    every process of a distributed sweep may plan it) unless the run is done: a finished or failed run keeps the
+    proxy.yaml it was trained from (see planned_otherwise)."""
     run = ProxyRun(int(index), dict(weights), cfg)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if not run.config_file.exists() or run.config_file.read_text() != text:
-        storage.write_atomic(run.config_file, text)
+    if run.result() is None and planned_otherwise(run):
+        storage.write_atomic(run.config_file, _config_text(cfg))
     return run
+
+
+def _config_text(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def planned_otherwise(run: ProxyRun) -> bool:
+    """Whether the run's proxy.yaml is missing or holds another config than `run.cfg` (for a done run: it was
+    trained with another config than the plan asks for now)."""
+    return not run.config_file.exists() or run.config_file.read_text() != _config_text(run.cfg)
 
 
 @dataclasses.dataclass
@@ -189,7 +199,7 @@ def _run_workers(todo: Sequence[ProxyRun], outcome: ProxyOutcome, *, parallel: i
         if extra:
             log(f"{label}: worker {slot}: " + " ".join(f"{k}={v}" for k, v in extra.items()))
     env = dict(os.environ)
-    cache = storage.location(todo[0].run_dir.path).parent.parent / ".jax_cache"  # <sweep>/.jax_cache
+    cache = todo[0].run_dir.path.parent / ".jax_cache"  # beside the run folders
     if not storage.is_remote(cache):
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.fspath(cache))  # proxies share one program
     running: list[tuple[ProxyRun, subprocess.Popen, float, int]] = []  # each Popen owns its log file

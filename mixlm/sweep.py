@@ -29,7 +29,7 @@ import numpy as np
 from mixlm import storage
 from mixlm.errors import ConfigError, ProxyRunsFailedError, SweepStoppedError
 from mixlm.mixing.tables import METRIC_PREFIX, Table, loss_column, write_csv
-from mixlm.proxies import ProxyOutcome, ProxyRun, plan_proxy, run_proxies
+from mixlm.proxies import ProxyOutcome, ProxyRun, plan_proxy, planned_otherwise, run_proxies
 from mixlm.run_config import load_run_config
 
 RESULTS = "results.csv"
@@ -186,10 +186,14 @@ def run_sweep(runs: list[ProxyRun], out_dir, domains: list[str], *, parallel: in
     target = tuple(target or search_target(runs, domains))
     lead = jax.process_index() == 0
     record = record and lead
-    done = sum(run.result() is not None for run in runs)
+    done = [run for run in runs if run.result() is not None]
     way = f" in swarms of {swarm}" if swarm else ""
     if lead:
-        log(f"sweep: {len(runs)} runs, {done} finished before, {len(runs) - done} to run{way}")
+        log(f"sweep: {len(runs)} runs, {len(done)} finished before, {len(runs) - len(done)} to run{way}")
+        otherwise = [run.index for run in done if planned_otherwise(run)]
+        if otherwise:
+            log(f"sweep: runs {otherwise} finished with another config than this sweep's (see their proxy.yaml) "
+                "and are kept as they are; delete a run's result.json to train it again with this one")
     outcome: ProxyOutcome = run_proxies(
         runs, parallel=parallel, swarm=swarm, swarm_root=storage.location(out_dir) / SWARMS, accelerator=accelerator,
         gpus=gpus, log=log, label="sweep", describe=run_line(target))

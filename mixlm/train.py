@@ -247,9 +247,9 @@ def train(cfg: ExperimentConfig | Sequence[ExperimentConfig], swarm_dir=None, *,
     cfgs = [cfg] if isinstance(cfg, ExperimentConfig) else list(cfg)
     check_members(cfgs)
     k = len(cfgs)
-    base = cfgs[0] if k == 1 else swarm_config(cfgs, swarm_dir)
     if k > 1 and swarm_dir is None:
         raise ValueError("train() of several member configs needs the swarm's folder (swarm_dir)")
+    base = cfgs[0] if k == 1 else swarm_config(cfgs, swarm_dir)
     if mesh is None:
         mesh = make_mesh(base.mesh) if k == 1 else member_mesh(k, base)
     rules = DEFAULT_RULES.with_overrides(base.mesh.rules) if k == 1 else member_rules(base)

@@ -294,14 +294,14 @@ def test_a_member_that_goes_non_finite_is_isolated(demo, sweep_inputs, monkeypat
 
 def test_hooks_work_in_a_swarm_as_in_single_runs(demo, swarm_run, tmp_path):
     """A swarm of 2 with checkpoint.init_from, a mixture update at step 2 and a live lm-eval task (mixlm's own
-    offline demo task) equals 2 single runs with the same: every member starts from the checkpoint's params (its
-    first loss is the single run's, not the seeded swarm's), gets the update from its own statistics, and is
-    scored on its own params."""
+    offline demo task), its members micro-batching (train.grad_accum_steps=2), equals 2 single runs with the
+    same: every member starts from the checkpoint's params (its first loss is the single run's, not the seeded
+    swarm's), gets the update from its own statistics, and is scored on its own params."""
     root, data, base = demo
     start = root / "hooks_start"
     assert main(["train", str(base), f"train.output_dir={start}", "checkpoint.save_at_end=true", "train.steps=2"]) == 0
     extra = [f"checkpoint.init_from={start}", f"data.tokenizer={data['tokenizer']}", "eval.tasks=[mixlm_demo_prose]",
-             "eval.limit=4", "eval.every=2"]
+             "eval.limit=4", "eval.every=2", "train.grad_accum_steps=2"]
 
     class Shift:
         """Moves weight onto `records` at step 2 (a rule of the statistics alone: members get their own)."""

@@ -86,11 +86,19 @@ def test_sweep_fit_optimize_train(demo, capsys):
     # results.csv change nothing; results.csv is derived again, the same
     torn = sweep / "runs" / "0003" / "metrics.jsonl"
     torn.write_text(torn.read_text() + '{"step": 7, "lo')
+    trained = metrics_logs()
     (sweep / "results.csv").unlink()
     assert main(command) == 0
-    assert (sweep / "results.csv").read_text() == recorded
+    assert (sweep / "results.csv").read_text() == recorded and metrics_logs() == trained
     assert all(json.loads((sweep / "runs" / f"{i:04d}" / "result.json").read_text())["status"] == "finished"
                for i in range(1, 9))
+    # another config on the finished runs: kept as they are (each proxy.yaml still says what it trained), and
+    # the sweep says so instead of skipping them silently
+    capsys.readouterr()
+    assert main([*command, "optimizer.lr=0.02"]) == 0
+    assert f"sweep: runs {list(range(1, 9))} finished with another config" in capsys.readouterr().out
+    assert metrics_logs() == trained and (sweep / "results.csv").read_text() == recorded
+    assert yaml.safe_load((sweep / "runs" / "0001" / "proxy.yaml").read_text())["optimizer"]["lr"] == 1e-2
 
     assert main(["mix", "fit", "--mixtures", str(root / "mixtures.csv"), "--results", str(sweep / "results.csv"),
                  "--target", "metric/office_val_loss", "--out", str(root / "fit"),
