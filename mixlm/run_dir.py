@@ -119,7 +119,8 @@ class RunDir:
 
     def trim_metrics(self, last_step: int) -> None:
         """Keeps the rows up to `last_step` (and drops a torn last line), so that a resumed run continues the
-        file instead of repeating the steps it redoes. Call it on the writing process only."""
+        file instead of repeating the steps it redoes. Call it on the writing process only. A log that is not a
+        regular file (a pipe, a device such as /dev/full) is left alone: it cannot be rewritten, only appended to."""
         if not storage.is_file(self.metrics_file):
             return
         kept = []

@@ -109,15 +109,19 @@ def read_csv(path: str | Path) -> Table:
     return Table(index_N, columns, values_NxC)
 
 
-def write_csv(path: str | Path, table: Table) -> None:
-    """Writes `index` then the value columns; floats in repr form, so a read gives them back exactly. Written
-    whole (storage.write_atomic: local or object store)."""
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
+def csv_text(table: Table) -> str:
+    """`index` then the value columns, as CSV text; floats in repr form, so a read gives them back exactly."""
+    out = io.StringIO()
+    writer = csv.writer(out)
     writer.writerow([INDEX, *table.columns])
     for i, row in zip(table.index_N, table.values_NxC):
         writer.writerow([int(i), *(repr(float(v)) for v in row)])
-    storage.write_atomic(path, text.getvalue())
+    return out.getvalue()
+
+
+def write_csv(path: str | Path, table: Table) -> None:
+    """Writes the table (csv_text) whole: a reader sees the old file or the new one (storage.write_atomic)."""
+    storage.write_atomic(path, csv_text(table))
 
 
 def mixtures_table(
