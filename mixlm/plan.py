@@ -292,7 +292,7 @@ def model_attention(cfg: ExperimentConfig) -> str:
     return getattr(cfg.model, "attention", "auto") or "auto"
 
 
-def _moment_itemsize(opt_state) -> int:
+def adam_moment_itemsize(opt_state) -> int:
     """Bytes per element of AdamW's first moment in this optimizer state (fp32 unless bf16 moments)."""
     import jax
     import optax
@@ -319,22 +319,25 @@ def abstract_batch(cfg: ExperimentConfig, layout) -> dict:
 
 def compiled_memory(setup, batch) -> CompiledMemory:
     """Lowers and compiles setup.train_step for abstract (state, batch): no array is allocated."""
+    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    return memory_of(compiled, setup.abstract_state, batch)
+
+
+def per_device_bytes(abstract) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs that carry their shardings."""
     import jax
 
-    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+
+
+def memory_of(compiled, abstract_state, batch) -> CompiledMemory:
+    """CompiledMemory of a compiled train step whose state and batch are these ShapeDtypeStructs (with the
+    shardings they were lowered with)."""
     stats = compiled.memory_analysis()
-    (state_shardings, batch_shardings), _ = compiled.input_shardings
-
-    def per_device(abstract, shardings) -> int:
-        leaves, shards = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
-        if len(leaves) != len(shards):  # fall back to the shardings the abstract values carry
-            shards = [a.sharding for a in leaves]
-        return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shards))
-
     return CompiledMemory(
-        params=per_device(setup.abstract_state.params, state_shardings.params),
-        optimizer=per_device(setup.abstract_state.opt_state, state_shardings.opt_state),
-        batch=per_device(batch, batch_shardings),
+        params=per_device_bytes(abstract_state.params),
+        optimizer=per_device_bytes(abstract_state.opt_state),
+        batch=per_device_bytes(batch),
         arguments=int(stats.argument_size_in_bytes),
         outputs=int(stats.output_size_in_bytes),
         aliased=int(stats.alias_size_in_bytes),
@@ -355,8 +358,10 @@ def _fitting_micro_batches(cfg, layout, param_shapes, logical_axes, moment_items
     return None
 
 
-def suggestions(cfg, layout, param_shapes, logical_axes, moment_itemsize, device) -> list[str]:
-    """What would make the plan fit: more micro-batches, rematerialisation, or nothing that the batch allows."""
+def fitting_changes(cfg, layout, param_shapes, logical_axes, moment_itemsize, device
+                    ) -> list[tuple[list[str], MemoryBreakdown]]:
+    """(overrides, analytic memory) of the changes that make the plan fit, least intrusive first: for the
+    configured remat, then dots_saveable, then full, the fewest micro-batches at which it fits."""
     out = []
     for remat in dict.fromkeys([model_remat(cfg), "dots_saveable", "full"]):
         k = _fitting_micro_batches(cfg, layout, param_shapes, logical_axes, moment_itemsize, device, remat)
@@ -367,10 +372,15 @@ def suggestions(cfg, layout, param_shapes, logical_axes, moment_itemsize, device
         changes = ([f"model.remat={remat}"] if remat != model_remat(cfg) else []) + (
             [f"train.grad_accum_steps={k}"] if k != cfg.train.grad_accum_steps else [])
         if changes:
-            out.append(f"{' '.join(changes)} ({mem.total / GIB:,.2f} GiB)")
-    if not out:
-        out.append("no micro-batching or remat setting fits: use more devices or tensor parallelism (mesh.tensor)")
+            out.append((changes, mem))
     return out
+
+
+def suggestions(cfg, layout, param_shapes, logical_axes, moment_itemsize, device) -> list[str]:
+    """What would make the plan fit: more micro-batches, rematerialisation, or nothing that the batch allows."""
+    out = [f"{' '.join(changes)} ({mem.total / GIB:,.2f} GiB)"
+           for changes, mem in fitting_changes(cfg, layout, param_shapes, logical_axes, moment_itemsize, device)]
+    return out or ["no micro-batching or remat setting fits: use more devices or tensor parallelism (mesh.tensor)"]
 
 
 def make_plan(cfg: ExperimentConfig, *, devices: Sequence, device_kind_name: str = "h100", mfu: float = 0.4,
@@ -394,7 +404,7 @@ def make_plan(cfg: ExperimentConfig, *, devices: Sequence, device_kind_name: str
         setup = build_setup(cfg, mesh)
     param_shapes, logical_axes = setup.abstract_state.params, setup.logical_axes
     replicated = setup.layout.fallbacks(param_shapes, logical_axes)
-    moment_itemsize = _moment_itemsize(setup.abstract_state.opt_state)
+    moment_itemsize = adam_moment_itemsize(setup.abstract_state.opt_state)
     analytic = analytic_memory(cfg, setup.layout, param_shapes, logical_axes, moment_itemsize=moment_itemsize)
     compiled = compiled_memory(setup, abstract_batch(cfg, setup.layout)) if compile else None
     notes = [
