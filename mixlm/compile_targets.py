@@ -7,9 +7,13 @@ the TPU compiler (libtpu) and GPU hosts with the GPU compiler (the CUDA PJRT plu
 Names: `v5p-N` and `v4-N` count TensorCores (two per chip, as Cloud TPU names them), `v5e-N` / `v6e-N`
 count chips; a libtpu topology name (`v5p:2x2x4`) is taken as it is. GPUs: `h100-N`, `h200-N`, `a100-N`
 (SXM, 80 GB), 8 per host; their device descriptions are mixlm's own GpuTargetConfig files in
-mixlm/gpu_specs/. The GPU compiler comes from an installed CUDA plugin (`pip install mixlm[cuda]`) or, on a
-CPU host, from the plugin-only install `make test` puts in <venv>/gpu-compiler (MIXLM_GPU_COMPILER overrides
-the folder): kept off the import path, so a CPU run never loads it.
+mixlm/gpu_specs/.
+
+The compilers: an installed libtpu / CUDA plugin (`pip install mixlm[tpu]` on a TPU VM, `mixlm[cuda]` on a GPU
+host), else the compile-only installs `make test` puts in <venv>/tpu-compiler and <venv>/gpu-compiler
+(MIXLM_TPU_COMPILER / MIXLM_GPU_COMPILER override the folders). Those stay off the import path: JAX starts
+every plugin it finds at start-up unless JAX_PLATFORMS is set, and an installed libtpu prints TPU warnings on
+a CPU host (TPU_WORKER_HOSTNAMES, accelerator type), an installed CUDA plugin without its runtime a traceback.
 """
 
 from __future__ import annotations
@@ -128,8 +132,12 @@ def _tpu_devices(target: CompileTarget) -> list:
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
-        raise ConfigError(f"--compile-for {target.name} needs the TPU compiler: pip install 'libtpu==0.0.42.*' "
-                          "(what jax[tpu]==0.10.2 pins; `make test` installs it)")
+        library = tpu_compiler_dir() / "libtpu" / "libtpu.so"
+        if not library.is_file():
+            raise ConfigError(f"--compile-for {target.name} needs the TPU compiler: `make test` installs it in "
+                              f"{tpu_compiler_dir()} (pip install --no-deps --target {tpu_compiler_dir()} "
+                              "'libtpu==0.0.42.*', what jax[tpu]==0.10.2 pins)")
+        os.environ["TPU_LIBRARY_PATH"] = str(library)  # jax loads libtpu from here when asked for a topology
     # With no TPU here libtpu asks the cloud metadata server who its workers are and warns; tell it.
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.device_kind}-{target.chips}")
@@ -145,6 +153,11 @@ def _tpu_devices(target: CompileTarget) -> list:
     except jax.errors.JaxRuntimeError as e:  # libtpu's refusal names its reason
         raise ConfigError(f"--compile-for {target.name}: libtpu refuses topology {target.topology}: {e}") from None
     return list(devices)
+
+
+def tpu_compiler_dir() -> Path:
+    """Where `make test` installs libtpu for compiling only (MIXLM_TPU_COMPILER overrides)."""
+    return Path(os.environ.get("MIXLM_TPU_COMPILER") or Path(sys.prefix) / "tpu-compiler")
 
 
 def gpu_compiler_dir() -> Path:
@@ -180,4 +193,4 @@ def _gpu_devices(target: CompileTarget) -> list:
 
 
 __all__ = ["EXAMPLES", "GPU_SPECS", "TPU_GENERATIONS", "CompileTarget", "compile_only_devices", "gpu_compiler_dir",
-           "resolve_target", "tpu_topology_shape"]
+           "resolve_target", "tpu_compiler_dir", "tpu_topology_shape"]

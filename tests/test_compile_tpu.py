@@ -12,11 +12,18 @@ import yaml
 
 from mixlm.cli import main
 from mixlm.compile_plan import compile_swarm_step, compile_train_step
-from mixlm.compile_targets import TPU_GENERATIONS, compile_only_devices, resolve_target, tpu_topology_shape
+from mixlm.compile_targets import (
+    TPU_GENERATIONS,
+    compile_only_devices,
+    resolve_target,
+    tpu_compiler_dir,
+    tpu_topology_shape,
+)
 from mixlm.config import ConfigError, load_config
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="needs the TPU compiler: pip install 'libtpu==0.0.42.*' (make test installs it)")
+TPU_COMPILER = importlib.util.find_spec("libtpu") is not None or (tpu_compiler_dir() / "libtpu").is_dir()
+pytestmark = pytest.mark.skipif(not TPU_COMPILER, reason=f"needs the TPU compiler in {tpu_compiler_dir()} (make "
+                                                         "test installs libtpu there)")
 
 # 2 layers, d 256, 4 heads, MLP 512, vocab 1024, 16 x 256 tokens: each compile takes seconds
 L, D, H, F, V, B, S = 2, 256, 4, 512, 1024, 16, 256
