@@ -20,42 +20,14 @@ never the L x L probabilities, so the memory holds; fp32 compute uses xla, as au
 from __future__ import annotations
 
 import dataclasses
-import re
-import time
 import warnings
 
-import jax
-import jax.numpy as jnp
-
+from mixlm.compile_step import CompiledStep, compile_train_step
 from mixlm.compile_targets import CompileTarget, compile_only_devices, resolve_target
-from mixlm.compiler_estimate import CompilerEstimate, estimate
-from mixlm.config import ConfigError, ExperimentConfig, parse_override
-from mixlm.plan import (
-    GIB,
-    CompiledMemory,
-    Plan,
-    abstract_batch,
-    adam_moment_itemsize,
-    device_kind,
-    fitting_changes,
-    make_plan,
-    memory_of,
-    model_remat,
-)
+from mixlm.config import ExperimentConfig
+from mixlm.plan import Plan, adam_moment_itemsize, device_kind, fitting_changes, make_plan, model_remat
 
 MAX_FIX_COMPILES = 4  # suggestions compiled before giving up (each compile of a 1B model takes minutes here)
-PALLAS_ATTENTION = ("splash", "pallas_gpu")
-
-
-def with_overrides(cfg: ExperimentConfig, overrides) -> ExperimentConfig:
-    """`cfg` with `section.key=value` overrides applied (the same parsing as the command line)."""
-    for text in overrides:
-        section, key, value = parse_override(text)
-        part = getattr(cfg, section)
-        if key not in {f.name for f in dataclasses.fields(part)}:
-            raise ConfigError(f"override {text!r}: {section} has no key {key!r}")
-        cfg = cfg.replace(**{section: dataclasses.replace(part, **{key: value})})
-    return cfg
 
 
 def for_target(cfg: ExperimentConfig, target: CompileTarget) -> tuple[ExperimentConfig, str]:
@@ -71,98 +43,6 @@ def for_target(cfg: ExperimentConfig, target: CompileTarget) -> tuple[Experiment
                                    "since cuDNN cannot be traced without a GPU: both keep per-row statistics, "
                                    "not L x L probabilities, so the memory holds")
     return cfg.replace(model=dataclasses.replace(cfg.model, attention=impl)), why
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledStep:
-    """One compile of a train step for the target: its memory, time to compile and the compiler's estimate."""
-
-    overrides: tuple[str, ...]  # changes from the planned config ('' = as configured)
-    memory: CompiledMemory | None  # None when the compiler refused the program
-    compile_seconds: float
-    estimate: CompilerEstimate | None  # None on GPU (no cost model) or when refused
-    tokens_per_step: int  # all devices, all micro-batches (all members for a swarm)
-    refusal: str = ""  # the compiler's reason, one line
-
-    @property
-    def peak(self) -> int | None:
-        return self.memory.peak if self.memory else None
-
-    def fits(self, usable_bytes: int) -> bool:
-        return self.memory is not None and self.memory.peak <= usable_bytes
-
-    def tokens_per_s(self) -> float | None:
-        return self.tokens_per_step / self.estimate.corrected_seconds if self.estimate else None
-
-
-def _refusal(error: Exception) -> str:
-    """The compiler's out-of-memory message in one line, or '' for any other error (re-raised)."""
-    text = str(error)
-    if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text and "Ran out of memory" not in text:
-        return ""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    key = next((ln for ln in lines if re.search(r"exceed|Ran out of memory|Used .* of .*", ln)), lines[0])
-    return key[:300]
-
-
-def _compile(jitted, args: tuple, step_fn, overrides, tokens_per_step: int, num_devices: int,
-             kernel_flops: float, abstract_state, batch) -> CompiledStep:
-    started = time.perf_counter()
-    lowered = jitted.lower(*args)
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # the compilers raise JaxRuntimeError; only an out-of-memory refusal is a result
-        reason = _refusal(e)
-        if not reason:
-            raise
-        return CompiledStep(tuple(overrides), None, time.perf_counter() - started, None, tokens_per_step, reason)
-    seconds = time.perf_counter() - started
-    jaxpr = jax.make_jaxpr(step_fn)(*args)
-    return CompiledStep(tuple(overrides), memory_of(compiled, abstract_state, batch), seconds,
-                        estimate(compiled, lowered, jaxpr, num_devices=num_devices, kernel_flops=kernel_flops),
-                        tokens_per_step)
-
-
-def attention_kernel_flops(cfg: ExperimentConfig, tokens: int) -> float:
-    """The attention FLOPs of `tokens` (causal, forward + backward, mixlm.models.flops_per_token's attention
-    term) when the attention is a Pallas kernel, whose custom calls the compiler counts as 0; else 0."""
-    if cfg.model.attention not in PALLAS_ATTENTION:
-        return 0.0
-    m = cfg.model
-    return 6.0 * cfg.data.seq_len * m.num_layers * m.num_heads * m.dim_per_head * tokens
-
-
-def compile_train_step(cfg: ExperimentConfig, devices, overrides=()) -> CompiledStep:
-    """The train step of `cfg` (with `overrides`) on a mesh over compile-only `devices`, compiled."""
-    from mixlm.sharding import ShardingFallbackWarning, make_mesh
-    from mixlm.train import build_setup
-
-    cfg = with_overrides(cfg, overrides)
-    cfg = cfg.replace(mesh=dataclasses.replace(cfg.mesh, strict=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ShardingFallbackWarning)  # the analytic plan lists them
-        setup = build_setup(cfg, make_mesh(cfg.mesh, devices))
-    batch = abstract_batch(cfg, setup.layout)
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    return _compile(setup.train_step, (setup.abstract_state, batch), setup.step_fn, overrides, tokens,
-                    len(devices), attention_kernel_flops(cfg, tokens) / len(devices), setup.abstract_state, batch)
-
-
-def compile_swarm_step(cfg: ExperimentConfig, members: int, devices, overrides=()) -> CompiledStep:
-    """A swarm of `members` copies of `cfg` (mixlm.swarm: vmap of the member step, members over the `data`
-    axis of swarm_mesh) compiled on compile-only `devices`; micro-batches from the member's
-    train.grad_accum_steps. Memory and estimate are per device for the whole swarm step."""
-    from mixlm.swarm import build_swarm_setup, swarm_mesh
-
-    cfg = with_overrides(cfg, overrides)
-    setup = build_swarm_setup(cfg, members, swarm_mesh(members, cfg, devices), member_map="vmap")
-    member_batch = abstract_batch(cfg, setup.member.layout)
-    batch = {k: jax.ShapeDtypeStruct((members, *v.shape), v.dtype, sharding=setup.batch_sharding(v.ndim + 1))
-             for k, v in member_batch.items()}
-    alive = jax.ShapeDtypeStruct((members,), jnp.bool_, sharding=setup.member_sharding)
-    tokens = members * cfg.train.global_batch_size * cfg.data.seq_len
-    return _compile(setup.train_step, (setup.abstract_state, alive, batch), setup.train_step, overrides, tokens,
-                    len(devices), attention_kernel_flops(cfg, tokens) / len(devices), setup.abstract_state, batch)
 
 
 @dataclasses.dataclass
@@ -240,8 +120,11 @@ def compile_plan(cfg: ExperimentConfig, target_name: str, *, mfu: float = 0.4, n
     if report.fits or not try_fixes:
         return report
     for overrides in candidate_fixes(cfg, plan, devices)[:MAX_FIX_COMPILES]:
-        report.steps.append(compile_train_step(cfg, devices, overrides))
-        if report.steps[-1].fits(report.usable_bytes):
+        step = compile_train_step(cfg, devices, overrides, estimate=False)  # the estimate's compiles: proven only
+        if step.fits(report.usable_bytes):
+            step = dataclasses.replace(step, estimate=compile_train_step(cfg, devices, overrides).estimate)
+        report.steps.append(step)
+        if step.fits(report.usable_bytes):
             break
     return report
 
@@ -276,5 +159,4 @@ def candidate_fixes(cfg: ExperimentConfig, plan: Plan, devices) -> list[list[str
     return out
 
 
-__all__ = ["GIB", "CompilePlan", "CompiledStep", "attention_kernel_flops", "candidate_fixes", "compile_plan",
-           "compile_swarm_step", "compile_train_step", "for_target", "with_overrides"]
+__all__ = ["CompilePlan", "candidate_fixes", "compile_plan", "for_target"]

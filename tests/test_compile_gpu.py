@@ -7,7 +7,8 @@ import re
 import jax
 import pytest
 
-from mixlm.compile_plan import compile_train_step, for_target
+from mixlm.compile_plan import for_target
+from mixlm.compile_step import compile_train_step
 from mixlm.compile_targets import (
     GPU_SPECS,
     GPU_SPECS_DIR,

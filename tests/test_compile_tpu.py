@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mixlm.cli import main
-from mixlm.compile_plan import compile_swarm_step, compile_train_step
+from mixlm.compile_step import compile_swarm_step, compile_train_step
 from mixlm.compile_targets import (
     TPU_GENERATIONS,
     compile_only_devices,
@@ -109,9 +109,10 @@ def test_scanned_and_unrolled_give_the_same_corrected_flops(v5p_8):
                                  v5p_8).estimate
     assert unrolled.loop_flops == 0 and not unrolled.collective_matmuls_off
     assert unrolled.counted_once == pytest.approx(unrolled.flops, rel=0.02)  # the jaxpr count is XLA's count
-    assert scanned.flops < 0.5 * unrolled.flops  # the blind spot: 1 of 4 layers counted
+    assert scanned.as_compiled_flops < 0.5 * unrolled.flops  # the blind spot: 1 of 4 layers counted
     assert scanned.corrected_flops == pytest.approx(unrolled.flops, rel=0.02)
-    assert scanned.corrected_seconds > scanned.seconds
+    assert scanned.layers_unrolled  # its time comes from the unrolled program
+    assert scanned.corrected_seconds == pytest.approx(unrolled.corrected_seconds, rel=0.02)
 
 
 def test_splash_kernel_flops_are_the_analytic_attention_flops(v5p_8):
@@ -125,7 +126,7 @@ def test_splash_kernel_flops_are_the_analytic_attention_flops(v5p_8):
     ("mesh.tensor=2", "model.num_kv_heads=2"),  # heads, MLP and the vocabulary split over tensor
 ])
 def test_llama_variants_compile(v5p_8, variant):
-    assert compile_train_step(small(*variant), v5p_8).memory.temp > 0
+    assert compile_train_step(small(*variant), v5p_8, estimate=False).memory.temp > 0
 
 
 def test_gpt2_with_accumulation_compiles(v5p_8):
@@ -133,13 +134,14 @@ def test_gpt2_with_accumulation_compiles(v5p_8):
         "model.num_layers=2", "model.d_model=256", "model.num_heads=4", "model.mlp_dim=1024",
         "model.vocab_size=1024", "model.max_seq_len=256", "data.seq_len=256", "train.global_batch_size=16",
         "train.grad_accum_steps=2", "model.attention=splash"])
-    assert compile_train_step(cfg, v5p_8).memory.temp > 0
+    assert compile_train_step(cfg, v5p_8, estimate=False).memory.temp > 0
 
 
 def test_swarm_step_compiles_one_member_per_chip(v5p_8):
     """4 members over the 4 chips' `data` axis (vmap of the member step), each micro-batched in 2."""
     step = compile_swarm_step(small("train.grad_accum_steps=2"), 4, v5p_8)
-    one = compile_train_step(small("train.grad_accum_steps=2", "mesh.fsdp=1", "mesh.data=1"), v5p_8[:1])
+    one = compile_train_step(small("train.grad_accum_steps=2", "mesh.fsdp=1", "mesh.data=1"), v5p_8[:1],
+                             estimate=False)
     # each chip holds its member's whole state, as one proxy on one chip does (+ the member's alive flag)
     assert step.memory.params == one.memory.params
     assert step.tokens_per_step == 4 * B * S

@@ -19,6 +19,7 @@ its sharded V_pad width.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -102,6 +103,26 @@ def batch_loss_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_l
     return objective, (nll_sum, z_sum, jnp.sum(mask_BxL))
 
 
+@contextlib.contextmanager
+def loss_chunk_budget(budget_bytes: int):
+    """Programs traced inside chunk their loss to `budget_bytes` of float32 logits per device instead of
+    LOSS_CHUNK_BYTES (mixlm.compile_plan times a chunk by compiling the step with chunks twice as long). A
+    jitted function already traced keeps its chunks: trace a fresh one inside."""
+    global LOSS_CHUNK_BYTES
+    saved, LOSS_CHUNK_BYTES = LOSS_CHUNK_BYTES, budget_bytes
+    try:
+        yield
+    finally:
+        LOSS_CHUNK_BYTES = saved
+
+
+def loss_chunk_len_for(rows: int, length: int, vocab_padded: int, layout=None) -> int:
+    """The chunk length loss_sums uses for a [rows, length] batch and a vocab_padded-wide LM head under
+    `layout` (rows and vocabulary split as the rule table splits them)."""
+    return loss_chunk_len(rows // _shards(layout, "batch", rows), length,
+                          vocab_padded // _shards(layout, "vocab", vocab_padded))
+
+
 def loss_chunk_len(rows: int, length: int, vocab: int, budget_bytes: int | None = None) -> int:
     """The largest divisor c of `length` whose chunk of float32 logits (rows x c x vocab, per device) fits in
     `budget_bytes` (default LOSS_CHUNK_BYTES); 1 when even one position per row does not."""
@@ -120,9 +141,7 @@ def loss_sums(hidden_BxLxD: jax.Array, kernel_DxV: jax.Array, targets_BxL: jax.A
     hidden and kernel is formed in the same pass. nll_sum and z_sum are metrics: no gradient flows from them."""
     batch, length, _ = hidden_BxLxD.shape
     if chunk_len is None:
-        rows = batch // _shards(layout, "batch", batch)
-        vocab = kernel_DxV.shape[1] // _shards(layout, "vocab", kernel_DxV.shape[1])
-        chunk_len = loss_chunk_len(rows, length, vocab)
+        chunk_len = loss_chunk_len_for(batch, length, kernel_DxV.shape[1], layout)
     if length % chunk_len:
         raise ValueError(f"loss chunk of {chunk_len} positions does not divide the sequence length {length}")
 

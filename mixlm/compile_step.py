@@ -1,0 +1,228 @@
+"""One train step (a run's, or a swarm's) compiled for compile-only devices (mixlm.compile_targets): the target
+compiler's per-device memory and, where it has a cost model (TPU), its step time with the blind spots
+corrected (mixlm.compiler_estimate says how).
+
+    step = compile_train_step(cfg, devices)              # cfg's model.attention already resolved for the target
+    step.memory.peak, step.estimate.corrected_seconds
+    swarm = compile_swarm_step(cfg, 16, devices)         # 16 proxies in one step (mixlm.swarm)
+
+Nothing is allocated: the state and batch are ShapeDtypeStructs carrying their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mixlm.compiler_estimate import (
+    ESTIMATE_OPTIONS,
+    CompilerEstimate,
+    cost_numbers,
+    counts_match,
+    jaxpr_flops,
+)
+from mixlm.config import ConfigError, ExperimentConfig, parse_override
+from mixlm.models import forward
+from mixlm.plan import CompiledMemory, abstract_batch, memory_of
+
+PALLAS_ATTENTION = ("splash", "pallas_gpu")
+
+
+def with_overrides(cfg: ExperimentConfig, overrides) -> ExperimentConfig:
+    """`cfg` with `section.key=value` overrides applied (the same parsing as the command line)."""
+    for text in overrides:
+        section, key, value = parse_override(text)
+        part = getattr(cfg, section)
+        if key not in {f.name for f in dataclasses.fields(part)}:
+            raise ConfigError(f"override {text!r}: {section} has no key {key!r}")
+        cfg = cfg.replace(**{section: dataclasses.replace(part, **{key: value})})
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """One compile of a train step for the target: its memory, time to compile and the compiler's estimate."""
+
+    overrides: tuple[str, ...]  # changes from the planned config (() = as configured)
+    memory: CompiledMemory | None  # None when the compiler refused the program
+    compile_seconds: float  # the memory compile (the estimate's compiles not included)
+    estimate: CompilerEstimate | None  # None on GPU (no cost model) or when refused
+    tokens_per_step: int  # all devices, all micro-batches (all members for a swarm)
+    refusal: str = ""  # the compiler's reason, one line
+
+    @property
+    def peak(self) -> int | None:
+        return self.memory.peak if self.memory else None
+
+    def fits(self, usable_bytes: int) -> bool:
+        return self.memory is not None and self.memory.peak <= usable_bytes
+
+    def tokens_per_s(self) -> float | None:
+        return self.tokens_per_step / self.estimate.corrected_seconds if self.estimate else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """A train step ready to compile: the jitted step a run uses, a way to jit it afresh (traced again, e.g.
+    under forward.loss_chunk_budget), its abstract arguments, and what the estimate needs to know of it."""
+
+    jitted: Callable
+    fresh: Callable[[], Callable]  # a new jax.jit of the step (no trace cache) taking fresh_args
+    args: tuple
+    fresh_args: tuple
+    state: object  # the abstract state among args
+    batch: dict  # the abstract batch among args
+    micro_batches: int
+    chunk_len: int  # loss chunk, positions
+    loss_rows: int  # rows of one micro-batch per device, the vocabulary's columns per device: the chunk budget
+    loss_vocab: int
+
+
+def _fresh_jit(step_fn: Callable) -> Callable:
+    """jax.jit of a new function object around `step_fn`: jit caches traces per function, so this one is
+    traced again (under whatever forward.loss_chunk_budget is in force)."""
+    return jax.jit(lambda *args: step_fn(*args), donate_argnums=(0,))
+
+
+def _loss_shape(cfg: ExperimentConfig, layout, rows: int) -> tuple[int, int, int]:
+    """(chunk_len, rows per device, vocab columns per device) of the chunked loss of a `rows`-row micro-batch."""
+    v_pad = cfg.model.padded_vocab_size(layout.axis_size("vocab"))
+    chunk = forward.loss_chunk_len_for(rows, cfg.data.seq_len, v_pad, layout)
+    local_rows = rows // layout.axis_size("batch") if rows % layout.axis_size("batch") == 0 else rows
+    local_vocab = v_pad // layout.axis_size("vocab") if v_pad % layout.axis_size("vocab") == 0 else v_pad
+    return chunk, local_rows, local_vocab
+
+
+def train_program(cfg: ExperimentConfig, devices) -> StepProgram:
+    from mixlm.sharding import ShardingFallbackWarning, make_mesh
+    from mixlm.train import build_setup
+
+    cfg = cfg.replace(mesh=dataclasses.replace(cfg.mesh, strict=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardingFallbackWarning)  # the analytic plan lists them
+        setup = build_setup(cfg, make_mesh(cfg.mesh, devices))
+    batch = abstract_batch(cfg, setup.layout)
+    k = cfg.train.grad_accum_steps
+
+    args = (setup.abstract_state, batch)
+    return StepProgram(setup.train_step, lambda: _fresh_jit(setup.step_fn), args, args,
+                       setup.abstract_state, batch, k, *_loss_shape(cfg, setup.layout, cfg.train.global_batch_size // k))
+
+
+def swarm_program(cfg: ExperimentConfig, members: int, devices) -> StepProgram:
+    """The swarm step through mixlm.swarm's public API (build_swarm_setup over swarm_mesh, members over the
+    `data` axis, vmap of the member step); the estimate's fresh programs map the member step without the
+    failed-member mask (elementwise selects, nothing to time)."""
+    from mixlm.swarm import build_swarm_setup, over_members, swarm_mesh
+
+    setup = build_swarm_setup(cfg, members, swarm_mesh(members, cfg, devices), member_map="vmap")
+    member_batch = abstract_batch(cfg, setup.member.layout)
+    batch = {k: jax.ShapeDtypeStruct((members, *v.shape), v.dtype, sharding=setup.batch_sharding(v.ndim + 1))
+             for k, v in member_batch.items()}
+    alive = jax.ShapeDtypeStruct((members,), jnp.bool_, sharding=setup.member_sharding)
+    k = cfg.train.grad_accum_steps
+    step = over_members(setup.member.step_fn, "vmap")
+    return StepProgram(setup.train_step, lambda: _fresh_jit(step),
+                       (setup.abstract_state, alive, batch), (setup.abstract_state, batch), setup.abstract_state,
+                       batch, k, *_loss_shape(cfg, setup.member.layout, cfg.train.global_batch_size // k))
+
+
+def _lower(program: StepProgram, fresh: bool = False):
+    """The step lowered: the run's jitted step, or (fresh) a new jit of it traced now."""
+    return program.fresh().lower(*program.fresh_args) if fresh else program.jitted.lower(*program.args)
+
+
+def _refusal(error: Exception) -> str:
+    """The compiler's out-of-memory message in one line, or '' for any other error (re-raised)."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "exceeds" not in text and "Ran out of memory" not in text:
+        return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    key = next((ln for ln in lines if re.search(r"exceed|Ran out of memory|Used .* of .*", ln)), lines[0])
+    return key[:300]
+
+
+def attention_kernel_flops(cfg: ExperimentConfig, tokens: int) -> float:
+    """The attention FLOPs of `tokens` (causal, forward + backward, mixlm.models.flops_per_token's attention
+    term) when the attention is a Pallas kernel, whose custom calls the compiler counts as 0; else 0."""
+    if cfg.model.attention not in PALLAS_ATTENTION:
+        return 0.0
+    m = cfg.model
+    return 6.0 * cfg.data.seq_len * m.num_layers * m.num_heads * m.dim_per_head * tokens
+
+
+def _estimate(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, program: StepProgram,
+              compiled, num_devices: int, kernel_flops: float) -> CompilerEstimate | None:
+    """The compiler's corrected step time (mixlm.compiler_estimate): the base program (one micro-batch, one
+    loss chunk counted), recompiled where its count misses part of the step; one loss chunk's time from the
+    base compiled with chunks twice as long."""
+    cost = cost_numbers(compiled)
+    if cost is None:
+        return None
+    unroll = cfg.model.scan_layers
+    timed = build(cfg.replace(model=dataclasses.replace(cfg.model, scan_layers=False))) if unroll else program
+    as_compiled = float(cost.get("flops", 0.0))
+    as_run = jaxpr_flops(jax.make_jaxpr(program.fresh())(*program.fresh_args)).as_run / num_devices
+    once = jaxpr_flops(jax.make_jaxpr(timed.fresh())(*timed.fresh_args)).bodies_once / num_devices
+    options = {}
+    if unroll or not counts_match(cost, once):  # unrolled: a new program, compiled straight with the options
+        options = ESTIMATE_OPTIONS
+        cost = cost_numbers(_lower(timed, fresh=True).compile(compiler_options=options))
+    chunk_seconds = 0.0
+    length = cfg.data.seq_len
+    if timed.chunk_len < length and length % (2 * timed.chunk_len) == 0:
+        budget = timed.loss_rows * 2 * timed.chunk_len * timed.loss_vocab * 4
+        with forward.loss_chunk_budget(budget):
+            doubled = cost_numbers(_lower(timed, fresh=True).compile(compiler_options=options))
+        chunk_seconds = max(float(doubled["optimal_seconds"]) - float(cost["optimal_seconds"]), 0.0)
+    return CompilerEstimate(
+        as_compiled_flops=as_compiled, flops=float(cost.get("flops", 0.0)), seconds=float(cost["optimal_seconds"]),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)), counted_once=once, as_run=as_run,
+        micro_batches=timed.micro_batches, loss_chunks=length // timed.chunk_len, chunk_seconds=chunk_seconds,
+        kernel_flops=kernel_flops, collective_matmuls_off=bool(options), layers_unrolled=unroll)
+
+
+def _compile(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, overrides,
+             tokens_per_step: int, num_devices: int, estimate: bool) -> CompiledStep:
+    program = build(cfg)
+    started = time.perf_counter()
+    try:
+        compiled = _lower(program).compile()
+    except Exception as e:  # the compilers raise JaxRuntimeError; only an out-of-memory refusal is a result
+        reason = _refusal(e)
+        if not reason:
+            raise
+        return CompiledStep(tuple(overrides), None, time.perf_counter() - started, None, tokens_per_step, reason)
+    seconds = time.perf_counter() - started
+    kernel_flops = attention_kernel_flops(cfg, tokens_per_step) / num_devices
+    est = _estimate(build, cfg, program, compiled, num_devices, kernel_flops) if estimate else None
+    return CompiledStep(tuple(overrides), memory_of(compiled, program.state, program.batch), seconds, est,
+                        tokens_per_step)
+
+
+def compile_train_step(cfg: ExperimentConfig, devices, overrides=(), *, estimate: bool = True) -> CompiledStep:
+    """The train step of `cfg` (with `overrides`) on a mesh over compile-only `devices`, compiled; with the
+    compiler's estimate unless `estimate=False` (it takes 1 to 3 more compiles)."""
+    cfg = with_overrides(cfg, overrides)
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    return _compile(lambda c: train_program(c, devices), cfg, overrides, tokens, len(devices), estimate)
+
+
+def compile_swarm_step(cfg: ExperimentConfig, members: int, devices, overrides=(), *,
+                       estimate: bool = True) -> CompiledStep:
+    """A swarm of `members` copies of `cfg` (mixlm.swarm: vmap of the member step, members over the `data`
+    axis of swarm_mesh) compiled on compile-only `devices`; micro-batches from the member's
+    train.grad_accum_steps. Memory and estimate are per device for the whole swarm step."""
+    cfg = with_overrides(cfg, overrides)
+    tokens = members * cfg.train.global_batch_size * cfg.data.seq_len
+    return _compile(lambda c: swarm_program(c, members, devices), cfg, overrides, tokens, len(devices), estimate)
+
+
+__all__ = ["PALLAS_ATTENTION", "CompiledStep", "StepProgram", "attention_kernel_flops", "compile_swarm_step",
+           "compile_train_step", "swarm_program", "train_program", "with_overrides"]
