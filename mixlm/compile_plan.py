@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from mixlm.compile_step import CompiledStep, compile_train_step
+from mixlm.compile_step import CompiledStep, compile_train_step, estimate_train_step
 from mixlm.compile_targets import CompileTarget, compile_only_devices, resolve_target
 from mixlm.config import ExperimentConfig
 from mixlm.plan import Plan, adam_moment_itemsize, device_kind, fitting_changes, make_plan, model_remat
@@ -122,7 +122,7 @@ def compile_plan(cfg: ExperimentConfig, target_name: str, *, mfu: float = 0.4, n
     for overrides in candidate_fixes(cfg, plan, devices)[:MAX_FIX_COMPILES]:
         step = compile_train_step(cfg, devices, overrides, estimate=False)  # the estimate's compiles: proven only
         if step.fits(report.usable_bytes):
-            step = dataclasses.replace(step, estimate=compile_train_step(cfg, devices, overrides).estimate)
+            step = estimate_train_step(cfg, devices, step)
         report.steps.append(step)
         if step.fits(report.usable_bytes):
             break

@@ -53,6 +53,7 @@ def render(report) -> str:
         row("batch", None, refused or c.batch),
         row("gradients (fp32)", a.gradients, refused or "in temp"),
         row("saved activations", a.activations, refused or "in temp"),
+        row("loss chunk + LM-head gradient", a.loss_workspace, refused or "in temp"),
         row("temp (grads + activations + scratch)", None, refused or c.temp),
         row("outputs not donated", None, refused or (c.outputs - c.aliased)),
         row("total (compiled: peak)", a.total, refused or c.peak),

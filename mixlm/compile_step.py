@@ -11,6 +11,7 @@ Nothing is allocated: the state and batch are ShapeDtypeStructs carrying their s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import time
@@ -55,6 +56,7 @@ class CompiledStep:
     estimate: CompilerEstimate | None  # None on GPU (no cost model) or when refused
     tokens_per_step: int  # all devices, all micro-batches (all members for a swarm)
     refusal: str = ""  # the compiler's reason, one line
+    compiler_cost: dict | None = None  # the compiler's flops and optimal_seconds of the step as compiled
 
     @property
     def peak(self) -> int | None:
@@ -157,39 +159,67 @@ def attention_kernel_flops(cfg: ExperimentConfig, tokens: int) -> float:
     return 6.0 * cfg.data.seq_len * m.num_layers * m.num_heads * m.dim_per_head * tokens
 
 
-def _estimate(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, program: StepProgram,
-              compiled, num_devices: int, kernel_flops: float) -> CompilerEstimate | None:
-    """The compiler's corrected step time (mixlm.compiler_estimate): the base program (one micro-batch, one
-    loss chunk counted), recompiled where its count misses part of the step; one loss chunk's time from the
-    base compiled with chunks twice as long."""
-    cost = cost_numbers(compiled)
-    if cost is None:
-        return None
-    unroll = cfg.model.scan_layers
-    timed = build(cfg.replace(model=dataclasses.replace(cfg.model, scan_layers=False))) if unroll else program
-    as_compiled = float(cost.get("flops", 0.0))
-    as_run = jaxpr_flops(jax.make_jaxpr(program.fresh())(*program.fresh_args)).as_run / num_devices
-    once = jaxpr_flops(jax.make_jaxpr(timed.fresh())(*timed.fresh_args)).bodies_once / num_devices
-    options = {}
-    if unroll or not counts_match(cost, once):  # unrolled: a new program, compiled straight with the options
-        options = ESTIMATE_OPTIONS
-        cost = cost_numbers(_lower(timed, fresh=True).compile(compiler_options=options))
-    chunk_seconds = 0.0
+_timed_cache: dict = {}  # the small timing programs, shared by steps that differ only in depth or scan
+
+
+def _timed(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, num_devices: int,
+           budget: int | None = None, key: tuple = ()) -> tuple[dict, bool]:
+    """(cost_analysis, whether its count is its jaxpr's) of a fresh compile of `cfg`'s step with
+    ESTIMATE_OPTIONS, its loss chunked to `budget` bytes when given. `key` names the program's devices and
+    kind (run or swarm of K) for the cache."""
+    from mixlm.train import program_key
+
+    cache_key = (key, program_key(cfg), cfg.train.global_batch_size, cfg.data.seq_len, budget)
+    if cache_key in _timed_cache:
+        return _timed_cache[cache_key]
+    _timed_cache[cache_key] = _compile_timed(build(cfg), num_devices, budget)
+    return _timed_cache[cache_key]
+
+
+def _compile_timed(program: StepProgram, num_devices: int, budget: int | None) -> tuple[dict, bool]:
+    budgeted = forward.loss_chunk_budget(budget) if budget else contextlib.nullcontext()
+    with budgeted:
+        once = jaxpr_flops(jax.make_jaxpr(program.fresh())(*program.fresh_args)).bodies_once / num_devices
+        cost = cost_numbers(program.fresh().lower(*program.fresh_args).compile(compiler_options=ESTIMATE_OPTIONS))
+    return cost, counts_match(cost, once)
+
+
+def _estimate(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, step: CompiledStep,
+              num_devices: int, key: tuple) -> CompiledStep:
+    """`step` with the compiler's step time put together from small programs it counts whole
+    (mixlm.compiler_estimate): one micro-batch, unrolled, with 1 and 2 layers, and with 1 layer and loss
+    chunks twice as long. Unchanged without a cost model (GPU) or a compiled step."""
+    cost = step.compiler_cost
+    if cost is None or step.memory is None:
+        return step
+    program = build(cfg)  # build_setup's cache: nothing is compiled again
+    k = program.micro_batches
+    one_micro_batch = cfg.replace(
+        model=dataclasses.replace(cfg.model, scan_layers=False, num_layers=1),
+        train=dataclasses.replace(cfg.train, grad_accum_steps=1, global_batch_size=cfg.train.global_batch_size // k))
+    one, whole_one = _timed(build, one_micro_batch, num_devices, key=key)
+    two, whole_two = _timed(build, one_micro_batch.replace(
+        model=dataclasses.replace(one_micro_batch.model, num_layers=2)), num_devices, key=key)
+    t1, t2 = float(one["optimal_seconds"]), float(two["optimal_seconds"])
+    layer_seconds = max(t2 - t1, 0.0)
+    chunk_seconds, whole_chunk = 0.0, True
     length = cfg.data.seq_len
-    if timed.chunk_len < length and length % (2 * timed.chunk_len) == 0:
-        budget = timed.loss_rows * 2 * timed.chunk_len * timed.loss_vocab * 4
-        with forward.loss_chunk_budget(budget):
-            doubled = cost_numbers(_lower(timed, fresh=True).compile(compiler_options=options))
-        chunk_seconds = max(float(doubled["optimal_seconds"]) - float(cost["optimal_seconds"]), 0.0)
-    return CompilerEstimate(
-        as_compiled_flops=as_compiled, flops=float(cost.get("flops", 0.0)), seconds=float(cost["optimal_seconds"]),
-        bytes_accessed=float(cost.get("bytes accessed", 0.0)), counted_once=once, as_run=as_run,
-        micro_batches=timed.micro_batches, loss_chunks=length // timed.chunk_len, chunk_seconds=chunk_seconds,
-        kernel_flops=kernel_flops, collective_matmuls_off=bool(options), layers_unrolled=unroll)
+    if program.chunk_len < length and length % (2 * program.chunk_len) == 0:
+        budget = program.loss_rows * 2 * program.chunk_len * program.loss_vocab * 4
+        doubled, whole_chunk = _timed(build, one_micro_batch, num_devices, budget, key=key)
+        chunk_seconds = max(float(doubled["optimal_seconds"]) - t1, 0.0)
+    as_run = jaxpr_flops(jax.make_jaxpr(program.fresh())(*program.fresh_args)).as_run / num_devices
+    return dataclasses.replace(step, estimate=CompilerEstimate(
+        seconds=float(cost["optimal_seconds"]), as_compiled_flops=float(cost.get("flops", 0.0)), as_run=as_run,
+        base_seconds=max(t1 - layer_seconds, 0.0), layer_seconds=layer_seconds,
+        layer_flops=float(two.get("flops", 0.0)) - float(one.get("flops", 0.0)), layers=cfg.model.num_layers,
+        chunk_seconds=chunk_seconds, loss_chunks=length // program.chunk_len, micro_batches=k,
+        kernel_flops=attention_kernel_flops(cfg, step.tokens_per_step) / num_devices,
+        counts_whole=whole_one and whole_two and whole_chunk))
 
 
 def _compile(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, overrides,
-             tokens_per_step: int, num_devices: int, estimate: bool) -> CompiledStep:
+             tokens_per_step: int) -> CompiledStep:
     program = build(cfg)
     started = time.perf_counter()
     try:
@@ -200,18 +230,37 @@ def _compile(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentCo
             raise
         return CompiledStep(tuple(overrides), None, time.perf_counter() - started, None, tokens_per_step, reason)
     seconds = time.perf_counter() - started
-    kernel_flops = attention_kernel_flops(cfg, tokens_per_step) / num_devices
-    est = _estimate(build, cfg, program, compiled, num_devices, kernel_flops) if estimate else None
-    return CompiledStep(tuple(overrides), memory_of(compiled, program.state, program.batch), seconds, est,
-                        tokens_per_step)
+    cost = cost_numbers(compiled)
+    return CompiledStep(tuple(overrides), memory_of(compiled, program.state, program.batch), seconds, None,
+                        tokens_per_step, compiler_cost=None if cost is None else {
+                            "flops": float(cost.get("flops", 0.0)), "optimal_seconds": float(cost["optimal_seconds"])})
+
+
+def _run(cfg: ExperimentConfig, devices, overrides):
+    cfg = with_overrides(cfg, overrides)
+    return (cfg, lambda c: train_program(c, devices), cfg.train.global_batch_size * cfg.data.seq_len,
+            ("run", devices[0].device_kind, *map(str, devices)))
+
+
+def _swarm(cfg: ExperimentConfig, members: int, devices, overrides):
+    cfg = with_overrides(cfg, overrides)
+    return (cfg, lambda c: swarm_program(c, members, devices),
+            members * cfg.train.global_batch_size * cfg.data.seq_len,
+            ("swarm", members, devices[0].device_kind, *map(str, devices)))
 
 
 def compile_train_step(cfg: ExperimentConfig, devices, overrides=(), *, estimate: bool = True) -> CompiledStep:
     """The train step of `cfg` (with `overrides`) on a mesh over compile-only `devices`, compiled; with the
-    compiler's estimate unless `estimate=False` (it takes 1 to 3 more compiles)."""
-    cfg = with_overrides(cfg, overrides)
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    return _compile(lambda c: train_program(c, devices), cfg, overrides, tokens, len(devices), estimate)
+    compiler's estimate unless `estimate=False` (it takes 2 or 3 more compiles of 1- and 2-layer programs)."""
+    cfg, build, tokens, key = _run(cfg, devices, overrides)
+    step = _compile(build, cfg, overrides, tokens)
+    return _estimate(build, cfg, step, len(devices), key) if estimate else step
+
+
+def estimate_train_step(cfg: ExperimentConfig, devices, step: CompiledStep) -> CompiledStep:
+    """`step` (compile_train_step(..., estimate=False) of cfg with step.overrides) with the compiler's estimate."""
+    cfg, build, _, key = _run(cfg, devices, step.overrides)
+    return _estimate(build, cfg, step, len(devices), key)
 
 
 def compile_swarm_step(cfg: ExperimentConfig, members: int, devices, overrides=(), *,
@@ -219,10 +268,17 @@ def compile_swarm_step(cfg: ExperimentConfig, members: int, devices, overrides=(
     """A swarm of `members` copies of `cfg` (mixlm.swarm: vmap of the member step, members over the `data`
     axis of swarm_mesh) compiled on compile-only `devices`; micro-batches from the member's
     train.grad_accum_steps. Memory and estimate are per device for the whole swarm step."""
-    cfg = with_overrides(cfg, overrides)
-    tokens = members * cfg.train.global_batch_size * cfg.data.seq_len
-    return _compile(lambda c: swarm_program(c, members, devices), cfg, overrides, tokens, len(devices), estimate)
+    cfg, build, tokens, key = _swarm(cfg, members, devices, overrides)
+    step = _compile(build, cfg, overrides, tokens)
+    return _estimate(build, cfg, step, len(devices), key) if estimate else step
+
+
+def estimate_swarm_step(cfg: ExperimentConfig, members: int, devices, step: CompiledStep) -> CompiledStep:
+    """`step` (compile_swarm_step(..., estimate=False)) with the compiler's estimate."""
+    cfg, build, _, key = _swarm(cfg, members, devices, step.overrides)
+    return _estimate(build, cfg, step, len(devices), key)
 
 
 __all__ = ["PALLAS_ATTENTION", "CompiledStep", "StepProgram", "attention_kernel_flops", "compile_swarm_step",
-           "compile_train_step", "swarm_program", "train_program", "with_overrides"]
+           "compile_train_step", "estimate_swarm_step", "estimate_train_step", "swarm_program", "train_program",
+           "with_overrides"]

@@ -65,9 +65,9 @@ class CompileTarget:
     def describe(self) -> str:
         """'v5p-32: 16 TPU v5p chips on 4 hosts (topology v5p:2x2x4)'."""
         unit = "TPU " + self.device_kind if self.platform == "tpu" else self.device_kind.upper()
+        noun = ("chip" if self.platform == "tpu" else "GPU") + ("s" if self.chips > 1 else "")
         hosts = f"{self.hosts} host{'s' if self.hosts > 1 else ''}"
-        return f"{self.name}: {self.chips} {unit} {'chips' if self.platform == 'tpu' else 'GPUs'} on {hosts} " \
-               f"(topology {self.topology})"
+        return f"{self.name}: {self.chips} {unit} {noun} on {hosts} (topology {self.topology})"
 
 
 def tpu_topology_shape(generation: TpuGeneration, chips: int) -> tuple[int, ...]:

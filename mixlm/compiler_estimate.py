@@ -11,22 +11,20 @@
                                       fell to 75% of an unrolled step and lost a scanned step's backward layers
     Pallas kernels carry no flops     splash attention (and pallas_gpu) are custom calls
 
-So the step is timed on programs the count sees whole (mixlm.compile_plan does the compiling), each checked
-against the step's jaxpr counted with every loop body once (`jaxpr_flops`: dot_general 2 x out x contracted
-plus one flop per element of elementwise arithmetic and reductions, as XLA counts; within ESTIMATE_MATCH):
+So the step is timed on small programs the count sees whole, compiled with collective matmuls off
+(ESTIMATE_OPTIONS: the same math, its communication not overlapped, so the time errs long) and checked against
+their jaxpr (`jaxpr_flops`: dot_general 2 x out x contracted plus one flop per element of elementwise
+arithmetic and reductions, as XLA counts; within ESTIMATE_MATCH). mixlm.compile_step compiles them: one
+micro-batch of the config, unrolled, with 1 and with 2 layers, and with 1 layer and loss chunks twice as long.
 
-    base         one micro-batch with one loss chunk: the step as compiled, or, where the count misses part
-                 of it, recompiled with collective matmuls off (ESTIMATE_OPTIONS: the same math with its
-                 communication not overlapped, so the time errs long); scanned layers are unrolled for it
-    loss chunks  the base compiled again with chunks twice as long: the difference is one chunk's time,
-                 and the other chunks of the micro-batch are added at that
-    micro-batches  the base (with its chunks) times train.grad_accum_steps; the optimizer update, which
-                 runs once, is then counted that many times (small beside a micro-batch)
-    kernels      the attention flops of mixlm.models.flops_per_token (causal, forward + backward) in Pallas
-                 kernels, at the rate the cost model gave the base program
+    layer        T(2 layers) - T(1 layer); base = T(1 layer) - layer: embedding, one loss chunk, optimizer
+    loss chunk   T(chunks twice as long) - T(1 layer): one chunk's time
+    step         micro-batches x (base + layers x layer + (chunks - 1) x chunk) + the attention flops of
+                 mixlm.models.flops_per_token in Pallas kernels at the rate of a layer's counted flops; the
+                 optimizer update, which runs once, is counted once per micro-batch (small beside one)
 
-Measured on a regmix-1m proxy (512 x 2048 tokens, v5p-8): base 45.8 ms with 2.15e12 flops, one loss chunk
-0.27 ms, 256 chunks: 138 ms/step, where scaling all the loops' flops at the base's rate said 513 ms.
+Measured on a regmix-1m proxy (512 x 2048 tokens, v5p-8), loops timed by differencing: 199 ms/step, where
+scaling the loops' flops at the rate of the rest said 513 ms.
 """
 
 from __future__ import annotations
@@ -119,29 +117,24 @@ ESTIMATE_OPTIONS = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1 << 20}
 
 @dataclasses.dataclass(frozen=True)
 class CompilerEstimate:
-    """One device's train step as the TPU compiler's cost model times it, with the corrections."""
+    """One device's train step as the TPU compiler's cost model times it (seconds, flops per device)."""
 
-    as_compiled_flops: float  # the compiler's count of the step as compiled, blind spots and all
-    flops: float  # the compiler's count of the base program (one micro-batch, one loss chunk)
-    seconds: float  # its optimal_seconds
-    bytes_accessed: float
-    counted_once: float  # the base's jaxpr flops per device, loop bodies once: what `flops` should be
-    as_run: float  # the step's jaxpr flops per device, every loop at its trip count
-    micro_batches: int
-    loss_chunks: int  # per micro-batch
+    seconds: float  # optimal_seconds of the step as compiled: its blind spots in it
+    as_compiled_flops: float  # its flop count
+    as_run: float  # the step's jaxpr flops, every loop at its trip count
+    base_seconds: float  # embedding, one loss chunk, optimizer: T(1 layer) - layer_seconds
+    layer_seconds: float
+    layer_flops: float  # the compiler's count of one layer (forward + backward, remat included)
+    layers: int
     chunk_seconds: float  # one loss chunk (0 when the loss is one chunk)
+    loss_chunks: int  # per micro-batch
+    micro_batches: int
     kernel_flops: float  # attention inside Pallas kernels, per device and step
-    collective_matmuls_off: bool = False  # the base was recompiled with ESTIMATE_OPTIONS
-    layers_unrolled: bool = False  # the base unrolled model.scan_layers
-
-    @property
-    def loop_flops(self) -> float:
-        """Flops of the step beyond the timed base program: further loss chunks and micro-batches."""
-        return self.as_run - self.counted_once
+    counts_whole: bool  # the timed programs' counts matched their jaxprs (ESTIMATE_MATCH)
 
     @property
     def kernel_seconds(self) -> float:
-        return self.kernel_flops * self.seconds / self.flops if self.flops else 0.0
+        return self.kernel_flops * self.layer_seconds / self.layer_flops if self.layer_flops > 0 else 0.0
 
     @property
     def corrected_flops(self) -> float:
@@ -149,19 +142,19 @@ class CompilerEstimate:
 
     @property
     def corrected_seconds(self) -> float:
-        per_micro_batch = self.seconds + (self.loss_chunks - 1) * self.chunk_seconds
+        per_micro_batch = (self.base_seconds + self.layers * self.layer_seconds
+                           + (self.loss_chunks - 1) * self.chunk_seconds)
         return self.micro_batches * per_micro_batch + self.kernel_seconds
 
     def describe(self) -> str:
-        """One line: the compiler's numbers and each correction."""
-        how = [w for w, on in (("collective matmuls off", self.collective_matmuls_off),
-                               ("layers unrolled", self.layers_unrolled)) if on]
-        return (f"compiler{' (' + ', '.join(how) + ')' if how else ''}: {self.seconds * 1e3:,.2f} ms for one "
-                f"micro-batch with one loss chunk ({self.flops:.3e} flops/device; its jaxpr {self.counted_once:.3e})"
-                f"; + {self.loss_chunks - 1} loss chunks x {self.chunk_seconds * 1e3:,.3f} ms; x "
-                f"{self.micro_batches} micro-batch(es); + Pallas attention {self.kernel_flops:.3e} flops at the "
-                f"model's rate {self.kernel_seconds * 1e3:,.2f} ms -> {self.corrected_seconds * 1e3:,.2f} ms/step, "
-                f"{self.corrected_flops:.3e} flops/device")
+        """One line: the compiler's own numbers and how the step time is put together."""
+        whole = "" if self.counts_whole else " (a timed program's count missed part of its jaxpr)"
+        return (f"compiler on the step as compiled: {self.seconds * 1e3:,.2f} ms, {self.as_compiled_flops:.3e} "
+                f"flops/device (loop bodies once); timed whole{whole}: base {self.base_seconds * 1e3:,.2f} ms + "
+                f"{self.layers} layers x {self.layer_seconds * 1e3:,.3f} ms + {self.loss_chunks - 1} loss chunks x "
+                f"{self.chunk_seconds * 1e3:,.3f} ms, x {self.micro_batches} micro-batch(es), + Pallas attention "
+                f"{self.kernel_flops:.3e} flops at a layer's rate {self.kernel_seconds * 1e3:,.2f} ms -> "
+                f"{self.corrected_seconds * 1e3:,.2f} ms/step, {self.corrected_flops:.3e} flops/device")
 
 
 def cost_numbers(compiled) -> dict | None:

@@ -5,7 +5,8 @@ Two columns of per-device bytes:
 
     analytic   for the accelerator: fp32 params / their shards, AdamW's two moments, fp32 gradients, and the
                activations saved for the backward pass per token per layer from the model's shapes, its
-               compute dtype and `model.remat` (flash attention assumed unless `model.attention` is xla/blocked)
+               compute dtype and `model.remat` (flash attention assumed unless `model.attention` is xla/blocked),
+               and one chunk of the chunked cross-entropy with its LM-head gradient
     compiled   `memory_analysis()` of the real train step (mixlm.train.build_setup) lowered with abstract
                arguments on a mesh of N fake CPU devices: exact for the shardings, but the buffer assignment
                is XLA:CPU's (its attention path, fusion and scheduling), not the accelerator's
@@ -79,10 +80,11 @@ class MemoryBreakdown:
     optimizer: int
     gradients: int
     activations: int
+    loss_workspace: int = 0  # one chunk of the chunked cross-entropy and its LM-head gradient
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.gradients + self.activations
+        return self.params + self.optimizer + self.gradients + self.activations + self.loss_workspace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +176,7 @@ class Plan:
             row("optimizer state (AdamW mu, nu)", a.optimizer, c and c.optimizer),
             row("gradients (fp32)", a.gradients, c and "in temp"),
             row("saved activations", a.activations, c and "in temp"),
+            row("loss chunk + LM-head gradient", a.loss_workspace, c and "in temp"),
         ]
         if c:
             lines += [row("batch", None, c.batch), row("temp (grads + activations + scratch)", None, c.temp)]
@@ -224,16 +227,23 @@ def _divides(n: int, k: int) -> int:
 
 
 def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, attention: str) -> float:
-    """Bytes one token keeps on its device for the backward pass, all layers plus embedding and LM head.
+    """Bytes one token keeps on its device for the backward pass, all layers plus embedding and LM head: the
+    residuals JAX's autodiff saves (counted with jax.ad_checkpoint's saved_residuals on a regmix-1b block:
+    104.5 KB per token per layer with splash; this formula gives 103.5 KB).
 
     Per layer, with compute dtype bytes c, widths split by the tensor axes where they divide:
-        none           c * (4 D  [both norms' inputs and outputs] + (H + 2K) Dh [q, k, v] + H Dh [attention out]
-                            + 3 F [gate, up, their product; 2 F for an ungated MLP]) + 4 H [softmax stats]
-                            (+ c H L: the probabilities, for attention paths that materialise them)
+        none           c * (4 D  [both norms' outputs, their scaled copy, the MLP's input]
+                            + (H + 2K) Dh [q, k, v] + 2 H Dh [the scaled q the kernel reads, its output]
+                            + 3 F [gate, up, sigmoid(gate); 2 F for an ungated MLP])
+                       + n D  [RMSNorm's float32 input and normalised copy, both norms: n = 16; 8 in float32]
+                       + 4 H  [softmax statistics]
+                       (+ (4 + c + 1) H L for attention paths that materialise the probabilities: float32,
+                        their compute-dtype copy and the mask)
         dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only
         full           c * D: the block input; one layer's `none` activations live while it is recomputed
-    Outside the layers: the embedding output and final norm (3 c D) and, live at the start of the backward,
-    the fp32 logits and their gradient (8 V_pad / vocab shards)."""
+    Outside the layers: the embedding output and final norm (3 c D + n D / 2) and the chunked loss's gradient
+    of the hidden states, formed in its forward pass (c D); the logits themselves live one chunk at a time
+    (loss_workspace_bytes)."""
     m = cfg.model
     c = _itemsize(m.compute_dtype)
     d, f, h, k, dh = m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
@@ -241,18 +251,34 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     tp_kv = _divides(k, layout.axis_size("kv_heads"))
     tp_mlp = _divides(f, layout.axis_size("mlp"))
     gated_mlp = m.family != "gpt2"
+    norms32 = (16 if c < 4 else 8) * d  # a float32 compute dtype needs no float32 copy of the norm's input
     qkv = h * dh / tp_heads + 2 * k * dh / tp_kv
-    full_layer = c * (4 * d + qkv + h * dh / tp_heads + (3 if gated_mlp else 2) * f / tp_mlp) + 4 * h / tp_heads
+    full_layer = (c * (4 * d + qkv + 2 * h * dh / tp_heads + (3 if gated_mlp else 2) * f / tp_mlp) + norms32
+                  + 4 * h / tp_heads)
     if attention in DENSE_ATTENTION:
-        full_layer += c * h * cfg.data.seq_len / tp_heads
+        full_layer += (4 + c + 1) * h * cfg.data.seq_len / tp_heads if c < 4 else 5 * h * cfg.data.seq_len / tp_heads
     if remat == "full":
         layers = m.num_layers * c * d + full_layer
     elif remat.startswith("dots"):
         layers = m.num_layers * c * (qkv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
     else:
         layers = m.num_layers * full_layer
+    return layers + 4 * c * d + norms32 / 2
+
+
+def loss_workspace_bytes(cfg: ExperimentConfig, layout, grad_accum_steps: int) -> int:
+    """Bytes the chunked cross-entropy (mixlm.models.forward.loss_sums) holds on a device whatever the batch:
+    one chunk's float32 logits and probabilities and their gradient in the compute dtype, and the float32
+    running gradient of the LM head [D, V_pad / vocab shards]."""
+    from mixlm.models import forward
+
+    m = cfg.model
     v_pad = m.padded_vocab_size(layout.axis_size("vocab"))
-    return layers + 3 * c * d + 8 * v_pad / _divides(v_pad, layout.axis_size("vocab"))
+    vocab = v_pad // _divides(v_pad, layout.axis_size("vocab"))
+    rows = cfg.train.global_batch_size // grad_accum_steps
+    chunk = forward.loss_chunk_len_for(rows, cfg.data.seq_len, v_pad, layout)
+    chunk_elements = rows // _divides(rows, layout.axis_size("batch")) * chunk * vocab
+    return chunk_elements * (8 + _itemsize(m.compute_dtype)) + 4 * m.d_model * vocab
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -276,6 +302,7 @@ def analytic_memory(cfg: ExperimentConfig, layout, param_shapes, logical_axes, *
         optimizer=2 * elements * moment_itemsize,
         gradients=params * (2 if k > 1 else 1),  # with accumulation: the running sum and one micro-batch's grads
         activations=int(tokens * per_token),
+        loss_workspace=loss_workspace_bytes(cfg, layout, k),
     )
 
 
