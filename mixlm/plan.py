@@ -232,18 +232,23 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     104.5 KB per token per layer with splash; this formula gives 103.5 KB).
 
     Per layer, with compute dtype bytes c, widths split by the tensor axes where they divide:
-        none           c * (4 D  [both norms' outputs, their scaled copy, the MLP's input]
+        none           c * (n_D D  [norm outputs; llama: both, their scaled copy and the MLP input, n_D = 4;
+                                    gpt2: 2]
                             + (H + 2K) Dh [q, k, v] + 2 H Dh [the scaled q the kernel reads, its output]
-                            + 3 F [gate, up, sigmoid(gate); 2 F for an ungated MLP])
-                       + n D  [RMSNorm's float32 input and normalised copy, both norms: n = 16; 8 in float32]
+                            + n_F F  [llama: gate, up, sigmoid(gate), 3; gpt2: GELU's tanh-form terms, 6])
+                       + n32 D  [the norms' float32 copies: RMSNorm's input and normalised value, both norms,
+                                 16; LayerNorm's also the centred value, 24; half without a float32 input copy]
+                       + (8 + c) (H + K) Dh  [qk-norm: q and k in float32, normalised, and in compute dtype]
                        + 4 H  [softmax statistics]
                        (+ (4 + c + 1) H L for attention paths that materialise the probabilities: float32,
                         their compute-dtype copy and the mask)
         dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only
         full           c * D: the block input; one layer's `none` activations live while it is recomputed
-    Outside the layers: the embedding output and final norm (3 c D + n D / 2) and the chunked loss's gradient
+    Outside the layers: the embedding output and final norm (3 c D + n32 D / 2) and the chunked loss's gradient
     of the hidden states, formed in its forward pass (c D); the logits themselves live one chunk at a time
-    (loss_workspace_bytes)."""
+    (loss_workspace_bytes). The counts are those of jax.ad_checkpoint's saved_residuals on a block of
+    regmix-1b (104.5 KB per token per layer; this formula 103.5), dclm-1b (145.8; 144.5) and gpt2-70m (44.1;
+    44.1)."""
     m = cfg.model
     c = _itemsize(m.compute_dtype)
     d, f, h, k, dh = m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
@@ -251,16 +256,18 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     tp_kv = _divides(k, layout.axis_size("kv_heads"))
     tp_mlp = _divides(f, layout.axis_size("mlp"))
     gated_mlp = m.family != "gpt2"
-    norms32 = (16 if c < 4 else 8) * d  # a float32 compute dtype needs no float32 copy of the norm's input
-    qkv = h * dh / tp_heads + 2 * k * dh / tp_kv
-    full_layer = (c * (4 * d + qkv + 2 * h * dh / tp_heads + (3 if gated_mlp else 2) * f / tp_mlp) + norms32
-                  + 4 * h / tp_heads)
+    n_d, n_f, n32 = (4, 3, 16) if gated_mlp else (2, 6, 24)
+    norms32 = n32 * d if c < 4 else n32 * d / 2  # a float32 compute dtype needs no float32 copy of the input
+    q, kv = h * dh / tp_heads, k * dh / tp_kv
+    full_layer = c * (n_d * d + q + 2 * kv + 2 * q + n_f * f / tp_mlp) + norms32 + 4 * h / tp_heads
+    if m.qk_norm:
+        full_layer += (8 + c) * (q + kv)
     if attention in DENSE_ATTENTION:
-        full_layer += (4 + c + 1) * h * cfg.data.seq_len / tp_heads if c < 4 else 5 * h * cfg.data.seq_len / tp_heads
+        full_layer += ((4 + c + 1) if c < 4 else 5) * h * cfg.data.seq_len / tp_heads
     if remat == "full":
         layers = m.num_layers * c * d + full_layer
     elif remat.startswith("dots"):
-        layers = m.num_layers * c * (qkv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
+        layers = m.num_layers * c * (q + 2 * kv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
     else:
         layers = m.num_layers * full_layer
     return layers + 4 * c * d + norms32 / 2
