@@ -242,7 +242,8 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
                        + 4 H  [softmax statistics]
                        (+ (4 + c + 1) H L for attention paths that materialise the probabilities: float32,
                         their compute-dtype copy and the mask)
-        dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only
+        dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only; the rest of one
+                       layer's `none` activations live while it is recomputed
         full           c * D: the block input; one layer's `none` activations live while it is recomputed
     Outside the layers: the embedding output and final norm (3 c D + n32 D / 2) and the chunked loss's gradient
     of the hidden states, formed in its forward pass (c D); the logits themselves live one chunk at a time
@@ -267,7 +268,8 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     if remat == "full":
         layers = m.num_layers * c * d + full_layer
     elif remat.startswith("dots"):
-        layers = m.num_layers * c * (q + 2 * kv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
+        dots_layer = c * (q + 2 * kv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
+        layers = m.num_layers * dots_layer + max(full_layer - dots_layer, 0)
     else:
         layers = m.num_layers * full_layer
     return layers + 4 * c * d + norms32 / 2
