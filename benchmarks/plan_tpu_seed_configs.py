@@ -170,12 +170,15 @@ def plan_row(line: Line, r: dict) -> str:
     first = steps[0]
     analytic = plan["analytic_total"]
     compiled = first["peak"]
-    ratio = f"{analytic / compiled:.2f}" if compiled else "-"
-    if first["memory"] is None:
-        compiled_text = f"refused: {_refused_gib(first['refusal'])}"
-    else:
-        compiled_text = gib(compiled)
+    needed = _refused_gib(first["refusal"])
+    if compiled:
+        ratio, compiled_text = f"{analytic / compiled:.2f}", gib(compiled)
+    else:  # refused: the compiler names the temporaries it needed (the arguments come on top)
+        ratio = f"{analytic / GIB / needed:.2f} (of its temporaries)" if needed else "-"
+        compiled_text = f"refused: {needed:,.1f} of temporaries" if needed else "refused"
     proven = next((s for s in steps[1:] if s["fits"]), None)
+    if proven and proven.get("analytic_total"):
+        ratio += f"; fix {proven['analytic_total'] / proven['peak']:.2f}"
     if r["fits"]:
         fit = "yes"
     elif proven:
@@ -197,11 +200,12 @@ def plan_row(line: Line, r: dict) -> str:
             f"{fit} | {compile_s} | {est} | {tps} | {mfu} | {days} |")
 
 
-def _refused_gib(refusal: str) -> str:
+def _refused_gib(refusal: str) -> float | None:
+    """The temporaries (GiB, as XLA prints them) a refusal says the program needed."""
     import re
 
     m = re.search(r"temporaries \(([\d.]+)G\)", refusal or "")
-    return f"{m.group(1)} GiB temporaries" if m else "over HBM"
+    return float(m.group(1)) if m else None
 
 
 def variant_row(line: Line, r: dict) -> str:

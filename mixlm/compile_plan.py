@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from mixlm.compile_step import CompiledStep, compile_train_step, estimate_train_step
+from mixlm.compile_step import CompiledStep, compile_train_step, estimate_train_step, with_overrides
 from mixlm.compile_targets import CompileTarget, compile_only_devices, resolve_target
 from mixlm.config import ExperimentConfig
 from mixlm.plan import Plan, adam_moment_itemsize, device_kind, fitting_changes, make_plan, model_remat
@@ -54,6 +54,7 @@ class CompilePlan:
     cfg: ExperimentConfig  # as compiled (attention resolved)
     steps: list[CompiledStep]  # [as configured, fix 1, fix 2, ...]
     notes: list[str]
+    analytic_totals: dict = dataclasses.field(default_factory=dict)  # step.overrides -> the analytic total
 
     @property
     def configured(self) -> CompiledStep:
@@ -93,6 +94,7 @@ class CompilePlan:
         for step in self.steps:
             row = dataclasses.asdict(step)
             row.update(peak=step.peak, fits=step.fits(self.usable_bytes),
+                       analytic_total=self.analytic_totals.get(step.overrides),
                        estimate_corrected_seconds=step.estimate.corrected_seconds if step.estimate else None,
                        estimate_corrected_flops=step.estimate.corrected_flops if step.estimate else None,
                        **({} if step.memory is None else {"timing": self.timing(step)}))
@@ -116,10 +118,13 @@ def compile_plan(cfg: ExperimentConfig, target_name: str, *, mfu: float = 0.4, n
     cfg, attention_note = for_target(cfg, target)
     plan = make_plan(cfg, devices=devices, device_kind_name=target.device_kind, mfu=mfu, compile=False, name=name)
     report = CompilePlan(target, plan, cfg, [compile_train_step(cfg, devices)],
-                         [attention_note] if attention_note else [])
+                         [attention_note] if attention_note else [], {(): plan.analytic.total})
     if report.fits or not try_fixes:
         return report
     for overrides in candidate_fixes(cfg, plan, devices)[:MAX_FIX_COMPILES]:
+        report.analytic_totals[tuple(overrides)] = make_plan(
+            with_overrides(cfg, overrides), devices=devices, device_kind_name=target.device_kind, compile=False
+        ).analytic.total
         step = compile_train_step(cfg, devices, overrides, estimate=False)  # the estimate's compiles: proven only
         if step.fits(report.usable_bytes):
             step = estimate_train_step(cfg, devices, step)

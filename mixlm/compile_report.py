@@ -3,6 +3,8 @@ analytic beside compiled, whether it fits, the fixes compiled, and the step time
 
 from __future__ import annotations
 
+import re
+
 from mixlm.plan import GIB
 
 
@@ -39,14 +41,15 @@ def render(report) -> str:
          f"{report.cfg.model.compute_dtype}, remat {p.remat}, attention {report.cfg.model.attention}, scan_layers "
          f"{'yes' if report.cfg.model.scan_layers else 'no'}"),
         "",
-        f"{'per device':<40}{'analytic (' + p.device.name + ')':>18}{'compiled (' + compiler + ')':>34}",
+        f"{'per device':<40}{'analytic (' + p.device.name + ')':>20}  {'compiled (' + compiler + ')':>34}",
     ]
 
     def row(label: str, analytic, compiled) -> str:
         right = compiled if isinstance(compiled, str) else gib(compiled)
-        return f"{label:<40}{gib(analytic):>18}{right:>34}"
+        return f"{label:<40}{gib(analytic):>20}  {right:>34}"
 
     refused = "refused" if c is None else None
+    needed = re.search(r"temporaries \(([\d.]+\w?)\)", step.refusal or "")
     lines += [
         row("params (fp32 master)", a.params, refused or c.params),
         row("optimizer state (AdamW mu, nu)", a.optimizer, refused or c.optimizer),
@@ -54,12 +57,13 @@ def render(report) -> str:
         row("gradients (fp32)", a.gradients, refused or "in temp"),
         row("saved activations", a.activations, refused or "in temp"),
         row("loss chunk + LM-head gradient", a.loss_workspace, refused or "in temp"),
-        row("temp (grads + activations + scratch)", None, refused or c.temp),
+        row("temp (grads + activations + scratch)", None,
+            (f"{needed.group(1)} needed, refused" if needed else refused) if c is None else c.temp),
         row("outputs not donated", None, refused or (c.outputs - c.aliased)),
         row("total (compiled: peak)", a.total, refused or c.peak),
     ]
     if c is not None:
-        lines.append(f"{'analytic / compiled peak':<40}{'':>18}{a.total / c.peak:>33.2f}x")
+        lines.append(f"{'analytic / compiled peak':<40}{'':>20}  {a.total / c.peak:>33.2f}x")
     usable = report.usable_bytes
     rule = ("the compiler accepts the program and its peak is within the HBM" if target.platform == "tpu"
             else f"compiled peak within {usable / GIB:.1f} GiB usable (90%)")
@@ -70,7 +74,9 @@ def render(report) -> str:
         outcome = (f"refused ({fix.refusal})" if fix.memory is None else
                    f"compiled peak {gib(fix.peak)}: {'fits' if fix.fits(usable) else 'does not fit'}")
         proven = " -- proven" if fix is report.proven else ""
-        lines.append(f"  fix compiled: {_step_label(fix)}: {outcome} ({fix.compile_seconds:,.0f} s){proven}")
+        analytic = report.analytic_totals.get(fix.overrides)
+        lines.append(f"  fix compiled: {_step_label(fix)}: {outcome} (analytic {gib(analytic)}; "
+                     f"{fix.compile_seconds:,.0f} s){proven}")
     if not report.fits and len(report.steps) > 1 and report.proven is None:
         lines.append("  none of the fixes tried fits: use more chips or tensor parallelism (mesh.tensor)")
     timed = [s for s in (step, report.proven) if s is not None and s.memory is not None]
