@@ -218,16 +218,23 @@ def _estimate(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentC
         counts_whole=whole_one and whole_two and whole_chunk))
 
 
+class CompilerError(RuntimeError):
+    """The target's compiler (or Mosaic, for a Pallas kernel) failed on the step for a reason other than memory."""
+
+
 def _compile(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, overrides,
              tokens_per_step: int) -> CompiledStep:
     program = build(cfg)
     started = time.perf_counter()
     try:
         compiled = _lower(program).compile()
-    except Exception as e:  # the compilers raise JaxRuntimeError; only an out-of-memory refusal is a result
+    except Exception as e:  # JaxRuntimeError from XLA, MosaicError from a Pallas kernel; anything else is ours
+        if not (isinstance(e, jax.errors.JaxRuntimeError) or type(e).__name__ == "MosaicError"):
+            raise
         reason = _refusal(e)
         if not reason:
-            raise
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise CompilerError(f"{type(e).__name__}: {first[:300]}") from e
         return CompiledStep(tuple(overrides), None, time.perf_counter() - started, None, tokens_per_step, reason)
     seconds = time.perf_counter() - started
     cost = cost_numbers(compiled)
@@ -279,6 +286,6 @@ def estimate_swarm_step(cfg: ExperimentConfig, members: int, devices, step: Comp
     return _estimate(build, cfg, step, len(devices), key)
 
 
-__all__ = ["PALLAS_ATTENTION", "CompiledStep", "StepProgram", "attention_kernel_flops", "compile_swarm_step",
+__all__ = ["PALLAS_ATTENTION", "CompiledStep", "CompilerError", "StepProgram", "attention_kernel_flops", "compile_swarm_step",
            "compile_train_step", "estimate_swarm_step", "estimate_train_step", "swarm_program", "train_program",
            "with_overrides"]

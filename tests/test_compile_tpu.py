@@ -140,3 +140,17 @@ def test_plan_compile_for_through_the_cli(tmp_path, capsys):
     assert main(["plan", str(path), "--compile-for", "v5p-8"]) == 0
     text = capsys.readouterr().out
     assert "compiled (TPU compiler, libtpu)" in text and "attention splash" in text and "MFU" in text
+
+
+def test_a_compiler_failure_is_one_line_and_exit_1(tmp_path, capsys):
+    """Mosaic refuses splash's bf16 matmuls at fp32 contract precision (a process-wide
+    jax_default_matmul_precision=highest asks for it): the plan says so in one line instead of a traceback."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"family": "llama", "num_layers": 1, "d_model": D, "num_heads": H, "mlp_dim": F,
+                  "vocab_size": V, "max_seq_len": S, "compute_dtype": "bfloat16", "attention": "splash"},
+        "data": {"seq_len": S}, "train": {"global_batch_size": B}}))
+    with jax.default_matmul_precision("highest"):
+        assert main(["plan", str(path), "--compile-for", "v5p-8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compiler for v5p-8 fails" in err[0] and "Mosaic" in err[0]

@@ -49,14 +49,19 @@ def run_compile_for(args: argparse.Namespace, cfg) -> int:
     import jax
 
     from mixlm.compile_plan import compile_plan
+    from mixlm.compile_step import CompilerError
 
     if args.analytic_only:
         from mixlm.config import ConfigError
 
         raise ConfigError("--compile-for compiles the train step: drop --analytic-only (or --compile-for)")
     jax.config.update("jax_platforms", "cpu")  # never take a local accelerator: the target is compile-only
-    report = compile_plan(cfg, args.compile_for, mfu=args.mfu, name=cfg.model.name or args.config,
-                          try_fixes=not args.no_fixes)
+    try:
+        report = compile_plan(cfg, args.compile_for, mfu=args.mfu, name=cfg.model.name or args.config,
+                              try_fixes=not args.no_fixes)
+    except CompilerError as e:
+        print(f"mixlm plan: the compiler for {args.compile_for} fails on {args.config}: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.to_text(), flush=True)
     return 0
 
