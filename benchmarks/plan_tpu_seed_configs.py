@@ -191,6 +191,8 @@ def plan_row(line: Line, r: dict) -> str:
     if timed and timed.get("estimate_corrected_seconds"):
         est = _ms(timed["estimate_corrected_seconds"])
     mfu = f"{timing['mfu']:.0%}" if timing else "-"
+    if timing and est == "-":
+        mfu += " (assumed)"  # no compiler estimate: the GPU compiler has no cost model (or it gave nonsense)
     tps = f"{timing['tokens_per_s']:,.0f}" if timing else "-"
     days = f"{timing['days']:,.1f}" if timing else "-"
     compile_s = " + ".join(f"{s['compile_seconds']:.0f}" for s in steps)

@@ -83,7 +83,8 @@ class CompilePlan:
             source = "the TPU compiler's estimate (performance model, not a measurement)"
         else:
             tokens_per_s = p.mfu * peak / flops_per_token
-            source = f"assumed {p.mfu:.0%} MFU (the GPU compiler has no cost model)"
+            why = step.no_estimate or "the GPU compiler has no cost model"
+            source = f"assumed {p.mfu:.0%} MFU ({why})"
         days = p.train_tokens / tokens_per_s / 86400 if tokens_per_s else float("inf")
         return {"tokens_per_s": tokens_per_s, "days": days, "mfu": tokens_per_s * flops_per_token / peak,
                 "source": source}

@@ -57,6 +57,7 @@ class CompiledStep:
     tokens_per_step: int  # all devices, all micro-batches (all members for a swarm)
     refusal: str = ""  # the compiler's reason, one line
     compiler_cost: dict | None = None  # the compiler's flops and optimal_seconds of the step as compiled
+    no_estimate: str = ""  # why a compiler with a cost model gave no usable estimate
 
     @property
     def peak(self) -> int | None:
@@ -201,13 +202,19 @@ def _estimate(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentC
     two, whole_two = _timed(build, one_micro_batch.replace(
         model=dataclasses.replace(one_micro_batch.model, num_layers=2)), num_devices, key=key)
     t1, t2 = float(one["optimal_seconds"]), float(two["optimal_seconds"])
-    layer_seconds = max(t2 - t1, 0.0)
     chunk_seconds, whole_chunk = 0.0, True
     length = cfg.data.seq_len
+    timed = [t1, t2]
     if program.chunk_len < length and length % (2 * program.chunk_len) == 0:
         budget = program.loss_rows * 2 * program.chunk_len * program.loss_vocab * 4
         doubled, whole_chunk = _timed(build, one_micro_batch, num_devices, budget, key=key)
-        chunk_seconds = max(float(doubled["optimal_seconds"]) - t1, 0.0)
+        timed.append(float(doubled["optimal_seconds"]))
+        chunk_seconds = max(timed[-1] - t1, 0.0)
+    if min(timed) <= 0:  # measured: gpt2-70m on v5e-8, -17.0 s for one layer (v5p: 1.6 ms)
+        return dataclasses.replace(step, no_estimate=(
+            f"the TPU compiler's cost model gave {min(timed):.3g} s for a {one_micro_batch.model.num_layers}- or "
+            "2-layer step: no estimate"))
+    layer_seconds = max(t2 - t1, 0.0)
     as_run = jaxpr_flops(jax.make_jaxpr(program.fresh())(*program.fresh_args)).as_run / num_devices
     return dataclasses.replace(step, estimate=CompilerEstimate(
         seconds=float(cost["optimal_seconds"]), as_compiled_flops=float(cost.get("flops", 0.0)), as_run=as_run,

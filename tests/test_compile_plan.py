@@ -57,3 +57,20 @@ def test_step_time_is_put_together_from_its_parts():
     # 2 micro-batches x (base 1 + 3 layers x 2 + 4 more chunks x 0.25) + 1e12 flops at a layer's 2 s / 4e12
     assert est.corrected_seconds == pytest.approx(2 * (1 + 6 + 1) + 0.5)
     assert est.corrected_flops == 9e12
+
+
+def test_a_cost_model_that_gives_a_negative_time_gives_no_estimate(monkeypatch):
+    """Measured: the v5e cost model gave -17.0 s for one layer of gpt2-70m (v5p: 1.6 ms). No estimate then."""
+    import types
+
+    from mixlm import compile_step
+    from mixlm.config import load_config
+    from mixlm.plan import CompiledMemory
+
+    cfg = load_config("configs/experiments/gpt2-70m.yaml", ["train.grad_accum_steps=1"])
+    monkeypatch.setattr(compile_step, "_timed", lambda *a, **k: ({"optimal_seconds": -17.0, "flops": 1e9}, True))
+    program = types.SimpleNamespace(micro_batches=1, chunk_len=cfg.data.seq_len)
+    memory = CompiledMemory(params=1, optimizer=1, batch=1, arguments=3, outputs=2, aliased=2, temp=5)
+    step = compile_step.CompiledStep((), memory, 1.0, None, 1024, compiler_cost={"flops": 1e9, "optimal_seconds": 0.1})
+    out = compile_step._estimate(lambda c: program, cfg, step, 8, ("run",))
+    assert out.estimate is None and "-17 s" in out.no_estimate
