@@ -168,7 +168,7 @@ def plan_row(line: Line, r: dict) -> str:
     """One recipe at one target: analytic vs compiled, the fit or proven fix, compile time, the estimate."""
     steps, plan = r["steps"], r["plan"]
     first = steps[0]
-    analytic = plan["analytic_total"]
+    analytic = r.get("analytic_now", {}).get("configured", plan["analytic_total"])
     compiled = first["peak"]
     needed = _refused_gib(first["refusal"])
     if compiled:
@@ -177,8 +177,9 @@ def plan_row(line: Line, r: dict) -> str:
         ratio = f"{analytic / GIB / needed:.2f} (of its temporaries)" if needed else "-"
         compiled_text = f"refused: {needed:,.1f} of temporaries" if needed else "refused"
     proven = next((s for s in steps[1:] if s["fits"]), None)
-    if proven and proven.get("analytic_total"):
-        ratio += f"; fix {proven['analytic_total'] / proven['peak']:.2f}"
+    fix_analytic = r.get("analytic_now", {}).get("fix") or (proven or {}).get("analytic_total")
+    if proven and fix_analytic:
+        ratio += f"; fix {fix_analytic / proven['peak']:.2f}"
     if r["fits"]:
         fit = "yes"
     elif proven:
@@ -241,6 +242,34 @@ def proxy_row(line: Line, r: dict) -> str:
     steps = r["plan"]["steps"]
     return (f"| {line.label} | {line.target} | {line.hardware}{fix} | {gib(timed['peak'])} | {_ms(seconds)} | "
             f"{seconds * 1e3:,.2f} | {3600 / (steps * seconds):,.1f} | {timed['timing']['mfu']:.0%} |")
+
+
+def analytic_now(records: dict) -> None:
+    """Recomputes each plan line's analytic totals (as configured, and its proven fix) with the current
+    mixlm.plan on the target's compile-only devices: arithmetic, no compile; records keep their compiles."""
+    import jax
+
+    from mixlm.compile_plan import for_target
+    from mixlm.compile_step import with_overrides
+    from mixlm.compile_targets import compile_only_devices, resolve_target
+    from mixlm.config import load_config
+    from mixlm.plan import make_plan
+
+    jax.config.update("jax_platforms", "cpu")
+    for line in lines():
+        r = records.get(line_key(line))
+        if not r or "error" in r or line.members:
+            continue
+        target = resolve_target(line.target)
+        devices = compile_only_devices(target)
+        cfg, _ = for_target(load_config(ROOT / line.config, list(line.overrides)), target)
+        totals = {"configured": make_plan(cfg, devices=devices, device_kind_name=target.device_kind,
+                                          compile=False).analytic.total}
+        proven = r.get("proven")
+        if proven:
+            totals["fix"] = make_plan(with_overrides(cfg, proven), devices=devices,
+                                      device_kind_name=target.device_kind, compile=False).analytic.total
+        r["analytic_now"] = totals
 
 
 def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
@@ -314,7 +343,10 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
     if missing:
         out += ["## Not run this time", "", *[f"- {m.label} on {m.target} {' '.join(m.overrides)}"
                                              + (f" (swarm of {m.members})" if m.members else "") for m in missing], ""]
-    out += ["## What `mixlm plan --compile-for` printed", "", *texts]
+    out += ["## What `mixlm plan --compile-for` printed", "",
+            ("Verbatim, when each line ran; the tables' analytic column is recomputed at write time with the "
+             "final mixlm.plan (the analytic model was calibrated against these compiles while they ran)."), "",
+            *texts]
     return "\n".join(out)
 
 
@@ -326,6 +358,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="keep the records already in the .json")
     parser.add_argument("--budget", type=float, default=0.0, help="seconds after which no new line starts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per line")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, compile nothing")
     args = parser.parse_args()
     if args.line is not None:
         return run_line(args.line)
@@ -336,7 +369,7 @@ def main() -> int:
     chosen = [(i, line) for i, line in enumerate(lines())
               if (not args.only or args.only in line.label or args.only in line.target)
               and (not args.group or line.group == args.group)]
-    for i, line in chosen:
+    for i, line in [] if args.render_only else chosen:
         key = line_key(line)
         if key in records and "error" not in records[key]:
             continue
@@ -358,6 +391,7 @@ def main() -> int:
         records["_elapsed"] = time.time() - started
         store.write_text(json.dumps(records, indent=1, default=str))
     missing = [line for line in lines() if line_key(line) not in records or "error" in records[line_key(line)]]
+    analytic_now(records)
     RESULTS.with_suffix(".md").write_text(write_markdown(records, time.time() - started, missing))
     print(f"wrote {RESULTS.with_suffix('.md')}")
     return 0

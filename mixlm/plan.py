@@ -235,6 +235,7 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
         none           c * (n_D D  [norm outputs; llama: both, their scaled copy and the MLP input, n_D = 4;
                                     gpt2: 2]
                             + (H + 2K) Dh [q, k, v] + 2 H Dh [the scaled q the kernel reads, its output]
+                              (splash on TPU: Dh padded to a multiple of 128, the lanes of its tiles)
                             + n_F F  [llama: gate, up, sigmoid(gate), 3; gpt2: GELU's tanh-form terms, 6])
                        + n32 D  [the norms' float32 copies: RMSNorm's input and normalised value, both norms,
                                  16; LayerNorm's also the centred value, 24; half without a float32 input copy]
@@ -260,7 +261,11 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     n_d, n_f, n32 = (4, 3, 16) if gated_mlp else (2, 6, 24)
     norms32 = n32 * d if c < 4 else n32 * d / 2  # a float32 compute dtype needs no float32 copy of the input
     q, kv = h * dh / tp_heads, k * dh / tp_kv
-    full_layer = c * (n_d * d + q + 2 * kv + 2 * q + n_f * f / tp_mlp) + norms32 + 4 * h / tp_heads
+    # A Pallas kernel's operands keep its [.., L, Dh] layout, and a TPU tiles the minor dimension in 128 lanes
+    lanes = -(-dh // 128) * 128 if attention == "splash" and _platform(layout) == "tpu" else dh
+    q_att, kv_att = q * lanes / dh, kv * lanes / dh
+    full_layer = (c * (n_d * d + q_att + 2 * kv_att + 2 * q_att + n_f * f / tp_mlp) + norms32
+                  + 4 * h / tp_heads)
     if m.qk_norm:
         full_layer += (8 + c) * (q + kv)
     if attention in DENSE_ATTENTION:
@@ -268,17 +273,22 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     if remat == "full":
         layers = m.num_layers * c * d + full_layer
     elif remat.startswith("dots"):
-        dots_layer = c * (q + 2 * kv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
+        dots_layer = c * (q_att + 2 * kv_att + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
         layers = m.num_layers * dots_layer + max(full_layer - dots_layer, 0)
     else:
         layers = m.num_layers * full_layer
     return layers + 4 * c * d + norms32 / 2
 
 
+def _platform(layout) -> str:
+    return layout.mesh.devices.flat[0].platform
+
+
 def loss_workspace_bytes(cfg: ExperimentConfig, layout, grad_accum_steps: int) -> int:
     """Bytes the chunked cross-entropy (mixlm.models.forward.loss_sums) holds on a device whatever the batch:
-    one chunk's float32 logits and probabilities and their gradient in the compute dtype, and the float32
-    running gradient of the LM head [D, V_pad / vocab shards]."""
+    one chunk's float32 logits and their gradient in the compute dtype (the softmax fuses into it; a one-chip
+    regmix-1m step compiled for v5p agreed), and the float32 running gradient of the LM head
+    [D, V_pad / vocab shards]."""
     from mixlm.models import forward
 
     m = cfg.model
@@ -287,7 +297,7 @@ def loss_workspace_bytes(cfg: ExperimentConfig, layout, grad_accum_steps: int) -
     rows = cfg.train.global_batch_size // grad_accum_steps
     chunk = forward.loss_chunk_len_for(rows, cfg.data.seq_len, v_pad, layout)
     chunk_elements = rows // _divides(rows, layout.axis_size("batch")) * chunk * vocab
-    return chunk_elements * (8 + _itemsize(m.compute_dtype)) + 4 * m.d_model * vocab
+    return chunk_elements * (4 + _itemsize(m.compute_dtype)) + 4 * m.d_model * vocab
 
 
 def _itemsize(dtype_name: str) -> int:
