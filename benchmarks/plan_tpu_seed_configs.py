@@ -186,7 +186,7 @@ def plan_row(line: Line, r: dict) -> str:
         fit = f"**no** -> `{' '.join(proven['overrides'])}` ({gib(proven['peak'])} GiB, proven)"
     else:
         fit = "**no**, no fix tried fits"
-    timed = first if r["fits"] else proven
+    timed = first if r["fits"] else proven  # the step one would run: as configured if it fits, else the fix
     timing = (timed or {}).get("timing") or {}
     est = "-"
     if timed and timed.get("estimate_corrected_seconds"):

@@ -79,7 +79,7 @@ def render(report) -> str:
                      f"{fix.compile_seconds:,.0f} s){proven}")
     if not report.fits and len(report.steps) > 1 and report.proven is None:
         lines.append("  none of the fixes tried fits: use more chips or tensor parallelism (mesh.tensor)")
-    timed = [s for s in (step, report.proven) if s is not None and s.memory is not None]
+    timed = [s for s in (step if report.fits else None, report.proven) if s is not None]
     if timed:
         lines.append("step time:")
     for s in timed:
