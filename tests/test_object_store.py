@@ -456,3 +456,83 @@ def test_s3_staging_mirrors_only_the_steps_whose_upload_finished(s3_folder, tmp_
     assert storage.location(f"{remote}/6/state/a").read_text() == "step 2"
     staging.prune(remote, keep={4, 6})
     assert sorted({n.split("/")[0] for n in storage.list_files(remote)}) == ["4", "6"]
+
+
+# ---- raw inputs on a bucket -------------------------------------------------------------------------------
+
+
+def test_prepare_reads_inputs_on_a_bucket_into_the_bytes_of_a_local_prepare(gs_folder, tmp_path, monkeypatch,
+                                                                           capsys):
+    """`mixlm prepare --domain web=gs://...` (a folder of jsonl, .zst and parquet objects; a single object): the
+    shards and manifests are those of the same files on a local disk; a rerun downloads and reads nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from mixlm.data.demo_corpus import generate_demo_corpus
+    from mixlm.data.tokenizer import train_tokenizer
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    raw = generate_demo_corpus(tmp_path / "raw", docs_per_domain=40, seed=3)
+    names = sorted(raw)[:2]
+    tokenizer = train_tokenizer({n: str(raw[n]) for n in names}, tmp_path / "tok", vocab_size=300)
+    local = tmp_path / "local-inputs"
+    (local / "web").mkdir(parents=True)
+    lines = raw[names[0]].read_text().splitlines(keepends=True)
+    (local / "web" / "a.jsonl").write_text("".join(lines[:15]))
+    (local / "web" / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines[15:30]).encode()))
+    texts = [json.loads(line)["text"] for line in lines[30:]]
+    pq.write_table(pa.table({"text": texts}), local / "web" / "c.parquet")
+    (local / "other.jsonl").write_text(raw[names[1]].read_text())
+    remote = f"{gs_folder}/raw-inputs"
+    storage.copy_tree(local, remote)
+
+    def prepare(out, web, other) -> int:
+        return cli_main(["prepare", "--out", str(out), "--tokenizer", str(tokenizer), "--no-progress",
+                         "--domain", f"web={web}", "--domain", f"other={other}"])
+
+    assert prepare(tmp_path / "from-disk", local / "web", local / "other.jsonl") == 0
+    assert prepare(tmp_path / "from-bucket", f"{remote}/web", f"{remote}/other.jsonl") == 0
+
+    def contents(root):
+        out = {}
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                rel = str(path.relative_to(root))
+                out[rel] = path.read_bytes() if not rel.endswith("manifest.json") else _manifest_sans_paths(path)
+        return out
+
+    disk, bucket = contents(tmp_path / "from-disk"), contents(tmp_path / "from-bucket")
+    assert any(name.endswith(".array_record") for name in disk) and disk == bucket
+    sources = json.loads((tmp_path / "from-bucket" / "web" / "manifest.json").read_text())["sources"]
+    assert [s["path"] for s in sources] == [f"{remote}/web/{n}" for n in ("a.jsonl", "b.jsonl.zst", "c.parquet")]
+
+    # the rerun is a no-op: the cached copies are neither downloaded again nor read (same inode and atime)
+    cached = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert len(cached) == 4
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cached}
+    capsys.readouterr()
+    assert prepare(tmp_path / "from-bucket", f"{remote}/web", f"{remote}/other.jsonl") == 0
+    assert "prepare web: up to date" in capsys.readouterr().err
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cached} == before
+
+    # a bucket path with nothing there is one line naming the domain
+    assert prepare(tmp_path / "x", f"{remote}/nothing-here", f"{remote}/other.jsonl") == 1
+    assert "domain 'web'" in capsys.readouterr().err
+
+
+def _manifest_sans_paths(path) -> bytes:
+    """A manifest with its inputs' paths (and the plan id hashed from them) left out: the same files, read from
+    two places."""
+    manifest = json.loads(path.read_text())
+    for entry in manifest["sources"]:
+        entry.pop("path")
+    manifest["options"].pop("plan")
+    return json.dumps(manifest, sort_keys=True).encode()
+
+
+def test_selection_refuses_bucket_inputs_in_one_line(tmp_path, capsys):
+    assert cli_main(["select", "signals", "gs://bucket/web/a.jsonl", "--out", str(tmp_path / "sig")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gs://bucket/web/a.jsonl: selection stages read input files on a local disk" in err
+    assert not (tmp_path / "sig").exists() and not os.path.exists(os.path.join(ROOT, "gs:"))

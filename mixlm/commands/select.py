@@ -356,6 +356,11 @@ class SelectFolderLockedError(SelectionError):
 def _job(args, *outs: str | None):
     """The engine the flags ask for, with the lock of each output folder held: a second job writing one of
     them is refused in one line."""
+    inputs = getattr(args, "inputs", None) or getattr(args, "input", None)
+    if inputs:  # missing, remote or unreadable inputs are refused before any output folder is made
+        from mixlm.selection.documents import resolve_inputs
+
+        resolve_inputs([inputs] if isinstance(inputs, str) else inputs)
     with contextlib.ExitStack() as stack:
         for out in outs:
             if out:

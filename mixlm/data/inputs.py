@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mixlm import storage
 from mixlm.errors import InputFileError, MalformedInputError, PrepareError
 
 MALFORMED_KINDS = ("invalid_json", "missing_field", "invalid_utf8", "empty")
@@ -79,6 +80,8 @@ def resolve_input(domain: str, spec: str, text_field: str) -> list[InputUnit]:
             f"domain {domain!r}: source {spec!r}: options {sorted(opts)} apply only to hf: / tfds: "
             "sources (a file source takes only text_field)"
         )
+    if storage.is_remote(location):
+        return _remote_units(domain, spec, location, field_name)
     path = Path(location)
     if path.is_file():
         return [InputUnit(file_kind(path), str(path), field_name)]
@@ -96,24 +99,45 @@ def resolve_input(domain: str, spec: str, text_field: str) -> list[InputUnit]:
     )
 
 
+def _remote_units(domain: str, spec: str, location: str, field_name: str) -> list[InputUnit]:
+    """The input units of a gs:// or s3:// file or folder (its objects sorted by name, hidden ones skipped)."""
+    storage.check_location(location, f"--domain {domain}")
+    if storage.is_file(location):
+        return [InputUnit(file_kind(location), location, field_name)]
+    names = sorted(n for n in storage.list_files(location) if not any(p.startswith(".") for p in n.split("/")))
+    if not names:
+        raise PrepareError(f"domain {domain!r}: source {location} is no object and no folder holding objects "
+                           f"(from --domain {domain}={spec})")
+    return [InputUnit(file_kind(n), storage.join(location, n), field_name) for n in names]
+
+
+def local_copy(path: str) -> str:
+    """`path` itself, or for a gs:// / s3:// input file its local copy (mixlm.storage.cached_copy: downloaded
+    once per machine into the cache, reused while the store reports it unchanged), which every reader opens."""
+    return os.fspath(storage.cached_copy(path)) if storage.is_remote(path) else path
+
+
 FileStats = dict  # {path: [size in bytes, mtime in ns, sha256 hex]}: digests known from an earlier run
 
 
 def file_digest(path: str | Path, known: FileStats | None = None) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of a file. With `known` (an earlier run's stats), a file whose size and
     modification time are unchanged keeps its recorded digest without being read; `known` gets this file's
-    current entry."""
+    current entry (under `path`). A gs:// / s3:// file is digested from its local copy (local_copy), whose
+    modification time stays as it is while the store reports the object unchanged."""
+    key = os.fspath(path)
+    local = local_copy(key)
     if known is not None:
-        st = os.stat(path)
-        entry = known.get(str(path))
+        st = os.stat(local)
+        entry = known.get(key)
         if entry is not None and entry[:2] == [st.st_size, st.st_mtime_ns]:
             return st.st_size, entry[2]
-        size, digest = file_digest(path)
-        known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+        size, digest = file_digest(local)
+        known[key] = [st.st_size, st.st_mtime_ns, digest]
         return size, digest
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open(local, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
@@ -185,7 +209,7 @@ class _ZstdFrames(io.RawIOBase):
     def __init__(self, path: str):
         import zstandard
 
-        self._file = open(path, "rb")  # noqa: SIM115 - open as long as the reader, closed by close()
+        self._file = open(local_copy(path), "rb")  # noqa: SIM115 - open as long as the reader, closed by close()
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = None  # the decompressobj of the frame being read, None between frames
         self._input = b""  # compressed bytes not yet given to a frame
@@ -223,10 +247,10 @@ def open_input(path: str) -> io.BufferedIOBase:
     raises EOFError; one with bad data gzip.BadGzipFile / zlib.error / zstandard.ZstdError (`iter_lines`
     turns these into one InputFileError)."""
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(local_copy(path), "rb")
     if path.endswith(".zst"):
         return io.BufferedReader(_ZstdFrames(path), buffer_size=1 << 16)
-    return open(path, "rb")
+    return open(local_copy(path), "rb")
 
 
 def _decompress_problem(path: str, error: Exception) -> str | None:
@@ -349,7 +373,7 @@ def iter_records(path: str, text_field: str, on_bad: OnBad, *, columns: Sequence
                 continue
             yield number, record, text
     else:
-        text, problem, detail = _text_problem(Path(path).read_bytes(), text_field)
+        text, problem, detail = _text_problem(Path(local_copy(path)).read_bytes(), text_field)
         if text is None:
             on_bad(problem, 1, detail.replace(f"field {text_field!r}", "the file"))
         else:
@@ -363,7 +387,7 @@ def parquet_file(path: str):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(local_copy(path))
     except (pa.ArrowException, OSError) as e:
         raise InputFileError(f"{path}: not a readable parquet file ({' '.join(str(e).split())}); a parquet "
                              "file that is cut short loses its footer: restore the whole file") from None
@@ -485,7 +509,7 @@ def count_documents(unit: InputUnit) -> int | None:
         return parquet_file(unit.location).metadata.num_rows
     if unit.kind == "jsonl" and not unit.location.endswith((".gz", ".zst")):
         lines, last = 0, b"\n"
-        with open(unit.location, "rb") as f:
+        with open(local_copy(unit.location), "rb") as f:
             while block := f.read(1 << 24):
                 lines, last = lines + block.count(b"\n"), block[-1:]
         return lines + (last != b"\n")

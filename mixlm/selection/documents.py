@@ -85,6 +85,11 @@ def read_texts(paths: Sequence[str | Path], text_field: str, limit: int | None =
 def resolve_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """The input shards as absolute paths; an error names the missing ones, one given twice, or one that is
     neither jsonl(.gz/.zst) nor parquet."""
+    remote = [str(p) for p in inputs if storage.is_remote(p)]
+    if remote:
+        raise SelectionError(f"{remote[0]}: selection stages read input files on a local disk (a shared file system "
+                             "on a cluster); `mixlm prepare` reads gs:// and s3:// directly: copy the files first, "
+                             "e.g. gcloud storage cp -r / aws s3 cp --recursive")
     paths = [Path(p).resolve() for p in inputs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
