@@ -83,25 +83,24 @@ def prepare(out: Path) -> dict:
 
 def train_or_read(base: Path, run_dir: Path, weights: dict[str, float], overrides: list[str], steps: int) -> dict:
     """The final per-domain validation losses of one run, training it unless it already finished."""
-    from mixlm.config import load_config
-    from mixlm.mixing.sweep import final_losses
-    from mixlm.train import train
+    import json
 
-    written = run_dir / "mixture.yaml"
+    from mixlm.proxies import PROXY_CONFIG, plan_proxy, run_proxies
+    from mixlm.run_config import load_run_config
+
+    written = run_dir / PROXY_CONFIG
     if written.is_file():
-        before = yaml.safe_load(written.read_text())
+        before = yaml.safe_load(written.read_text())["data"]["mixture"]
         if set(before) != set(weights) or any(abs(before[d] - weights[d]) > 1e-9 for d in weights):
             raise SystemExit(f"{run_dir} was trained on another mixture ({before}, now {weights}): a new fit "
                              "or sampler setting changed it; use another --out or delete that run folder")
-    done = final_losses(run_dir, steps)
-    if done is not None:
-        return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "mixture.yaml").write_text(yaml.safe_dump(weights, sort_keys=False))  # zeros stay: eval them too
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    cfg = load_config(str(base), [*overrides, f"data.mixture={run_dir / 'mixture.yaml'}",
-                                  f"train.output_dir={run_dir}", f"train.steps={steps}"])
-    return {k: v for k, v in train(cfg, log_fn=lambda _: None).eval.items() if k.startswith("val_loss")}
+    cfg = load_run_config(str(base), [*overrides, f"data.mixture={json.dumps(weights)}",  # zeros stay: eval them too
+                                      f"train.output_dir={run_dir}", f"train.steps={steps}"])
+    run = plan_proxy(0, weights, cfg)
+    outcome = run_proxies([run], parallel=0, log=lambda _: None)
+    if outcome.failed:
+        raise SystemExit(f"{run_dir}: {outcome.failed[0]}")
+    return {k: v for k, v in run.result()["eval"].items() if k.startswith("val_loss")}
 
 
 def run_seconds(run_dir: Path) -> float:
@@ -155,7 +154,7 @@ def main() -> None:
         write_mixture_yaml,
     )
     from mixlm.mixing.stats import pearson, spearman
-    from mixlm.mixing.sweep import done_indices, plan_sweep, run_sweep
+    from mixlm.sweep import plan_sweep, run_sweep
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +185,8 @@ def main() -> None:
 
     # 2. sweep: in this process, one proxy after another (resumes: finished runs are skipped)
     runs = plan_sweep(str(base), table, out / "sweep")
-    before = len(done_indices(out / "sweep") & {r.index for r in runs})
-    run_sweep(runs, out / "sweep", domains, steps=args.proxy_steps, parallel=0)
+    before = sum(r.result() is not None for r in runs)
+    run_sweep(runs, out / "sweep", domains, parallel=0)
     trained = len(runs) - before
     sweep_secs = [run_seconds(r.run_dir) for r in runs]
     results = read_csv(out / "sweep" / "results.csv")

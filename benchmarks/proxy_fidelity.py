@@ -57,7 +57,7 @@ def main() -> None:
     from mixlm.data.demo_corpus import GENERATORS
     from mixlm.data.tokenizer import load_tokenizer_spec
     from mixlm.mixing import load_prior, mixtures_table, sample_mixtures, write_csv
-    from mixlm.mixing.sweep import plan_sweep, run_sweep
+    from mixlm.sweep import plan_sweep, run_sweep
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def main() -> None:
                                        sort_keys=False))
         t0 = time.perf_counter()
         runs = plan_sweep(str(base), table, out / f"sweep_{name}")
-        run_sweep(runs, out / f"sweep_{name}", domains, steps=steps, parallel=0)
+        run_sweep(runs, out / f"sweep_{name}", domains, parallel=0)
         seconds[name] = (time.perf_counter() - t0, sum(run_seconds(r.run_dir) for r in runs))
         sweeps[name] = out / f"sweep_{name}"
     if args.sweep_only:

@@ -4,7 +4,7 @@
                                                     compilation cache shared by the sweep's processes)
     sequential          mixlm sweep --parallel 0   (one process, proxies one after another; the compiled step
                                                     is reused, mixlm.train.build_setup's cache)
-    swarm of K          mixlm sweep --swarm K      (K proxies in one jitted step, mixlm.swarm), K = 4, 8, 16, 32, 64
+    swarm of K          mixlm sweep --swarm K      (K proxies in one jitted step, mixlm.train with K members), K = 4, 8, 16, 32, 64
 
 Each way is one `mixlm sweep` command in a fresh process on the demo corpus (mixlm.data.demo_corpus), timed from
 start to exit (start-up, data set-up, compilation, training, validation, results.csv), on one CPU device (the

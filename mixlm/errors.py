@@ -6,7 +6,8 @@ this table (`mixlm.cli` does so for any the verb did not handle itself: never a 
     1  an input file that cannot be read as asked (PrepareError: cut short, corrupt, malformed in strict mode)
     2  usage or config: a bad flag, key or value; another run holds the folder; another config in the folder;
        an export or evaluation asked of something that cannot give it (ExportError, EvalError)
-    3  training stopped on a non-finite loss
+    3  training stopped on a non-finite loss; a sweep whose proxy runs failed, or that stopped before its last
+       run (SweepIncompleteError: rerun the same command to resume it)
     4  no usable checkpoint, or one (or the metrics log) that cannot be written
     5  prepared data: a corrupt or exhausted shard
 """
@@ -66,6 +67,19 @@ class NonFiniteLossError(RuntimeError):
     """A loss, gradient or parameter norm became NaN or infinite; nothing was saved after it."""
 
 
+class SweepIncompleteError(RuntimeError):
+    """A proxy sweep (or Meta-rater's proxies) ended without every run finished; the message says which and
+    what to do."""
+
+
+class ProxyRunsFailedError(SweepIncompleteError):
+    """Proxy runs failed (a non-finite loss, a worker that exited with an error); the others are recorded."""
+
+
+class SweepStoppedError(SweepIncompleteError):
+    """A signal stopped the sweep after a checkpoint of the run or swarm it was training."""
+
+
 class ExportError(RuntimeError):
     """A checkpoint or model folder that cannot be exported / imported as asked."""
 
@@ -81,6 +95,7 @@ _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ExportError, 2),
     (EvalError, 2),
     (NonFiniteLossError, 3),
+    (SweepIncompleteError, 3),
     (CheckpointError, 4),
     (DataError, 5),
     (PrepareError, 1),

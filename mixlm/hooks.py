@@ -2,14 +2,16 @@
 
     train(cfg)                                                  # default_hooks(cfg): what the config asks for
     train(cfg, hooks=default_hooks(cfg, MixtureUpdateHook(every=100, update=my_rule)))   # e.g. online mixing
+    train(member_cfgs, "runs/swarm")                            # a swarm: the same hooks, per member
 
 After each optimizer step the loop calls `hook.after_step(run, step)` for every hook with
 `hook.due(run, step)`, in list order, and `hook.at_end(run)` once when the run reaches train.steps (not
 when it stops early on a signal). A hook reads and changes the run through `Run`: `run.state` (the live
-TrainState), `run.source` (the data source), `run.checkpoints`, `run.log_values(...)`, `run.stop(reason)`.
-Hooks that need the previous step's metrics on the host (everything that saves, evaluates or looks at the
-loss) call `run.flush()` first; the loop otherwise reads step metrics one step late so the host never waits
-for the device.
+TrainState, with a leading member axis in a swarm), `run.sources` (this process's members' data sources),
+`run.checkpoints`, `run.log_values(...)`, `run.stop(reason)`. Every value a hook reports is per member: a list
+with one dict per member (a single run: one). Hooks that need the previous step's metrics on the host
+(everything that saves, evaluates or looks at the loss) call `run.flush()` first; the loop otherwise reads
+step metrics one step late so the host never waits for the device.
 
 Order matters and `default_hooks` gets it right: evaluation before the checkpoint of the same step, the
 preemption check before the checkpoint hook (which then saves the step and stops the run).
@@ -18,104 +20,65 @@ preemption check before the checkpoint hook (which then saves the step and stops
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from collections.abc import Callable, Collection
-from pathlib import Path
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-import jax
-
+from mixlm import collectives
 from mixlm.checkpoint import run_metadata
 from mixlm.config import ExperimentConfig
+from mixlm.errors import ConfigError, NonFiniteLossError
+from mixlm.members import member_slice, swarm_data_state
 from mixlm.preemption import PreemptionGuard
-from mixlm.sharding import to_global_batch
+from mixlm.run_dir import RunDir
+from mixlm.step_meter import StepMeter
 
-
-class NonFiniteLossError(RuntimeError):
-    """A loss, gradient or parameter norm became NaN or infinite; nothing was saved after it."""
-
-
-def host_metrics(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-# Metrics of a step that must be finite, and what to try when one is not.
-GUARDED_METRICS = ("loss", "log_z_sq", "grad_norm", "param_norm", "update_norm")
-
-
-class StepMeter:
-    """Per-step metrics: read one step late (so dispatching step n+1 overlaps with reading step n), checked
-    for NaN/inf, turned into throughput and MFU every `logging.every` steps and written to the metrics log."""
-
-    def __init__(self, cfg: ExperimentConfig, log, *, start_step: int, flops_per_token: float, peak: float,
-                 num_devices: int, tokens_before: int = 0):
-        self.cfg, self.log, self.start_step = cfg, log, start_step
-        self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
-        self.history: list[dict] = []  # one metrics dict per logged step
-        self.last: dict[str, float] = {}  # the newest step's metrics read to the host
-        self.tokens_total = float(tokens_before)  # loss tokens of every step so far, also before a resume
-        self._pending = None  # (step, device metrics) not yet read
-        self._window_start, self._window_tokens = time.perf_counter(), 0.0
-
-    def record(self, step: int, metrics_dev: dict) -> None:
-        """Takes the device metrics of `step` and reads those of the step before."""
-        self.flush()
-        self._pending = (step, metrics_dev)
-        if step == self.start_step + 1:  # the first step's time went to compilation, not throughput
-            jax.block_until_ready(metrics_dev)
-            self._window_start, self._window_tokens = time.perf_counter(), 0.0
-
-    def flush(self) -> None:
-        """Reads the pending step's metrics now (raises NonFiniteLossError on a NaN/inf)."""
-        if self._pending is not None:
-            step, metrics_dev = self._pending
-            self._pending = None
-            self._finish(step, host_metrics(metrics_dev))
-
-    def _finish(self, step: int, m: dict[str, float]) -> None:
-        bad = [k for k in GUARDED_METRICS if k in m and not math.isfinite(m[k])]
-        if bad:
-            raise NonFiniteLossError(
-                f"{', '.join(f'{k} is {m[k]}' for k in bad)} at step {step}: stopping; nothing was saved after "
-                "the last good checkpoint. Lower optimizer.lr, raise schedule.warmup_steps, or set train.z_loss."
-            )
-        self.tokens_total += m["tokens_step"]
-        m["tokens_total"] = self.tokens_total
-        self.last = {"step": step, **m}
-        if step != self.start_step + 1:
-            self._window_tokens += m["tokens_step"]
-        self.log.advance()
-        if step % self.cfg.logging.every == 0 or step == self.cfg.train.steps:
-            now = time.perf_counter()
-            tokens_per_s = self._window_tokens / max(now - self._window_start, 1e-9)
-            m["tokens_per_s"] = tokens_per_s
-            m["mfu"] = tokens_per_s * self.flops_per_token / (self.peak * self.num_devices) if self.peak else 0.0
-            self.history.append({"step": step, **m})
-            self.log.write(step, m)
-            self._window_start, self._window_tokens = now, 0.0
+__all__ = ["CheckpointHook", "EvalHook", "Hook", "LiveTasksHook", "MixtureStats", "MixtureUpdateHook",
+           "NonFiniteLossError", "PreemptionHook", "Run", "StepMeter", "StopAtStep", "ValidationLossHook", "default_hooks",
+           "evaluate", "evaluate_members"]
 
 
 @dataclasses.dataclass
 class Run:
-    """What hooks see and change: the live state and the run's services."""
+    """What hooks see and change: the live state and the run's services. A run trains `members` members (a
+    single run: 1); per-member lists are indexed by member, and this process feeds `local` of them."""
 
-    cfg: ExperimentConfig
-    setup: Any  # mixlm.train.TrainSetup
-    source: Any  # the data source (mixlm.data)
+    cfg: ExperimentConfig  # the shared config (a swarm: member 0's, with the swarm's folder as output_dir)
+    cfgs: list[ExperimentConfig]  # every member's own config (a single run: [cfg])
+    setup: Any  # mixlm.setup.TrainSetup
+    sources: list  # this process's members' data sources, in `local` order
     checkpoints: Any  # mixlm.checkpoint.RunCheckpoints
-    log: Any  # mixlm.metrics.MetricsLog
+    logs: dict  # member -> its mixlm.metrics.MetricsLog (this process's members)
+    progress: Any  # the MetricsLog whose bar shows the steps (a single run: its own log)
     say: Callable[[str], None]
     meter: StepMeter
-    state: Any  # mixlm.train.TrainState
-    out_dir: Path
+    state: Any  # mixlm.train_step.TrainState
+    run_dir: RunDir  # the run's folder (a swarm: the swarm's folder, with its checkpoints)
     step: int = 0
-    latest_eval: dict[str, float] = dataclasses.field(default_factory=dict)  # newest value of every eval key
-    final_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    alive: Any = None  # a swarm: the [K] device mask of the members still training
+    failed: dict[int, dict] = dataclasses.field(default_factory=dict)  # member -> {'step', 'reason'}
+    latest_eval: list[dict[str, float]] = dataclasses.field(default_factory=list)  # newest value of every eval key
+    final_eval: list[dict[str, float]] = dataclasses.field(default_factory=list)
     stop_reason: str = ""  # set by run.stop(): the loop ends after this step's hooks
     preempted_at: int | None = None
-    already_finished: bool = False  # resumed at train.steps: a rerun of a finished run (nothing to train)
-    logged_at_end: dict = dataclasses.field(default_factory=dict)  # then: metrics.jsonl's values at that step
+    resumed_at_end: bool = False  # resumed at train.steps: the end was reached before, its outputs maybe not
+    logged_at_end: list[dict] = dataclasses.field(default_factory=list)  # then: each metrics.jsonl's row there
+
+    @property
+    def members(self) -> int:
+        return len(self.cfgs)
+
+    @property
+    def local(self) -> list[int]:
+        return self.setup.local_members
+
+    @property
+    def training(self) -> list[tuple[int, Any]]:
+        """(member, its source) for this process's members that have not failed."""
+        return [(m, src) for m, src in zip(self.local, self.sources) if m not in self.failed]
+
+    def member_params(self, m: int):
+        """Member m's params: the live (sharded) params of a single run, a swarm member's as host arrays."""
+        return self.state.params if self.members == 1 else member_slice(self.state.params, m)
 
     def flush(self) -> None:
         self.meter.flush()
@@ -123,12 +86,37 @@ class Run:
     def stop(self, reason: str) -> None:
         self.stop_reason = reason
 
-    def log_values(self, step: int, label: str, values: dict[str, float]) -> None:
-        """Writes eval-like values to the metrics log and prints them as one line."""
-        if values:
-            self.latest_eval.update(values)
-            self.log.write(step, values)
-            self.say(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    def log_values(self, step: int, label: str, values: Sequence[dict[str, float]]) -> None:
+        """Writes eval-like values (one dict per member) to each member's metrics log and prints them as one
+        line (a swarm: the range over its members)."""
+        shown = [values[m] for m, _ in self.training if values[m]]
+        if not shown:
+            return
+        for m, _ in self.training:
+            self.latest_eval[m].update(values[m])
+            self.logs[m].write(step, values[m])
+        if self.members == 1:
+            self.say(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown[0].items()))
+            return
+        key = "val_loss" if "val_loss" in shown[0] else next(iter(shown[0]))
+        numbers = [v[key] for v in shown if key in v]
+        self.say(f"{label}: {key} {min(numbers):.4f}..{max(numbers):.4f} over {len(shown)} members")
+
+    def checkpoint_items(self, step: int) -> tuple[dict, dict]:
+        """(data state, meta) of a checkpoint of `step`: a single run's source state, or the swarm's
+        (mixlm.members.swarm_data_state: every member's, gathered from their processes)."""
+        if self.members == 1:
+            source = self.sources[0]
+            return source.get_state(), run_metadata(self.cfg, step, tokens_seen=source.tokens_seen(),
+                                                    mesh=self.setup.mesh)
+        mine = {m: {"state": s.get_state(), "tokens": s.tokens_seen()} for m, s in zip(self.local, self.sources)}
+        every = collectives.gather_members(mine)
+        tokens = [every[m]["tokens"] for m in range(self.members)]
+        meta = run_metadata(self.cfg, step, tokens_seen={d: sum(t.get(d, 0) for t in tokens) for d in tokens[0]},
+                            mesh=self.setup.mesh)
+        meta["members"] = [{"output_dir": c.train.output_dir, "tokens_seen": t} for c, t in zip(self.cfgs, tokens)]
+        failed = collectives.gather_members(self.failed)
+        return swarm_data_state(self.cfgs, {m: every[m]["state"] for m in every}, failed), meta
 
 
 class Hook:
@@ -149,28 +137,48 @@ class Hook:
         pass
 
 
-def evaluate(
-    setup, params: dict, eval_batches: dict[str, list[dict]], eval_only: Collection[str] = ()
-) -> dict[str, float]:
-    """Mean validation loss per domain (`val_loss/<domain>`) and the token-weighted total (`val_loss`)
-    over the trained domains: `eval_only` ones (eval.domains, e.g. a target) are reported, not totalled."""
-    out, total_nll, total_tokens = {}, 0.0, 0.0
-    for domain, batches in eval_batches.items():
-        nll, tokens = 0.0, 0.0
-        for host_batch in batches:
-            s, n = setup.eval_step(params, to_global_batch(host_batch, setup.layout))
-            nll, tokens = nll + float(s), tokens + float(n)
-        out[f"val_loss/{domain}"] = nll / max(tokens, 1.0)
-        if domain not in eval_only:
-            total_nll, total_tokens = total_nll + nll, total_tokens + tokens
-    out["val_loss"] = total_nll / max(total_tokens, 1.0)
-    return out
+def evaluate_members(setup, params, member_batches: Sequence[dict[str, list[dict]]],
+                     eval_only: Collection[str] = ()) -> list[dict[str, float]]:
+    """Mean validation loss per domain (`val_loss/<domain>`) and the token-weighted total (`val_loss`) over the
+    trained domains, per member: `eval_only` ones (eval.domains, e.g. a target) are reported, not totalled.
+    `member_batches`: this process's members' {domain: [host batch, ...]} (setup.local_members order), all
+    with the same domains and batch counts; the members of other processes get {}."""
+    first = member_batches[0]
+    for k, batches in enumerate(member_batches[1:], start=1):
+        if {d: len(b) for d, b in batches.items()} != {d: len(b) for d, b in first.items()}:
+            raise ConfigError(f"swarm member {setup.local_members[k]} has other validation domains or batch counts "
+                              f"than member {setup.local_members[0]}; members must read the same prepared domains")
+    k = setup.members
+    out = [{} for _ in range(k)]
+    total_nll, total_tokens = [0.0] * k, [0.0] * k
+    for domain in first:
+        nll, tokens = [0.0] * k, [0.0] * k
+        for j in range(len(first[domain])):
+            batch = setup.put_batch([b[domain][j] for b in member_batches])
+            s_K, n_K = (v.reshape(-1) for v in collectives.host_view(setup.eval_step(params, batch)))
+            nll = [a + float(b) for a, b in zip(nll, s_K)]
+            tokens = [a + float(b) for a, b in zip(tokens, n_K)]
+        for m in range(k):
+            out[m][f"val_loss/{domain}"] = nll[m] / max(tokens[m], 1.0)
+            if domain not in eval_only:
+                total_nll[m], total_tokens[m] = total_nll[m] + nll[m], total_tokens[m] + tokens[m]
+    for m in range(k):
+        out[m]["val_loss"] = total_nll[m] / max(total_tokens[m], 1.0)
+    local = set(setup.local_members)
+    return [values if m in local else {} for m, values in enumerate(out)]
+
+
+def evaluate(setup, params: dict, eval_batches: dict[str, list[dict]],
+             eval_only: Collection[str] = ()) -> dict[str, float]:
+    """evaluate_members for a single run: its {'val_loss/<domain>': ..., 'val_loss': ...}."""
+    return evaluate_members(setup, params, [eval_batches], eval_only)[0]
 
 
 class EvalHook(Hook):
-    """Values about the live model (`values(run)`) every `every` steps and once at the end (so not again on
-    the last step), logged as one line each; the end's values are the run's final eval. In a rerun of a
-    finished run whose metrics.jsonl already has them (keys starting with `keys`), they are read, not redone."""
+    """Values about the live model (`values(run)`: one dict per member) every `every` steps and once at the end
+    (so not again on the last step), logged as one line each; the end's values are the run's final eval. In a
+    run resumed at its end whose metrics.jsonl files already have them (keys starting with `keys`), they are
+    read, not redone."""
 
     name = "eval"  # the log line's label: "step N <name>" / "final <name>"
     keys: tuple[str, ...] = ()  # the prefixes of the keys `values` returns
@@ -181,25 +189,29 @@ class EvalHook(Hook):
     def due(self, run: Run, step: int) -> bool:
         return super().due(run, step) and step != run.cfg.train.steps
 
-    def values(self, run: Run) -> dict[str, float]:
+    def values(self, run: Run) -> list[dict[str, float]]:
         raise NotImplementedError
 
     def after_step(self, run: Run, step: int) -> None:
         run.log_values(step, f"step {step} {self.name}", self.values(run))
 
     def at_end(self, run: Run) -> None:
-        logged = {k: v for k, v in run.logged_at_end.items() if self.keys and k.startswith(self.keys)}
-        if run.already_finished and logged:  # written before: never a second row for the same step
-            run.final_eval.update(logged)
+        logged = [{k: v for k, v in row.items() if self.keys and k.startswith(self.keys)} for row in run.logged_at_end]
+        # every process takes the same branch: evaluating is a collective
+        if collectives.all_processes(run.resumed_at_end and all(logged[m] for m, _ in run.training)):
+            for m, _ in run.training:  # written before: never a second row for the same step
+                run.final_eval[m].update(logged[m])
             return
         values = self.values(run)
-        run.final_eval.update(values)
-        run.log_values(run.cfg.train.steps, f"final {self.name}", values)
+        for m, _ in run.training:
+            run.final_eval[m].update(logged[m] or values[m])
+        fresh = [{} if logged[m] else v for m, v in enumerate(values)]  # a member's logged values stay its only row
+        run.log_values(run.cfg.train.steps, f"final {self.name}", fresh)
 
 
 class ValidationLossHook(EvalHook):
     """Per-domain validation loss (`val_loss/<domain>`, and `val_loss` over the trained domains) on `batches`
-    held-out batches per domain."""
+    held-out batches per domain, for every member."""
 
     name = "eval"
     keys = ("val_loss",)
@@ -209,25 +221,29 @@ class ValidationLossHook(EvalHook):
         self.batches = batches
         self._eval_batches = None
 
-    def values(self, run: Run) -> dict[str, float]:
+    def values(self, run: Run) -> list[dict[str, float]]:
         run.flush()
-        self._eval_batches = self._eval_batches or run.source.eval_batches(self.batches)
-        eval_only = [d.name for d in getattr(run.source, "eval_only", ())]
-        return evaluate(run.setup, run.state.params, self._eval_batches, eval_only)
+        self._eval_batches = self._eval_batches or [src.eval_batches(self.batches) for src in run.sources]
+        eval_only = [d.name for d in getattr(run.sources[0], "eval_only", ())]
+        return evaluate_members(run.setup, run.state.params, self._eval_batches, eval_only)
 
 
 class LiveTasksHook(EvalHook):
-    """lm-eval tasks (eval.tasks) scored on the live model, no export."""
+    """lm-eval tasks (eval.tasks) scored on the live model, no export; in a swarm each member on its own
+    params, by the process that owns it."""
 
     name = "tasks"
     keys = ("lm_eval/",)
 
-    def values(self, run: Run) -> dict[str, float]:
+    def values(self, run: Run) -> list[dict[str, float]]:
         # lm-eval is heavy: imported only by runs that score tasks.
         from mixlm.eval.live import run_tasks_on_live_model
 
         run.flush()
-        return run_tasks_on_live_model(run.cfg, run.setup.graphdef, run.state.params)
+        out: list[dict[str, float]] = [{} for _ in range(run.members)]
+        for m, _ in run.training:
+            out[m] = run_tasks_on_live_model(run.cfgs[m], run.setup.graphdef, run.member_params(m))
+        return out
 
 
 class PreemptionHook(Hook):
@@ -251,6 +267,20 @@ class PreemptionHook(Hook):
             self._guard.uninstall()
 
 
+class StopAtStep(Hook):
+    """Stops the run after `step` (on every process alike), as SIGTERM would: the checkpoint hook after it saves
+    that step, and a rerun resumes from there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def due(self, run: Run, step: int) -> bool:
+        return step == self.step
+
+    def after_step(self, run: Run, step: int) -> None:
+        run.stop(f"a stop at step {step}")
+
+
 class CheckpointHook(Hook):
     """Saves state, data position and metadata on checkpoint.every / at the end (checkpoint.save_at_end), and
     the current step when the run is stopping (then waits for the save to commit)."""
@@ -259,48 +289,58 @@ class CheckpointHook(Hook):
         return bool(run.stop_reason) or run.checkpoints.should_save(step, run.cfg.train.steps)
 
     def after_step(self, run: Run, step: int) -> None:
-        run.flush()  # never checkpoint past a non-finite value
-        run.checkpoints.save(step, run.state, data_state=run.source.get_state(),
-                             meta=run_metadata(run.cfg, step, tokens_seen=run.source.tokens_seen(),
-                                               mesh=run.setup.mesh))
+        run.flush()  # never checkpoint past a non-finite value (a swarm: its failures of this step are known)
+        data_state, meta = run.checkpoint_items(step)
+        run.checkpoints.save(step, run.state, data_state=data_state, meta=meta)
+        for member_log in run.logs.values():  # an object store's buffered metrics rows: none before a
+            member_log.flush()  # checkpoint is ever lost
         if run.stop_reason:
             run.checkpoints.wait()
             run.preempted_at = step
             run.say(f"stopped by {run.stop_reason} after step {step}: checkpoint saved in "
-                    f"{run.checkpoints.directory / str(step)}; rerun the same command to resume")
+                    f"{run.checkpoints.shown(step)}; rerun the same command to resume")
 
 
 @dataclasses.dataclass(frozen=True)
 class MixtureStats:
     """What a mixture update sees: the step, the weights in force, the loss tokens each domain has given so
-    far, the newest per-domain validation losses (empty before the first eval) and this step's train loss."""
+    far, the newest per-domain validation losses (empty before the first eval), this step's train loss, and
+    which member of a swarm it is about (a single run: 0)."""
 
     step: int
     weights: dict[str, float]
     tokens_seen: dict[str, int]
     val_loss: dict[str, float]
     train_loss: float | None
+    member: int = 0
 
 
 class MixtureUpdateHook(Hook):
-    """Every `every` steps: `update(MixtureStats) -> {domain: weight} | None`; new weights apply from the next
-    step on (the source records them in its state, so a resumed run replays the same schedule). Pass it
-    through `default_hooks(cfg, hook)`: after validation (it sees this step's losses), before the checkpoint."""
+    """Every `every` steps: `update(MixtureStats) -> {domain: weight} | None`, once per member with that
+    member's own statistics; new weights apply to that member's source from the next step on (the source
+    records them in its state, so a resumed run replays the same schedule). Pass it through
+    `default_hooks(cfg, hook)`: after validation (it sees this step's losses), before the checkpoint."""
 
     def __init__(self, every: int, update: Callable[[MixtureStats], dict[str, float] | None]):
         self.every, self.update = every, update
 
     def after_step(self, run: Run, step: int) -> None:
         run.flush()
-        val = {k.split("/", 1)[1]: v for k, v in run.latest_eval.items() if k.startswith("val_loss/")}
-        stats = MixtureStats(step=step, weights=dict(run.source.current_weights()),
-                             tokens_seen=run.source.tokens_seen(), val_loss=val,
-                             train_loss=run.meter.last.get("loss"))
-        weights = self.update(stats)
-        if weights is not None:
-            run.source.set_weights(weights)
+        changed = []
+        for m, source in run.training:
+            val = {k.split("/", 1)[1]: v for k, v in run.latest_eval[m].items() if k.startswith("val_loss/")}
+            stats = MixtureStats(step=step, weights=dict(source.current_weights()),
+                                 tokens_seen=source.tokens_seen(), val_loss=val,
+                                 train_loss=run.meter.last[m].get("loss"), member=m)
+            weights = self.update(stats)
+            if weights is not None:
+                source.set_weights(weights)
+                changed.append(source)
+        if run.members == 1 and changed:
             run.say(f"step {step}: mixture now " + ", ".join(f"{d} {w:.4f}" for d, w in
-                                                             run.source.current_weights().items()))
+                                                             changed[0].current_weights().items()))
+        elif changed:
+            run.say(f"step {step}: mixture updated in {len(changed)} of {len(run.training)} members")
 
 
 def default_hooks(cfg: ExperimentConfig, *extra: Hook) -> list[Hook]:

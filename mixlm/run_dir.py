@@ -98,7 +98,7 @@ class RunDir:
     def read_metrics(self) -> MetricsRows:
         """metrics.jsonl parsed (no file: no rows). Lines that are not JSON objects with a step are skipped;
         one in the middle of the file (not a torn last line) is also warned about, once per read."""
-        if not self.metrics_file.exists():
+        if not storage.is_file(self.metrics_file):  # never read a device (metrics.jsonl -> /dev/full)
             return MetricsRows([])
         parsed = parse_metrics(self.metrics_file.read_text())
         if parsed.bad_lines:
@@ -119,8 +119,9 @@ class RunDir:
 
     def trim_metrics(self, last_step: int) -> None:
         """Keeps the rows up to `last_step` (and drops a torn last line), so that a resumed run continues the
-        file instead of repeating the steps it redoes. Call it on the writing process only."""
-        if not self.metrics_file.exists():
+        file instead of repeating the steps it redoes. Call it on the writing process only. A log that is not a
+        regular file (a pipe, a device such as /dev/full) is left alone: it cannot be rewritten, only appended to."""
+        if not storage.is_file(self.metrics_file):
             return
         kept = []
         for line in self.metrics_file.read_text().splitlines():

@@ -1,233 +1,95 @@
-"""Train state, one jitted train step, the eval step, and the loop (its features are mixlm.hooks).
+"""The training loop: one config (a run) or K member configs (a swarm, trained together in one jitted step),
+with its features as hooks (mixlm.hooks).
 
-The state is a pytree of plain arrays (step, params as a nested dict, optax state) so that jit,
-sharding and Orbax see ordinary values; the NNX module is rebuilt from (graphdef, params) inside the
-step. Each parameter is sharded by its logical axes (mixlm.sharding) and the state is initialised
-directly into those shardings (never materialised on one device).
+    result = train(cfg)                                   # a run in cfg.train.output_dir
+    result = train(member_cfgs, "runs/sweep/swarms/0001-0004")   # K members, each in its own output_dir
+
+The programs come from mixlm.setup.build_setup (the step and its state live in mixlm.train_step); a swarm's
+members share everything but mixlm.members.MEMBER_KEYS (their mixture, data seed, train seed and folder). Every
+member writes its own run folder (mixlm.run_dir.RunDir): config.yaml, metrics.jsonl and, once it reached
+train.steps and its final evaluation is logged, result.json; a swarm member that goes non-finite is marked
+failed (result.json status 'failed') while the others go on. A single run keeps its checkpoints in its own
+folder; a swarm's (the stacked state, and every member's data state) go to the swarm's folder, which also holds
+its config.yaml and shows its progress bar.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-import flax.struct
 import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
 
-from mixlm import models
-from mixlm.checkpoint import (
-    CheckpointError,
-    RunCheckpoints,
-    checkpoint_dir,
-    resolve_step_dir,
-    restore_params,
-)
-from mixlm.config import ExperimentConfig, save_config, validate_for_mesh
+from mixlm import collectives, storage
+from mixlm.checkpoint import CheckpointError, RunCheckpoints, checkpoint_dir, resolve_step_dir, restore_params
+from mixlm.checkpoint.metadata import check_resume_config
+from mixlm.config import ExperimentConfig, load_yaml, save_config, validate_for_mesh
 from mixlm.data import make_train_source
-from mixlm.errors import os_reason
-from mixlm.hooks import Hook, NonFiniteLossError, Run, StepMeter, default_hooks, evaluate
+from mixlm.errors import NonFiniteLossError, os_reason
+from mixlm.hooks import Hook, Run, StepMeter, default_hooks, evaluate
+from mixlm.members import check_members, member_mesh, member_rules, member_source, restore_swarm_data
 from mixlm.metrics import MetricsLog, peak_flops_per_device
-from mixlm.models import forward
 from mixlm.models.forward import token_losses
-from mixlm.optim import make_optimizer
 from mixlm.run_dir import RunDir
-from mixlm.sharding import DEFAULT_RULES, AxisRules, Layout, make_mesh, to_global_batch
+from mixlm.setup import TrainSetup, build_setup, program_key
+from mixlm.sharding import DEFAULT_RULES, Layout, make_mesh, to_global_batch
+from mixlm.train_step import TrainState, batch_sums
 
-__all__ = ["NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums", "build_setup", "evaluate",
-           "program_key", "token_losses", "train"]
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict
-    opt_state: Any
-
-
-def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None):
-    """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
-    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
-    logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout)
-    nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
-    mask_BxL = batch["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum(nll_BxL * mask_BxL)
-    z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
-    return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask_BxL))
-
-
-def split_microbatches(batch: dict, k: int) -> dict:
-    """[k*b, ...] → [k, b, ...], micro-batch i = rows i, i+k, i+2k, ...: every device keeps its own rows."""
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, vocab_size: int, z_loss: float,
-                    grad_accum_steps: int, layout: Layout | None = None) -> Callable:
-    """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch."""
-    grad_fn = jax.value_and_grad(
-        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss, layout=layout), has_aux=True
-    )
-
-    def train_step(state: TrainState, batch: dict):
-        if grad_accum_steps == 1:
-            (_, (nll_sum, z_sum, tokens)), grad_sums = grad_fn(state.params, batch)
-        else:
-            def micro_step(carry, micro):
-                acc_grads, acc = carry
-                (_, aux), g = grad_fn(state.params, micro)
-                return (jax.tree.map(jnp.add, acc_grads, g), jax.tree.map(jnp.add, acc, aux)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
-            (grad_sums, (nll_sum, z_sum, tokens)), _ = jax.lax.scan(
-                micro_step, init, split_microbatches(batch, grad_accum_steps)
-            )
-        n = jnp.maximum(tokens, 1.0)
-        grads = jax.tree.map(lambda g: g / n, grad_sums)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": nll_sum / n,
-            "log_z_sq": z_sum / n,  # mean log(Z)^2: the z-loss statistic (penalised only with train.z_loss > 0)
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
-            "update_norm": optax.tree.norm(updates),
-            "lr": schedule(state.step),
-            "tokens_step": tokens,  # loss tokens of this step (the meter adds tokens_total, cumulative)
-        }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
-
-
-def make_eval_step(graphdef, *, vocab_size: int, layout: Layout | None = None) -> Callable:
-    """eval_step(params, batch) -> (nll_sum, tokens)."""
-
-    def eval_step(params, batch):
-        _, (nll_sum, _, tokens) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0,
-                                             layout=layout)
-        return nll_sum, tokens
-
-    return eval_step
+__all__ = ["MemberResult", "NonFiniteLossError", "TrainResult", "TrainSetup", "TrainState", "batch_sums",
+           "build_setup", "evaluate", "program_key", "to_global_batch", "token_losses", "train"]
 
 
 @dataclasses.dataclass
-class TrainSetup:
-    """Everything derived from a config and a mesh, before any array is allocated."""
+class MemberResult:
+    """What one member (a single run: the run) reached: its logged rows (this process's members only), final
+    evaluation, last train loss, and {'step', 'reason'} when it failed."""
 
-    cfg: ExperimentConfig
-    layout: Layout  # the mesh and the rule table
-    graphdef: Any
-    logical_axes: dict
-    tx: optax.GradientTransformation
-    schedule: Callable
-    abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings
-    state_shardings: TrainState
-    init_state: Callable  # jitted: key -> TrainState, born sharded
-    train_step: Callable  # jitted, donates the state
-    eval_step: Callable
-    # The same three functions before jit, for programs built around them (mixlm.swarm maps them over members).
-    init_fn: Callable | None = None  # key -> TrainState
-    step_fn: Callable | None = None  # (state, batch) -> (state, metrics)
-    eval_fn: Callable | None = None  # (params, batch) -> (nll_sum, tokens)
+    out_dir: str
+    history: list[dict] = dataclasses.field(default_factory=list)
+    eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    loss: float | None = None
+    failed: dict | None = None
 
-    @property
-    def mesh(self) -> jax.sharding.Mesh:
-        return self.layout.mesh
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState | None  # None when the run had finished before (nothing was restored)
+    step: int
+    members: list[MemberResult]
+    preempted_at: int | None = None  # the step saved before stopping on SIGTERM/SIGINT (or a hook), else None
+    # The run had finished before (its result.json says so): nothing was trained, restored or written.
+    already_finished: bool = False
 
     @property
-    def flops_per_token(self) -> float:
-        return models.flops_per_token(self.cfg.model, self.cfg.data.seq_len, causal=True)
+    def history(self) -> list[dict]:
+        """A single run's logged rows (one metrics dict per logged step)."""
+        return self.members[0].history
+
+    @property
+    def eval(self) -> dict[str, float]:
+        """A single run's final evaluation."""
+        return self.members[0].eval
+
+    @property
+    def out_dir(self) -> str:
+        return self.members[0].out_dir
+
+    @property
+    def failed(self) -> dict[int, dict]:
+        """The failed members of a swarm: member -> {'step', 'reason'}."""
+        return {m: r.failed for m, r in enumerate(self.members) if r.failed}
 
 
-# Config keys that never reach the compiled programs: runs that differ only in these share one TrainSetup.
-PROGRAM_FREE_SECTIONS = ("data", "eval", "logging", "checkpoint")
-PROGRAM_FREE_TRAIN_KEYS = ("seed", "output_dir", "heartbeat_timeout_s")
-SETUP_CACHE_SIZE = 8
-_setup_cache: collections.OrderedDict = collections.OrderedDict()
+def swarm_config(cfgs: Sequence[ExperimentConfig], swarm_dir) -> ExperimentConfig:
+    """Member 0's config with the swarm's folder: what the swarm's checkpoints are checked against."""
+    return cfgs[0].replace(train=dataclasses.replace(cfgs[0].train, output_dir=str(swarm_dir)))
 
 
-def program_key(cfg: ExperimentConfig) -> str:
-    """The parts of `cfg` that change build_setup's jitted programs (model, optimizer, schedule, mesh, the
-    train keys other than seed / output_dir): proxies of a sweep, which differ in mixture, seed and output
-    folder, have one key. Batch shapes are not in it: jit itself compiles once per shape."""
-    d = cfg.to_dict()
-    for section in PROGRAM_FREE_SECTIONS:
-        d.pop(section, None)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in PROGRAM_FREE_TRAIN_KEYS}
-    return json.dumps(d, sort_keys=True, default=repr)
-
-
-def make_init_fn(cfg: ExperimentConfig, tx: optax.GradientTransformation, vocab_multiple_of: int) -> Callable:
-    """init_fn(key) -> TrainState: step 0, params from `key`, a fresh optimizer state."""
-
-    def init_fn(key) -> TrainState:
-        model = models.build_model(cfg.model, rngs=nnx.Rngs(params=key), vocab_multiple_of=vocab_multiple_of)
-        _, params = models.split_params(model)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    return init_fn
-
-
-def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, *, rules: AxisRules | None = None) -> TrainSetup:
-    """Shardings, optimizer and the jitted functions for `cfg` on `mesh` (rules: DEFAULT_RULES with
-    mesh.rules over them, or `rules` as given). The vocabulary is padded to a multiple of the mesh axes that
-    split it (and of model.vocab_multiple), not of the device count, so checkpoints keep their shapes across
-    meshes.
-
-    Cached: a config with the same program_key on the same mesh (the next proxy of an in-process sweep) gets
-    the same jitted functions back, with its own `cfg`, so it compiles nothing again."""
-    key = (program_key(cfg), mesh, rules)
-    cached = _setup_cache.get(key)
-    if cached is not None:
-        _setup_cache.move_to_end(key)
-        return dataclasses.replace(cached, cfg=cfg)
-    setup = _build_setup(cfg, mesh, rules)
-    _setup_cache[key] = setup
-    while len(_setup_cache) > SETUP_CACHE_SIZE:
-        _setup_cache.popitem(last=False)
-    return setup
-
-
-def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRules | None) -> TrainSetup:
-    layout = Layout(mesh, rules or DEFAULT_RULES.with_overrides(cfg.mesh.rules), strict=cfg.mesh.strict)
-    vocab_multiple_of = layout.axis_size("vocab")
-    graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
-    p_shardings = layout.param_shardings(abstract_params, logical_axes)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.schedule, cfg.train.steps, logical_axes)
-    init_fn = make_init_fn(cfg, tx, vocab_multiple_of)
-
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, p_shardings, transform_non_params=lambda _: layout.replicated()
-    )
-    state_shardings = TrainState(step=layout.replicated(), params=p_shardings, opt_state=opt_shardings)
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
-    )
-    step_fn = make_train_step(
-        graphdef, tx, schedule, vocab_size=cfg.model.vocab_size, z_loss=cfg.train.z_loss,
-        grad_accum_steps=cfg.train.grad_accum_steps, layout=layout,
-    )
-    eval_fn = make_eval_step(graphdef, vocab_size=cfg.model.vocab_size, layout=layout)
-    return TrainSetup(
-        cfg=cfg, layout=layout, graphdef=graphdef, logical_axes=logical_axes, tx=tx, schedule=schedule,
-        abstract_state=abstract_state, state_shardings=state_shardings,
-        init_state=jax.jit(init_fn, out_shardings=state_shardings),
-        train_step=jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, layout.replicated())),
-        eval_step=jax.jit(eval_fn), init_fn=init_fn, step_fn=step_fn, eval_fn=eval_fn,
-    )
-
-
-def check_batch_shape(host_batch: dict, cfg: ExperimentConfig) -> None:
-    rows = host_batch["inputs"].shape[0] * jax.process_count()
+def check_batch_shape(host_batch: dict, cfg: ExperimentConfig, members: int) -> None:
+    """A single run's processes each feed their share of the global batch; a swarm member's owner feeds it
+    whole."""
+    rows = host_batch["inputs"].shape[0] * (jax.process_count() if members == 1 else 1)
     if rows != cfg.train.global_batch_size:
         raise ValueError(f"data source gave {rows} global rows, expected train.global_batch_size={cfg.train.global_batch_size}")
     if (host_batch["inputs"].shape[0]) % cfg.train.grad_accum_steps:
@@ -237,122 +99,198 @@ def check_batch_shape(host_batch: dict, cfg: ExperimentConfig) -> None:
         )
 
 
-@dataclasses.dataclass
-class TrainResult:
-    state: TrainState
-    history: list[dict]  # one metrics dict per logged step
-    eval: dict[str, float]
-    out_dir: Path
-    preempted_at: int | None = None  # the step saved before stopping on SIGTERM/SIGINT, else None
-    # Resumed at train.steps (a finished run, rerun): nothing was trained or appended to metrics.jsonl;
-    # `logged` holds what metrics.jsonl has at that step (train loss, final evals), `eval` its final evals.
-    already_finished: bool = False
-    logged: dict = dataclasses.field(default_factory=dict)
-
-
-def state_from_params(setup: TrainSetup, params: dict) -> TrainState:
-    """Step 0 and a fresh optimizer state around `params` (checkpoint.init_from)."""
-    fresh = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(p)),
-                    out_shardings=setup.state_shardings, donate_argnums=(0,))
-    return fresh(params)
-
-
-def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change: bool,
-                  say: Callable[[str], None]) -> TrainState:
-    """Resumes from the newest good checkpoint of this output folder (state and data position), else
-    initialises from `checkpoint.init_from` (params only: fresh optimizer, step 0, data from the start),
-    else from `train.seed`."""
+def initial_state(setup: TrainSetup, cfgs: Sequence[ExperimentConfig], checkpoints: RunCheckpoints, sources, *,
+                  allow_config_change: bool, say: Callable[[str], None]) -> tuple[TrainState, int, dict[int, dict]]:
+    """(state, step, failed members). Resumes from the newest good checkpoint of the run's folder (state, data
+    positions and a swarm's failed members), else initialises from `checkpoint.init_from` (params only, every
+    member the same: fresh optimizer, step 0, data from the start), else from each member's `train.seed`."""
     cfg = setup.cfg
     resumed = checkpoints.restore_latest(setup.abstract_state, cfg, allow_config_change=allow_config_change)
     if resumed is not None:
-        source.set_state(resumed.data_state)
+        failed: dict[int, dict] = {}
+        if setup.members == 1:
+            sources[0].set_state(resumed.data_state)
+        else:
+            failed = restore_swarm_data(resumed.data_state, cfgs, setup.local_members, sources, where=resumed.path,
+                                        allow_config_change=allow_config_change)
         init_from = cfg.checkpoint.init_from
         note = f"; checkpoint.init_from={init_from!r} ignored (this folder has its own)" if init_from else ""
+        lost = f", {len(failed)} failed member(s)" if failed else ""
         say(f"resumed from {resumed.path} (step {resumed.step}, "
-            f"{resumed.meta.get('tokens_seen_total', 0):,} tokens seen){note}")
-        return resumed.state
+            f"{resumed.meta.get('tokens_seen_total', 0):,} tokens seen{lost}){note}")
+        return resumed.state, resumed.step, failed
     if cfg.checkpoint.init_from:
         step_dir = resolve_step_dir(cfg.checkpoint.init_from)
-        params = restore_params(step_dir, setup.abstract_state.params, cfg.model.vocab_size)
-        say(f"initialised params from {step_dir}; fresh optimizer state, step 0, data from the start")
-        return state_from_params(setup, params)
-    return setup.init_state(jax.random.key(cfg.train.seed))
+        params = restore_params(step_dir, setup.member_abstract_params, cfg.model.vocab_size)
+        every = " for every member" if setup.members > 1 else ""
+        say(f"initialised params from {step_dir}{every}; fresh optimizer state, step 0, data from the start")
+        return setup.fresh_state(params), 0, {}
+    return setup.initial_state([c.train.seed for c in cfgs]), 0, {}
 
 
-def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callable[[str], None] | None,
+def _member_log(cfg: ExperimentConfig, run_dir: RunDir, setup: TrainSetup, m: int, start_step: int) -> MetricsLog:
+    if setup.members > 1:  # the swarm's own log shows the bar; W&B would get K runs
+        cfg = cfg.replace(logging=dataclasses.replace(cfg.logging, progress=False, wandb=False))
+    return MetricsLog.for_run(run_dir.path, cfg, start_step=start_step, writer=setup.writes(m))
+
+
+def open_run(cfgs: Sequence[ExperimentConfig], setup: TrainSetup, sources, *, log_fn: Callable[[str], None] | None,
              allow_config_change: bool) -> Run:
     """Resumes or initialises the state, then (only after the config check passed, so a refused run leaves the
-    folder as it was) writes config.yaml, opens the metrics log and prints what is about to run."""
-    out_dir = Path(cfg.train.output_dir)
+    folders as they were) writes each member's config.yaml, opens their metrics logs and prints what is about to
+    run."""
+    cfg, k = setup.cfg, setup.members
+    run_dir = RunDir(cfg.train.output_dir)
     early_say = log_fn or (lambda text: print(text, flush=True) if jax.process_index() == 0 else None)
-    checkpoints = RunCheckpoints(checkpoint_dir(out_dir), cfg.checkpoint, log=early_say)
+    checkpoints = RunCheckpoints(checkpoint_dir(run_dir.path), cfg.checkpoint, log=early_say)
+    logs: dict[int, MetricsLog] = {}
+    progress = None
     try:
-        state = initial_state(setup, checkpoints, source, allow_config_change=allow_config_change, say=early_say)
-    except BaseException:
-        checkpoints.close()
-        raise
-    start_step = int(state.step)
-    try:
-        if jax.process_index() == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out_dir / "config.yaml")
-        if jax.process_index() == 0:
-            RunDir(out_dir).trim_metrics(start_step)
-        log = MetricsLog.for_run(out_dir, cfg, start_step=start_step)
+        state, start_step, failed = initial_state(setup, cfgs, checkpoints, sources,
+                                                  allow_config_change=allow_config_change, say=early_say)
+        if k > 1 and jax.process_index() == 0:
+            storage.make_dirs(run_dir.path)
+            save_config(cfg, run_dir.config_file)
+        for m in setup.local_members:
+            member_dir = RunDir(cfgs[m].train.output_dir)
+            if setup.writes(m):
+                storage.make_dirs(member_dir.path)
+                save_config(cfgs[m], member_dir.config_file)
+                member_dir.trim_metrics(start_step)
+                if m not in failed:
+                    member_dir.clear_result()  # it trains (again): an older result is not its result
+            logs[m] = _member_log(cfgs[m], member_dir, setup, m, start_step)
+        progress = logs[0] if k == 1 else MetricsLog(
+            run_dir.path, total_steps=cfg.train.steps, start_step=start_step, jsonl=False, tensorboard=False,
+            progress=cfg.logging.progress, writer=jax.process_index() == 0)
     except OSError as e:
-        checkpoints.close()
-        raise CheckpointError(f"cannot write to the run folder {out_dir} ({os_reason(e)}); free space there or "
+        _close_all(logs, progress, checkpoints)
+        raise CheckpointError(f"cannot write to the run folder {run_dir} ({os_reason(e)}); free space there or "
                               "fix its permissions, then rerun the same command, or choose another "
                               "train.output_dir") from None
     except BaseException:
-        checkpoints.close()
+        _close_all(logs, progress, checkpoints)
         raise
-    finished = start_step >= cfg.train.steps
-    logged: dict = {}
-    if finished:  # what the finished run logged at its last step: its loss and final evals
-        for row in RunDir(out_dir).metrics():
-            if row.get("step") == start_step:
-                logged.update({k: v for k, v in row.items() if k != "step"})
+    logged = [{} for _ in range(k)]
+    if start_step >= cfg.train.steps:  # what each member logged at its last step: its loss and final evals
+        for m in setup.local_members:
+            for row in RunDir(cfgs[m].train.output_dir).metrics():
+                if row.get("step") == start_step:
+                    logged[m].update({key: v for key, v in row.items() if key != "step"})
     peak, peak_source = peak_flops_per_device(cfg.logging.peak_flops)
-    say = checkpoints.log = log_fn or log.message
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
-    say(f"mixlm train: {cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding), mesh "
-        f"{dict(setup.mesh.shape)}, {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step, "
-        f"{setup.flops_per_token / 1e6:.1f} MFLOP/token (attention counted causally), peak {peak / 1e9:,.1f} "
-        f"GFLOP/s/device ({peak_source})")
-    meter = StepMeter(cfg, log, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
-                      num_devices=setup.mesh.size, tokens_before=sum(source.tokens_seen().values()))
-    return Run(cfg=cfg, setup=setup, source=source, checkpoints=checkpoints, log=log, say=say, meter=meter,
-               state=state, out_dir=out_dir, step=start_step, already_finished=finished, logged_at_end=logged)
+    say = checkpoints.log = log_fn or progress.message
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.member_abstract_params))
+    what = f"{cfg.model.name or cfg.model.family} ({n_params:,} params incl. padding)"
+    if k == 1:
+        say(f"mixlm train: {what}, mesh {dict(setup.mesh.shape)}, {cfg.train.global_batch_size} x "
+            f"{cfg.data.seq_len} tokens/step, {setup.flops_per_token / 1e6:.1f} MFLOP/token (attention counted "
+            f"causally), peak {peak / 1e9:,.1f} GFLOP/s/device ({peak_source})")
+    else:
+        local = setup.local_members
+        spread = f", {len(local)} on each of {jax.process_count()} processes" if len(local) != k else ""
+        say(f"mixlm swarm: {k} members of {what} in one step, mesh {dict(setup.mesh.shape)} (members over "
+            f"'data'{spread}), {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens/step each, steps "
+            f"{start_step + 1}..{cfg.train.steps}")
+    meter = StepMeter(cfgs, logs, progress, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
+                      num_devices=setup.mesh.size, failed=failed, say=say,
+                      tokens_before={m: sum(s.tokens_seen().values()) for m, s in zip(setup.local_members, sources)})
+    alive = setup.put_members([m not in failed for m in range(k)]) if k > 1 else None
+    return Run(cfg=cfg, cfgs=list(cfgs), setup=setup, sources=list(sources), checkpoints=checkpoints, logs=logs,
+               progress=progress, say=say, meter=meter, state=state, run_dir=run_dir, step=start_step, alive=alive,
+               failed=failed, latest_eval=[{} for _ in range(k)], final_eval=[{} for _ in range(k)],
+               resumed_at_end=start_step >= cfg.train.steps, logged_at_end=logged)
 
 
-def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
-          log_fn: Callable[[str], None] | None = None, allow_config_change: bool = False,
-          hooks: Sequence[Hook] | None = None) -> TrainResult:
-    """Runs optimizer steps up to `cfg.train.steps`; writes config.yaml, metrics.jsonl, TensorBoard events and
-    checkpoints/ under `cfg.train.output_dir`. `hooks` (default: mixlm.hooks.default_hooks(cfg): validation,
-    live lm-eval tasks, preemption, checkpoints) run between steps on their cadence.
+def _close_all(logs: dict, progress, checkpoints) -> None:
+    for log in {id(x): x for x in [*logs.values(), *([progress] if progress else [])]}.values():
+        log.close()
+    checkpoints.close()
 
-    Rerunning with the same output folder resumes from its newest good checkpoint (mixlm.checkpoint);
-    a different config there is refused unless `allow_config_change`. SIGTERM/SIGINT stop the loop after
-    the current step with a checkpoint of it (`TrainResult.preempted_at`). A rerun of a finished run trains
-    nothing and appends nothing (`TrainResult.already_finished`; the final evals come from metrics.jsonl,
-    computed only if the run stopped before writing them)."""
-    mesh = mesh or make_mesh(cfg.mesh)
-    validate_for_mesh(cfg, Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules)).axis_size("batch"),
-                      jax.process_count(), devices=mesh.devices.flat)  # sizes checked before anything is built
-    setup = build_setup(cfg, mesh)
-    source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    hooks = default_hooks(cfg) if hooks is None else list(hooks)
-    run = open_run(cfg, setup, source, log_fn=log_fn, allow_config_change=allow_config_change)
+
+def finished_before(cfgs: Sequence[ExperimentConfig], *, allow_config_change: bool,
+                    log: Callable[[str], None]) -> list[dict] | None:
+    """Every member's result.json when each says its member is done (finished at train.steps, or failed), else
+    None. A finished single run's config.yaml must match `cfg` as a resumed checkpoint's would (ConfigMismatchError
+    naming the keys otherwise)."""
+    results = [RunDir(c.train.output_dir).result() for c in cfgs]
+    done = all(r is not None and (r["status"] == "failed" or r["step"] == c.train.steps)
+               for r, c in zip(results, cfgs))
+    if not collectives.all_processes(done):
+        return None
+    for c in cfgs:
+        run = RunDir(c.train.output_dir)
+        if run.config_file.exists():
+            check_resume_config(load_yaml(run.config_file.read_text(), str(run.config_file)), c,
+                                where=f"{run} (finished)", allow_change=allow_config_change, log=log)
+    return results
+
+
+def train(cfg: ExperimentConfig | Sequence[ExperimentConfig], swarm_dir=None, *, mesh: jax.sharding.Mesh | None = None,
+          sources: Sequence | None = None, log_fn: Callable[[str], None] | None = None,
+          allow_config_change: bool = False, hooks: Sequence[Hook] | None = None) -> TrainResult:
+    """Runs optimizer steps up to `train.steps` for one config, or for K member configs together in one jitted
+    step (a swarm: equal but for mixlm.members.MEMBER_KEYS; `swarm_dir` holds its checkpoints and config.yaml).
+    Each member writes config.yaml, metrics.jsonl, TensorBoard events and result.json under its
+    `train.output_dir`; a single run also its checkpoints/. `hooks` (default: mixlm.hooks.default_hooks(cfg):
+    validation, live lm-eval tasks, preemption, checkpoints) run between steps on their cadence. `sources`: this
+    process's members' data sources (default: made from the configs).
+
+    Rerunning resumes from the newest good checkpoint (mixlm.checkpoint); a different config there is refused
+    unless `allow_config_change`. SIGTERM/SIGINT stop the loop after the current step with a checkpoint of it
+    (`TrainResult.preempted_at`). A rerun of a finished run (its result.json) trains nothing and writes nothing
+    (`TrainResult.already_finished`); one resumed at train.steps before its result.json was written computes
+    only what its metrics.jsonl lacks.
+
+    Several jax.distributed processes: a single run spans them all (process 0 writes its folder); a swarm puts
+    each member on one process (mixlm.members.member_owners), which feeds it, writes its folder and reports its
+    failure, so `history` and `eval` cover this process's members."""
+    cfgs = [cfg] if isinstance(cfg, ExperimentConfig) else list(cfg)
+    check_members(cfgs)
+    k = len(cfgs)
+    if k > 1 and swarm_dir is None:
+        raise ValueError("train() of several member configs needs the swarm's folder (swarm_dir)")
+    base = cfgs[0] if k == 1 else swarm_config(cfgs, swarm_dir)
+    if mesh is None:
+        mesh = make_mesh(base.mesh) if k == 1 else member_mesh(k, base)
+    rules = DEFAULT_RULES.with_overrides(base.mesh.rules) if k == 1 else member_rules(base)
+    validate_for_mesh(base, Layout(mesh, rules).axis_size("batch"), jax.process_count() if k == 1 else 1,
+                      devices=mesh.devices.flat)  # sizes checked before anything is built
+    say = log_fn or (lambda text: print(text, flush=True) if jax.process_index() == 0 else None)
+    done = finished_before(cfgs, allow_config_change=allow_config_change, log=say)
+    if done is not None:
+        return TrainResult(state=None, step=base.train.steps, already_finished=True, members=[
+            MemberResult(out_dir=c.train.output_dir, eval=r["eval"], loss=r.get("loss"),
+                         failed={"step": r["step"], "reason": r.get("reason", "")} if r["status"] == "failed" else None)
+            for c, r in zip(cfgs, done)])
+    setup = build_setup(base, mesh, members=k)
+    if sources is None:
+        if k == 1:
+            sources = [make_train_source(base, process_index=jax.process_index(), process_count=jax.process_count())]
+        else:
+            sources = [member_source(cfgs[m]) for m in setup.local_members]
+    sources = list(sources)
+    if len(sources) != len(setup.local_members):
+        raise ValueError(f"train() got {len(sources)} data sources for this process's {len(setup.local_members)} "
+                         "members")
+    hooks = default_hooks(base) if hooks is None else list(hooks)
     try:
-        for step in range(run.step + 1, cfg.train.steps + 1):
-            host_batch = source.next_batch()
+        run = open_run(cfgs, setup, sources, log_fn=log_fn, allow_config_change=allow_config_change)
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    try:
+        for step in range(run.step + 1, base.train.steps + 1):
+            host = [source.next_batch() for source in run.sources]
             if step == run.meter.start_step + 1:
-                check_batch_shape(host_batch, cfg)
-            run.state, metrics = setup.train_step(run.state, to_global_batch(host_batch, setup.layout))
+                check_batch_shape(host[0], base, k)
+            batch = setup.put_batch(host)
+            if k == 1:
+                run.state, metrics = setup.train_step(run.state, batch)
+            else:
+                run.state, run.alive, metrics = setup.train_step(run.state, run.alive, batch)
             run.step = step
-            run.meter.record(step, metrics)
+            run.meter.record(step, metrics, run.alive)
             for hook in hooks:
                 if hook.due(run, step):
                     hook.after_step(run, step)
@@ -362,12 +300,28 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
         if not run.stop_reason:
             for hook in hooks:
                 hook.at_end(run)
+            _write_results(run)
     finally:
         for hook in hooks:
             hook.close()
-        run.log.close()
-        run.checkpoints.close()
-        source.close()
-    return TrainResult(state=run.state, history=run.meter.history, eval=run.final_eval, out_dir=run.out_dir,
-                       preempted_at=run.preempted_at, already_finished=run.already_finished,
-                       logged=run.logged_at_end)
+        _close_all(run.logs, run.progress, run.checkpoints)
+        for source in run.sources:
+            source.close()
+    failed = collectives.gather_members(run.failed) if k > 1 else {}
+    return TrainResult(state=run.state, step=run.step, preempted_at=run.preempted_at, members=[
+        MemberResult(out_dir=c.train.output_dir, history=run.meter.history[m], eval=run.final_eval[m],
+                     loss=_final_loss(run, m), failed=failed.get(m)) for m, c in enumerate(cfgs)])
+
+
+def _final_loss(run: Run, m: int) -> float | None:
+    return run.meter.last[m].get("loss", run.logged_at_end[m].get("loss"))
+
+
+def _write_results(run: Run) -> None:
+    """Each member that reached train.steps writes its result.json (its owner; a single run: process 0)."""
+    for m, source in run.training:
+        if run.setup.writes(m):
+            RunDir(run.cfgs[m].train.output_dir).write_result(
+                step=run.cfg.train.steps, eval=run.final_eval[m], tokens_seen=source.tokens_seen(),
+                extra={"loss": _final_loss(run, m)})
+

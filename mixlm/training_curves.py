@@ -21,6 +21,7 @@ import math
 import warnings
 from pathlib import Path
 
+from mixlm import storage
 from mixlm.run_dir import RunDir
 
 
@@ -63,7 +64,7 @@ def _find_key(tree, key: str):
     return None
 
 
-def _checkpoint_updates(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+def _checkpoint_updates(run_dir) -> list[tuple[int, dict[str, float]]]:
     """Mixture updates (step, weights) in the newest checkpoint's data state; [] when there are none."""
     checkpoints = run_dir / "checkpoints"
     steps = sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "data").is_dir()),
@@ -71,11 +72,10 @@ def _checkpoint_updates(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
     if not steps:
         return []
     import orbax.checkpoint as ocp
-    from etils import epath
 
     try:
-        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-            state = ckptr.restore(epath.Path((checkpoints / str(steps[0]) / "data").absolute()))
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:  # a JSON item: epath reads any store
+            state = ckptr.restore(checkpoints / str(steps[0]) / "data")
     except Exception as e:  # noqa: BLE001 - a plot without the updates beats no plot
         warnings.warn(f"{checkpoints / str(steps[0])}: cannot read its data state ({type(e).__name__}); "
                       "mixture updates not plotted", stacklevel=2)
@@ -89,7 +89,9 @@ def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
     then the mixture updates saved in the newest checkpoint; [] when the run has no config.yaml or mixture."""
     from mixlm.config import read_yaml_file
 
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
+    if not storage.is_remote(run_dir):
+        run_dir = storage.location(Path(str(run_dir)).absolute())  # Orbax reads absolute paths only
     config = run_dir / "config.yaml"
     if not config.is_file():
         return []
@@ -163,10 +165,11 @@ def load_runs(run_dirs: list[str | Path]) -> dict[str, tuple[Path, list[dict]]]:
     """{run name (its folder's name; a repeated name gets a '): (folder, metrics rows)}. Raises PlotError."""
     runs = {}
     for run_dir in run_dirs:
-        name = Path(run_dir).resolve().name
+        folder = storage.location(run_dir)
+        name = folder.name if storage.is_remote(folder) else Path(str(folder)).resolve().name
         while name in runs:
             name += "'"
-        runs[name] = (Path(run_dir), read_metrics(run_dir))
+        runs[name] = (folder, read_metrics(run_dir))
     return runs
 
 
@@ -291,12 +294,13 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, log=None) -> list
     why a figure is not written or which runs it leaves out. Raises PlotError for a folder without metrics."""
     say = log or (lambda _text: None)
     runs = load_runs(run_dirs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.location(out_dir) if storage.is_remote(out_dir) else Path(out_dir)  # local: pathlib, as before
+    storage.make_dirs(out)
     written = []
 
     def save(fig, filename: str) -> None:
-        fig.savefig(out / filename, dpi=110)
+        with storage.atomic_writer(out / filename) as f:  # a local folder or a bucket
+            fig.savefig(f, dpi=110, format="png")
         written.append(out / filename)
 
     save(train_loss_figure(runs), "train_loss.png")

@@ -33,6 +33,7 @@ def run_job(job: dict) -> dict:
     import jax
     from jax.experimental import multihost_utils
 
+    import mixlm.setup
     import mixlm.train
     from mixlm.config import config_from_dict
     from mixlm.data import make_train_source
@@ -42,7 +43,7 @@ def run_job(job: dict) -> dict:
     cfg = config_from_dict(job["config"])
     source = make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     trained: dict[str, dict] = {}  # step -> the global arrays it trained on (gathered once, at the end)
-    real_to_global_batch = mixlm.train.to_global_batch
+    real_to_global_batch = mixlm.setup.to_global_batch
 
     def recording_to_global_batch(host_batch, layout):
         arrays = real_to_global_batch(host_batch, layout)
@@ -65,13 +66,13 @@ def run_job(job: dict) -> dict:
         extra.insert(0, MixtureUpdateHook(at, lambda stats: weights if stats.step == at else None))
     mesh = make_mesh(cfg.mesh, devices=jax.devices()[: job["devices"]]) if job.get("devices") else None
     log: list[str] = []
-    mixlm.train.to_global_batch = recording_to_global_batch
+    mixlm.setup.to_global_batch = recording_to_global_batch  # what TrainSetup.put_batch places a batch with
     try:
         result = mixlm.train.train(
-            cfg, mesh=mesh, source=source, hooks=default_hooks(cfg, *extra), log_fn=log.append
+            cfg, mesh=mesh, sources=[source], hooks=default_hooks(cfg, *extra), log_fn=log.append
         )
     finally:
-        mixlm.train.to_global_batch = real_to_global_batch
+        mixlm.setup.to_global_batch = real_to_global_batch
     gathered = multihost_utils.process_allgather(trained, tiled=True)  # one collective for every step and key
     return {
         "batches": {

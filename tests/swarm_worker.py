@@ -1,4 +1,4 @@
-"""Test helper: one jax.distributed process of a proxy swarm (mixlm.swarm.train_swarm).
+"""Test helper: one jax.distributed process of a proxy swarm (mixlm.train.train with K member configs).
 
     python tests/swarm_worker.py PROCESS_ID NUM_PROCESSES PORT JOB_JSON
 
@@ -23,23 +23,26 @@ def main(argv: list[str]) -> int:
 
     from mixlm.config import config_from_dict
     from mixlm.errors import ConfigError
-    from mixlm.swarm import member_owners, swarm_mesh, train_swarm
+    from mixlm.hooks import StopAtStep, default_hooks
+    from mixlm.members import member_mesh, member_owners
+    from mixlm.train import train
 
     with open(job_path) as f:
         job = json.load(f)
     cfgs = [config_from_dict(c) for c in job["configs"]]
     try:  # one member on every device of every process: refused
-        member_owners(swarm_mesh(1, cfgs[0]), 1)
+        member_owners(member_mesh(1, cfgs[0]), 1)
         refused = ""
     except ConfigError as e:
         refused = str(e)
-    mesh = swarm_mesh(len(cfgs), cfgs[0])
-    result = train_swarm(cfgs, job["swarm_dir"], mesh=mesh, stop_after_step=job.get("stop_after_step"))
+    mesh = member_mesh(len(cfgs), cfgs[0])
+    stop = [StopAtStep(job["stop_after_step"])] if job.get("stop_after_step") else []
+    result = train(cfgs, job["swarm_dir"], mesh=mesh, hooks=default_hooks(cfgs[0], *stop))
     local = [m for m, p in enumerate(member_owners(mesh, len(cfgs))) if p == process_id]
     record = {
         "local": local,
-        "history": {str(m): result.history[m] for m in local},
-        "eval": {str(m): result.eval[m] for m in local},
+        "history": {str(m): result.members[m].history for m in local},
+        "eval": {str(m): result.members[m].eval for m in local},
         "failed": {str(m): v for m, v in result.failed.items()},
         "preempted_at": result.preempted_at,
         "process_count": jax.process_count(),

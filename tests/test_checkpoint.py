@@ -130,8 +130,8 @@ def test_restore_onto_other_meshes_and_params_only(tmp_path):
         # checkpoint.init_from: the params only; step 0 and a fresh optimizer
         init_cfg = cfg.replace(checkpoint=CheckpointConfig(init_from=str(tmp_path / "run")))
         new_ckpts = RunCheckpoints(tmp_path / f"new{devices}" / "checkpoints", cfg.checkpoint, log=quiet)
-        fresh = initial_state(dataclasses.replace(setup, cfg=init_cfg), new_ckpts,
-            SyntheticSource(vocab_size=201, seq_len=16, batch_size=8), allow_config_change=False, say=quiet)
+        fresh, _, _ = initial_state(dataclasses.replace(setup, cfg=init_cfg), [init_cfg], new_ckpts,
+            [SyntheticSource(vocab_size=201, seq_len=16, batch_size=8)], allow_config_change=False, say=quiet)
         new_ckpts.close()
         assert int(fresh.step) == 0
         same_up_to_padding(host8.params, fresh.params)
@@ -273,6 +273,7 @@ def test_an_unlisted_step_is_checked_by_its_values_then_listed_or_set_aside(tmp_
         (root / step / FILE_LIST).unlink()
     shutil.rmtree(root / "3" / "state")
     shutil.copytree(root / "1" / "state", root / "3" / "state")
+    (tmp_path / "run" / "result.json").unlink()  # killed before it wrote result.json: it has not finished
     # checkpoint.init_from of that step refuses it too
     setup = build_setup(cfg, make_mesh(cfg.mesh))
     with pytest.raises(CheckpointError, match=r"step .*3: it has no file list .* differ from those saved .*Point "
@@ -300,6 +301,7 @@ def test_train_resumes_exactly_past_a_truncated_checkpoint(tmp_path):
     assert sorted(int(p.name) for p in root.iterdir()) == [2, 4, 6]
     victim = max((p for p in (root / "6").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     os.truncate(victim, victim.stat().st_size // 2)
+    (tmp_path / "run" / "result.json").unlink()  # killed before it wrote result.json: it has not finished
 
     messages = []
     expected_warning = r"checkpoint step 6 .* is corrupt: .* bytes, expected .*using step 4"
@@ -333,6 +335,7 @@ def test_train_resumes_exactly_past_a_checkpoint_with_changed_bytes(tmp_path):
     size = victim.stat().st_size
     overwrite_bytes(victim)
     assert victim.stat().st_size == size
+    (tmp_path / "run" / "result.json").unlink()  # killed before it wrote result.json: it has not finished
 
     messages = []
     name = str(victim.relative_to(root / "2"))
@@ -557,6 +560,7 @@ def test_two_processes_save_and_skip_a_corrupt_step_together(tmp_path):
     victim = max((p for p in (step4 / "state" / "ocdbt.process_1").rglob("*") if p.is_file()),
                  key=lambda p: p.stat().st_size)
     os.truncate(victim, 10)
+    (out / "result.json").unlink()  # killed before it wrote result.json: it has not finished
 
     logs = run_pair()
     assert "resumed from" in logs[0] and f"{out / 'checkpoints' / '2'} (step 2" in logs[0], logs[0][-2000:]

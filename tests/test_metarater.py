@@ -91,7 +91,7 @@ def test_learned_rater_weights_end_to_end(pool, tmp_path):
 
     # every proxy was scored on the same held-out documents: each lists the held-out domain at weight 0
     for i in range(1, 7):
-        mixture = yaml.safe_load((out / "runs" / f"{i:04d}" / "mixture.yaml").read_text())
+        mixture = yaml.safe_load((out / "runs" / f"{i:04d}" / "proxy.yaml").read_text())["data"]["mixture"]
         assert mixture == {f"sel_{i:04d}": 1.0, "heldout": 0.0}
     # the selections obey the budget and follow the weighting: more prose-rater weight, more prose kept
     prose_share = []

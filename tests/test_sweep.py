@@ -17,7 +17,7 @@ from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
 from mixlm.data.tokenizer import load_tokenizer_spec
 from mixlm.errors import ConfigError
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
-from mixlm.mixing.sweep import shard_of
+from mixlm.sweep import shard_of
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +77,28 @@ def test_sweep_fit_optimize_train(demo, capsys):
     capsys.readouterr()
     assert main(command) == 0
     printed = capsys.readouterr().out
-    assert f"sweep: 8 runs, 8 already in {sweep / 'results.csv'}, 0 to run" in printed
+    assert "sweep: 8 runs, 8 finished before, 0 to run" in printed
     assert "sweep: run " not in printed  # the line each run that trains (or is recorded) prints
     assert metrics_logs() == trained
     assert (sweep / "results.csv").read_text() == recorded
     assert len(read_csv(sweep / "results.csv")) == 8
+    # "is this run done?" is its result.json alone: a torn metrics.jsonl (a writer killed mid-line) and a lost
+    # results.csv change nothing; results.csv is derived again, the same
+    torn = sweep / "runs" / "0003" / "metrics.jsonl"
+    torn.write_text(torn.read_text() + '{"step": 7, "lo')
+    trained = metrics_logs()
+    (sweep / "results.csv").unlink()
+    assert main(command) == 0
+    assert (sweep / "results.csv").read_text() == recorded and metrics_logs() == trained
+    assert all(json.loads((sweep / "runs" / f"{i:04d}" / "result.json").read_text())["status"] == "finished"
+               for i in range(1, 9))
+    # another config on the finished runs: kept as they are (each proxy.yaml still says what it trained), and
+    # the sweep says so instead of skipping them silently
+    capsys.readouterr()
+    assert main([*command, "optimizer.lr=0.02"]) == 0
+    assert f"sweep: runs {list(range(1, 9))} finished with another config" in capsys.readouterr().out
+    assert metrics_logs() == trained and (sweep / "results.csv").read_text() == recorded
+    assert yaml.safe_load((sweep / "runs" / "0001" / "proxy.yaml").read_text())["optimizer"]["lr"] == 1e-2
 
     assert main(["mix", "fit", "--mixtures", str(root / "mixtures.csv"), "--results", str(sweep / "results.csv"),
                  "--target", "metric/office_val_loss", "--out", str(root / "fit"),
@@ -96,6 +113,21 @@ def test_sweep_fit_optimize_train(demo, capsys):
     assert main(["train", str(base), f"data.mixture={best}", "train.steps=2",
                  f"train.output_dir={root / 'best_run'}"]) == 0
     assert (root / "best_run" / "metrics.jsonl").is_file()
+
+
+def test_failed_runs_end_the_sweep_in_one_line_and_exit_3(demo, tmp_path, capsys):
+    """Every run goes non-finite (lr 1e30, no clipping): each is tried (the first failure does not stop the
+    sweep), none gets a row, and the sweep ends in one line naming them and exit 3, not a traceback."""
+    _, data, base = demo
+    prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
+    write_csv(tmp_path / "mixtures.csv", mixtures_table(sample_mixtures(prior, 2, seed=4), prior.domains))
+    rc = main(["sweep", str(base), "optimizer.lr=1e30", "optimizer.clip_norm=0.0", "train.steps=2", "--mixtures",
+               str(tmp_path / "mixtures.csv"), "--out", str(tmp_path / "sweep"), "--parallel", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 3 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("mixlm sweep: runs [1, 2] failed (run 1: param_norm is inf"), err
+    assert "sweep summary: 0 of 2 runs finished" in out
+    assert len(read_csv(tmp_path / "sweep" / "results.csv")) == 0
 
 
 def test_a_slurm_array_sweep_trains_shards_then_one_pass_records_them(demo, tmp_path):
@@ -127,7 +159,7 @@ def test_a_slurm_array_sweep_trains_shards_then_one_pass_records_them(demo, tmp_
 
 
 def test_worker_envs_give_each_gpu_worker_its_own_devices():
-    from mixlm.mixing.sweep import detect_accelerator, visible_gpus, worker_envs
+    from mixlm.worker_devices import detect_accelerator, visible_gpus, worker_envs
 
     gpus = [str(i) for i in range(8)]
     assert worker_envs(2, "cpu") == [{}, {}]  # CPU: today's behaviour, workers share the host
@@ -170,7 +202,7 @@ def test_a_parallel_tpu_sweep_is_refused_before_any_run(demo, tmp_path, capsys):
 def test_parallel_2_runs_two_worker_processes_each_on_its_own_gpu(demo, tmp_path, monkeypatch):
     """Two real worker processes at once; --accelerator gpu --gpus 0,1 on this CPU host (JAX_PLATFORMS=cpu is
     inherited, so they train on CPU) checks the env each worker is started with."""
-    import mixlm.mixing.sweep as sweep_module
+    import mixlm.proxies as proxies_module
 
     _, data, base = demo
     prior = load_prior(data["prepared"], domains=sorted(GENERATORS))
@@ -182,7 +214,7 @@ def test_parallel_2_runs_two_worker_processes_each_on_its_own_gpu(demo, tmp_path
         started.append(kwargs["env"])
         return real_popen(command, **kwargs)
 
-    monkeypatch.setattr(sweep_module.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(proxies_module.subprocess, "Popen", recording_popen)
     sweep = tmp_path / "sweep"
     assert main(["sweep", str(base), "train.steps=2", "logging.every=1", "--mixtures", str(tmp_path / "mixtures.csv"),
                  "--out", str(sweep), "--parallel", "2", "--accelerator", "gpu", "--gpus", "0,1"]) == 0

@@ -14,7 +14,7 @@ from mixlm.data.demo_corpus import GENERATORS, prepare_demo_data
 from mixlm.data.tokenizer import load_tokenizer_spec
 from mixlm.folder_lock import RunFolderLock
 from mixlm.mixing import load_prior, mixtures_table, read_csv, sample_mixtures, write_csv
-from mixlm.mixing.sweep import plan_sweep, search_target
+from mixlm.sweep import plan_sweep, search_target
 
 STEPS = 4
 
@@ -77,7 +77,7 @@ def test_each_run_prints_the_search_target_and_the_sweep_ends_with_the_best(demo
     summary = _summary(printed, 4)
     assert [i for i, _, _ in summary] == ranked
     assert [v for _, v, _ in summary] == [f"{results[i][0]:.4f}" for i in ranked]
-    weights = yaml.safe_load((sweep / "runs" / f"{ranked[0]:04d}" / "mixture.yaml").read_text())
+    weights = yaml.safe_load((sweep / "runs" / f"{ranked[0]:04d}" / "proxy.yaml").read_text())["data"]["mixture"]
     top = sorted(((w, d) for d, w in weights.items() if w > 0), reverse=True)
     assert summary[0][2] == ", ".join(f"{d} {100 * w:.1f}%" if w >= 0.001 else f"{d} <0.1%" for w, d in top)
     if how[0] == "--swarm":

@@ -174,9 +174,10 @@ def write_tiny_config(path: Path, **sections) -> Path:
 
 
 def test_rerunning_a_finished_run_appends_nothing_and_says_so(tmp_path, capsys):
-    """A finished run rerun (or one killed after its final eval) trains nothing, appends no second final
-    val_loss row and prints its logged loss (it printed `done: step 2, loss nan`); one killed after the last
-    checkpoint but before its final eval writes that eval, once."""
+    """A finished run rerun trains nothing, appends no second final val_loss row and prints its loss from its
+    result.json (it printed `done: step 2, loss nan`), also when it kept no checkpoint (it trained again from
+    step 0); one killed after the last checkpoint but before its final eval and result.json writes that eval,
+    once; a changed config on a finished run is refused naming the key."""
     config = write_tiny_config(tmp_path / "tiny.yaml")
     out = tmp_path / "run"
     argv = ["train", str(config), f"train.output_dir={out}"]
@@ -187,20 +188,38 @@ def test_rerunning_a_finished_run_appends_nothing_and_says_so(tmp_path, capsys):
     loss = [r for r in rows if "loss" in r][-1]["loss"]
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [2]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "finished" and result["step"] == 2 and result["loss"] == pytest.approx(loss)
+    assert result["eval"]["val_loss"] == pytest.approx(val[0]["val_loss"])
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"already finished: step 2, loss {loss:.4f}, val_loss {val[0]['val_loss']:.4f} (from metrics.jsonl)" \
+    assert f"already finished: step 2, loss {loss:.4f}, val_loss {val[0]['val_loss']:.4f} (from result.json)" \
         in printed and "nan" not in printed
     assert log.read_text() == finished
 
-    # killed after the step-2 checkpoint committed, before the final eval was written
+    # killed after the step-2 checkpoint committed, before the final eval (and result.json) was written
     log.write_text("".join(line + "\n" for line in finished.splitlines() if "val_loss" not in line))
+    (out / "result.json").unlink()
     assert main(argv) == 0
     again = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in again if "val_loss" in r] == [2]
     assert next(r for r in again if "val_loss" in r)["val_loss"] == pytest.approx(val[0]["val_loss"], rel=1e-6)
+    assert (out / "result.json").is_file()
     assert main(argv) == 0 and log.read_text().count("val_loss") == finished.count("val_loss")
+    assert main([*argv, "optimizer.lr=0.5"]) == 2
+    assert "optimizer.lr: 0.01 -> 0.5" in capsys.readouterr().err
+
+    # no checkpoint kept (as a sweep's proxies): the rerun reads result.json and trains nothing either
+    bare = tmp_path / "bare"
+    bare_argv = ["train", str(config), f"train.output_dir={bare}", "checkpoint.every=0", "checkpoint.save_at_end=false"]
+    assert main(bare_argv) == 0
+    assert not (bare / "checkpoints").exists() or not list((bare / "checkpoints").iterdir())
+    written = (bare / "metrics.jsonl").stat().st_mtime_ns, (bare / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(bare_argv) == 0
+    assert "already finished: step 2" in capsys.readouterr().out
+    assert ((bare / "metrics.jsonl").stat().st_mtime_ns, (bare / "metrics.jsonl").read_text()) == written
 
 
 def test_a_full_disk_under_the_metrics_log_is_one_line_and_exit_4(tmp_path, capsys):

@@ -8,8 +8,10 @@ One Orbax `CheckpointManager` over `<train.output_dir>/checkpoints/`; each step 
                                          version, git commit, mesh shape, time, value sums of every array
                                          of the state (VALUE_SUMS)
     checkpoints/<step>/mixlm_files.json  size and crc32 of every file above, written once the step has
-                                         committed (crc32 with checkpoint.verify, the default)
+                                         committed (crc32 with checkpoint.verify, the default; on gs:// and
+                                         s3:// the store's own crc32c / ETag of each object, from one listing)
     .mixlm.lock                          the run folder's lock while a run writes to it (RunFolderLock)
+    .mixlm.lease/<n>                     the same on an object store: a lease (mixlm.folder_lock)
 
 Guarantees, and who gives them:
 * A save is atomic (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it on commit; leftovers of a
@@ -17,7 +19,11 @@ Guarantees, and who gives them:
   committed (Orbax's finalize thread: commit, then delete).
 * One writer per run folder: a writing RunCheckpoints holds an flock (mixlm.folder_lock) on `<train.output_dir>/.mixlm.lock`
   (taken by process 0 before Orbax touches the folder, released by `close()` or by the kernel when the
-  process dies); a second run is refused with RunFolderLockedError naming the holder (host, pid, since).
+  process dies); a second run is refused with RunFolderLockedError naming the holder (host, pid, since). On
+  gs:// and s3:// the lock is a lease object created only if absent and renewed by a heartbeat
+  (ObjectStoreLease); each save first checks that it was not taken over.
+* s3:// steps are saved through a local staging folder and uploaded, their file list last
+  (mixlm.checkpoint.staging): Orbax 0.12.8 writes arrays to local paths and gs:// only.
 * On resume each step, newest first, is validated: its file list must match `mixlm_files.json` (missing
   or truncated files, and with checkpoint.verify a changed crc32: same-size corruption; lists without
   checksums, from older mixlm, are checked by size) and it must restore without error. A step with no file list

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mixlm import storage
 from mixlm.errors import (
     CheckpointError,
 )
@@ -26,23 +27,17 @@ CHECKSUM = "crc32"
 _OCDBT_PREFIX = "ocdbt.process_"
 
 
-def _step_files(step_dir: epath.Path) -> dict[str, epath.Path]:
-    """{path relative to step_dir: path} of every file below it but the file list and its per-process parts
-    (a walk with iterdir: works on GCS)."""
-    files, folders = {}, [step_dir]
-    while folders:
-        for p in folders.pop().iterdir():
-            if p.is_dir():
-                folders.append(p)
-            elif not p.name.startswith(FILE_LIST):
-                files[str(p.relative_to(step_dir))] = p
-    return files
+def _step_files(step_dir) -> dict[str, storage.FileInfo]:
+    """{path relative to step_dir: FileInfo} of every file below it but the file list and its per-process parts
+    (storage.list_files: a walk on a local disk, one listing with the store's checksums on an object store)."""
+    return {name: info for name, info in storage.list_files(step_dir).items()
+            if not name.rsplit("/", 1)[-1].startswith(FILE_LIST)}
 
 
-def file_crc32(path: epath.Path) -> str:
+def file_crc32(path) -> str:
     """zlib.crc32 of a file's bytes, as 8 hex digits (read in 4 MiB chunks)."""
     crc = 0
-    with path.open("rb") as f:
+    with storage.location(path).open("rb") as f:
         while chunk := f.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
@@ -57,12 +52,12 @@ def checksum_owner(name: str, process_count: int) -> int:
     return 0
 
 
-def _checksums(files: dict[str, epath.Path], process_index: int = 0, process_count: int = 1) -> dict[str, str]:
-    """{name: crc32} of the files this process owns (checksum_owner); a few threads, as zlib releases the GIL
-    and a remote file system rewards overlapping reads."""
-    mine = sorted(n for n in files if checksum_owner(n, process_count) == process_index)
+def _checksums(step_dir, names, process_index: int = 0, process_count: int = 1) -> dict[str, str]:
+    """{name: crc32} of the files among `names` this process owns (checksum_owner), read back; a few threads,
+    as zlib releases the GIL and a remote file system rewards overlapping reads."""
+    mine = sorted(n for n in names if checksum_owner(n, process_count) == process_index)
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(mine, pool.map(lambda n: file_crc32(files[n]), mine)))
+        return dict(zip(mine, pool.map(lambda n: file_crc32(step_dir / n), mine)))
 
 
 def _part_path(step_dir: epath.Path, process_index: int) -> epath.Path:
@@ -70,59 +65,74 @@ def _part_path(step_dir: epath.Path, process_index: int) -> epath.Path:
 
 
 def write_checksum_part(step_dir: epath.Path, process_index: int, process_count: int) -> None:
-    """Multi-process, processes > 0: the checksums of this process's files, for process 0 to merge into the
-    file list (write_file_list) so that no process reads the whole checkpoint back."""
-    sums = _checksums(_step_files(step_dir), process_index, process_count)
-    _part_path(step_dir, process_index).write_text(json.dumps(sums, sort_keys=True))
+    """Multi-process, processes > 0, on a local (or shared) disk: the checksums of this process's files, for
+    process 0 to merge into the file list (write_file_list) so that no process reads the whole checkpoint back.
+    Nothing on an object store, whose own checksums process 0 lists."""
+    if storage.scheme(step_dir) in storage.STORE_CHECKSUM:
+        return
+    sums = _checksums(step_dir, _step_files(step_dir), process_index, process_count)
+    storage.write_atomic(_part_path(step_dir, process_index), json.dumps(sums, sort_keys=True))
 
 
 def write_file_list(step_dir: epath.Path, *, checksums: bool = True, process_count: int = 1) -> None:
-    """Records every file's size, and with `checksums` its crc32 (this process's files, plus the parts other
-    processes wrote), in `<step>/mixlm_files.json` (call on process 0 once the step has committed)."""
+    """Records every file's size and, with `checksums`, a checksum of each in `<step>/mixlm_files.json` (call on
+    process 0 once the step has committed). On a local disk: crc32 of the bytes (this process's files, plus the
+    parts other processes wrote). On an object store: the checksum the store keeps for each object (gs: crc32c,
+    s3: ETag), from the same one listing as the sizes, so no byte is read back: an object whose bytes change
+    gets a new one, as a file's crc32 changes."""
     files = _step_files(step_dir)
-    listing: dict = {"files": {name: p.stat().length for name, p in files.items()}}
-    if checksums:
-        sums = _checksums(files, 0, process_count)
+    listing: dict = {"files": {name: info.size for name, info in files.items()}}
+    store_kind = storage.STORE_CHECKSUM.get(storage.scheme(step_dir))
+    if checksums and store_kind:
+        listing[store_kind] = {n: files[n].checksum for n in sorted(files) if files[n].checksum_kind == store_kind}
+    elif checksums:
+        sums = _checksums(step_dir, files, 0, process_count)
         for i in range(1, process_count):
             part = _part_path(step_dir, i)
             if part.exists():  # else those files keep their size check only
                 sums.update(json.loads(part.read_text()))
         listing[CHECKSUM] = {name: sums[name] for name in sorted(sums) if name in files}
-    tmp = step_dir / (FILE_LIST + ".tmp")
-    tmp.write_text(json.dumps(listing, sort_keys=True))
-    tmp.replace(step_dir / FILE_LIST)
+    storage.write_atomic(step_dir / FILE_LIST, json.dumps(listing, sort_keys=True))
     for i in range(1, process_count):
-        _part_path(step_dir, i).unlink(missing_ok=True)
+        storage.remove(_part_path(step_dir, i))
 
 
 def file_problem(step_dir: epath.Path, *, verify: bool = True, process_index: int = 0,
                  process_count: int = 1) -> str:
     """'' when every file in `mixlm_files.json` is present at its recorded size and, with `verify`, has its
-    recorded crc32 (the files this process owns, checksum_owner; lists written without checksums are checked
-    by size only), else what is wrong. A step with no list at all (a run killed right after the commit) gives ''
-    here: it is unverified (is_listed), and its callers check what it restores (unlisted_problem)."""
+    recorded checksum, else what is wrong. crc32 (a local list) is read back by the files' owners
+    (checksum_owner); a store's crc32c / ETag is compared from one listing (where the folder now lives on a
+    store that does not report that kind, e.g. a gs:// step copied to a local disk, only sizes are checked).
+    Lists written without checksums are checked by size only. A step with no list at all (a run killed right
+    after the commit) gives '' here: it is unverified (is_listed), and its callers check what it restores
+    (unlisted_problem)."""
     listing = step_dir / FILE_LIST
     if not listing.exists():
         return ""
     try:
         recorded = json.loads(listing.read_text())
-        expected, sums = recorded["files"], recorded.get(CHECKSUM, {}) if verify else {}
+        expected = recorded["files"]
+        kinds = [k for k in (CHECKSUM, *storage.STORE_CHECKSUM.values()) if k in recorded] if verify else []
+        sums = {k: dict(recorded[k]) for k in kinds}
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"its file list {FILE_LIST} is unreadable"
     actual = _step_files(step_dir)
     for name, size in sorted(expected.items()):
         if name not in actual:
             return f"{name} is missing"
-        length = actual[name].stat().length
-        if length != size:
-            return f"{name} is {length} bytes, expected {size}"
-    try:
-        found = _checksums({n: actual[n] for n in sums if n in actual}, process_index, process_count)
-    except OSError as e:
-        return f"a file does not read back ({e})"
-    for name, crc in sorted(found.items()):
-        if crc != sums[name]:
-            return f"{name} has {CHECKSUM} {crc}, expected {sums[name]} (same size: its bytes changed)"
+        if actual[name].size != size:
+            return f"{name} is {actual[name].size} bytes, expected {size}"
+    for kind in kinds:
+        if kind == CHECKSUM:
+            try:
+                found = _checksums(step_dir, [n for n in sums[kind] if n in actual], process_index, process_count)
+            except OSError as e:
+                return f"a file does not read back ({e})"
+        else:
+            found = {n: actual[n].checksum for n in sums[kind] if n in actual and actual[n].checksum_kind == kind}
+        for name, value in sorted(found.items()):
+            if value != sums[kind][name]:
+                return f"{name} has {kind} {value}, expected {sums[kind][name]} (same size: its bytes changed)"
     return ""
 
 

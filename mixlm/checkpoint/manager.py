@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mixlm import collectives
+from mixlm import collectives, storage
 from mixlm.config import CheckpointConfig, ExperimentConfig
 
 # ---- Orbax's own error output ---------------------------------------------------------------------------
@@ -30,6 +30,7 @@ from mixlm.config import CheckpointConfig, ExperimentConfig
 _log = logging.getLogger("mixlm.checkpoint")
 _ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 _quiet_installed = False
+from mixlm.checkpoint import staging
 from mixlm.checkpoint.integrity import (
     VALUE_SUMS,
     file_problem,
@@ -49,7 +50,7 @@ from mixlm.errors import (
     os_reason,
     short_text,
 )
-from mixlm.folder_lock import RunFolderLock
+from mixlm.folder_lock import ObjectStoreLease, RunFolderLock, folder_lock
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:
@@ -105,12 +106,10 @@ class Restored:
     path: str
 
 
-def _lock_on_process_0(folder: epath.Path, log: Callable[[str], None]) -> RunFolderLock | None:
-    """The run folder's lock, taken by process 0 only; every process raises when process 0 could not take
-    it. None for an object store (gs://...: no file locks there)."""
-    if "://" in str(folder):
-        return None
-    lock, error = RunFolderLock(Path(str(folder)), log), None
+def _lock_on_process_0(folder: epath.Path, log: Callable[[str], None]) -> RunFolderLock | ObjectStoreLease:
+    """The run folder's lock (mixlm.folder_lock: an flock, or a lease on an object store), taken by process 0
+    only; every process raises when process 0 could not take it."""
+    lock, error = folder_lock(folder, log), None
     if jax.process_index() == 0:
         try:
             lock.acquire()
@@ -133,28 +132,47 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False,
                  log: Callable[[str], None] = print):
-        self.directory = absolute_path(epath.Path(directory))
+        # `location`: where the checkpoints live; `directory`: where Orbax reads and writes them (the same,
+        # except on s3://, which Orbax cannot write: a local staging folder, uploaded step by step).
+        self.location = absolute_path(epath.Path(directory))
+        self.remote = self.location if staging.needs_staging(self.location) else None
+        self.directory = staging.staging_dir(self.location, writer=not read_only) if self.remote else self.location
         self.cfg, self.log, self.read_only = cfg, log, read_only
         quiet_orbax_errors()
         # The run folder's one writer: locked before Orbax creates folders or cleans up a save in progress.
-        self._lock = None if read_only else _lock_on_process_0(self.directory.parent, log)
+        self._lock = None if read_only else _lock_on_process_0(self.location.parent, log)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last or None, keep_period=cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=not read_only,
             create=not read_only, read_only=read_only,
         )
         try:
+            if self.remote is not None:
+                self._pull_staged()
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=_item_handlers())
         except OSError as e:
             self._release_lock()
-            raise CheckpointError(f"cannot create the checkpoint folder {self.directory} ({os_reason(e)}); "
-                                  "fix its permissions or choose another train.output_dir") from None
+            raise CheckpointError(f"cannot create or read the checkpoint folder {self.location} ({os_reason(e)}); "
+                                  "fix its permissions (a bucket: its credentials) or choose another "
+                                  "train.output_dir") from None
         except BaseException:
             self._release_lock()
             raise
         self._unlisted: int | None = None  # a committed (or committing) step without its file list yet
         self._save_error: CheckpointSaveError | None = None  # sticky: Orbax re-raises a failed save forever
+
+    def _pull_staged(self) -> None:
+        """s3://: the staging folder made a copy of the steps on S3 (mixlm.checkpoint.staging)."""
+        if jax.process_count() > 1:
+            raise CheckpointError(f"checkpoints on s3:// ({self.location}) are saved through a local staging "
+                                  "folder, which one process alone can write; run multi-process jobs on gs:// or "
+                                  "a shared file system")
+        staging.pull(self.remote, self.directory)
+
+    def shown(self, step: int | None = None) -> str:
+        """Where the checkpoints (or step `step`) live, for messages: the s3:// URL, not its staging folder."""
+        return str(self.location if step is None else self.location / str(step))
 
     # ---- saving ----
     def steps(self) -> list[int]:
@@ -168,6 +186,7 @@ class RunCheckpoints:
         """Starts saving (returns once the arrays are copied off the devices when async_save; the state
         may then be donated). False when `step` is already saved."""
         self.wait()  # the previous save must commit first (Orbax would wait here anyway)
+        self._check_lock()
         if step in self._manager.all_steps():
             return False
         meta = {**meta, VALUE_SUMS: value_sums(state)}  # committed with the arrays: verifies them without a list
@@ -193,6 +212,24 @@ class RunCheckpoints:
             self._save_failed(step, e)
         if step is not None:
             self._list_step(self.directory / str(step))
+            if self.remote is not None and (self.directory / str(step)).exists():
+                try:  # uploaded whole, its file list last; then the steps retention deleted are deleted there
+                    staging.push(self.directory / str(step), self.remote / str(step))
+                    staging.prune(self.remote, keep={int(p.name) for p in self.directory.iterdir() if p.name.isdigit()})
+                except OSError as e:
+                    self._save_failed(step, e)
+
+    def _check_lock(self) -> None:
+        """Raises RunFolderLockedError (on every process) when process 0's lease was taken over."""
+        error = None
+        if self._lock is not None:
+            try:
+                self._lock.check()
+            except RunFolderLockedError as e:
+                error = e
+        if not collectives.all_processes(error is None):
+            raise error or RunFolderLockedError(f"process 0 lost the lease of {self.location.parent}; its log "
+                                                "says why")
 
     def _list_step(self, step_dir: epath.Path) -> None:
         """Writes a committed step's file list (every process calls it: each checksums its own files)."""
@@ -211,8 +248,8 @@ class RunCheckpoints:
         # save commits (which it now never will).
         kept = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()] if self.directory.exists() else []
         kept = [s for s in kept if step is None or s < step]
-        where = self.directory / str(step) if step is not None else self.directory
-        previous = (f"the previous checkpoint (step {max(kept)}, {self.directory / str(max(kept))}) is kept"
+        where = self.shown(step)
+        previous = (f"the previous checkpoint (step {max(kept)}, {self.shown(max(kept))}) is kept"
                     if kept else "there is no earlier checkpoint")
         self._save_error = CheckpointSaveError(
             f"saving checkpoint step {step} to {where} failed ({os_reason(e)}); {previous}. Free disk space or "
@@ -278,7 +315,7 @@ class RunCheckpoints:
                     problem = f"its metadata is unreadable ({type(e).__name__}: {short_text(e)})"
             if collectives.all_processes(not problem):
                 # A config mismatch is not corruption: refuse before touching anything.
-                where = f"{self.directory.parent} (checkpoint step {step})"
+                where = f"{self.location.parent} (checkpoint step {step})"
                 check_resume_config(meta["config"], cfg, where=where, allow_change=allow_config_change,
                                     log=self.log)
                 try:
@@ -293,17 +330,17 @@ class RunCheckpoints:
                 if collectives.all_processes(not problem):
                     if not listed and not self.read_only:
                         self._list_step(step_dir)
-                        self.log(f"checkpoint step {step} ({step_dir}) had no file list (the run stopped right "
+                        self.log(f"checkpoint step {step} ({self.shown(step)}) had no file list (the run stopped right "
                                  "after saving it): its restored values check out; its file list is written now")
                     self._move_aside(bad, good=step)
                     self._report_elastic(step, meta, abstract_state)
                     return Restored(step=step, state=state, data_state=data_state, meta=meta,
-                                    path=str(step_dir))
+                                    path=self.shown(step))
             bad.append((step, problem or _ON_ANOTHER_PROCESS))
         if bad:
-            listing = "; ".join(f"step {s} ({self.directory / str(s)}): {p}" for s, p in bad)
+            listing = "; ".join(f"step {s} ({self.shown(s)}): {p}" for s, p in bad)
             raise CheckpointError(
-                f"no usable checkpoint in {self.directory}: {listing}. Nothing was moved or deleted; move "
+                f"no usable checkpoint in {self.location}: {listing}. Nothing was moved or deleted; move "
                 "the folder away to start from scratch"
             )
         return None
@@ -329,17 +366,18 @@ class RunCheckpoints:
         of the step numbers this run will save again)."""
         if not bad:
             return
-        corrupt_dir = self.directory.parent / CORRUPT_SUBDIR
+        corrupt_dir = self.location.parent / CORRUPT_SUBDIR
         for step, problem in bad:
-            src = self.directory / str(step)
+            src = self.location / str(step)
             dest = corrupt_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
             msg = (f"checkpoint step {step} ({src}) is corrupt: {problem}; moved it to {dest}; using step "
-                   f"{good} ({self.directory / str(good)})")
+                   f"{good} ({self.shown(good)})")
             if jax.process_index() == 0:
                 warnings.warn(msg, CheckpointCorruptWarning, stacklevel=3)
                 self.log(f"WARNING: {msg}")
-                corrupt_dir.mkdir(parents=True, exist_ok=True)
-                src.rename(dest)
+                storage.move_tree(src, dest)  # an object store has no rename: copied, then deleted
+                if self.remote is not None:
+                    storage.remove_tree(self.directory / str(step))  # its staged copy
             elif problem != _ON_ANOTHER_PROCESS:  # what this process found (e.g. a checksum of its files)
                 self.log(f"WARNING: {msg}")
         collectives.barrier("mixlm_checkpoint_move_aside")

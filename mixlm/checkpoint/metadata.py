@@ -105,10 +105,10 @@ def _get(tree: dict, dotted: str):
     return tree.get(section, {}).get(key)
 
 
-def read_meta(step_dir: Path) -> dict:
+def read_meta(step_dir) -> dict:
     """The checkpoint's JSON `meta` item ({} when the step has none); RunCheckpoints.read_meta without a
-    CheckpointManager, for a single step folder."""
-    meta_dir = step_dir / "meta"
+    CheckpointManager, for a single step folder (local or gs://)."""
+    meta_dir = epath.Path(step_dir) / "meta"
     if not meta_dir.is_dir():
         return {}
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:

@@ -11,6 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mixlm import storage
+from mixlm.checkpoint import staging
 from mixlm.checkpoint.integrity import is_listed, newest_complete_step, restore_args_for, unlisted_problem
 from mixlm.checkpoint.manager import RunCheckpoints, quiet_orbax_errors
 from mixlm.checkpoint.metadata import CHECKPOINT_SUBDIR, read_meta
@@ -24,15 +26,20 @@ from mixlm.models import stacked
 
 def resolve_step_dir(path: str | Path) -> epath.Path:
     """`checkpoint.init_from` may name a step folder (holds state/), a checkpoints/ folder or a run's
-    output folder; for the latter two the newest good step is used (read-only: nothing is moved)."""
-    p = epath.Path(path)
+    output folder (local, gs:// or s3://); for the latter two the newest good step is used (read-only: nothing
+    is moved). Returns a folder Orbax reads (an s3:// step: its local copy, mixlm.checkpoint.staging)."""
+    p = storage.location(path)
     if (p / "state").is_dir():
-        return p
+        readable = staging.readable_steps(p.parent, {int(p.name): p}) if p.name.isdigit() else {0: p}
+        if not readable:
+            raise CheckpointError(f"checkpoint.init_from={path!r}: the step has no file list (its upload to S3 "
+                                  "was cut short); point it at an earlier step")
+        return next(iter(readable.values()))
     ckpts = steps_folder(p)
     if not ckpts.is_dir():
         raise CheckpointError(f"checkpoint.init_from={path!r}: no such folder")
     reader = RunCheckpoints(ckpts, CheckpointConfig(), read_only=True)
-    steps = {step: ckpts / str(step) for step in reader.steps()}
+    steps = {step: reader.directory / str(step) for step in reader.steps()}
 
     def skip(step: int, step_dir, problem: str) -> None:
         warnings.warn(f"checkpoint.init_from: step {step} ({step_dir}) is corrupt: {problem}; "
@@ -123,7 +130,7 @@ def _check_unlisted_params(step_dir: epath.Path, params, *, exact: bool) -> None
     vocabulary padding changed) match the value sums of its meta item, or, without them, are all finite."""
     if is_listed(step_dir):
         return
-    meta = read_meta(Path(str(step_dir)))
+    meta = read_meta(step_dir)
     problem = unlisted_problem({"params": params}, meta, exact)
     if problem:
         raise CheckpointError(f"checkpoint step {step_dir}: {problem}. Point checkpoint.init_from at an earlier "

@@ -84,6 +84,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import dataclasses
     import tempfile
 
+    from mixlm import storage
     from mixlm.eval.harness import evaluate_model, model_tokenizer
     from mixlm.eval.local_tasks import (
         domain_rows,
@@ -133,10 +134,11 @@ def _run_eval(args: argparse.Namespace) -> int:
                              bootstrap_iters=args.bootstrap_iters, log=_say)
     if domain_info:
         results["domains"] = domain_rows(results, domain_info)
-    out = Path(args.out) if args.out else (Path(model) if Path(model).is_dir() else Path(".")) / f"eval_{suite.name}.json"
+    folder = storage.location(model) if storage.location(model).is_dir() else storage.location(".")
+    out = args.out or folder / f"eval_{suite.name}.json"  # a local folder or gs:// / s3://
     json_path, md_path = write_results(results, out)
     table = markdown_table(results) + (("\n" + domains_markdown(results["domains"])) if domain_info else "")
-    md_path.write_text(table)
+    storage.write_atomic(md_path, table)
     print(table, end="")
     _say(f"wrote {json_path} and {md_path}")
     return 0
@@ -154,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.paths and args.paths[0] == "compare" and not Path("compare").is_dir():
             return _run_compare(args)
+        from mixlm import storage
+
+        for path in (*args.paths[:1], args.out or ""):  # before minutes of evaluation, not after
+            storage.check_location(path, "--out" if path == args.out else "MODEL_DIR")
         return _run_eval(args)
     except EvalError as e:
         _say(f"mixlm eval: {e}")

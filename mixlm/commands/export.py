@@ -86,6 +86,15 @@ def run(args: argparse.Namespace) -> int:
         if not report.passed:
             raise VerifyFailed(report.summary())
 
+    from mixlm import storage
+    from mixlm.errors import ConfigError
+
+    storage.check_location(args.checkpoint, "CHECKPOINT")
+    for what, value in (("OUT_DIR", args.out_dir), ("--tokenizer", args.tokenizer or "")):
+        storage.check_location(value, what)
+        if storage.is_remote(value):  # the checkpoint may be on a bucket; what transformers reads may not
+            raise ConfigError(f"{what} {value}: mixlm export writes (and reads its tokenizer from) a local folder, "
+                              "as transformers does; export to a local disk, then copy the folder to the bucket")
     try:
         source = open_checkpoint(args.checkpoint, step=args.step)
         unverified = ("; it has no file list (the run stopped right after saving it), so each param is checked "

@@ -15,8 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixlm import storage
     from mixlm.training_curves import PlotError, plot_runs
 
+    for path in args.runs:
+        storage.check_location(path, "RUN_DIR")
+    storage.check_location(args.out, "--out")
     try:
         written = plot_runs(args.runs, args.out, log=lambda text: print(f"mixlm plot: {text}", file=sys.stderr))
     except PlotError as e:

@@ -86,6 +86,14 @@ def parse_domains(pairs: list[str], domains_file: str | None) -> dict[str, list[
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixlm import storage
+    from mixlm.errors import ConfigError
+
+    storage.check_location(args.out, "--out")
+    if storage.is_remote(args.out):
+        raise ConfigError(f"--out {args.out}: mixlm prepare writes to a local folder only; prepare there, then copy "
+                          "the folder to the bucket (gcloud storage cp -r / aws s3 sync): training, sweeps and eval "
+                          "read data.prepared_dir=gs://... or s3://... directly")
     options = PrepareOptions(
         tokenizer=args.tokenizer,
         text_field=args.text_field,

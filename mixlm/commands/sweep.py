@@ -1,18 +1,17 @@
 """mixlm sweep BASE_CONFIG --mixtures DIR|CSV --out DIR [--parallel N | --swarm K] [--shard I/N] [key=value ...]
 
-With --swarm K the proxies train K at a time in one process and one jitted step (mixlm.swarm: params stacked on
-a member axis, sharded over the devices); --shard then hands out whole swarms. With --swarm K and --distributed
+With --swarm K the proxies train K at a time in one process and one jitted step (mixlm.train with K member
+configs: params stacked on a member axis, sharded over the devices); --shard then hands out whole swarms. With --swarm K and --distributed
 (or --coordinator HOST:PORT --num-processes N --process-id I) every process of a pod or cluster job runs the
 same command and each swarm spans all their devices (K a multiple of N; process 0 writes results.csv).
 
 With --parallel N on a GPU host each worker process gets its own GPUs (CUDA_VISIBLE_DEVICES; workers sharing a
 GPU also get XLA_PYTHON_CLIENT_MEM_FRACTION); on TPU --parallel > 1 is refused (one process per host); on CPU
-workers share the host (mixlm.mixing.sweep.worker_envs)."""
+workers share the host (mixlm.worker_devices.worker_envs)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mixlm.cli import add_overrides_argument
 
@@ -48,14 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
+    from mixlm import storage
     from mixlm.errors import ConfigError
-    from mixlm.mixing.sweep import plan_sweep, run_sweep, shard_of
     from mixlm.mixing.tables import read_csv
     from mixlm.run_config import load_run_config
+    from mixlm.sweep import plan_sweep, run_sweep, shard_of
 
     if args.swarm < 0:
         raise ConfigError(f"--swarm {args.swarm}: expected a member count K >= 1 (or 0: no swarm)")
-    path = Path(args.mixtures)
+    storage.check_location(args.out, "--out")
+    path = storage.location(args.mixtures)  # local or gs:// / s3://, as --out
     table = read_csv(path / "mixtures.csv" if path.is_dir() else path)
     if args.limit:
         table = table.rows(table.index_N[: args.limit])
@@ -67,19 +68,23 @@ def run(args) -> int:
         from mixlm.commands.train import initialize_distributed
 
         initialize_distributed(args, cfg.train.heartbeat_timeout_s)
-    runs = plan_sweep(args.config, shard_of(table, args.shard, group=max(args.swarm, 1)), args.out, args.overrides)
+    runs = plan_sweep(args.config, shard_of(table, args.shard, group=max(args.swarm, 1)), args.out, args.overrides,
+                      swarm=args.swarm)
     gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]
     from mixlm.checkpoint import CheckpointError, ConfigMismatchError, RunFolderLockedError
-    from mixlm.errors import DataError
+    from mixlm.errors import DataError, SweepIncompleteError
 
-    # The exit codes of `mixlm train`: 2 another sweep / config holds the folder, 4 checkpoints, 5 data.
+    # The exit codes of `mixlm train`: 2 another sweep / config holds the folder, 3 runs failed or the sweep
+    # stopped, 4 checkpoints, 5 data.
     try:
-        results = run_sweep(runs, args.out, list(table.weight_columns()), steps=cfg.train.steps,
-                            parallel=args.parallel, record=not args.shard, accelerator=args.accelerator, gpus=gpus,
-                            swarm=args.swarm)
+        results = run_sweep(runs, args.out, list(table.weight_columns()), parallel=args.parallel,
+                            record=not args.shard, accelerator=args.accelerator, gpus=gpus, swarm=args.swarm)
     except (ConfigMismatchError, RunFolderLockedError) as e:
         print(f"mixlm sweep: {e}", file=sys.stderr)
         return 2
+    except SweepIncompleteError as e:
+        print(f"mixlm sweep: {e}", file=sys.stderr)
+        return 3
     except CheckpointError as e:
         print(f"mixlm sweep: {e}", file=sys.stderr)
         return 4

@@ -60,14 +60,14 @@ def run(args) -> int:
     if result.preempted_at is not None:  # a clean stop: the scheduler should not count it as a failure
         print(f"preempted: checkpoint of step {result.preempted_at} saved; rerun the same command to resume")
         return 0
-    if result.already_finished:  # a rerun: report what the run logged, append nothing
-        loss = result.logged.get("loss")
-        val = result.eval.get("val_loss")
+    if result.already_finished:  # a rerun: report what the run's result.json holds, write nothing
+        loss, val = result.members[0].loss, result.eval.get("val_loss")
         logged = ", ".join(text for text in (f"loss {loss:.4f}" if loss is not None else "",
                                              f"val_loss {val:.4f}" if val is not None else "") if text)
-        print(f"already finished: step {int(result.state.step)}" + (f", {logged} (from metrics.jsonl)" if logged else "")
+        print(f"already finished: step {result.step}" + (f", {logged} (from result.json)" if logged else "")
               + f"; nothing to train, outputs in {result.out_dir}. Raise train.steps to train further")
         return 0
-    last = result.history[-1] if result.history else {}
-    print(f"done: step {cfg.train.steps}, loss {last.get('loss', float('nan')):.4f}, outputs in {result.out_dir}")
+    loss = result.members[0].loss
+    print(f"done: step {cfg.train.steps}, loss {loss if loss is not None else float('nan'):.4f}, outputs in "
+          f"{result.out_dir}")
     return 0

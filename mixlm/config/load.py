@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from mixlm import storage
 from mixlm.config.schema import SECTION_TYPES, ExperimentConfig, ModelConfig, closest_keys, short_repr
 from mixlm.config.validate import validate
 from mixlm.errors import ConfigError
@@ -77,9 +78,10 @@ def load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: refused: values nested too deeply to parse; a config nests a few levels") from None
 
 
-def read_yaml_file(path: Path) -> Any:
+def read_yaml_file(path) -> Any:
+    """The YAML document of a file (a local path or a gs:// / s3:// URL), bounded as load_yaml bounds it."""
     try:
-        with open(path, "rb") as f:
+        with storage.location(path).open("rb") as f:
             data = f.read(CONFIG_FILE_BYTES_LIMIT + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
@@ -262,8 +264,7 @@ def load_config_and_origin(path: str | Path | None = None, overrides: Sequence[s
         section, key, value = parse_override(text)
         tree.setdefault(section, {})
         if key == "mixture" and section == "data" and isinstance(value, str):
-            mix_path = Path(value)
-            value = read_yaml_file(mix_path)
+            value = read_yaml_file(value)  # a path or URL: never Path(), which turns gs:// into gs:/
         tree[section] = dict(tree[section], **{key: value})
         origin[f"{section}.{key}"] = f"override {short_repr(text, 200)}"
     sections = {name: _build_section(name, tree.get(name, {}), origin) for name in SECTION_TYPES}
@@ -319,8 +320,8 @@ def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelC
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Writes the resolved config (every field, mixture inlined) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Writes the resolved config (every field, mixture inlined) as YAML, atomically (local or object store)."""
+    storage.write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_diff(a: ExperimentConfig, b: ExperimentConfig, ignore: tuple = ()) -> list[str]:

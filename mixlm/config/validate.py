@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from mixlm import storage
 from mixlm.config.schema import (
     DATA_SOURCES,
     PACKINGS,
@@ -60,6 +61,14 @@ def validate(cfg: ExperimentConfig, origin: dict | None = None) -> None:
     if cfg.schedule.kind != "constant" and cfg.schedule.min_lr > cfg.optimizer.lr:
         fail("schedule.min_lr", f"schedule.min_lr={cfg.schedule.min_lr:g} is above optimizer.lr="
                                 f"{cfg.optimizer.lr:g}, so the {cfg.schedule.kind} decay would rise; lower it")
+    # Where the run reads and writes: a local path, gs:// or s3:// (hdfs://x, or gs:/x, which would become a local
+    # folder named `gs:`, are refused here, before anything is written).
+    for key, value in (("train.output_dir", t.output_dir), ("data.prepared_dir", d.prepared_dir),
+                       ("checkpoint.init_from", cfg.checkpoint.init_from), ("data.tokenizer", d.tokenizer)):
+        try:
+            storage.check_location(value, key)
+        except ConfigError as e:
+            fail(key, str(e))
     for key, what in (("tasks", "an lm-eval task or tag name"), ("domains", "a prepared domain name")):
         for i, entry in enumerate(getattr(cfg.eval, key)):
             if not isinstance(entry, str) or not entry.strip():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from mixlm import storage
 from mixlm.config import ExperimentConfig
 from mixlm.data.prepared import MANIFEST, DomainManifest, list_domains
 from mixlm.errors import ShardError
@@ -41,7 +42,7 @@ def prepared_tokenizer(cfg: ExperimentConfig) -> dict | None:
     records = []
     for name in names:
         try:
-            records.append(DomainManifest.load(Path(data.prepared_dir) / name / MANIFEST).tokenizer)
+            records.append(DomainManifest.load(storage.join(data.prepared_dir, name, MANIFEST)).tokenizer)
         except ShardError:
             return None
     if not records or len({r.get("fingerprint") for r in records}) != 1:

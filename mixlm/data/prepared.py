@@ -9,6 +9,12 @@ Layout written by `mixlm prepare` (mixlm/data/prepare.py), one folder per domain
 
 Documents are stored in shuffled order; the index gives random access to any token range of the
 concatenated split without reading the shards.
+
+`<prepared_dir>` may be on an object store (gs://, s3://): ArrayRecord reads local files only, so a remote
+domain's shards and index are read through the local cache (storage.cached_copy, under
+storage.cache_root()/objects/: $MIXLM_CACHE_DIR, else ~/.cache/mixlm): each file is downloaded once, a shard
+verified against the manifest's sha256 as it arrives, and a cached shard whose verified copy is unchanged is used
+without asking the store again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixlm import storage
 from mixlm.data.inputs import file_digest
 from mixlm.errors import ConfigError, ShardError
 
@@ -98,8 +105,9 @@ class DomainManifest:
         return json.dumps(d, indent=1, sort_keys=False) + "\n"
 
     @classmethod
-    def load(cls, path: str | Path) -> DomainManifest:
-        path = Path(path)
+    def load(cls, path) -> DomainManifest:
+        """The manifest.json at `path` (local or object store); ShardError when missing or unreadable."""
+        path = storage.location(path)
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
@@ -127,16 +135,17 @@ class DomainManifest:
         )
 
 
-def list_domains(prepared_dir: str | Path) -> list[str]:
-    """Sub-folders of `prepared_dir` that hold a manifest, sorted."""
-    root = Path(prepared_dir)
+def list_domains(prepared_dir) -> list[str]:
+    """Sub-folders of `prepared_dir` (local or object store) that hold a manifest, sorted."""
+    root = storage.location(prepared_dir)
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file())
 
 
-def domain_dir(prepared_dir: str | Path, domain: str) -> Path:
-    path = Path(prepared_dir) / domain
+def domain_dir(prepared_dir, domain: str):
+    """The folder of one prepared domain (an epath: local or object store); ConfigError when it has no manifest."""
+    path = storage.location(prepared_dir) / domain
     if not (path / MANIFEST).is_file():
         known = list_domains(prepared_dir)
         raise ConfigError(
@@ -251,11 +260,35 @@ def check_shard(path: Path, shard: ShardInfo, checksum: bool = False) -> None:
 
 
 class PreparedDomain:
-    """A domain's manifest and its splits, opened lazily."""
+    """A domain's manifest and its splits, opened lazily (a remote domain through the local cache)."""
 
-    def __init__(self, prepared_dir: str | Path, domain: str, verify: bool = True, checksums: bool = False):
+    def __init__(self, prepared_dir, domain: str, verify: bool = True, checksums: bool = False):
         self.path = domain_dir(prepared_dir, domain)
         self.name = domain
         self.manifest = DomainManifest.load(self.path / MANIFEST)
-        self.train = PreparedSplit(self.path, self.manifest, "train", verify, checksums)
-        self.validation = PreparedSplit(self.path, self.manifest, "validation", verify, checksums)
+        local = local_copy(self.path, self.manifest) if storage.is_remote(self.path) else Path(str(self.path))
+        self.train = PreparedSplit(local, self.manifest, "train", verify, checksums)
+        self.validation = PreparedSplit(local, self.manifest, "validation", verify, checksums)
+
+
+def local_copy(domain_url, manifest: DomainManifest) -> Path:
+    """The local cached copy of a remote domain folder's shards and indexes (storage.cached_copy: downloaded
+    once; each shard checked against the manifest's sha256). Raises ShardError naming a shard whose bytes are
+    not the manifest's."""
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            url = storage.join(domain_url, shard.file)
+            try:
+                storage.cached_copy(url, sha256=shard.sha256)
+            except storage.ContentMismatchError as e:
+                raise ShardError(f"{e}: the shard of domain {manifest.domain!r} is not the one its manifest "
+                                 "describes; re-run `mixlm prepare` for it") from None
+            except FileNotFoundError:
+                raise ShardError(f"{url}: shard is missing; re-run `mixlm prepare` to rewrite it") from None
+        if split.index:
+            try:
+                storage.cached_copy(storage.join(domain_url, split.index))
+            except FileNotFoundError:
+                raise ShardError(f"{storage.join(domain_url, split.index)}: the token index is missing; re-run "
+                                 "`mixlm prepare`") from None
+    return storage.cache_path(domain_url)

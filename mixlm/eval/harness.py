@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mixlm import storage
 from mixlm.errors import EvalError
 from mixlm.eval.results import finish_results, lm_eval_version
 from mixlm.eval.suites import Suite
@@ -85,6 +86,9 @@ def expand_tags(task_names: Sequence[str], manager) -> list[str]:
 def check_model_dir(model: str | Path) -> str:
     """`model` as lm-eval's `pretrained`: a transformers folder (config.json with a model_type), or a Hub id
     when no such path exists. Raises EvalError for anything else, saying what to run."""
+    if storage.is_remote(model):
+        raise EvalError(f"{model}: transformers loads a model folder from a local disk (or a Hub id); copy the "
+                        "exported folder here first, or evaluate the training run folder itself")
     path = Path(model)
     if path.exists():
         if not path.is_dir():
@@ -115,8 +119,9 @@ def check_model_dir(model: str | Path) -> str:
 
 
 def is_run_folder(model: str | Path) -> bool:
-    """A mixlm training run (its output folder, its checkpoints/ folder or one checkpoint step folder)."""
-    path = Path(model)
+    """A mixlm training run (its output folder, its checkpoints/ folder or one checkpoint step folder), local or
+    on an object store."""
+    path = storage.location(model)
     return path.is_dir() and not (path / "config.json").is_file() and (
         (path / "checkpoints").is_dir() or path.name == "checkpoints" or (path / "state").is_dir())
 
@@ -265,7 +270,7 @@ def evaluate_model(model: str | Path, suite: Suite, *, limit: float | None = Non
     import transformers
 
     run = is_run_folder(model)
-    pretrained = str(Path(model).resolve()) if run else check_model_dir(model)
+    pretrained = (str(model) if storage.is_remote(model) else str(Path(model).resolve())) if run else check_model_dir(model)
     manager = task_manager(suite.lm_eval_tasks(), include_paths)
     if suite.any_metric:  # ad-hoc: a tag becomes one row per member task (other tasks keep their own shots)
         tasks = []

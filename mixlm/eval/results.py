@@ -7,6 +7,7 @@ import datetime
 import json
 from pathlib import Path
 
+from mixlm import storage
 from mixlm.errors import EvalError
 from mixlm.eval.report import card_rows, markdown_table
 from mixlm.eval.suites import Suite, adhoc_suite
@@ -41,13 +42,13 @@ def finish_results(scored: dict, suite: Suite, *, name: str, args: dict, version
     return doc
 
 
-def write_results(results: dict, path: str | Path) -> tuple[Path, Path]:
-    """Writes the JSON document and, next to it, the Markdown table (same name, .md); returns both paths."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+def write_results(results: dict, path: str | Path):
+    """Writes the JSON document and, next to it, the Markdown table (same name, .md), each atomically, to a local
+    folder or an object store; returns both paths."""
+    path = storage.location(path)
+    storage.write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
     md = path.with_suffix(".md")
-    md.write_text(markdown_table(results))
+    storage.write_atomic(md, markdown_table(results))
     return path, md
 
 
@@ -73,8 +74,8 @@ def _results_from_metrics_log(path: Path) -> dict:
 
 def load_results(path: str | Path) -> dict:
     """A results document from a `mixlm eval` JSON, a folder holding exactly one eval_*.json (or a training
-    run folder whose metrics.jsonl has lm_eval/ metrics)."""
-    path = Path(path)
+    run folder whose metrics.jsonl has lm_eval/ metrics), local or on an object store."""
+    path = storage.location(path)
     if path.is_dir():
         found = sorted(path.glob("eval_*.json"))
         if len(found) == 1:

@@ -21,6 +21,8 @@ from mixlm.config import ExperimentConfig, ModelConfig, config_from_dict
 # memory (MemoryReader), so exporting a model needs about two copies of its largest tensor, not of it all.
 
 ParamPath = tuple[str, ...]
+from mixlm import storage
+from mixlm.checkpoint import staging
 from mixlm.checkpoint.integrity import (
     FILE_LIST,
     VALUE_SUMS,
@@ -96,11 +98,12 @@ class CheckpointReader:
     list (False: it has none). A param that does not read back, holds NaN/inf, or (unverified) differs from
     its value sum in the meta item raises CheckpointError."""
 
-    def __init__(self, step_dir: Path, cfg: ExperimentConfig, meta: dict, step: int, *, verified: bool = True):
-        self.step_dir, self.cfg, self.meta, self.step = Path(step_dir), cfg, meta, step
+    def __init__(self, step_dir, cfg: ExperimentConfig, meta: dict, step: int, *, verified: bool = True,
+                 description: str = ""):
+        self.step_dir, self.cfg, self.meta, self.step = epath.Path(step_dir), cfg, meta, step
         self.verified = verified
-        self.description = str(self.step_dir)
-        self._state_dir = epath.Path(self.step_dir) / "state"
+        self.description = description or str(self.step_dir)  # where the step lives (an s3:// URL, not its copy)
+        self._state_dir = self.step_dir / "state"
         quiet_orbax_errors()
         try:
             tree = saved_state_tree(self._state_dir)
@@ -143,22 +146,25 @@ class CheckpointReader:
 
     def _damaged(self, what: str) -> str:
         unlisted = "" if self.verified else f", which has no file list {FILE_LIST} (the run stopped right after saving it)"
-        return (f"checkpoint step {self.step} ({self.step_dir}){unlisted}: {what}; its files are damaged. Export "
+        return (f"checkpoint step {self.step} ({self.description}){unlisted}: {what}; its files are damaged. Export "
                 "an earlier step with --step N, or rerun `mixlm train` on the run (it sets a damaged newest step "
                 "aside and trains it again)")
 
 
-def _step_dirs(checkpoints: Path) -> dict[int, Path]:
+def _step_dirs(checkpoints) -> dict[int, epath.Path]:
     return {int(p.name): p for p in checkpoints.iterdir() if p.name.isdigit() and (p / "state").is_dir()}
 
 
 def open_checkpoint(path: str | Path, step: int | None = None) -> CheckpointReader:
-    """The checkpoint at `path`: a run's output folder (train.output_dir), its checkpoints/ folder, or one
-    step folder. `step` picks a step; by default the newest step whose files are complete (a step with
-    missing or truncated files is skipped with a warning naming it). A step without a file list comes with
-    `verified=False` (each param is checked against its saved value sum as it is read). Raises ExportError, or
+    """The checkpoint at `path` (local, gs:// or s3://): a run's output folder (train.output_dir), its
+    checkpoints/ folder, or one step folder. `step` picks a step; by default the newest step whose files are
+    complete (a step with missing or truncated files is skipped with a warning naming it). A step without a file
+    list comes with `verified=False` (each param is checked against its saved value sum as it is read); on s3://
+    only steps with a file list are read, from local copies (mixlm.checkpoint.staging). Raises ExportError, or
     CheckpointError for a step whose files are damaged."""
-    p = Path(path).absolute()  # Orbax reads absolute paths only
+    p = storage.location(path)
+    if not storage.is_remote(p):
+        p = epath.Path(Path(str(p)).absolute())  # Orbax reads absolute paths only
     if not p.is_dir():
         raise ExportError(f"{path}: no such folder; pass a run's output folder (train.output_dir), its "
                           "checkpoints/ folder, or one checkpoint step folder")
@@ -168,6 +174,8 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> CheckpointRead
     else:
         where = steps_folder(p)
         steps = _step_dirs(where)
+    shown = {s: str(d) for s, d in steps.items()}
+    steps = staging.readable_steps(where, steps)
     if not steps:
         raise ExportError(f"{path}: holds no mixlm checkpoint (expected checkpoints/<step>/state/); was the "
                           "run saved (checkpoint.save_at_end / checkpoint.every)?")
@@ -177,12 +185,12 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> CheckpointRead
                               f"{', '.join(map(str, sorted(steps)))}")
         problem = file_problem(epath.Path(steps[step]))
         if problem:
-            raise ExportError(f"checkpoint step {step} ({steps[step]}) is incomplete: {problem}")
+            raise ExportError(f"checkpoint step {step} ({shown[step]}) is incomplete: {problem}")
         chosen = step
     else:
 
-        def skip(s: int, step_dir: Path, problem: str) -> None:
-            warnings.warn(f"checkpoint step {s} ({step_dir}) is incomplete: {problem}; trying the one before",
+        def skip(s: int, step_dir, problem: str) -> None:
+            warnings.warn(f"checkpoint step {s} ({shown[s]}) is incomplete: {problem}; trying the one before",
                           stacklevel=4)
 
         chosen = newest_complete_step(steps, skip)
@@ -208,4 +216,5 @@ def open_checkpoint(path: str | Path, step: int | None = None) -> CheckpointRead
         cfg = config_from_dict(cfg_dict)
     except ConfigError as e:
         raise ExportError(f"{step_dir}: the saved config does not load: {e}") from None
-    return CheckpointReader(step_dir, cfg, meta, chosen, verified=is_listed(epath.Path(step_dir)))
+    return CheckpointReader(step_dir, cfg, meta, chosen, verified=is_listed(epath.Path(step_dir)),
+                            description=shown[chosen])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mixlm import storage
 from mixlm.config import read_yaml_file
 from mixlm.errors import ConfigError
 
@@ -78,18 +80,18 @@ class Table:
 
 
 def read_csv(path: str | Path) -> Table:
-    """Reads a table with an `index` column and numeric value columns (empty cells become NaN)."""
-    path = Path(path)
+    """Reads a table with an `index` column and numeric value columns (empty cells become NaN); `path` may be
+    local or on an object store."""
+    path = storage.location(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such CSV file")
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or INDEX not in header:
-            raise ConfigError(
-                f"{path}: the first row must be a header with an {INDEX!r} column (RegMix layout)"
-            )
-        body = [row for row in reader if row]
+    reader = csv.reader(io.StringIO(path.read_text(), newline=""))
+    header = next(reader, None)
+    if not header or INDEX not in header:
+        raise ConfigError(
+            f"{path}: the first row must be a header with an {INDEX!r} column (RegMix layout)"
+        )
+    body = [row for row in reader if row]
     at = header.index(INDEX)
     columns = tuple(h for i, h in enumerate(header) if i != at)
     index_N = np.empty(len(body), dtype=np.int64)
@@ -107,15 +109,19 @@ def read_csv(path: str | Path) -> Table:
     return Table(index_N, columns, values_NxC)
 
 
+def csv_text(table: Table) -> str:
+    """`index` then the value columns, as CSV text; floats in repr form, so a read gives them back exactly."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([INDEX, *table.columns])
+    for i, row in zip(table.index_N, table.values_NxC):
+        writer.writerow([int(i), *(repr(float(v)) for v in row)])
+    return out.getvalue()
+
+
 def write_csv(path: str | Path, table: Table) -> None:
-    """Writes `index` then the value columns; floats in repr form, so a read gives them back exactly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([INDEX, *table.columns])
-        for i, row in zip(table.index_N, table.values_NxC):
-            writer.writerow([int(i), *(repr(float(v)) for v in row)])
+    """Writes the table (csv_text) whole: a reader sees the old file or the new one (storage.write_atomic)."""
+    storage.write_atomic(path, csv_text(table))
 
 
 def mixtures_table(

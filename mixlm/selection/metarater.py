@@ -24,6 +24,7 @@ resumes: a proxy with a finished run is read back, not retrained.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from mixlm.errors import ProxyRunsFailedError
 from mixlm.selection import SelectionError
 from mixlm.selection.pick import sample_rater_weightings
 
@@ -91,9 +93,7 @@ def _write_results(path: Path, weightings: Mapping[int, Mapping[str, float]], ra
     done = sorted(i for i in weightings if i in losses)
     table = _weighting_table({i: weightings[i] for i in done}, raters)
     values = np.concatenate([table.values_NxC, np.array([[losses[i]] for i in done]).reshape(len(done), 1)], axis=1)
-    tmp = path.with_name(path.name + ".tmp")
-    write_csv(tmp, Table(table.index_N, (*raters, loss_column(heldout)), values))
-    tmp.replace(path)
+    write_csv(path, Table(table.index_N, (*raters, loss_column(heldout)), values))
 
 
 def optimize_rater_weights(model, raters: Sequence[str], *, n_samples: int = 100_000, top_k: int = 128,
@@ -152,11 +152,11 @@ def learn_rater_weights(
     from mixlm.mixing import save_model
     from mixlm.mixing.fitting import choose_model
     from mixlm.mixing.plots import plot_fit
-    from mixlm.mixing.sweep import final_losses
     from mixlm.mixing.tables import loss_column, write_csv
+    from mixlm.proxies import ProxyRun, plan_proxy, run_proxies
     from mixlm.run_config import load_run_config
+    from mixlm.run_dir import RunDir
     from mixlm.selection.pick import select_documents
-    from mixlm.train import train
 
     names, directions = parse_raters(raters)
     if not names or len(set(names)) != len(names):
@@ -177,7 +177,6 @@ def learn_rater_weights(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "weightings.csv", _weighting_table(weightings, names))
     base_cfg = load_run_config(str(base_config), list(overrides))  # a bad base config fails before any work
-    steps = base_cfg.train.steps
     if base_cfg.eval.batches < 1:
         raise SelectionError("the proxy config has eval.batches 0: the held-out loss needs at least 1")
     tokenizer = str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
@@ -186,38 +185,41 @@ def learn_rater_weights(
     prepare_domains({heldout_name: [str(Path(p).resolve()) for p in heldout]}, prepared,
                     PrepareOptions(tokenizer=tokenizer, validation_fraction=1.0, progress=False))
 
-    losses: dict[int, float] = {}
+    key = f"val_loss/{heldout_name}"
+    proxies, sizes = [], {}
     for index, weights in sorted(weightings.items()):
         run_dir = out / "runs" / f"{index:04d}"
-        key = f"val_loss/{heldout_name}"
-        done = final_losses(run_dir, steps)
-        if done is not None and key in done:
-            losses[index] = done[key]
-            log(f"metarater: proxy {index} already trained, held-out loss {losses[index]:.4f}")
-            continue
         domain = f"sel_{index:04d}"
-        selection = out / "selections" / f"{index:04d}"
-        report = select_documents(signal_dirs, weight_spec(weights, directions), selection, budget=budget,
-                                  budget_unit=budget_unit)
-        if report["documents_out"] < 2:
-            raise SelectionError(f"weighting {index} selected {report['documents_out']} documents within the "
-                                 f"budget {budget:g} {budget_unit}; raise the budget")
-        prepare_domains({domain: [str((selection / "documents.jsonl.zst").resolve())]}, prepared,
-                        PrepareOptions(tokenizer=tokenizer, overwrite=True, progress=False))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        mixture = run_dir / "mixture.yaml"
-        mixture.write_text(yaml.safe_dump({domain: 1.0, heldout_name: 0.0}, sort_keys=False))
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if RunDir(run_dir).result() is None:  # to train: its selection, prepared as its own domain
+            selection = out / "selections" / f"{index:04d}"
+            report = select_documents(signal_dirs, weight_spec(weights, directions), selection, budget=budget,
+                                      budget_unit=budget_unit)
+            if report["documents_out"] < 2:
+                raise SelectionError(f"weighting {index} selected {report['documents_out']} documents within the "
+                                     f"budget {budget:g} {budget_unit}; raise the budget")
+            prepare_domains({domain: [str((selection / "documents.jsonl.zst").resolve())]}, prepared,
+                            PrepareOptions(tokenizer=tokenizer, overwrite=True, progress=False))
+            sizes[index] = f"{report['documents_out']} documents, {report[budget_unit + '_out']} {budget_unit}"
         cfg = load_run_config(str(base_config), [
-            *overrides, f"data.prepared_dir={prepared.resolve()}", f"data.mixture={mixture}",
-            f"train.output_dir={run_dir}", "logging.progress=false", "checkpoint.save_at_end=false",
-            "checkpoint.every=0"])
-        evaluated = train(cfg, log_fn=lambda _: None).eval
-        losses[index] = float(evaluated[key])
-        _write_results(out / "results.csv", weightings, names, losses, heldout_name)
-        log(f"metarater: proxy {index} ({report['documents_out']} documents, {report[budget_unit + '_out']} "
-            f"{budget_unit}) held-out loss {losses[index]:.4f}")
+            *overrides, f"data.prepared_dir={prepared.resolve()}",
+            f"data.mixture={json.dumps({domain: 1.0, heldout_name: 0.0})}", f"train.output_dir={run_dir}",
+            "logging.progress=false", "checkpoint.save_at_end=false", "checkpoint.every=0"])
+        proxies.append(plan_proxy(index, weights, cfg))
+
+    def describe(run: ProxyRun, result: dict, took: str) -> str:
+        size = f" ({sizes[run.index]})" if run.index in sizes else ""
+        return f"proxy {run.index}{size} held-out loss {result['eval'][key]:.4f}"
+
+    for run in proxies:
+        if run.result() is not None:
+            log(f"metarater: proxy {run.index} already trained, held-out loss {run.result()['eval'][key]:.4f}")
+    outcome = run_proxies(proxies, parallel=0, log=log, label="metarater", describe=describe)
+    losses = {i: float(r["eval"][key]) for i, r in outcome.results.items() if r["status"] == "finished"}
     _write_results(out / "results.csv", weightings, names, losses, heldout_name)
+    if outcome.stopped or outcome.failed:
+        why = outcome.stopped or "; ".join(f"proxy {i}: {w}" for i, w in sorted(outcome.failed.items()))
+        raise ProxyRunsFailedError(f"metarater: not every proxy finished ({why}); rerun the same command to "
+                                   "train the missing ones")
 
     from mixlm.mixing.tables import read_csv
 
