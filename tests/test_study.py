@@ -181,7 +181,7 @@ def test_a_changed_validation_setting_reruns_only_validation_and_the_report(stud
     assert walked.ran == ["validate-proposed-seed2", "validate-natural-seed2", "validate-uniform-seed2", "report"]
     assert (run / "metrics.jsonl").stat().st_mtime_ns == trained  # recorded, not trained again
     facts = yaml.safe_load((out / "report" / "report.json").read_text())
-    assert sorted(facts["validation"]["proposed"]["seeds"]) == [0, 1, 2]
+    assert sorted(facts["validation"]["proposed"]["seeds"]) == ["0", "1", "2"]  # {seed: loss}, JSON keys
     # the export, eval and search stages were reused: their folders are the reference's
     assert stage_folder(out, "export-proposed").name == stage_folder(reference, "export-proposed").name
 

@@ -6,6 +6,7 @@ its search reuses it. Each stage also runs alone (`--stage`, a cluster job), a s
 import gzip
 import io
 import json
+import re
 
 import yaml
 import zstandard
@@ -37,7 +38,7 @@ def _lines(path) -> list[str]:
     return raw.decode().splitlines()
 
 
-def test_a_selection_knob_is_a_domain_variant_prepared_once_and_stages_run_as_jobs(tmp_path):
+def test_a_selection_knob_is_a_domain_variant_prepared_once_and_stages_run_as_jobs(tmp_path, capsys):
     (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(PROXY))
     spec = tmp_path / "study.yaml"
     spec.write_text(yaml.safe_dump(KNOB_STUDY))
@@ -47,10 +48,14 @@ def test_a_selection_knob_is_a_domain_variant_prepared_once_and_stages_run_as_jo
     for name in ("data", "score-records", "select-records_top50", "prepared", "sample-r0"):
         assert main([*run, "--stage", name]) == 0
     assert main([*run, "--stage", "fit-r0"]) == 2  # its inputs are not done: one line, exit 2
-    sweep = stage_folder(out, "sweep-small-r0")
-    for shard in ("0/2", "1/2"):
+    for trained_runs, shard in ((4, "0/2"), (8, "1/2")):
         assert main([*run, "--stage", "sweep-small-r0", "--shard", shard]) == 0
+        sweep = stage_folder(out, "sweep-small-r0")
         assert not (sweep / "results.csv").exists() and not (sweep / "stage.json").exists()
+        # status counts a sweep's runs by their result.json (a shard writes no results.csv)
+        capsys.readouterr()
+        assert main(["study", "status", str(spec), "--out", str(out)]) == 0
+        assert re.search(rf"sweep-small-r0 +started +stages/\S+  runs {trained_runs}/8\n", capsys.readouterr().out)
     trained = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("runs/*/metrics.jsonl")}
     assert len(trained) == 8
     first = walk(Study(load_study(spec), out=str(out), log=lambda _: None))

@@ -127,7 +127,9 @@ def walk(study: Study) -> Study:
 
 def status_rows(study: Study) -> list[dict]:
     """Per stage met by a plan-mode walk: name, kind, state (done | running | started | left | skipped), its
-    folder (relative to the study) and, for a sweep, how many of its runs are recorded."""
+    folder (relative to the study) and, for a sweep, how many of its runs finished (their result.json)."""
+    from mixlm.study.runner import finished_runs
+
     rows = []
     for stage in study.planned:
         folder = stage.folder(study.root)
@@ -143,9 +145,7 @@ def status_rows(study: Study) -> list[dict]:
                "folder": f"stages/{stage.dirname}", "note": study.notes.get(stage.name, "")}
         training = study.training.get(stage.name)
         if training is not None and stage.kind == "sweep":
-            results = folder / "results.csv"
-            recorded = max(0, len(results.read_text().splitlines()) - 1) if results.exists() else 0
-            row["runs"] = f"{recorded}/{training.runs}"
+            row["runs"] = f"{finished_runs(folder)}/{training.runs}"
         rows.append(row)
     return rows
 

@@ -23,7 +23,8 @@ import numpy as np
 from mixlm.config import load_config
 from mixlm.study.graph import Stage, StageWork
 from mixlm.study.pipeline import Study, Training, config_hash
-from mixlm.study.verbs import run_verb, sweep_argv
+from mixlm.study.runner import sweep_argv
+from mixlm.study.verbs import run_verb
 
 PRIOR_MIX = 0.05  # share of the token prior mixed into a refinement round's centre, so no domain has weight 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from mixlm import storage
 from mixlm.study.graph import Stage, StageWork
 from mixlm.study.pipeline import Study, Training, config_hash
+from mixlm.study.runner import run_result
 from mixlm.study.search import study_overrides, sweep_stage
 from mixlm.study.verbs import run_verb
 
@@ -107,15 +108,11 @@ def _validate_argv(study: Study, prepared: Stage, candidates: Stage, name: str, 
 
 def _validate_work(study: Study, prepared: Stage, candidates: Stage, name: str, seed: int, extra: list[str]):
     def work(task: StageWork) -> dict:
-        from mixlm.run_dir import RunDir
-
         task.trained = True
         argv = _validate_argv(study, prepared, candidates, name, seed, extra, task.folder)
-        run_verb(task, argv)
+        run_verb(task, argv)  # a run finished before (trained by hand, or killed after it) trains nothing again
         run = argv[-1].split("=", 1)[1]
-        done = RunDir(run).result()  # result.json once the one proxy runner (issue 25) writes it for every run
-        final = done["eval"] if done else RunDir(run).final_eval() or {}
-        return {"run": run, "candidate": name, "seed": seed, "eval": final}
+        return {"run": run, "candidate": name, "seed": seed, "eval": run_result(task, run)["eval"]}
 
     return work
 
