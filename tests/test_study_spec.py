@@ -57,6 +57,8 @@ def with_(change: dict, base: dict = GOOD) -> dict:
     ({"search.scales": [{"name": "small", "config": "proxy.yaml", "overrides": ["train.stepz=3"]}]},
      "search.scales[0]: override 'train.stepz=3'"),
     ({"engine.kind": "spark"}, "engine.kind='spark': use local or ray"),
+    ({"out": "gs://bucket/study"}, "out='gs://bucket/study': a study folder must be local for now"),
+    ({"out": "hdfs://host/study"}, "the scheme hdfs:// is not supported"),
     ({"selection": {"domains": {"prose": {"keep": [1.0], "weights": {"a": 1}}}}}, "selection.domains.prose.keep"),
 ])
 def test_a_bad_study_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, change, message):
@@ -68,6 +70,15 @@ def test_a_bad_study_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, chang
     assert len(lines) == 1 and lines[0].startswith("mixlm study: config error: "), printed.err
     assert message in lines[0]
     assert not (tmp_path / "runs").exists() and not printed.out
+
+
+def test_a_bucket_study_folder_is_refused_in_one_line(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert main(["study", "run", str(path), "--out", "s3://bucket/study"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip() == ("mixlm study: config error: --out='s3://bucket/study': a study folder must be "
+                                   "local for now (mix sample, fit and optimize write local files); give a local "
+                                   "folder, e.g. runs/my-study")
 
 
 def test_overrides_on_the_command_line(tmp_path):

@@ -31,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from mixlm.errors import ConfigError
     from mixlm.study.graph import StageError
     from mixlm.study.pipeline import Study, format_status, walk
-    from mixlm.study.spec import load_study
+    from mixlm.study.spec import check_study_folder, load_study
 
     spec = load_study(args.study, args.overrides)
+    if args.out:
+        check_study_folder(args.out, "--out")
     if args.shard and not args.stage:
         raise ConfigError("--shard I/N needs --stage NAME (the sweep stage the shard belongs to)")
     plan = args.action == "status" or args.dry_run

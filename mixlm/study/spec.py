@@ -349,6 +349,17 @@ def load_study(path: str | Path, overrides: list[str] | tuple = ()) -> StudySpec
     return spec
 
 
+def check_study_folder(out: str, what: str) -> None:
+    """A ConfigError unless `out` is a local folder: `mix sample|fit|optimize` write local files (a bucket study
+    folder waits for them to write through mixlm.storage)."""
+    from mixlm import storage
+
+    storage.check_location(out, what)
+    if storage.is_remote(out):
+        raise ConfigError(f"{what}={out!r}: a study folder must be local for now (mix sample, fit and optimize write "
+                          "local files); give a local folder, e.g. runs/my-study")
+
+
 def _name(value: str, where: str) -> None:
     if not NAME.match(value):
         raise ConfigError(f"{where}={value!r}: use lowercase letters, digits and _ (it names folders)")
@@ -361,6 +372,7 @@ def check(spec: StudySpec, where: str) -> None:
     _name(spec.name, f"{where}: name")
     if not spec.out:
         raise ConfigError(f"{where}: out is empty; give the study's folder, e.g. runs/my-study")
+    check_study_folder(spec.out, f"{where}: out")
     data = spec.data
     if bool(data.prepared_dir) == (data.demo is not None):
         raise ConfigError(f"{where}: data: give exactly one of prepared_dir (a `mixlm prepare` folder) or demo")
