@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 from mixlm import storage
@@ -56,7 +55,8 @@ def _candidates_work(study: Study, prepared: Stage, proposal: Stage):
         domains, natural = data["domains"], data["natural_domains"]
         folder = task.folder
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(study.outputs(proposal.name)["mixture"], os.fspath(folder / "proposed.yaml"))
+        storage.write_atomic(folder / "proposed.yaml", storage.location(study.outputs(proposal.name)["mixture"])
+                             .read_bytes())
         weights = {"proposed": study.outputs(proposal.name)["weights"]}
         entries = [{"name": "proposed", "kind": "proposed", "mixture": "proposed.yaml"}]
         for b in study.spec.validation.baselines:
@@ -100,7 +100,7 @@ def _validate_argv(study: Study, prepared: Stage, candidates: Stage, name: str, 
     v = study.spec.validation
     data = study.outputs(prepared.name)
     config = study.spec.relative(v.config)
-    mixture = Path(study.outputs(candidates.name)["folder"]) / "train" / f"{name}.yaml"
+    mixture = storage.location(study.outputs(candidates.name)["folder"]) / "train" / f"{name}.yaml"
     return ["train", config, *study_overrides(study, config, v.overrides, data), *extra, f"data.mixture={mixture}",
             f"train.seed={seed}", f"data.seed={seed}", "checkpoint.save_at_end=true",
             f"train.output_dir={folder / f'{name}-seed{seed}'}"]
