@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mixlm.errors import ConfigError
     from mixlm.study.graph import StageError
-    from mixlm.study.pipeline import Study, format_status, walk
+    from mixlm.study.pipeline import Study, format_status
     from mixlm.study.spec import check_study_folder, load_study
+    from mixlm.study.stages import walk
 
     spec = load_study(args.study, args.overrides)
     if args.out:
