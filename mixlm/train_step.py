@@ -32,13 +32,10 @@ class TrainState:
 
 def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None):
     """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
-    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
-    logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout)
-    nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
-    mask_BxL = batch["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum(nll_BxL * mask_BxL)
-    z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
-    return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask_BxL))
+    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens)); only the objective is
+    differentiable. The cross-entropy runs over chunks of positions, never the whole [tokens, vocab] logits
+    (mixlm.models.forward.batch_loss_sums)."""
+    return forward.batch_loss_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=z_loss, layout=layout)
 
 
 def split_microbatches(batch: dict, k: int) -> dict:
