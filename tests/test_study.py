@@ -246,3 +246,24 @@ def test_dry_run_prices_each_training_stage_by_its_flops(tmp_path, capsys):
         assert float(row[5]) == pytest.approx(runs * tokens * flops / (h100 * devices) * devices / 3600, rel=5e-3)
         assert "fits" in row[7]
     assert math.isfinite(float(printed.split("training: ")[1].split()[0]))
+
+
+def test_dry_run_with_compile_for_prices_memory_with_the_target_compiler(tmp_path, capsys):
+    """cost.compile_for: each training stage's memory is the GPU compiler's peak for its own device count (one
+    config here: one compile)."""
+    import copy
+
+    from tiny_study import PROXY, STUDY
+
+    tree = copy.deepcopy(STUDY)
+    tree["search"]["scales"] = tree["search"]["scales"][:1]
+    for key in ("validation", "export", "eval"):
+        tree.pop(key)
+    tree.update(refine={"rounds": 0}, prior={"max_epochs": 50, "token_budget": "data"},
+                cost={"compile_for": "h100-{devices}"})
+    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(PROXY))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["study", "run", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sweep-small-r0 |"))
+    memory = row.split("|")[-2].strip()
+    assert memory == "0.0 of 72.0 GiB compiled for h100-1: fits"  # a 31k-parameter model: 1.8 MB at its peak

@@ -57,6 +57,7 @@ def with_(change: dict, base: dict = GOOD) -> dict:
     ({"search.scales": [{"name": "small", "config": "proxy.yaml", "overrides": ["train.stepz=3"]}]},
      "search.scales[0]: override 'train.stepz=3'"),
     ({"engine.kind": "spark"}, "engine.kind='spark': use local or ray"),
+    ({"cost.compile_for": "b200-{devices}"}, "cost.compile_for='b200-{devices}' on 1 device(s): --compile-for"),
     ({"out": "gs://bucket/study"}, "out='gs://bucket/study': a study folder must be local for now"),
     ({"out": "hdfs://host/study"}, "the scheme hdfs:// is not supported"),
     ({"selection": {"domains": {"prose": {"keep": [1.0], "weights": {"a": 1}}}}}, "selection.domains.prose.keep"),

@@ -1,20 +1,20 @@
 """What a study's training stages cost on the hardware `cost:` names: the training FLOPs of every run
 (mixlm.models.flops_per_token, as `mixlm plan` counts them) at `cost.mfu` of the device's dense bf16 peak, in
 device-hours, and proxies per hour for a sweep; `--dry-run` adds `mixlm plan`'s memory check of each training
-config (a subprocess per config: `mixlm plan CONFIG ... --analytic-only --json`, on fake CPU devices).
+config (a subprocess per config: `mixlm plan CONFIG ... --analytic-only --json`, on fake CPU devices; with
+cost.compile_for, `--compile-for TARGET`: the target's own compiler's peak memory of the real train step).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from mixlm.errors import ConfigError
 from mixlm.study.pipeline import Study, Training
+from mixlm.study.spec import compile_target
 
 
 @dataclass(frozen=True)
@@ -70,29 +70,27 @@ def stage_costs(study: Study) -> list[StageCost]:
     return out
 
 
-def _plan_flags() -> set[str]:
-    from mixlm.commands import plan
-
-    parser = argparse.ArgumentParser()
-    plan.add_arguments(parser)
-    return {flag for action in parser._actions for flag in action.option_strings}
-
-
 def plan_check(study: Study, training: Training, devices: int) -> dict:
-    """`mixlm plan --json --analytic-only` of a training stage's config on `devices` of the cost's kind."""
+    """`mixlm plan --json` of a training stage's config on `devices` of the cost's kind: {total, usable_bytes,
+    fits, how} (analytic, or the compiler's peak with cost.compile_for), or {error}."""
     cost = study.spec.cost
     _, overrides, _ = _resolved(study, training)
     argv = [sys.executable, "-m", "mixlm.cli", "plan", training.config, *overrides, "--devices", str(devices),
-            "--device-kind", cost.device_kind, "--mfu", repr(cost.mfu), "--analytic-only", "--json"]
-    if cost.compile_for:
-        if "--compile-for" not in _plan_flags():
-            raise ConfigError(f"cost.compile_for={cost.compile_for!r}: this mixlm's `mixlm plan` has no --compile-for "
-                              "(issue 26) yet; remove it to price analytically")
-        argv = [a for a in argv if a != "--analytic-only"] + ["--compile-for", cost.compile_for]
+            "--device-kind", cost.device_kind, "--mfu", repr(cost.mfu), "--json"]
+    target = compile_target(cost.compile_for, devices) if cost.compile_for else ""
+    argv += ["--compile-for", target, "--no-fixes"] if target else ["--analytic-only"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["mixlm plan failed"])[-1]}
-    return json.loads(done.stdout)
+    plan = json.loads(done.stdout)
+    if not target:
+        how = f"on {devices} x {cost.device_kind}"
+        return {"total": plan["analytic_total"], "usable_bytes": plan["usable_bytes"], "fits": plan["fits"], "how": how}
+    step = plan["steps"][0]  # the config as given (--no-fixes compiles nothing else)
+    if step["peak"] is None:
+        return {"error": f"the compiler for {target} gave no memory: {step.get('refusal') or 'no reason given'}"}
+    return {"total": step["peak"], "usable_bytes": plan["usable_bytes"], "fits": step["fits"],
+            "how": f"compiled for {target}"}
 
 
 def format_dry_run(study: Study) -> str:
@@ -117,9 +115,8 @@ def format_dry_run(study: Study) -> str:
         if key not in checks:
             checks[key] = plan_check(study, training, c.devices)
         check = checks[key]
-        memory = check.get("error") or (f"{check['analytic_total'] / 2**30:,.1f} of {check['usable_bytes'] / 2**30:,.1f} "
-                                        f"GiB on {c.devices} x {study.spec.cost.device_kind}: "
-                                        f"{'fits' if check['fits'] else 'does NOT fit'}")
+        memory = check.get("error") or (f"{check['total'] / 2**30:,.1f} of {check['usable_bytes'] / 2**30:,.1f} GiB "
+                                        f"{check['how']}: {'fits' if check['fits'] else 'does NOT fit'}")
         total += c.device_hours
         left += c.device_hours if row["state"] != "done" else 0.0
         lines.append(f"| {row['stage']} | {row['kind']} | {row['state']} | {c.runs} | {c.tokens:,} | "

@@ -168,7 +168,13 @@ class CostSpec:
     devices: int = 8  # for a validation run
     proxy_devices: int = 1  # for one proxy sweep process (a swarm shares them)
     mfu: float = 0.4
-    compile_for: str = ""  # `mixlm plan --compile-for` (issue 26) when this mixlm has it
+    compile_for: str = ""  # a `mixlm plan --compile-for` target, `{devices}` the stage's count: h100-{devices}
+
+
+def compile_target(template: str, devices: int) -> str:
+    """The `mixlm plan --compile-for` target of a stage on `devices` devices: cost.compile_for with `{devices}`
+    filled in (`h100-{devices}`; a TPU slice such as `v5p-32` names its own)."""
+    return template.replace("{devices}", str(devices))
 
 
 @dataclass(frozen=True)
@@ -472,6 +478,20 @@ def check(spec: StudySpec, where: str) -> None:
         raise ConfigError(f"{where}: report: confidence in (0, 1), bootstrap >= 100")
     if spec.cost.mfu <= 0 or spec.cost.mfu > 1 or spec.cost.devices < 1 or spec.cost.proxy_devices < 1:
         raise ConfigError(f"{where}: cost: 0 < mfu <= 1, devices and proxy_devices >= 1")
+    if spec.cost.compile_for:
+        _check_compile_for(spec, where)
+
+
+def _check_compile_for(spec: StudySpec, where: str) -> None:
+    """cost.compile_for names a `--compile-for` target for every device count a training stage holds."""
+    from mixlm.compile_targets import resolve_target
+
+    counts = {s.devices or spec.cost.proxy_devices for s in spec.search.scales} | {spec.cost.devices}
+    for devices in sorted(counts):
+        try:
+            resolve_target(compile_target(spec.cost.compile_for, devices))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: cost.compile_for={spec.cost.compile_for!r} on {devices} device(s): {e}") from None
 
 
 def _check_configs(spec: StudySpec, where: str) -> None:
