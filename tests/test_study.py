@@ -248,22 +248,42 @@ def test_dry_run_prices_each_training_stage_by_its_flops(tmp_path, capsys):
     assert math.isfinite(float(printed.split("training: ")[1].split()[0]))
 
 
-def test_dry_run_with_compile_for_prices_memory_with_the_target_compiler(tmp_path, capsys):
-    """cost.compile_for: each training stage's memory is the GPU compiler's peak for its own device count (one
-    config here: one compile)."""
+def _one_sweep_dry_run(folder: Path, capsys, scale: dict, cost: dict | None = None) -> str:
+    """The memory cell of sweep-small-r0 in `--dry-run` of the tiny study cut to that one sweep (one config)."""
     import copy
 
     from tiny_study import PROXY, STUDY
 
     tree = copy.deepcopy(STUDY)
-    tree["search"]["scales"] = tree["search"]["scales"][:1]
+    tree["search"]["scales"] = [{"name": "small", "config": "proxy.yaml", **scale}]
     for key in ("validation", "export", "eval"):
         tree.pop(key)
-    tree.update(refine={"rounds": 0}, prior={"max_epochs": 50, "token_budget": "data"},
-                cost={"compile_for": "h100-{devices}"})
-    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(PROXY))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(tree))
-    assert main(["study", "run", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    tree.update(refine={"rounds": 0}, prior={"max_epochs": 50, "token_budget": "data"}, cost=cost or {})
+    (folder / "proxy.yaml").write_text(yaml.safe_dump(PROXY))
+    (folder / "study.yaml").write_text(yaml.safe_dump(tree))
+    capsys.readouterr()
+    assert main(["study", "run", str(folder / "study.yaml"), "--out", str(folder / "dry"), "--dry-run"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sweep-small-r0 |"))
-    memory = row.split("|")[-2].strip()
+    return row.split("|")[-2].strip()
+
+
+def test_dry_run_with_compile_for_prices_memory_with_the_target_compiler(tmp_path, capsys):
+    """cost.compile_for: each training stage's memory is the GPU compiler's peak for its own device count."""
+    memory = _one_sweep_dry_run(tmp_path, capsys, {"parallel": 0}, {"compile_for": "h100-{devices}"})
     assert memory == "0.0 of 72.0 GiB compiled for h100-1: fits"  # a 31k-parameter model: 1.8 MB at its peak
+
+
+def test_dry_run_counts_every_swarm_member_a_device_holds(tmp_path, capsys):
+    """A swarm of 8 on one device holds 8 runs' params, optimizer state and activations at once."""
+    big = ["model.num_layers=8", "model.d_model=512", "model.mlp_dim=2048", "model.num_heads=8",
+           "model.max_seq_len=512", "data.seq_len=512", "train.global_batch_size=32"]
+    for name in ("one", "eight"):
+        (tmp_path / name).mkdir()
+    one = _one_sweep_dry_run(tmp_path / "one", capsys, {"parallel": 0, "overrides": big})
+    eight = _one_sweep_dry_run(tmp_path / "eight", capsys, {"swarm": 8, "overrides": big})
+    per_run = float(one.split(" of ")[0])
+    assert re.fullmatch(r"[\d.]+ of 72\.0 GiB on 1 x h100: fits", one) and per_run > 0.5, one
+    found = re.fullmatch(r"([\d.]+) of 72\.0 GiB on 1 x h100 \(8 swarm members per device x ([\d.]+)\): (.*)", eight)
+    assert found and float(found.group(2)) == per_run, eight
+    assert abs(float(found.group(1)) - 8 * per_run) <= 8 * 0.05  # each printed to 0.1 GiB
+    assert found.group(3) == ("fits" if 8 * per_run < 72 else "does NOT fit")

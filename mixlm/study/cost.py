@@ -93,6 +93,16 @@ def plan_check(study: Study, training: Training, devices: int) -> dict:
             "how": f"compiled for {target}"}
 
 
+def _memory(check: dict, members: int) -> str:
+    """The memory cell of one run's plan, times the swarm members a device holds (each its own params, optimizer
+    state and activations)."""
+    total, usable = check["total"] * members, check["usable_bytes"]
+    fits = check["fits"] and total <= usable
+    each = f" ({members} swarm members per device x {check['total'] / 2**30:,.1f})" if members > 1 else ""
+    return (f"{total / 2**30:,.1f} of {usable / 2**30:,.1f} GiB {check['how']}{each}: "
+            f"{'fits' if fits else 'does NOT fit'}")
+
+
 def format_dry_run(study: Study) -> str:
     """The stages a run would meet, what is done, and the cost of the training left (`--dry-run`)."""
     from mixlm.study.pipeline import status_rows
@@ -115,8 +125,7 @@ def format_dry_run(study: Study) -> str:
         if key not in checks:
             checks[key] = plan_check(study, training, c.devices)
         check = checks[key]
-        memory = check.get("error") or (f"{check['total'] / 2**30:,.1f} of {check['usable_bytes'] / 2**30:,.1f} GiB "
-                                        f"{check['how']}: {'fits' if check['fits'] else 'does NOT fit'}")
+        memory = check.get("error") or _memory(check, training.members_per_device)
         total += c.device_hours
         left += c.device_hours if row["state"] != "done" else 0.0
         lines.append(f"| {row['stage']} | {row['kind']} | {row['state']} | {c.runs} | {c.tokens:,} | "

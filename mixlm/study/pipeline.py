@@ -33,13 +33,19 @@ def config_hash(path: str, overrides: Sequence[str]) -> str:
 
 
 class Training:
-    """A stage that trains: `runs` runs of `config` + `overrides` on `devices` devices (for the cost), and
-    `command()`, the `mixlm train|sweep` argv the stage runs once its inputs are done (a launcher's job)."""
+    """A stage that trains: `runs` runs of `config` + `overrides` on `devices` devices (for the cost), `swarm` of
+    them at once in one program (0: one at a time), and `command()`, the `mixlm train|sweep` argv the stage runs
+    once its inputs are done (a launcher's job)."""
 
     def __init__(self, config: str, overrides: Sequence[str], runs: int, devices: int,
-                 command: Callable[[], list[str]]):
+                 command: Callable[[], list[str]], swarm: int = 0):
         self.config, self.overrides, self.runs, self.devices = config, list(overrides), runs, devices
-        self.command = command
+        self.command, self.swarm = command, swarm
+
+    @property
+    def members_per_device(self) -> int:
+        """The runs one device holds at once: a swarm's members spread over its devices, else 1."""
+        return max(1, -(-min(self.swarm, self.runs) // self.devices)) if self.swarm else 1
 
 
 class Study:

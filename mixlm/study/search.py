@@ -152,7 +152,7 @@ def sweep_stage(study: Study, name: str, scale, sample: Stage, prepared: Stage, 
 
     overrides = study_overrides(study, config, scale.overrides, None)
     devices = scale.devices or study.spec.cost.proxy_devices
-    training = Training(config, overrides, runs, devices, lambda: argv(stage.folder(study.root)))
+    training = Training(config, overrides, runs, devices, lambda: argv(stage.folder(study.root)), swarm=scale.swarm)
     study.stage(stage, work, training=training, shard_work=shard_work)
     return stage
 
