@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo study-demo test chromium bench lint clean
 
 install: $(STAMP)
 
@@ -37,7 +37,17 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m mixlm.demo --out runs/demo
 
-test: $(STAMP)
+# A whole mixture study on the demo corpus (configs/studies/demo.yaml): search rounds, transfer, validation,
+# report in runs/study-demo/report/. A rerun resumes; docs/studies.md has its wall time on 2 CPU cores.
+study-demo: $(STAMP)
+	$(BIN)/python -m mixlm.cli study run configs/studies/demo.yaml
+
+# tests/test_study.py renders the study report in headless chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; } || \
+	  { echo "make test: tests/test_study.py needs chromium: apt-get install -y chromium" >&2; exit 1; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "release": ("release", "upload an exported folder to the Hugging Face Hub (--dry-run lists the files)"),
     "eval": ("eval", "lm-eval suites, per-domain perplexity, local multiple choice on an export or a run"),
     "plot": ("plot", "train/val loss per domain and the mixture over time of runs side by side -> PNGs"),
+    "study": ("study", "a whole mixture study from one YAML: search rounds, transfer, validation, report (resumable)"),
 }
 
 
