@@ -3,9 +3,13 @@
     train(cfg)                                                  # default_hooks(cfg): what the config asks for
     train(cfg, hooks=default_hooks(cfg, MixtureUpdateHook(every=100, update=my_rule)))   # e.g. online mixing
 
-After each optimizer step the loop calls `hook.after_step(run, step)` for every hook with
-`hook.due(run, step)`, in list order, and `hook.at_end(run)` once when the run reaches train.steps (not
-when it stops early on a signal). A hook reads and changes the run through `Run`: `run.state` (the live
+Before each optimizer step the loop passes the step's global batch through every hook's
+`hook.before_step(run, step, batch)` (identity by default; online mixing adds per-row objective weights and a
+reference model's losses there). After each optimizer step the loop calls `hook.after_step(run, step)` for
+every hook with `hook.due(run, step)`, in list order, and `hook.at_end(run)` once when the run reaches
+train.steps (not when it stops early on a signal). A hook with a `state_key` keeps state across a resume: its
+`state_dict(run)` (JSON-able) is saved in the checkpoint's data state under "hooks" and handed back to
+`load_state_dict(run, state)` when the run resumes from it. A hook reads and changes the run through `Run`: `run.state` (the live
 TrainState), `run.source` (the data source), `run.checkpoints`, `run.log_values(...)`, `run.stop(reason)`.
 Hooks that need the previous step's metrics on the host (everything that saves, evaluates or looks at the
 loss) call `run.flush()` first; the loop otherwise reads step metrics one step late so the host never waits
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from mixlm.checkpoint import PreemptionGuard, run_metadata
 from mixlm.config import ExperimentConfig
@@ -35,8 +40,13 @@ class NonFiniteLossError(RuntimeError):
     """A loss, gradient or parameter norm became NaN or infinite; nothing was saved after it."""
 
 
-def host_metrics(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def host_metrics(metrics: dict) -> dict[str, float | np.ndarray]:
+    """Device metrics on the host: scalars as floats, vectors (per-domain sums) as float64 arrays."""
+    return {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+
+
+# Per-domain sums a train step returns (mixlm.train.domain_sums), each [num_domains].
+DOMAIN_SUMS = ("domain_nll", "domain_tokens", "domain_excess")
 
 
 # Metrics of a step that must be finite, and what to try when one is not.
@@ -48,11 +58,15 @@ class StepMeter:
     for NaN/inf, turned into throughput and MFU every `logging.every` steps and written to the metrics log."""
 
     def __init__(self, cfg: ExperimentConfig, log, *, start_step: int, flops_per_token: float, peak: float,
-                 num_devices: int, tokens_before: int = 0):
+                 num_devices: int, tokens_before: int = 0, domains: tuple[str, ...] = ()):
         self.cfg, self.log, self.start_step = cfg, log, start_step
         self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
+        self.domains = tuple(domains)  # names of the per-domain sums' entries (the source's domain_names)
         self.history: list[dict] = []  # one metrics dict per logged step
         self.last: dict[str, float] = {}  # the newest step's metrics read to the host
+        # Per-domain sums of every step read since the last take_domain_window() (online mixing's window).
+        self.domain_window: dict[str, np.ndarray] = {}
+        self.window_steps = 0
         self.tokens_total = float(tokens_before)  # loss tokens of every step so far, also before a resume
         self._pending = None  # (step, device metrics) not yet read
         self._window_start, self._window_tokens = time.perf_counter(), 0.0
@@ -72,7 +86,28 @@ class StepMeter:
             self._pending = None
             self._finish(step, host_metrics(metrics_dev))
 
+    def take_domain_window(self) -> tuple[dict[str, np.ndarray], int]:
+        """(per-domain sums, steps) of the steps read since the last take (call flush() first), and restarts
+        the window."""
+        window, steps = self.domain_window, self.window_steps
+        self.domain_window, self.window_steps = {}, 0
+        return window, steps
+
+    def _per_domain(self, m: dict) -> None:
+        """Moves the step's per-domain vectors out of `m` into the window; adds train_loss/<domain> (this step's
+        mean loss of each domain that had loss tokens in it)."""
+        sums = {k: m.pop(k) for k in DOMAIN_SUMS if k in m}
+        if not sums:
+            return
+        for k, v in sums.items():
+            self.domain_window[k] = self.domain_window.get(k, 0.0) + v
+        self.window_steps += 1
+        for name, nll, tokens in zip(self.domains, sums["domain_nll"], sums["domain_tokens"]):
+            if tokens > 0:
+                m[f"train_loss/{name}"] = float(nll / tokens)
+
     def _finish(self, step: int, m: dict[str, float]) -> None:
+        self._per_domain(m)
         bad = [k for k in GUARDED_METRICS if k in m and not math.isfinite(m[k])]
         if bad:
             raise NonFiniteLossError(
@@ -113,9 +148,20 @@ class Run:
     final_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     stop_reason: str = ""  # set by run.stop(): the loop ends after this step's hooks
     preempted_at: int | None = None
+    hooks: list = dataclasses.field(default_factory=list)  # the run's hooks, in order (set by the loop)
+    hook_states: dict = dataclasses.field(default_factory=dict)  # {state_key: state} restored from the checkpoint
 
     def flush(self) -> None:
         self.meter.flush()
+
+    def data_state(self) -> dict:
+        """What the checkpoint saves as the data state: the source's state and, under "hooks", the state of
+        every hook with a state_key (call flush() first: hooks may count the steps read)."""
+        state = self.source.get_state()
+        saved = {h.state_key: h.state_dict(self) for h in self.hooks if h.state_key}
+        if saved:
+            state = {**state, "hooks": saved}
+        return state
 
     def stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -129,12 +175,24 @@ class Run:
 
 
 class Hook:
-    """Base hook: due every `every` steps (0: never between steps); `after_step` and `at_end` do nothing."""
+    """Base hook: due every `every` steps (0: never between steps); `before_step` passes the batch on,
+    `after_step` and `at_end` do nothing, and there is no state to save (`state_key` empty)."""
 
     every: int = 0
+    state_key: str = ""  # non-empty: state_dict() is saved in checkpoints under this key, load_state_dict() on resume
 
     def due(self, run: Run, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
+
+    def before_step(self, run: Run, step: int, batch: dict) -> dict:
+        """The global batch (jax arrays) step `step` will train on, possibly with keys added."""
+        return batch
+
+    def state_dict(self, run: Run) -> dict:
+        return {}
+
+    def load_state_dict(self, run: Run, state: dict) -> None:
+        pass
 
     def after_step(self, run: Run, step: int) -> None:
         pass
@@ -249,7 +307,7 @@ class CheckpointHook(Hook):
 
     def after_step(self, run: Run, step: int) -> None:
         run.flush()  # never checkpoint past a non-finite value
-        run.checkpoints.save(step, run.state, data_state=run.source.get_state(),
+        run.checkpoints.save(step, run.state, data_state=run.data_state(),
                              meta=run_metadata(run.cfg, step, tokens_seen=run.source.tokens_seen(),
                                                mesh=run.setup.mesh))
         if run.stop_reason:

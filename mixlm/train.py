@@ -44,15 +44,44 @@ class TrainState:
     opt_state: Any
 
 
-def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None):
+def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None,
+               num_domains: int = 0):
     """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
-    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
+    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens, per_domain)).
+
+    A batch may carry 'loss_weights' [B] (per-row multipliers of the objective: online mixing's objective
+    weights, DoReMi's); nll_sum, z_sum and tokens stay unweighted. With `num_domains` and the batch's
+    'domain_ids' [B], `per_domain` holds one segment-sum over rows of {'domain_nll', 'domain_tokens'} [D] (and
+    'domain_excess' [D], the summed max(nll - reference_nll, 0), when the batch carries a reference model's
+    per-token 'reference_nll' [B, L]); else it is empty."""
     logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout)
     nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum(nll_BxL * mask_BxL)
     z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
-    return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask_BxL))
+    objective = nll_sum + z_loss * z_sum
+    if "loss_weights" in batch:
+        weight_BxL = mask_BxL * batch["loss_weights"].astype(jnp.float32)[:, None]
+        objective = jnp.sum((nll_BxL + z_loss * jnp.square(log_z_BxL)) * weight_BxL)
+    per_domain = {}
+    if num_domains and "domain_ids" in batch:
+        per_domain = domain_sums(jax.lax.stop_gradient(nll_BxL), mask_BxL, batch["domain_ids"], num_domains,
+                                 batch.get("reference_nll"))
+    return objective, (nll_sum, z_sum, jnp.sum(mask_BxL), per_domain)
+
+
+def domain_sums(nll_BxL: jax.Array, mask_BxL: jax.Array, domain_ids_B: jax.Array, num_domains: int,
+                reference_nll_BxL: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per-domain sums [D] of a batch's per-token losses, by one segment-sum over its rows (a packed row holds
+    one domain's documents, so a row's domain is each of its segments' domain): 'domain_nll' (summed loss),
+    'domain_tokens' (loss tokens) and, with a reference's per-token losses, 'domain_excess' (summed
+    max(nll - reference, 0): DoReMi's clipped excess loss)."""
+    columns = [jnp.sum(nll_BxL * mask_BxL, axis=1), jnp.sum(mask_BxL, axis=1)]
+    if reference_nll_BxL is not None:
+        columns.append(jnp.sum(jnp.maximum(nll_BxL - reference_nll_BxL, 0.0) * mask_BxL, axis=1))
+    sums_DxC = jax.ops.segment_sum(jnp.stack(columns, axis=1), domain_ids_B, num_segments=num_domains)
+    names = ("domain_nll", "domain_tokens", "domain_excess")
+    return {name: sums_DxC[:, i] for i, name in enumerate(names[: len(columns)])}
 
 
 def split_microbatches(batch: dict, k: int) -> dict:
@@ -61,26 +90,30 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, vocab_size: int, z_loss: float,
-                    grad_accum_steps: int, layout: Layout | None = None) -> Callable:
-    """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch."""
+                    grad_accum_steps: int, layout: Layout | None = None, num_domains: int = 0) -> Callable:
+    """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch. With
+    `num_domains`, metrics also hold the per-domain sums of batch_sums ('domain_nll', 'domain_tokens'[,
+    'domain_excess'], each [num_domains]) of batches that carry 'domain_ids'."""
     grad_fn = jax.value_and_grad(
-        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss, layout=layout), has_aux=True
+        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss, layout=layout,
+                                num_domains=num_domains), has_aux=True
     )
 
     def train_step(state: TrainState, batch: dict):
         if grad_accum_steps == 1:
-            (_, (nll_sum, z_sum, tokens)), grad_sums = grad_fn(state.params, batch)
+            (_, (nll_sum, z_sum, tokens, per_domain)), grad_sums = grad_fn(state.params, batch)
         else:
+            micro_batches = split_microbatches(batch, grad_accum_steps)
+
             def micro_step(carry, micro):
                 acc_grads, acc = carry
                 (_, aux), g = grad_fn(state.params, micro)
                 return (jax.tree.map(jnp.add, acc_grads, g), jax.tree.map(jnp.add, acc, aux)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
-            (grad_sums, (nll_sum, z_sum, tokens)), _ = jax.lax.scan(
-                micro_step, init, split_microbatches(batch, grad_accum_steps)
-            )
+            _, aux_shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches))[0]
+            init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+            (grad_sums, (nll_sum, z_sum, tokens, per_domain)), _ = jax.lax.scan(micro_step, init, micro_batches)
         n = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / n, grad_sums)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -93,6 +126,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, voc
             "update_norm": optax.tree.norm(updates),
             "lr": schedule(state.step),
             "tokens_step": tokens,  # loss tokens of this step (the meter adds tokens_total, cumulative)
+            **per_domain,  # [num_domains] vectors: the meter logs train_loss/<domain>, online mixing reads them
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -103,8 +137,8 @@ def make_eval_step(graphdef, *, vocab_size: int, layout: Layout | None = None) -
     """eval_step(params, batch) -> (nll_sum, tokens)."""
 
     def eval_step(params, batch):
-        _, (nll_sum, _, tokens) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0,
-                                             layout=layout)
+        _, (nll_sum, _, tokens, _) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0,
+                                                layout=layout)
         return nll_sum, tokens
 
     return eval_step
@@ -168,27 +202,32 @@ def make_init_fn(cfg: ExperimentConfig, tx: optax.GradientTransformation, vocab_
     return init_fn
 
 
-def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, *, rules: AxisRules | None = None) -> TrainSetup:
+def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, *, rules: AxisRules | None = None,
+                num_domains: int = 0) -> TrainSetup:
     """Shardings, optimizer and the jitted functions for `cfg` on `mesh` (rules: DEFAULT_RULES with
     mesh.rules over them, or `rules` as given). The vocabulary is padded to a multiple of the mesh axes that
     split it (and of model.vocab_multiple), not of the device count, so checkpoints keep their shapes across
     meshes.
 
+    `num_domains`: the train step also sums each batch's loss and tokens per domain (its 'domain_ids'), the
+    training signal of every domain (train_loss/<domain>) and of online mixing; 0 leaves it out.
+
     Cached: a config with the same program_key on the same mesh (the next proxy of an in-process sweep) gets
     the same jitted functions back, with its own `cfg`, so it compiles nothing again."""
-    key = (program_key(cfg), mesh, rules)
+    key = (program_key(cfg), mesh, rules, num_domains)
     cached = _setup_cache.get(key)
     if cached is not None:
         _setup_cache.move_to_end(key)
         return dataclasses.replace(cached, cfg=cfg)
-    setup = _build_setup(cfg, mesh, rules)
+    setup = _build_setup(cfg, mesh, rules, num_domains)
     _setup_cache[key] = setup
     while len(_setup_cache) > SETUP_CACHE_SIZE:
         _setup_cache.popitem(last=False)
     return setup
 
 
-def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRules | None) -> TrainSetup:
+def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRules | None,
+                 num_domains: int = 0) -> TrainSetup:
     layout = Layout(mesh, rules or DEFAULT_RULES.with_overrides(cfg.mesh.rules), strict=cfg.mesh.strict)
     vocab_multiple_of = layout.axis_size("vocab")
     graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
@@ -206,7 +245,7 @@ def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRule
     )
     step_fn = make_train_step(
         graphdef, tx, schedule, vocab_size=cfg.model.vocab_size, z_loss=cfg.train.z_loss,
-        grad_accum_steps=cfg.train.grad_accum_steps, layout=layout,
+        grad_accum_steps=cfg.train.grad_accum_steps, layout=layout, num_domains=num_domains,
     )
     eval_fn = make_eval_step(graphdef, vocab_size=cfg.model.vocab_size, layout=layout)
     return TrainSetup(
@@ -263,14 +302,17 @@ def trim_metrics_log(path: Path, last_step: int, *, writer: bool | None = None) 
 
 
 def initial_state(setup: TrainSetup, checkpoints, source, *, allow_config_change: bool,
-                  say: Callable[[str], None]) -> TrainState:
+                  say: Callable[[str], None], on_data_state: Callable[[dict], None] | None = None) -> TrainState:
     """Resumes from the newest good checkpoint of this output folder (state and data position), else
     initialises from `checkpoint.init_from` (params only: fresh optimizer, step 0, data from the start),
-    else from `train.seed`."""
+    else from `train.seed`. `on_data_state` hears the resumed checkpoint's whole data state (with the hooks'
+    states)."""
     cfg = setup.cfg
     resumed = checkpoints.restore_latest(setup.abstract_state, cfg, allow_config_change=allow_config_change)
     if resumed is not None:
         source.set_state(resumed.data_state)
+        if on_data_state is not None:
+            on_data_state(resumed.data_state)
         init_from = cfg.checkpoint.init_from
         note = f"; checkpoint.init_from={init_from!r} ignored (this folder has its own)" if init_from else ""
         say(f"resumed from {resumed.path} (step {resumed.step}, "
@@ -291,8 +333,10 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
     out_dir = Path(cfg.train.output_dir)
     early_say = log_fn or (lambda text: print(text, flush=True) if jax.process_index() == 0 else None)
     checkpoints = RunCheckpoints(checkpoint_dir(out_dir), cfg.checkpoint, log=early_say)
+    restored: dict = {}
     try:
-        state = initial_state(setup, checkpoints, source, allow_config_change=allow_config_change, say=early_say)
+        state = initial_state(setup, checkpoints, source, allow_config_change=allow_config_change, say=early_say,
+                              on_data_state=restored.update)
     except BaseException:
         checkpoints.close()
         raise
@@ -310,9 +354,10 @@ def open_run(cfg: ExperimentConfig, setup: TrainSetup, source, *, log_fn: Callab
         f"{setup.flops_per_token / 1e6:.1f} MFLOP/token (attention counted causally), peak {peak / 1e9:,.1f} "
         f"GFLOP/s/device ({peak_source})")
     meter = StepMeter(cfg, log, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
-                      num_devices=setup.mesh.size, tokens_before=sum(source.tokens_seen().values()))
+                      num_devices=setup.mesh.size, tokens_before=sum(source.tokens_seen().values()),
+                      domains=getattr(source, "domain_names", ()))
     return Run(cfg=cfg, setup=setup, source=source, checkpoints=checkpoints, log=log, say=say, meter=meter,
-               state=state, out_dir=out_dir, step=start_step)
+               state=state, out_dir=out_dir, step=start_step, hook_states=restored.get("hooks", {}))
 
 
 def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, source=None,
@@ -328,16 +373,23 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
     mesh = mesh or make_mesh(cfg.mesh)
     validate_for_mesh(cfg, Layout(mesh, DEFAULT_RULES.with_overrides(cfg.mesh.rules)).axis_size("batch"),
                       jax.process_count(), devices=mesh.devices.flat)  # sizes checked before anything is built
-    setup = build_setup(cfg, mesh)
     source = source or make_train_source(cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    setup = build_setup(cfg, mesh, num_domains=len(getattr(source, "domain_names", ())))
     hooks = default_hooks(cfg) if hooks is None else list(hooks)
     run = open_run(cfg, setup, source, log_fn=log_fn, allow_config_change=allow_config_change)
+    run.hooks = hooks
     try:
+        for hook in hooks:
+            if hook.state_key in run.hook_states:
+                hook.load_state_dict(run, run.hook_states[hook.state_key])
         for step in range(run.step + 1, cfg.train.steps + 1):
             host_batch = source.next_batch()
             if step == run.meter.start_step + 1:
                 check_batch_shape(host_batch, cfg)
-            run.state, metrics = setup.train_step(run.state, to_global_batch(host_batch, setup.layout))
+            batch = to_global_batch(host_batch, setup.layout)
+            for hook in hooks:
+                batch = hook.before_step(run, step, batch)
+            run.state, metrics = setup.train_step(run.state, batch)
             run.step = step
             run.meter.record(step, metrics)
             for hook in hooks:

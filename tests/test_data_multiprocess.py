@@ -100,7 +100,7 @@ def test_two_processes_build_the_same_global_batches(tmp_path):
     gathered = np.load(tmp_path / "batches.npz")
     for step in range(STEPS):
         batch = reference.next_batch()
-        assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+        assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions", "domain_ids"}
         for key, value in batch.items():
             np.testing.assert_array_equal(gathered[f"{step}/{key}"], value, err_msg=f"step {step} {key}")
     for pid in range(2):
