@@ -184,6 +184,9 @@ class Hook:
     def due(self, run: Run, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
+    def at_start(self, run: Run) -> None:
+        """Once before the first step of this process's run (after load_state_dict when resuming)."""
+
     def before_step(self, run: Run, step: int, batch: dict) -> dict:
         """The global batch (jax arrays) step `step` will train on, possibly with keys added."""
         return batch
@@ -351,12 +354,16 @@ class MixtureUpdateHook(Hook):
 
 
 def default_hooks(cfg: ExperimentConfig, *extra: Hook) -> list[Hook]:
-    """The hooks the config asks for, in the order they must run, with `extra` hooks after evaluation and
-    before the checkpoint of the same step (so a mixture update is saved with the step it was made at and a
-    resumed run replays it)."""
+    """The hooks the config asks for, in the order they must run, with the online mixing hook (mixing.kind other
+    than static) and `extra` hooks after evaluation and before the checkpoint of the same step (so a mixture
+    update is saved with the step it was made at and a resumed run replays it)."""
     hooks: list[Hook] = []
     if cfg.eval.batches:
         hooks.append(ValidationLossHook(cfg.eval.every, cfg.eval.batches))
     if cfg.eval.tasks:
         hooks.append(LiveTasksHook(cfg.eval.every))
+    if cfg.mixing.kind != "static":
+        from mixlm.mixing.online import OnlineMixingHook, strategy_from_config
+
+        hooks.append(OnlineMixingHook(strategy_from_config(cfg.mixing), apply=cfg.mixing.apply))
     return [*hooks, *extra, PreemptionHook(), CheckpointHook()]

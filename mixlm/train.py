@@ -174,7 +174,7 @@ class TrainSetup:
 
 
 # Config keys that never reach the compiled programs: runs that differ only in these share one TrainSetup.
-PROGRAM_FREE_SECTIONS = ("data", "eval", "logging", "checkpoint")
+PROGRAM_FREE_SECTIONS = ("data", "eval", "logging", "checkpoint", "mixing")
 PROGRAM_FREE_TRAIN_KEYS = ("seed", "output_dir", "heartbeat_timeout_s")
 SETUP_CACHE_SIZE = 8
 _setup_cache: collections.OrderedDict = collections.OrderedDict()
@@ -382,6 +382,7 @@ def train(cfg: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None, sourc
         for hook in hooks:
             if hook.state_key in run.hook_states:
                 hook.load_state_dict(run, run.hook_states[hook.state_key])
+            hook.at_start(run)
         for step in range(run.step + 1, cfg.train.steps + 1):
             host_batch = source.next_batch()
             if step == run.meter.start_step + 1:

@@ -330,6 +330,10 @@ class PreparedMixtureSource:
         """The normalised weights of the next batch."""
         return dict(self.mixture.weights_at(self._step))
 
+    def weights_at(self, step_index: int) -> dict[str, float]:
+        """The normalised weights of batch `step_index` (0-based: the batch optimizer step step_index + 1 trains)."""
+        return dict(self.mixture.weights_at(step_index))
+
     def set_weights(self, weights: dict[str, float]) -> None:
         """Online mixing: `weights` ({domain: weight >= 0}, normalised here) from the next batch on. The
         change is part of get_state(), so a run resumed from a later checkpoint replays it."""

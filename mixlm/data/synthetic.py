@@ -67,6 +67,9 @@ class SyntheticSource:
     def current_weights(self) -> dict[str, float]:
         return {self.domain: 1.0}
 
+    def weights_at(self, step_index: int) -> dict[str, float]:
+        return {self.domain: 1.0}
+
     def set_weights(self, weights: dict[str, float]) -> None:
         from mixlm.errors import ConfigError
 
