@@ -11,3 +11,21 @@ def alphabet_docs(alphabet: str, n: int, rng, *, word_len: tuple[int, int] = (1,
                  for _ in range(int(rng.integers(*words))))
         for _ in range(n)
     ]
+
+
+SENTENCES = [f"the {a} {b} sat on the {c} mat." for a in ("red", "big", "old", "shy") for b in ("cat", "dog", "owl")
+             for c in ("warm", "flat")]
+NOISE_CHARS = list("qwxzjkvbpymlfghtdnrsaeiou ")
+
+
+def learnable_and_noise_docs(rng, n: int = 200) -> dict[str, list[str]]:
+    """Three domains of n documents: `counting` (runs of consecutive numbers) and `phrases` (sentences of a
+    24-sentence grammar), which a model learns to predict ever better, and `noise` (uniformly random characters),
+    whose loss can never fall below its entropy."""
+    counting = []
+    for _ in range(n):
+        first, length = int(rng.integers(0, 50)), int(rng.integers(10, 40))
+        counting.append(" ".join(str(i) for i in range(first, first + length)))
+    phrases = [" ".join(rng.choice(SENTENCES, size=int(rng.integers(3, 12)))) for _ in range(n)]
+    noise = ["".join(rng.choice(NOISE_CHARS, size=int(rng.integers(40, 160)))) for _ in range(n)]
+    return {"counting": counting, "phrases": phrases, "noise": noise}
