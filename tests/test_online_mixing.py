@@ -192,13 +192,27 @@ def test_a_stopped_and_resumed_run_is_bitwise_the_uninterrupted_one(prepared, re
         assert (tmp_path / "whole" / name).read_text().replace("whole", "parts") == (tmp_path / "parts" / name).read_text()
 
 
-def test_the_written_mixtures_are_what_train_and_mix_predict_read(prepared, tmp_path):
+def test_the_written_mixtures_are_what_train_mix_predict_and_mix_fit_read(prepared, tmp_path, capsys):
     out = tmp_path / "odm"
-    train(run_cfg(prepared, out, "mixing.kind=odm", "eval.batches=0", steps=6), log_fn=quiet)
+    train(run_cfg(prepared, out, "mixing.kind=odm", steps=6), log_fn=quiet)
     weights = average(out)
     assert set(weights) == set(UNIFORM) and sum(weights.values()) == pytest.approx(1.0)
     cfg = run_cfg(prepared, tmp_path / "static", steps=2, mixture=str(out / "mixture_final.yaml"))
     assert make_train_source(cfg).current_weights().keys() == weights.keys()
-    from mixlm.commands.mix import _mixture_yaml_weights
+    from mixlm.cli import main as cli_main
 
-    assert _mixture_yaml_weights(out / "mixture_average.yaml", tuple(sorted(UNIFORM))).sum() == pytest.approx(1.0)
+    # A sweep of 6 proxies (hand-made losses) plus the online run as a 7th: its averaged weights, its final losses.
+    rng = np.random.default_rng(0)
+    names = sorted(UNIFORM)
+    sweep = rng.dirichlet(np.ones(3), size=6)
+    (tmp_path / "mixtures.csv").write_text("index," + ",".join(names) + "\n" + "".join(
+        f"{i + 1}," + ",".join(str(float(x)) for x in w) + "\n" for i, w in enumerate(sweep)))
+    (tmp_path / "results.csv").write_text("index,metric/val_loss\n" + "".join(
+        f"{i + 1},{3 - float(w[0])}\n" for i, w in enumerate(sweep)))
+    assert cli_main(["mix", "fit", "--mixtures", str(tmp_path / "mixtures.csv"), "--results",
+                     str(tmp_path / "results.csv"), "--runs", str(out), "--target", "metric/val_loss",
+                     "--regressors", "linear", "--folds", "3", "--out", str(tmp_path / "fit")]) == 0
+    assert "over 7 runs" in capsys.readouterr().out
+    assert cli_main(["mix", "predict", "--model", str(tmp_path / "fit"), "--mixtures", str(out / "mixture_average.yaml"),
+                     "--out", str(tmp_path / "pred.csv")]) == 0
+    assert (tmp_path / "pred.csv").read_text().startswith("index,predicted\n1,")
