@@ -66,6 +66,8 @@ class OnlineMixingHook(Hook):
         if len(self._domains) < self.strategy.min_domains:
             raise ConfigError(f"mixing.kind={self.strategy.kind} needs at least {self.strategy.min_domains} domains in "
                               f"data.mixture; this run has {len(self._domains)} ({', '.join(self._domains)})")
+        if self.strategy.needs_reference and self._reference is None:  # a missing reference: before any step
+            self._reference = load_reference(run, self.strategy.reference)
         if self.state is None:  # a fresh run (a resumed one got its state from load_state_dict)
             weights = self._vector(run.source.current_weights())
             natural = self._vector(run.source.natural_weights())
@@ -173,8 +175,6 @@ class OnlineMixingHook(Hook):
         return self._row_weights(multipliers.astype(np.float32), domain_ids)
 
     def _reference_losses(self, run: Run, batch: dict) -> jax.Array:
-        if self._reference is None:
-            self._reference = load_reference(run, self.strategy.reference)
         params, losses = self._reference
         return losses(params, batch)
 
