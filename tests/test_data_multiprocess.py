@@ -37,7 +37,8 @@ WORKER = textwrap.dedent("""
     for step in range(int(sys.argv[5])):
         for key, local in source.next_batch().items():
             global_array = jax.make_array_from_process_local_data(sharding, local)
-            assert global_array.shape == (cfg.train.global_batch_size, cfg.data.seq_len), global_array.shape
+            want = (cfg.train.global_batch_size,) + (() if key == "domain_ids" else (cfg.data.seq_len,))
+            assert global_array.shape == want, (key, global_array.shape)
             gathered[f"{step}/{key}"] = np.asarray(multihost_utils.process_allgather(global_array, tiled=True))
     if pid == 0:
         np.savez(f"{out}/batches.npz", **gathered)

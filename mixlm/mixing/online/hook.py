@@ -72,8 +72,8 @@ class OnlineMixingHook(Hook):
             weights = self._vector(run.source.current_weights())
             natural = self._vector(run.source.natural_weights())
             self.state, decision = self.strategy.start(self._domains, weights, natural)
-            self._adopt(run, 0, self.state, decision)
-            if self.strategy.due(self.state, 0):
+            self._adopt(run, run.step, self.state, decision)
+            if run.step == 0 and self.strategy.due(self.state, 0):
                 self._update(run, 0)
 
     def due(self, run: Run, step: int) -> bool:
