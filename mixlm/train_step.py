@@ -21,6 +21,8 @@ from mixlm.sharding import Layout
 
 # Metrics of a step that must be finite: a member (or run) with one that is not has failed.
 GUARDED_METRICS = ("loss", "log_z_sq", "grad_norm", "param_norm", "update_norm")
+# Per-domain sums a train step returns (domain_sums), each [num_domains] per member.
+DOMAIN_SUMS = ("domain_nll", "domain_tokens", "domain_excess")
 
 
 @flax.struct.dataclass
@@ -30,15 +32,43 @@ class TrainState:
     opt_state: Any
 
 
-def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None):
+def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None,
+               num_domains: int = 0):
     """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
-    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens))."""
+    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens, per_domain)).
+
+    A batch may carry 'loss_weights' [B] (per-row multipliers of the objective: online mixing's objective
+    weights, DoReMi's); nll_sum, z_sum and tokens stay unweighted. With `num_domains` and the batch's
+    'domain_ids' [B], `per_domain` holds one segment-sum over rows of {'domain_nll', 'domain_tokens'} [D] (and
+    'domain_excess' [D], the summed max(nll - reference_nll, 0), when the batch carries a reference model's
+    per-token 'reference_nll' [B, L]); else it is empty."""
     logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout)
     nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum(nll_BxL * mask_BxL)
     z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
-    return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask_BxL))
+    objective = nll_sum + z_loss * z_sum
+    if "loss_weights" in batch:
+        weight_BxL = mask_BxL * batch["loss_weights"].astype(jnp.float32)[:, None]
+        objective = jnp.sum((nll_BxL + z_loss * jnp.square(log_z_BxL)) * weight_BxL)
+    per_domain = {}
+    if num_domains and "domain_ids" in batch:
+        per_domain = domain_sums(jax.lax.stop_gradient(nll_BxL), mask_BxL, batch["domain_ids"], num_domains,
+                                 batch.get("reference_nll"))
+    return objective, (nll_sum, z_sum, jnp.sum(mask_BxL), per_domain)
+
+
+def domain_sums(nll_BxL: jax.Array, mask_BxL: jax.Array, domain_ids_B: jax.Array, num_domains: int,
+                reference_nll_BxL: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per-domain sums [D] of a batch's per-token losses, by one segment-sum over its rows (a packed row holds
+    one domain's documents, so a row's domain is each of its segments' domain): 'domain_nll' (summed loss),
+    'domain_tokens' (loss tokens) and, with a reference's per-token losses, 'domain_excess' (summed
+    max(nll - reference, 0): DoReMi's clipped excess loss)."""
+    columns = [jnp.sum(nll_BxL * mask_BxL, axis=1), jnp.sum(mask_BxL, axis=1)]
+    if reference_nll_BxL is not None:
+        columns.append(jnp.sum(jnp.maximum(nll_BxL - reference_nll_BxL, 0.0) * mask_BxL, axis=1))
+    sums_DxC = jax.ops.segment_sum(jnp.stack(columns, axis=1), domain_ids_B, num_segments=num_domains)
+    return {name: sums_DxC[:, i] for i, name in enumerate(DOMAIN_SUMS[: len(columns)])}
 
 
 def split_microbatches(batch: dict, k: int) -> dict:
@@ -47,26 +77,30 @@ def split_microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, vocab_size: int, z_loss: float,
-                    grad_accum_steps: int, layout: Layout | None = None) -> Callable:
-    """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch."""
+                    grad_accum_steps: int, layout: Layout | None = None, num_domains: int = 0) -> Callable:
+    """train_step(state, batch) -> (state, metrics): one optimizer step over the whole batch. With
+    `num_domains`, metrics also hold the per-domain sums of batch_sums ('domain_nll', 'domain_tokens'[,
+    'domain_excess'], each [num_domains]) of batches that carry 'domain_ids'."""
     grad_fn = jax.value_and_grad(
-        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss, layout=layout), has_aux=True
+        lambda p, b: batch_sums(graphdef, p, b, vocab_size=vocab_size, z_loss=z_loss, layout=layout,
+                                num_domains=num_domains), has_aux=True
     )
 
     def train_step(state: TrainState, batch: dict):
         if grad_accum_steps == 1:
-            (_, (nll_sum, z_sum, tokens)), grad_sums = grad_fn(state.params, batch)
+            (_, (nll_sum, z_sum, tokens, per_domain)), grad_sums = grad_fn(state.params, batch)
         else:
+            micro_batches = split_microbatches(batch, grad_accum_steps)
+
             def micro_step(carry, micro):
                 acc_grads, acc = carry
                 (_, aux), g = grad_fn(state.params, micro)
                 return (jax.tree.map(jnp.add, acc_grads, g), jax.tree.map(jnp.add, acc, aux)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
-            (grad_sums, (nll_sum, z_sum, tokens)), _ = jax.lax.scan(
-                micro_step, init, split_microbatches(batch, grad_accum_steps)
-            )
+            _, aux_shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro_batches))[0]
+            init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+            (grad_sums, (nll_sum, z_sum, tokens, per_domain)), _ = jax.lax.scan(micro_step, init, micro_batches)
         n = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / n, grad_sums)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -79,6 +113,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, voc
             "update_norm": optax.tree.norm(updates),
             "lr": schedule(state.step),
             "tokens_step": tokens,  # loss tokens of this step (the meter adds tokens_total, cumulative)
+            **per_domain,  # [num_domains] vectors: the meter logs train_loss/<domain>, online mixing reads them
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -89,8 +124,8 @@ def make_eval_step(graphdef, *, vocab_size: int, layout: Layout | None = None) -
     """eval_step(params, batch) -> (nll_sum, tokens)."""
 
     def eval_step(params, batch):
-        _, (nll_sum, _, tokens) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0,
-                                             layout=layout)
+        _, (nll_sum, _, tokens, _) = batch_sums(graphdef, params, batch, vocab_size=vocab_size, z_loss=0.0,
+                                                layout=layout)
         return nll_sum, tokens
 
     return eval_step
