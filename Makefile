@@ -15,12 +15,22 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
+# The TPU and GPU compilers for `mixlm plan --compile-for v5p-32 | h100-8` and tests/test_compile_{tpu,gpu}.py:
+# libtpu (what jax[tpu]==0.10.2 pins; 684 MB) and the CUDA PJRT plugin alone (132 MB download, 402 MB
+# installed; jax[cuda13]'s 3 GB of NVIDIA runtime wheels are not needed to compile). Each in its own folder
+# off the import path: JAX starts every plugin it finds, and on a CPU host an importable libtpu prints TPU
+# warnings and the CUDA plugin a traceback (mixlm.compile_targets loads them only to compile).
+TPU_COMPILER := libtpu==0.0.42.*
+GPU_COMPILER := jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2
+
 # torch first, pinned, so nothing below pulls a multi-GB CUDA build of it.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/tpu-compiler '$(TPU_COMPILER)'
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/gpu-compiler $(GPU_COMPILER)
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -51,7 +51,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import describe_machine  # benchmarks/machine.py
-from selection_throughput import SYLLABLES, datasketch_keep, synthetic_documents, word_jaccard
+from selection_throughput import (
+    SYLLABLES,
+    datasketch_keep,
+    plant_near_copies,
+    synthetic_documents,
+    word_jaccard,
+)
 
 
 def letter_planted_corpus(n: int, copies: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -60,14 +66,7 @@ def letter_planted_corpus(n: int, copies: int, seed: int) -> tuple[list[str], np
     (1-3 words substituted); returns the texts and, per text, the index of its original."""
     rng = np.random.default_rng(seed)
     vocab = sorted({"".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 5)))) for _ in range(8000)})
-    base = [list(rng.choice(vocab, size=int(rng.integers(150, 301)))) for _ in range(n)]
-    texts = [" ".join(words) for words in base]
-    for i in range(copies):
-        words = list(base[i])
-        for _ in range(int(rng.integers(1, 4))):
-            words[int(rng.integers(len(words)))] = str(rng.choice(vocab))
-        texts.append(" ".join(words))
-    return texts, np.concatenate([np.arange(n), np.arange(copies)])
+    return plant_near_copies(rng, vocab, n, copies)
 
 
 def cpu_seconds(fn, *args):

@@ -99,7 +99,9 @@ def main() -> int:
         "bf16 peak (mixlm.metrics.PEAK_FLOPS_BY_DEVICE); days = train.steps x global batch x seq_len tokens at that "
         "rate. The compiled column is the peak of XLA:CPU's buffer assignment of the same train step on the same "
         "number of fake CPU devices: exact for params/optimizer shards, but its temp memory is the CPU backend's "
-        "(blocked attention, CPU fusion) and is not a prediction for the accelerator."),
+        "(blocked attention, CPU fusion) and is not a prediction for the accelerator. The target compilers' own "
+        "per-device memory (libtpu, the CUDA plugin) for these recipes: benchmarks/results/plan_tpu_seed_configs.md "
+        "(`mixlm plan --compile-for`)."),
         "",
         ("| config | published hardware | plan | fsdp x tensor | batch x seq | params | optimizer | grads | "
         "activations | total | fits (usable) | compiled CPU peak | FLOPs/token | tokens/s | days |"),

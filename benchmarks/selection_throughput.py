@@ -127,7 +127,12 @@ def planted_corpus(n: int, copies: int, seed: int) -> tuple[list[str], np.ndarra
     """`n` distinct documents of 150-300 random words, then `copies` near-copies of the first ones (1-3 words
     substituted); returns the texts and, per text, the index of its original."""
     rng = np.random.default_rng(seed)
-    vocab = np.array([f"w{i}" for i in range(5000)])
+    return plant_near_copies(rng, np.array([f"w{i}" for i in range(5000)]), n, copies)
+
+
+def plant_near_copies(rng: np.random.Generator, vocab, n: int, copies: int) -> tuple[list[str], np.ndarray]:
+    """`n` documents of 150-300 words drawn from `vocab` with `rng`, then `copies` near-copies of the first ones
+    (1-3 words substituted); returns the texts and, per text, the index of its original."""
     base = [list(rng.choice(vocab, size=int(rng.integers(150, 301)))) for _ in range(n)]
     texts = [" ".join(words) for words in base]
     for i in range(copies):

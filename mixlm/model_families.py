@@ -10,6 +10,9 @@ the model card, lm-eval on our Flax model) reaches the family through `get_famil
     Model                                   the nnx.Module: Model(cfg, *, rngs, vocab_multiple_of, attention_impl)
                                             -> model(tokens_BxL, positions_BxL=, segment_ids_BxL=, layout=)
                                                -> logits_BxLxV (layout: mixlm.sharding.Layout or None)
+                                            optional: model.hidden(...same...) -> final-normed [B, L, D] and
+                                            model.output_kernel() -> [D, V_pad]: the training loss then runs in
+                                            chunks (mixlm.models.forward.loss_sums), never the whole logits
     EMBEDDING_PARAM                         top-level param of the token embedding ([V_pad, D])
     EMBEDDING_PARAMS                        top-level params counted out of "non-embedding" parameters
     hf_architecture(cfg) -> str             the transformers class it exports to, e.g. "LlamaForCausalLM"

@@ -5,7 +5,8 @@ Two columns of per-device bytes:
 
     analytic   for the accelerator: fp32 params / their shards, AdamW's two moments, fp32 gradients, and the
                activations saved for the backward pass per token per layer from the model's shapes, its
-               compute dtype and `model.remat` (flash attention assumed unless `model.attention` is xla/blocked)
+               compute dtype and `model.remat` (flash attention assumed unless `model.attention` is xla/blocked),
+               and one chunk of the chunked cross-entropy with its LM-head gradient
     compiled   `memory_analysis()` of the real train step (mixlm.train.build_setup) lowered with abstract
                arguments on a mesh of N fake CPU devices: exact for the shardings, but the buffer assignment
                is XLA:CPU's (its attention path, fusion and scheduling), not the accelerator's
@@ -80,10 +81,11 @@ class MemoryBreakdown:
     optimizer: int
     gradients: int
     activations: int
+    loss_workspace: int = 0  # one chunk of the chunked cross-entropy and its LM-head gradient
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.gradients + self.activations
+        return self.params + self.optimizer + self.gradients + self.activations + self.loss_workspace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,7 @@ class Plan:
             row("optimizer state (AdamW mu, nu)", a.optimizer, c and c.optimizer),
             row("gradients (fp32)", a.gradients, c and "in temp"),
             row("saved activations", a.activations, c and "in temp"),
+            row("loss chunk + LM-head gradient", a.loss_workspace, c and "in temp"),
         ]
         if c:
             lines += [row("batch", None, c.batch), row("temp (grads + activations + scratch)", None, c.temp)]
@@ -197,10 +200,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
-
-
 def shard_bytes(shape: Sequence[int], itemsize: int, spec, mesh_shape: Mapping[str, int]) -> int:
     """Bytes of one device's shard of an array of `shape` split by PartitionSpec `spec`."""
     n = math.prod(shape) * itemsize
@@ -214,7 +213,9 @@ def param_elements_per_device(layout, param_shapes, logical_axes) -> int:
     """Elements of one device's shards of every parameter under `layout` (replicated ones count whole)."""
     import jax
 
-    flat_axes = dict(jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=_is_axes)[0])
+    from mixlm.sharding import is_logical_axes
+
+    flat_axes = dict(jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=is_logical_axes)[0])
     return sum(shard_bytes(leaf.shape, 1, layout.spec(flat_axes[path], leaf.shape), layout.mesh.shape)
                for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes)[0])
 
@@ -225,16 +226,30 @@ def _divides(n: int, k: int) -> int:
 
 
 def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, attention: str) -> float:
-    """Bytes one token keeps on its device for the backward pass, all layers plus embedding and LM head.
+    """Bytes one token keeps on its device for the backward pass, all layers plus embedding and LM head: the
+    residuals JAX's autodiff saves (counted with jax.ad_checkpoint's saved_residuals on a regmix-1b block:
+    104.5 KB per token per layer with splash; this formula gives 103.5 KB).
 
     Per layer, with compute dtype bytes c, widths split by the tensor axes where they divide:
-        none           c * (4 D  [both norms' inputs and outputs] + (H + 2K) Dh [q, k, v] + H Dh [attention out]
-                            + 3 F [gate, up, their product; 2 F for an ungated MLP]) + 4 H [softmax stats]
-                            (+ c H L: the probabilities, for attention paths that materialise them)
-        dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only
+        none           c * (n_D D  [norm outputs; llama: both, their scaled copy and the MLP input, n_D = 4;
+                                    gpt2: 2]
+                            + (H + 2K) Dh [q, k, v] + 2 H Dh [the scaled q the kernel reads, its output]
+                              (splash on TPU: Dh padded to a multiple of 128, the lanes of its tiles)
+                            + n_F F  [llama: gate, up, sigmoid(gate), 3; gpt2: GELU's tanh-form terms, 6])
+                       + n32 D  [the norms' float32 copies: RMSNorm's input and normalised value, both norms,
+                                 16; LayerNorm's also the centred value, 24; half without a float32 input copy]
+                       + (8 + c) (H + K) Dh  [qk-norm: q and k in float32, normalised, and in compute dtype]
+                       + 4 H  [softmax statistics]
+                       (+ (4 + c + 1) H L for attention paths that materialise the probabilities: float32,
+                        their compute-dtype copy and the mask)
+        dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only; the rest of one
+                       layer's `none` activations live while it is recomputed
         full           c * D: the block input; one layer's `none` activations live while it is recomputed
-    Outside the layers: the embedding output and final norm (3 c D) and, live at the start of the backward,
-    the fp32 logits and their gradient (8 V_pad / vocab shards)."""
+    Outside the layers: the embedding output and final norm (3 c D + n32 D / 2) and the chunked loss's gradient
+    of the hidden states, formed in its forward pass (c D); the logits themselves live one chunk at a time
+    (loss_workspace_bytes). The counts are those of jax.ad_checkpoint's saved_residuals on a block of
+    regmix-1b (104.5 KB per token per layer; this formula 103.5), dclm-1b (145.8; 144.5) and gpt2-70m (44.1;
+    44.1)."""
     m = cfg.model
     c = _itemsize(m.compute_dtype)
     d, f, h, k, dh = m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
@@ -242,18 +257,46 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     tp_kv = _divides(k, layout.axis_size("kv_heads"))
     tp_mlp = _divides(f, layout.axis_size("mlp"))
     gated_mlp = m.family != "gpt2"
-    qkv = h * dh / tp_heads + 2 * k * dh / tp_kv
-    full_layer = c * (4 * d + qkv + h * dh / tp_heads + (3 if gated_mlp else 2) * f / tp_mlp) + 4 * h / tp_heads
+    n_d, n_f, n32 = (4, 3, 16) if gated_mlp else (2, 6, 24)
+    norms32 = n32 * d if c < 4 else n32 * d / 2  # a float32 compute dtype needs no float32 copy of the input
+    q, kv = h * dh / tp_heads, k * dh / tp_kv
+    # A Pallas kernel's operands keep its [.., L, Dh] layout, and a TPU tiles the minor dimension in 128 lanes
+    lanes = -(-dh // 128) * 128 if attention == "splash" and _platform(layout) == "tpu" else dh
+    q_att, kv_att = q * lanes / dh, kv * lanes / dh
+    full_layer = (c * (n_d * d + q_att + 2 * kv_att + 2 * q_att + n_f * f / tp_mlp) + norms32
+                  + 4 * h / tp_heads)
+    if m.qk_norm:
+        full_layer += (8 + c) * (q + kv)
     if attention in DENSE_ATTENTION:
-        full_layer += c * h * cfg.data.seq_len / tp_heads
+        full_layer += ((4 + c + 1) if c < 4 else 5) * h * cfg.data.seq_len / tp_heads
     if remat == "full":
         layers = m.num_layers * c * d + full_layer
     elif remat.startswith("dots"):
-        layers = m.num_layers * c * (qkv + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
+        dots_layer = c * (q_att + 2 * kv_att + 2 * d + (2 if gated_mlp else 1) * f / tp_mlp)
+        layers = m.num_layers * dots_layer + max(full_layer - dots_layer, 0)
     else:
         layers = m.num_layers * full_layer
+    return layers + 4 * c * d + norms32 / 2
+
+
+def _platform(layout) -> str:
+    return layout.mesh.devices.flat[0].platform
+
+
+def loss_workspace_bytes(cfg: ExperimentConfig, layout, grad_accum_steps: int) -> int:
+    """Bytes the chunked cross-entropy (mixlm.models.forward.loss_sums) holds on a device whatever the batch:
+    one chunk's float32 logits and their gradient in the compute dtype (the softmax fuses into it; a one-chip
+    regmix-1m step compiled for v5p agreed), and the float32 running gradient of the LM head
+    [D, V_pad / vocab shards]."""
+    from mixlm.models import forward
+
+    m = cfg.model
     v_pad = m.padded_vocab_size(layout.axis_size("vocab"))
-    return layers + 3 * c * d + 8 * v_pad / _divides(v_pad, layout.axis_size("vocab"))
+    vocab = v_pad // _divides(v_pad, layout.axis_size("vocab"))
+    rows = cfg.train.global_batch_size // grad_accum_steps
+    chunk = forward.loss_chunk_len_for(rows, cfg.data.seq_len, v_pad, layout)
+    chunk_elements = rows // _divides(rows, layout.axis_size("batch")) * chunk * vocab
+    return chunk_elements * (4 + _itemsize(m.compute_dtype)) + 4 * m.d_model * vocab
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -277,6 +320,7 @@ def analytic_memory(cfg: ExperimentConfig, layout, param_shapes, logical_axes, *
         optimizer=2 * elements * moment_itemsize,
         gradients=params * (2 if k > 1 else 1),  # with accumulation: the running sum and one micro-batch's grads
         activations=int(tokens * per_token),
+        loss_workspace=loss_workspace_bytes(cfg, layout, k),
     )
 
 
@@ -293,7 +337,7 @@ def model_attention(cfg: ExperimentConfig) -> str:
     return getattr(cfg.model, "attention", "auto") or "auto"
 
 
-def _moment_itemsize(opt_state) -> int:
+def adam_moment_itemsize(opt_state) -> int:
     """Bytes per element of AdamW's first moment in this optimizer state (fp32 unless bf16 moments)."""
     import jax
     import optax
@@ -320,22 +364,25 @@ def abstract_batch(cfg: ExperimentConfig, layout) -> dict:
 
 def compiled_memory(setup, batch) -> CompiledMemory:
     """Lowers and compiles setup.train_step for abstract (state, batch): no array is allocated."""
+    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    return memory_of(compiled, setup.abstract_state, batch)
+
+
+def per_device_bytes(abstract) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs that carry their shardings."""
     import jax
 
-    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+
+
+def memory_of(compiled, abstract_state, batch) -> CompiledMemory:
+    """CompiledMemory of a compiled train step whose state and batch are these ShapeDtypeStructs (with the
+    shardings they were lowered with)."""
     stats = compiled.memory_analysis()
-    (state_shardings, batch_shardings), _ = compiled.input_shardings
-
-    def per_device(abstract, shardings) -> int:
-        leaves, shards = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
-        if len(leaves) != len(shards):  # fall back to the shardings the abstract values carry
-            shards = [a.sharding for a in leaves]
-        return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(leaves, shards))
-
     return CompiledMemory(
-        params=per_device(setup.abstract_state.params, state_shardings.params),
-        optimizer=per_device(setup.abstract_state.opt_state, state_shardings.opt_state),
-        batch=per_device(batch, batch_shardings),
+        params=per_device_bytes(abstract_state.params),
+        optimizer=per_device_bytes(abstract_state.opt_state),
+        batch=per_device_bytes(batch),
         arguments=int(stats.argument_size_in_bytes),
         outputs=int(stats.output_size_in_bytes),
         aliased=int(stats.alias_size_in_bytes),
@@ -362,8 +409,10 @@ def _fitting_micro_batches(cfg, layout, param_shapes, logical_axes, moment_items
     return None
 
 
-def suggestions(cfg, layout, param_shapes, logical_axes, moment_itemsize, device) -> list[str]:
-    """What would make the plan fit: more micro-batches, rematerialisation, or nothing that the batch allows."""
+def fitting_changes(cfg, layout, param_shapes, logical_axes, moment_itemsize, device
+                    ) -> list[tuple[list[str], MemoryBreakdown]]:
+    """(overrides, analytic memory) of the changes that make the plan fit, least intrusive first: for the
+    configured remat, then dots_saveable, then full, the fewest micro-batches at which it fits."""
     out = []
     for remat in dict.fromkeys([model_remat(cfg), "dots_saveable", "full"]):
         k = _fitting_micro_batches(cfg, layout, param_shapes, logical_axes, moment_itemsize, device, remat)
@@ -374,10 +423,15 @@ def suggestions(cfg, layout, param_shapes, logical_axes, moment_itemsize, device
         changes = ([f"model.remat={remat}"] if remat != model_remat(cfg) else []) + (
             [f"train.grad_accum_steps={k}"] if k != cfg.train.grad_accum_steps else [])
         if changes:
-            out.append(f"{' '.join(changes)} ({mem.total / GIB:,.2f} GiB)")
-    if not out:
-        out.append("no micro-batching or remat setting fits: use more devices or tensor parallelism (mesh.tensor)")
+            out.append((changes, mem))
     return out
+
+
+def suggestions(cfg, layout, param_shapes, logical_axes, moment_itemsize, device) -> list[str]:
+    """What would make the plan fit: more micro-batches, rematerialisation, or nothing that the batch allows."""
+    out = [f"{' '.join(changes)} ({mem.total / GIB:,.2f} GiB)"
+           for changes, mem in fitting_changes(cfg, layout, param_shapes, logical_axes, moment_itemsize, device)]
+    return out or ["no micro-batching or remat setting fits: use more devices or tensor parallelism (mesh.tensor)"]
 
 
 def make_plan(cfg: ExperimentConfig, *, devices: Sequence, device_kind_name: str = "h100", mfu: float = 0.4,
@@ -401,7 +455,7 @@ def make_plan(cfg: ExperimentConfig, *, devices: Sequence, device_kind_name: str
         setup = build_setup(cfg, mesh)
     param_shapes, logical_axes = setup.abstract_state.params, setup.logical_axes
     replicated = setup.layout.fallbacks(param_shapes, logical_axes)
-    moment_itemsize = _moment_itemsize(setup.abstract_state.opt_state)
+    moment_itemsize = adam_moment_itemsize(setup.abstract_state.opt_state)
     analytic = analytic_memory(cfg, setup.layout, param_shapes, logical_axes, moment_itemsize=moment_itemsize)
     compiled = compiled_memory(setup, abstract_batch(cfg, setup.layout)) if compile else None
     notes = [

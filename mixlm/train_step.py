@@ -35,40 +35,31 @@ class TrainState:
 def batch_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout: Layout | None = None,
                num_domains: int = 0):
     """Summed (not averaged) objective over the batch's unmasked tokens, so micro-batches add up
-    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens, per_domain)).
+    exactly to the large batch. Returns (objective, (nll_sum, z_sum, tokens, per_domain)); only the objective is
+    differentiable. The cross-entropy runs over chunks of positions, never the whole [tokens, vocab] logits
+    (mixlm.models.forward.batch_loss_sums).
 
     A batch may carry 'loss_weights' [B] (per-row multipliers of the objective: online mixing's objective
     weights, DoReMi's); nll_sum, z_sum and tokens stay unweighted. With `num_domains` and the batch's
     'domain_ids' [B], `per_domain` holds one segment-sum over rows of {'domain_nll', 'domain_tokens'} [D] (and
     'domain_excess' [D], the summed max(nll - reference_nll, 0), when the batch carries a reference model's
-    per-token 'reference_nll' [B, L]); else it is empty."""
-    logits_BxLxV = forward.batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout)
-    nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, batch["targets"])
-    mask_BxL = batch["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum(nll_BxL * mask_BxL)
-    z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
-    objective = nll_sum + z_loss * z_sum
-    if "loss_weights" in batch:
-        weight_BxL = mask_BxL * batch["loss_weights"].astype(jnp.float32)[:, None]
-        objective = jnp.sum((nll_BxL + z_loss * jnp.square(log_z_BxL)) * weight_BxL)
-    per_domain = {}
-    if num_domains and "domain_ids" in batch:
-        per_domain = domain_sums(jax.lax.stop_gradient(nll_BxL), mask_BxL, batch["domain_ids"], num_domains,
-                                 batch.get("reference_nll"))
-    return objective, (nll_sum, z_sum, jnp.sum(mask_BxL), per_domain)
+    per-token 'reference_nll' [B, L]), each row's sums taken in the same chunks as the loss; else it is empty."""
+    by_domain = bool(num_domains) and "domain_ids" in batch
+    objective, (nll_sum, z_sum, tokens, rows) = forward.batch_loss_sums(
+        graphdef, params, batch, vocab_size=vocab_size, z_loss=z_loss, layout=layout, rows=by_domain)
+    per_domain = domain_sums(rows, batch["domain_ids"], num_domains) if by_domain else {}
+    return objective, (nll_sum, z_sum, tokens, per_domain)
 
 
-def domain_sums(nll_BxL: jax.Array, mask_BxL: jax.Array, domain_ids_B: jax.Array, num_domains: int,
-                reference_nll_BxL: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Per-domain sums [D] of a batch's per-token losses, by one segment-sum over its rows (a packed row holds
-    one domain's documents, so a row's domain is each of its segments' domain): 'domain_nll' (summed loss),
-    'domain_tokens' (loss tokens) and, with a reference's per-token losses, 'domain_excess' (summed
-    max(nll - reference, 0): DoReMi's clipped excess loss)."""
-    columns = [jnp.sum(nll_BxL * mask_BxL, axis=1), jnp.sum(mask_BxL, axis=1)]
-    if reference_nll_BxL is not None:
-        columns.append(jnp.sum(jnp.maximum(nll_BxL - reference_nll_BxL, 0.0) * mask_BxL, axis=1))
-    sums_DxC = jax.ops.segment_sum(jnp.stack(columns, axis=1), domain_ids_B, num_segments=num_domains)
-    return {name: sums_DxC[:, i] for i, name in enumerate(DOMAIN_SUMS[: len(columns)])}
+def domain_sums(rows: dict[str, jax.Array], domain_ids_B: jax.Array, num_domains: int) -> dict[str, jax.Array]:
+    """Per-domain sums [D] of a batch's per-row sums (forward.batch_loss_sums' {'nll', 'tokens'[, 'excess']},
+    each [B]) by one segment-sum over its rows (a packed row holds one domain's documents, so a row's domain is
+    each of its segments' domain): 'domain_nll' (summed loss), 'domain_tokens' (loss tokens) and 'domain_excess'
+    (summed max(nll - reference, 0): DoReMi's clipped excess loss)."""
+    columns = [key for key in ("nll", "tokens", "excess") if key in rows]
+    sums_DxC = jax.ops.segment_sum(jnp.stack([rows[key] for key in columns], axis=1), domain_ids_B,
+                                   num_segments=num_domains)
+    return {f"domain_{key}": sums_DxC[:, i] for i, key in enumerate(columns)}
 
 
 def split_microbatches(batch: dict, k: int) -> dict:

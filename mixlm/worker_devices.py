@@ -9,6 +9,7 @@ host. Nothing here initialises jax (which would reserve GPU memory in the parent
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,23 @@ def detect_accelerator(env: Mapping[str, str] | None = None) -> str:
     if env.get("TPU_ACCELERATOR_TYPE") or env.get("TPU_WORKER_ID") or glob.glob("/dev/accel[0-9]*"):
         return "tpu"
     return "gpu" if visible_gpus(env) else "cpu"
+
+
+def quiet_idle_tpu_plugin(env=None, *, libtpu_installed: bool | None = None) -> bool:
+    """On a host with no TPU, keeps an installed libtpu (`pip install mixlm[tpu]`, or a TPU VM image copied to a
+    CPU or GPU machine) from starting: JAX starts every plugin it finds unless JAX_PLATFORMS is set, and libtpu
+    with no TPU prints TPU_WORKER_HOSTNAMES / accelerator-type errors. Sets JAX_PLATFORMS=cpu in `env` (default
+    os.environ) when libtpu is installed, JAX_PLATFORMS is unset, the host has no TPU and no GPU (a GPU host is
+    left alone: its CUDA plugin must still start). Returns whether it set it. Call before jax initialises."""
+    env = os.environ if env is None else env
+    if env.get("JAX_PLATFORMS"):
+        return False
+    if libtpu_installed is None:
+        libtpu_installed = importlib.util.find_spec("libtpu") is not None
+    if not libtpu_installed or detect_accelerator(env) != "cpu":
+        return False
+    env["JAX_PLATFORMS"] = "cpu"
+    return True
 
 
 def worker_envs(parallel: int, accelerator: str, gpus: Sequence[str] = ()) -> list[dict[str, str]]:

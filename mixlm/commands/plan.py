@@ -1,7 +1,12 @@
 """`mixlm plan CONFIG [section.key=value ...] [--devices N] [--device-kind KIND] [--mfu F]`: per-device memory
 (params, optimizer state, gradients, saved activations), whether it fits, FLOPs/token, tokens/s and days to
 train, without allocating anything (mixlm.plan). Needs N fake CPU devices: when this process has a different
-device set it reruns itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N."""
+device set it reruns itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+
+`--compile-for TARGET` (v5p-32, v5e-256, v6e-8, v4-8, v5p:2x2x4, h100-8, a100-32, h200-8) instead compiles
+the real train step with the target's own compiler on compile-only devices (mixlm.compile_plan): the
+compiler's per-device memory beside the analytic column, the fixes compiled until one fits, and (TPU) the
+compiler's step-time estimate. No fake CPU devices are needed, so it runs in this process."""
 
 from __future__ import annotations
 
@@ -25,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analytic-only", action="store_true",
                         help="skip compiling the train step on fake CPU devices (the compiled column)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--compile-for", metavar="TARGET", default="",
+                        help="compile the train step with the TPU/GPU compiler for this slice or host, e.g. "
+                             "v5p-32, v5e-256, v6e-8, v4-8, v5p:2x2x4, h100-8, a100-32, h200-8 (sets the devices "
+                             "and device kind; nothing is allocated, no accelerator needed)")
+    parser.add_argument("--no-fixes", action="store_true",
+                        help="with --compile-for: do not compile the planner's fixes when the config does not fit")
 
 
 def child_argv(args: argparse.Namespace) -> list[str]:
@@ -32,6 +43,28 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["plan", args.config, *args.overrides, "--devices", str(args.devices), "--device-kind", args.device_kind,
             "--mfu", repr(args.mfu)]
     return argv + (["--analytic-only"] if args.analytic_only else []) + (["--json"] if args.json else [])
+
+
+def run_compile_for(args: argparse.Namespace, cfg) -> int:
+    """--compile-for: the compiled plan, in this process (JAX stays on the CPU; the target is compile-only)."""
+    import jax
+
+    from mixlm.compile_plan import compile_plan
+    from mixlm.compile_step import CompilerError
+
+    if args.analytic_only:
+        from mixlm.config import ConfigError
+
+        raise ConfigError("--compile-for compiles the train step: drop --analytic-only (or --compile-for)")
+    jax.config.update("jax_platforms", "cpu")  # never take a local accelerator: the target is compile-only
+    try:
+        report = compile_plan(cfg, args.compile_for, mfu=args.mfu, name=cfg.model.name or args.config,
+                              try_fixes=not args.no_fixes)
+    except CompilerError as e:
+        print(f"mixlm plan: the compiler for {args.compile_for} fails on {args.config}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report.to_text(), flush=True)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--devices {args.devices}: expected at least 1")
     device_kind(args.device_kind)
     cfg = load_run_config(args.config, args.overrides)  # config errors surface before any subprocess
+    if args.compile_for:
+        return run_compile_for(args, cfg)
     devices = with_fake_devices(args.devices)
     if devices is None:
         if os.environ.get("MIXLM_PLAN_CHILD"):  # never recurse

@@ -26,6 +26,7 @@ from mixlm.config import ModelConfig
 from mixlm.model_families import get_family
 from mixlm.models import stacked
 from mixlm.models.forward import mask_padded_vocab
+from mixlm.models.params import merge_params, split_params, str_keys
 
 
 def build_model(
@@ -38,40 +39,13 @@ def build_model(
     return model_class(cfg, rngs=rngs, vocab_multiple_of=vocab_multiple_of, attention_impl=attention_impl)
 
 
-def _str_keys(tree):
-    if isinstance(tree, dict):
-        return {str(k): _str_keys(v) for k, v in tree.items()}
-    return tree
-
-
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, params): params is a nested dict of arrays with str keys, e.g.
-    params['layers']['0']['self_attn']['q_proj']['kernel']."""
-    graphdef, state = nnx.split(model)
-    return graphdef, _str_keys(nnx.to_pure_dict(state))
-
-
-def merge_params(graphdef: nnx.GraphDef, params: dict) -> nnx.Module:
-    """The model for `params` (the inverse of split_params); traceable under jax.jit / jax.grad.
-
-    Layer keys go back to ints first: nnx.merge pairs leaves in sorted-key order, and as strings
-    '10' sorts before '2', which would silently permute the layers of any model deeper than 10."""
-    return nnx.merge(graphdef, _int_keys(params))
-
-
-def _int_keys(tree):
-    if isinstance(tree, dict):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
-
-
 def abstract_params(cfg: ModelConfig, vocab_multiple_of: int = 1) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, shapes, logical_axes) without allocating: shapes is the split_params tree with
     jax.ShapeDtypeStruct leaves, logical_axes the same tree with tuple-of-str leaves (one name per
     dimension; use `is_leaf=lambda x: isinstance(x, tuple)` when mapping over it)."""
     model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0), vocab_multiple_of=vocab_multiple_of))
     graphdef, state = nnx.split(model)
-    shapes = _str_keys(nnx.to_pure_dict(state))
+    shapes = str_keys(nnx.to_pure_dict(state))
     axes: dict = {}
     for path, variable in nnx.to_flat_state(state):
         node = axes

@@ -123,6 +123,16 @@ class GPT2(nnx.Module):
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
     def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
+        hidden_BxLxD = self.hidden(tokens_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                                   layout=layout)
+        return layers.unembed(hidden_BxLxD, self.output_kernel())
+
+    def output_kernel(self):
+        """The LM head [D, V_pad] (float32 master weights; wte transposed when tied)."""
+        return self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def hidden(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
+        """The final-normed hidden states [B, L, D] (compute dtype): what the LM head multiplies."""
         if positions_BxL is None:
             positions_BxL = layers.default_positions(tokens_BxL)
         x_BxLxD = layers.embed_lookup(self.wte, tokens_BxL, self.dtype)
@@ -136,9 +146,7 @@ class GPT2(nnx.Module):
             for block in self.h:
                 x_BxLxD = layers.constrain(run_block(block, x_BxLxD, segment_ids_BxL), layers.RESIDUAL_AXES,
                                            layout)
-        x_BxLxD = self.ln_f(x_BxLxD)
-        kernel_DxV = self.wte[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return layers.unembed(x_BxLxD, kernel_DxV)
+        return self.ln_f(x_BxLxD)
 
     def flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
         from mixlm.models import flops_per_token

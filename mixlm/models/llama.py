@@ -137,6 +137,16 @@ class Llama(nnx.Module):
         self.lm_head = layers.make_lm_head(cfg, self.padded_vocab, dtype, rngs)
 
     def __call__(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
+        hidden_BxLxD = self.hidden(tokens_BxL, positions_BxL=positions_BxL, segment_ids_BxL=segment_ids_BxL,
+                                   layout=layout)
+        return layers.unembed(hidden_BxLxD, self.output_kernel())
+
+    def output_kernel(self):
+        """The LM head [D, V_pad] (float32 master weights; the embedding transposed when tied)."""
+        return self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def hidden(self, tokens_BxL, *, positions_BxL=None, segment_ids_BxL=None, layout=None):
+        """The final-normed hidden states [B, L, D] (compute dtype): what the LM head multiplies."""
         # RoPE's cos/sin once for every layer (host constants when positions are 0..L-1 in every row)
         rope = layers.rope_tables(positions_BxL, tokens_BxL.shape[1], self.cfg.dim_per_head, self.cfg.rope_base)
         x_BxLxD = layers.embed_lookup(self.embed_tokens, tokens_BxL, self.dtype)
@@ -149,9 +159,7 @@ class Llama(nnx.Module):
             for block in self.layers:
                 x_BxLxD = layers.constrain(run_block(block, x_BxLxD, rope, segment_ids_BxL),
                                            layers.RESIDUAL_AXES, layout)
-        x_BxLxD = self.norm(x_BxLxD)
-        kernel_DxV = self.embed_tokens[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return layers.unembed(x_BxLxD, kernel_DxV)
+        return self.norm(x_BxLxD)
 
     def flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
         from mixlm.models import flops_per_token
