@@ -50,7 +50,8 @@ from demo_sweep import proxy_config
 ROWS, SEQ = 16, 64  # the proxy's batch: tokens per step = ROWS * SEQ
 FORWARD_COST = 1 / 3  # a forward-only token against a trained one (forward + backward)
 # benchmarks/results/demo_sweep_budget.md: 64 proxies of 450 steps, 780 s of proxy training in all.
-DEMO_SWEEP = {"report": ROOT / "benchmarks" / "results" / "demo_sweep_budget.md", "proxies": 64, "seconds": 780.0}
+DEMO_SWEEP = {"report": ROOT / "benchmarks" / "results" / "demo_sweep_budget.md", "proxies": 64, "seconds": 780.0,
+              "steps": 450}
 
 
 # ---- the real-text corpus ------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def compare(name: str, out: Path, data: dict, targets: tuple[str, ...], args) ->
     if name == "demo":
         regmix = regmix_from_report(DEMO_SWEEP["report"])
         sweep_cost = {"proxies": DEMO_SWEEP["proxies"], "seconds": DEMO_SWEEP["seconds"],
-                      "train_tokens": DEMO_SWEEP["proxies"] * 450 * ROWS * SEQ}
+                      "train_tokens": DEMO_SWEEP["proxies"] * DEMO_SWEEP["steps"] * ROWS * SEQ}
     else:
         regmix, sweep_cost = regmix_sweep(out, base, prepared, domains, target_domains, args.regmix_proxies, args.steps)
     online = {
@@ -343,6 +344,12 @@ def main() -> None:
               f"scored on {args.eval_batches} x 16 x 64 held-out tokens per domain. Compute counts every run a method "
               "needs (RegMix: its proxy sweep, once for all targets; DoReMi: reference + proxy + final run) in "
               "trained-token equivalents (forward-only tokens at 1/3)."), ""]
+    if args.corpus != "text" and args.steps != DEMO_SWEEP["steps"]:
+        lines += [(f"**Sized down:** {args.steps} steps, not the {DEMO_SWEEP['steps']} the demo's RegMix mixtures "
+                   f"were optimised for (its sweep's proxies trained {DEMO_SWEEP['steps']} steps), so RegMix is "
+                   f"scored off its budget; {args.seeds} seeds, not 4, so the standard errors are rough."), ""]
+    elif args.seeds < 4:
+        lines += [f"**Sized down:** {args.seeds} seeds, not 4, so the standard errors are rough.", ""]
     titles = {"demo": "Demo corpus (mixlm/data/demo_corpus.py; targets office and homework are eval-only)",
               "text": "Real text (Debian and Python packages on this host; targets manuals and readmes are eval-only)"}
     for name, got in corpora.items():
