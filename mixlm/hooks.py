@@ -4,9 +4,15 @@
     train(cfg, hooks=default_hooks(cfg, MixtureUpdateHook(every=100, update=my_rule)))   # e.g. online mixing
     train(member_cfgs, "runs/swarm")                            # a swarm: the same hooks, per member
 
-After each optimizer step the loop calls `hook.after_step(run, step)` for every hook with
-`hook.due(run, step)`, in list order, and `hook.at_end(run)` once when the run reaches train.steps (not
-when it stops early on a signal). A hook reads and changes the run through `Run`: `run.state` (the live
+Before the first step the loop hands every hook with a `state_key` its saved state of each of this process's
+members (`hook.load_state_dict(run, member, state)`, when the run resumes from a checkpoint that has one), then
+calls `hook.at_start(run)`. Before each optimizer step it passes the step's device batch (a swarm: [K, B, ...])
+through every hook's `hook.before_step(run, step, batch)` (identity by default; online mixing adds per-row
+objective weights and a reference model's losses there). After each optimizer step it calls
+`hook.after_step(run, step)` for every hook with `hook.due(run, step)`, in list order, and `hook.at_end(run)` once
+when the run reaches train.steps (not when it stops early on a signal). A hook's state is per member: each
+checkpoint saves `hook.state_dict(run, member)` (JSON-able) in that member's data state under
+"hooks"/<state_key>. A hook reads and changes the run through `Run`: `run.state` (the live
 TrainState, with a leading member axis in a swarm), `run.sources` (this process's members' data sources),
 `run.checkpoints`, `run.log_values(...)`, `run.stop(reason)`. Every value a hook reports is per member: a list
 with one dict per member (a single run: one). Hooks that need the previous step's metrics on the host
@@ -62,6 +68,8 @@ class Run:
     preempted_at: int | None = None
     resumed_at_end: bool = False  # resumed at train.steps: the end was reached before, its outputs maybe not
     logged_at_end: list[dict] = dataclasses.field(default_factory=list)  # then: each metrics.jsonl's row there
+    hooks: list = dataclasses.field(default_factory=list)  # the run's hooks, in order (set by the loop)
+    hook_states: dict = dataclasses.field(default_factory=dict)  # member -> {state_key: state} from the checkpoint
 
     @property
     def members(self) -> int:
@@ -102,14 +110,22 @@ class Run:
         numbers = [v[key] for v in shown if key in v]
         self.say(f"{label}: {key} {min(numbers):.4f}..{max(numbers):.4f} over {len(shown)} members")
 
+    def member_data_state(self, m: int, source) -> dict:
+        """Member m's data state: its source's state and, under "hooks", the state of every hook with a
+        state_key (call flush() first: hooks may count the steps read)."""
+        state = source.get_state()
+        saved = {h.state_key: h.state_dict(self, m) for h in self.hooks if h.state_key}
+        return {**state, "hooks": saved} if saved else state
+
     def checkpoint_items(self, step: int) -> tuple[dict, dict]:
-        """(data state, meta) of a checkpoint of `step`: a single run's source state, or the swarm's
+        """(data state, meta) of a checkpoint of `step`: a single run's member data state, or the swarm's
         (mixlm.members.swarm_data_state: every member's, gathered from their processes)."""
         if self.members == 1:
             source = self.sources[0]
-            return source.get_state(), run_metadata(self.cfg, step, tokens_seen=source.tokens_seen(),
-                                                    mesh=self.setup.mesh)
-        mine = {m: {"state": s.get_state(), "tokens": s.tokens_seen()} for m, s in zip(self.local, self.sources)}
+            return self.member_data_state(0, source), run_metadata(self.cfg, step, tokens_seen=source.tokens_seen(),
+                                                                   mesh=self.setup.mesh)
+        mine = {m: {"state": self.member_data_state(m, s), "tokens": s.tokens_seen()}
+                for m, s in zip(self.local, self.sources)}
         every = collectives.gather_members(mine)
         tokens = [every[m]["tokens"] for m in range(self.members)]
         meta = run_metadata(self.cfg, step, tokens_seen={d: sum(t.get(d, 0) for t in tokens) for d in tokens[0]},
@@ -120,12 +136,29 @@ class Run:
 
 
 class Hook:
-    """Base hook: due every `every` steps (0: never between steps); `after_step` and `at_end` do nothing."""
+    """Base hook: due every `every` steps (0: never between steps); `before_step` passes the batch on,
+    `at_start`, `after_step` and `at_end` do nothing, and there is no state to save (`state_key` empty)."""
 
     every: int = 0
+    state_key: str = ""  # non-empty: state_dict() is saved in checkpoints under this key, load_state_dict() on resume
 
     def due(self, run: Run, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
+
+    def at_start(self, run: Run) -> None:
+        """Once before the first step of this process's run (after load_state_dict when resuming)."""
+
+    def before_step(self, run: Run, step: int, batch: dict) -> dict:
+        """The device batch step `step` will train on (a swarm: [K, B, ...]), possibly with keys added (the
+        same keys for every member)."""
+        return batch
+
+    def state_dict(self, run: Run, member: int) -> dict:
+        """Member `member`'s state (JSON-able), saved with its data state."""
+        return {}
+
+    def load_state_dict(self, run: Run, member: int, state: dict) -> None:
+        pass
 
     def after_step(self, run: Run, step: int) -> None:
         pass
@@ -343,13 +376,19 @@ class MixtureUpdateHook(Hook):
             run.say(f"step {step}: mixture updated in {len(changed)} of {len(run.training)} members")
 
 
-def default_hooks(cfg: ExperimentConfig, *extra: Hook) -> list[Hook]:
-    """The hooks the config asks for, in the order they must run, with `extra` hooks after evaluation and
-    before the checkpoint of the same step (so a mixture update is saved with the step it was made at and a
-    resumed run replays it)."""
+def default_hooks(cfg: ExperimentConfig, *extra: Hook, members: Sequence[ExperimentConfig] = ()) -> list[Hook]:
+    """The hooks the config asks for, in the order they must run, with the online mixing hook (a mixing.kind
+    other than static in `cfg`, or in any of a swarm's `members` configs: each member runs its own) and `extra`
+    hooks after evaluation and before the checkpoint of the same step (so a mixture update is saved with the step
+    it was made at and a resumed run replays it)."""
     hooks: list[Hook] = []
     if cfg.eval.batches:
         hooks.append(ValidationLossHook(cfg.eval.every, cfg.eval.batches))
     if cfg.eval.tasks:
         hooks.append(LiveTasksHook(cfg.eval.every))
+    member_cfgs = list(members) or [cfg]
+    if any(c.mixing.kind != "static" for c in member_cfgs):
+        from mixlm.mixing.online import OnlineMixingHook
+
+        hooks.append(OnlineMixingHook.from_configs(member_cfgs))
     return [*hooks, *extra, PreemptionHook(), CheckpointHook()]

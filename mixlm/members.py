@@ -1,5 +1,5 @@
 """What is particular to training K members at once (a swarm: proxies with one architecture and schedule but
-their own mixture, data stream and seed): their mesh, which process owns each, the rule table inside a member,
+their own mixture, data stream, seed and online mixing strategy): their mesh, which process owns each, the rule table inside a member,
 how the single run's step maps over them, and the swarm's data state.
 
 The stacked state is the single run's TrainState with a leading member axis on every leaf, sharded over the
@@ -29,7 +29,8 @@ from mixlm.sharding import DEFAULT_RULES, AxisRules, make_mesh
 
 MEMBER_AXIS = "data"  # the mesh axis the member axis is sharded over
 # What members may differ in; everything else (model, optimizer, schedule, shapes, cadences, hooks) is shared.
-MEMBER_KEYS = ("data.mixture", "data.seed", "train.seed", "train.output_dir")
+MEMBER_KEYS = ("data.mixture", "data.seed", "train.seed", "train.output_dir", "mixing.kind", "mixing.every",
+               "mixing.warmup_steps", "mixing.apply", "mixing.options")  # online mixing: each member its own
 SWARM_STATE_VERSION = 1  # the data state a swarm's checkpoint holds (swarm_data_state)
 MEMBER_MAPS = ("vmap", "scan")
 

@@ -41,7 +41,8 @@ class TrainSetup:
 
     members == 1: init_state(key) -> TrainState; train_step(state, batch) -> (state, metrics); eval_step(params,
     batch) -> (nll_sum, tokens). members == K > 1: the same over a leading member axis: init_state(keys [K]),
-    train_step(state, alive [K] bool, batch [K, B, ...]) -> (state, alive, metrics [K]), eval_step -> ([K], [K])."""
+    train_step(state, alive [K] bool, batch [K, B, ...]) -> (state, alive, metrics [K]), eval_step -> ([K], [K]).
+    With num_domains, the metrics also hold the per-domain sums (mixlm.train_step.DOMAIN_SUMS), [D] or [K, D]."""
 
     cfg: ExperimentConfig
     layout: Layout  # the mesh and the rule table (a member's, without the member axis, when members > 1)
@@ -58,6 +59,7 @@ class TrainSetup:
     members: int = 1
     member_map: str = ""  # members > 1: 'vmap' (batched) or 'scan' (one after another)
     owners: tuple[int, ...] = ()  # members > 1: the process whose devices hold member m
+    num_domains: int = 0  # the length of the step's per-domain sums (0: none)
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -131,7 +133,7 @@ class TrainSetup:
 
 
 # Config keys that never reach the compiled programs: runs that differ only in these share one TrainSetup.
-PROGRAM_FREE_SECTIONS = ("data", "eval", "logging", "checkpoint")
+PROGRAM_FREE_SECTIONS = ("data", "eval", "logging", "checkpoint", "mixing")
 PROGRAM_FREE_TRAIN_KEYS = ("seed", "output_dir", "heartbeat_timeout_s")
 SETUP_CACHE_SIZE = 8
 _setup_cache: collections.OrderedDict = collections.OrderedDict()
@@ -149,12 +151,15 @@ def program_key(cfg: ExperimentConfig) -> str:
 
 
 def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, *, members: int = 1, rules: AxisRules | None = None,
-                member_map: str | None = None) -> TrainSetup:
+                member_map: str | None = None, num_domains: int = 0) -> TrainSetup:
     """Shardings, optimizer and the jitted functions for `members` copies of `cfg`'s model on `mesh` (rules:
     DEFAULT_RULES with mesh.rules over them, without the member axis when members > 1, or `rules` as given;
     member_map 'vmap' | 'scan', default mixlm.members.default_member_map). The vocabulary is padded to a
     multiple of the mesh axes that split it (and of model.vocab_multiple), not of the device count, so
     checkpoints keep their shapes across meshes.
+
+    `num_domains`: the train step also sums each batch's loss and tokens per domain (its 'domain_ids'), the
+    training signal of every domain (train_loss/<domain>) and of online mixing; 0 leaves it out.
 
     Cached: a config with the same program_key, mesh and member count (the next proxy or swarm of a sweep)
     gets the same jitted functions back, with its own `cfg`, so it compiles nothing again."""
@@ -164,12 +169,12 @@ def build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, *, members: int 
         rules = rules or members_lib.member_rules(cfg)
     else:
         member_map = ""
-    key = (program_key(cfg), mesh, rules, members, member_map)
+    key = (program_key(cfg), mesh, rules, members, member_map, num_domains)
     cached = _setup_cache.get(key)
     if cached is not None:
         _setup_cache.move_to_end(key)
         return dataclasses.replace(cached, cfg=cfg)
-    setup = _build_setup(cfg, mesh, rules, members, member_map)
+    setup = _build_setup(cfg, mesh, rules, members, member_map, num_domains)
     _setup_cache[key] = setup
     while len(_setup_cache) > SETUP_CACHE_SIZE:
         _setup_cache.popitem(last=False)
@@ -188,7 +193,7 @@ def make_init_fn(cfg: ExperimentConfig, tx: optax.GradientTransformation, vocab_
 
 
 def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRules | None, members: int,
-                 member_map: str) -> TrainSetup:
+                 member_map: str, num_domains: int) -> TrainSetup:
     layout = Layout(mesh, rules or DEFAULT_RULES.with_overrides(cfg.mesh.rules), strict=cfg.mesh.strict)
     vocab_multiple_of = layout.axis_size("vocab")
     graphdef, abstract_params, logical_axes = models.abstract_params(cfg.model, vocab_multiple_of)
@@ -203,7 +208,7 @@ def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRule
     shardings = TrainState(step=layout.replicated(), params=p_shardings, opt_state=opt_shardings)
     step_fn = make_train_step(
         graphdef, tx, schedule, vocab_size=cfg.model.vocab_size, z_loss=cfg.train.z_loss,
-        grad_accum_steps=cfg.train.grad_accum_steps, layout=layout,
+        grad_accum_steps=cfg.train.grad_accum_steps, layout=layout, num_domains=num_domains,
     )
     eval_fn = make_eval_step(graphdef, vocab_size=cfg.model.vocab_size, layout=layout)
 
@@ -211,7 +216,7 @@ def _build_setup(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: AxisRule
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     common = {"cfg": cfg, "layout": layout, "graphdef": graphdef, "logical_axes": logical_axes, "tx": tx,
-              "schedule": schedule}
+              "schedule": schedule, "num_domains": num_domains}
     if members == 1:
         abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, shardings)

@@ -2,6 +2,9 @@
 reading step n), checked for NaN/inf, turned into throughput and MFU every `logging.every` steps and written to
 each member's metrics log.
 
+Each member's per-domain sums (the train step's DOMAIN_SUMS, when the data carries domain ids) become its
+`train_loss/<domain>` values and add up in its domain window until online mixing takes it (take_domain_window).
+
 A run of one member stops on a non-finite value (NonFiniteLossError, nothing saved after it). A member of a
 swarm is marked failed instead (its update was already masked on the device, mixlm.train_step.masked_step): its
 metrics.jsonl gets a row {'step', 'failed': why}, its result.json the status 'failed', and the others go on.
@@ -20,7 +23,7 @@ from mixlm.collectives import host_view
 from mixlm.config import ExperimentConfig
 from mixlm.errors import NonFiniteLossError
 from mixlm.run_dir import RunDir
-from mixlm.train_step import GUARDED_METRICS
+from mixlm.train_step import DOMAIN_SUMS, GUARDED_METRICS
 
 
 def non_finite(row: dict[str, float]) -> str:
@@ -31,11 +34,13 @@ def non_finite(row: dict[str, float]) -> str:
 class StepMeter:
     """Reads, checks and logs the step metrics of this process's members (`logs`: member -> its MetricsLog;
     `progress`: the log whose bar advances once per step). `failed` (member -> {'step', 'reason'}) is shared
-    with the run: members in it are not logged any more."""
+    with the run: members in it are not logged any more. `domains`: member -> the names of its per-domain sums'
+    entries (its source's domain_names)."""
 
     def __init__(self, cfgs: Sequence[ExperimentConfig], logs: dict, progress, *, start_step: int,
                  flops_per_token: float, peak: float, num_devices: int, tokens_before: dict[int, float],
-                 failed: dict[int, dict], say: Callable[[str], None]):
+                 failed: dict[int, dict], say: Callable[[str], None],
+                 domains: dict[int, tuple[str, ...]] | None = None):
         self.cfgs, self.logs, self.progress, self.start_step = list(cfgs), logs, progress, start_step
         self.flops_per_token, self.peak, self.num_devices = flops_per_token, peak, num_devices
         self.failed, self.say = failed, say
@@ -44,6 +49,10 @@ class StepMeter:
         self.history: list[list[dict]] = [[] for _ in self.cfgs]  # per member: one metrics dict per logged step
         self.last: list[dict[str, float]] = [{} for _ in self.cfgs]  # per member: its newest step's metrics
         self.tokens_total = {m: float(tokens_before.get(m, 0.0)) for m in logs}  # also before a resume
+        self.domains = {m: tuple((domains or {}).get(m, ())) for m in logs}
+        # Per member: the per-domain sums [D] (float64) of every step read since its last take_domain_window().
+        self.domain_window: dict[int, dict[str, np.ndarray]] = {m: {} for m in logs}
+        self.window_steps = {m: 0 for m in logs}
         self._pending = None  # (step, device metrics, device alive mask or None) not yet read
         self._started = time.perf_counter()
         self._window_start, self._window_tokens = self._started, {m: 0.0 for m in logs}
@@ -68,6 +77,7 @@ class StepMeter:
         step, metrics_dev, alive_dev = self._pending
         self._pending = None
         metrics, alive = host_view((metrics_dev, alive_dev))
+        sums = {k: np.reshape(metrics.pop(k), (self.members, -1)) for k in DOMAIN_SUMS if k in metrics}  # [K, D]
         metrics = {k: np.reshape(v, (-1,)) for k, v in metrics.items()}  # [K]; a single run's scalars: [1]
         self.progress.advance()
         logged = step % self.every == 0 or step == self.steps
@@ -84,6 +94,8 @@ class StepMeter:
             if alive is not None and not alive[m]:
                 self._fail(m, step, bad or "non-finite values")
                 continue
+            if sums:
+                row.update(self._per_domain(m, {k: v[m] for k, v in sums.items()}))
             self.tokens_total[m] += row["tokens_step"]
             row["tokens_total"] = self.tokens_total[m]
             self.last[m] = {"step": step, **row}
@@ -101,6 +113,23 @@ class StepMeter:
             if self.members > 1:
                 self._swarm_line(step, metrics, now)
             self._window_start, self._window_tokens = now, {m: 0.0 for m in self.logs}
+
+    def take_domain_window(self, m: int) -> tuple[dict[str, np.ndarray], int]:
+        """(per-domain sums, steps) of member m's steps read since its last take (call flush() first), and
+        restarts its window."""
+        window, steps = self.domain_window[m], self.window_steps[m]
+        self.domain_window[m], self.window_steps[m] = {}, 0
+        return window, steps
+
+    def _per_domain(self, m: int, sums: dict[str, np.ndarray]) -> dict[str, float]:
+        """Adds member m's step sums to its window; returns train_loss/<domain> (this step's mean loss of each
+        domain that had loss tokens in it)."""
+        window = self.domain_window[m]
+        for k, v in sums.items():
+            window[k] = window.get(k, 0.0) + np.asarray(v, np.float64)
+        self.window_steps[m] += 1
+        return {f"train_loss/{name}": float(np.float64(nll) / tokens)
+                for name, nll, tokens in zip(self.domains[m], sums["domain_nll"], sums["domain_tokens"]) if tokens > 0}
 
     def _fail(self, m: int, step: int, reason: str) -> None:
         self.failed[m] = {"step": step, "reason": reason}

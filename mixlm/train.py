@@ -10,7 +10,8 @@ member writes its own run folder (mixlm.run_dir.RunDir): config.yaml, metrics.js
 train.steps and its final evaluation is logged, result.json; a swarm member that goes non-finite is marked
 failed (result.json status 'failed') while the others go on. A single run keeps its checkpoints in its own
 folder; a swarm's (the stacked state, and every member's data state) go to the swarm's folder, which also holds
-its config.yaml and shows its progress bar.
+its config.yaml and shows its progress bar. When the data carries domain ids, the step also sums each member's loss
+and tokens per domain (logged as train_loss/<domain>; what online mixing, mixlm.mixing.online, reads).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from mixlm.config import ExperimentConfig, load_yaml, save_config, validate_for_
 from mixlm.data import make_train_source
 from mixlm.errors import NonFiniteLossError, os_reason
 from mixlm.hooks import Hook, Run, StepMeter, default_hooks, evaluate
-from mixlm.members import check_members, member_mesh, member_rules, member_source, restore_swarm_data
+from mixlm.members import (
+    check_members,
+    member_mesh,
+    member_owners,
+    member_rules,
+    member_source,
+    restore_swarm_data,
+)
 from mixlm.metrics import MetricsLog, peak_flops_per_device
 from mixlm.models.forward import token_losses
 from mixlm.run_dir import RunDir
@@ -100,13 +108,17 @@ def check_batch_shape(host_batch: dict, cfg: ExperimentConfig, members: int) -> 
 
 
 def initial_state(setup: TrainSetup, cfgs: Sequence[ExperimentConfig], checkpoints: RunCheckpoints, sources, *,
-                  allow_config_change: bool, say: Callable[[str], None]) -> tuple[TrainState, int, dict[int, dict]]:
+                  allow_config_change: bool, say: Callable[[str], None],
+                  on_data_state: Callable[[dict], None] | None = None) -> tuple[TrainState, int, dict[int, dict]]:
     """(state, step, failed members). Resumes from the newest good checkpoint of the run's folder (state, data
     positions and a swarm's failed members), else initialises from `checkpoint.init_from` (params only, every
-    member the same: fresh optimizer, step 0, data from the start), else from each member's `train.seed`."""
+    member the same: fresh optimizer, step 0, data from the start), else from each member's `train.seed`.
+    `on_data_state` hears the resumed checkpoint's whole data state (with the hooks' states)."""
     cfg = setup.cfg
     resumed = checkpoints.restore_latest(setup.abstract_state, cfg, allow_config_change=allow_config_change)
     if resumed is not None:
+        if on_data_state is not None:
+            on_data_state(resumed.data_state)
         failed: dict[int, dict] = {}
         if setup.members == 1:
             sources[0].set_state(resumed.data_state)
@@ -145,9 +157,11 @@ def open_run(cfgs: Sequence[ExperimentConfig], setup: TrainSetup, sources, *, lo
     checkpoints = RunCheckpoints(checkpoint_dir(run_dir.path), cfg.checkpoint, log=early_say)
     logs: dict[int, MetricsLog] = {}
     progress = None
+    restored: dict = {}
     try:
         state, start_step, failed = initial_state(setup, cfgs, checkpoints, sources,
-                                                  allow_config_change=allow_config_change, say=early_say)
+                                                  allow_config_change=allow_config_change, say=early_say,
+                                                  on_data_state=restored.update)
         if k > 1 and jax.process_index() == 0:
             storage.make_dirs(run_dir.path)
             save_config(cfg, run_dir.config_file)
@@ -193,12 +207,24 @@ def open_run(cfgs: Sequence[ExperimentConfig], setup: TrainSetup, sources, *, lo
             f"{start_step + 1}..{cfg.train.steps}")
     meter = StepMeter(cfgs, logs, progress, start_step=start_step, flops_per_token=setup.flops_per_token, peak=peak,
                       num_devices=setup.mesh.size, failed=failed, say=say,
-                      tokens_before={m: sum(s.tokens_seen().values()) for m, s in zip(setup.local_members, sources)})
+                      tokens_before={m: sum(s.tokens_seen().values()) for m, s in zip(setup.local_members, sources)},
+                      domains={m: getattr(s, "domain_names", ()) for m, s in zip(setup.local_members, sources)})
     alive = setup.put_members([m not in failed for m in range(k)]) if k > 1 else None
     return Run(cfg=cfg, cfgs=list(cfgs), setup=setup, sources=list(sources), checkpoints=checkpoints, logs=logs,
                progress=progress, say=say, meter=meter, state=state, run_dir=run_dir, step=start_step, alive=alive,
                failed=failed, latest_eval=[{} for _ in range(k)], final_eval=[{} for _ in range(k)],
-               resumed_at_end=start_step >= cfg.train.steps, logged_at_end=logged)
+               resumed_at_end=start_step >= cfg.train.steps, logged_at_end=logged,
+               hook_states=member_hook_states(restored, k, setup.local_members))
+
+
+def member_hook_states(data_state: dict, members: int, local: Sequence[int]) -> dict[int, dict]:
+    """{member: {state_key: state}} of this process's members in a resumed checkpoint's data state (none when the
+    run starts fresh)."""
+    if not data_state:
+        return {}
+    if members == 1:
+        return {0: data_state.get("hooks", {})}
+    return {m: data_state["members"][m].get("hooks", {}) for m in local}
 
 
 def _close_all(logs: dict, progress, checkpoints) -> None:
@@ -262,29 +288,39 @@ def train(cfg: ExperimentConfig | Sequence[ExperimentConfig], swarm_dir=None, *,
             MemberResult(out_dir=c.train.output_dir, eval=r["eval"], loss=r.get("loss"),
                          failed={"step": r["step"], "reason": r.get("reason", "")} if r["status"] == "failed" else None)
             for c, r in zip(cfgs, done)])
-    setup = build_setup(base, mesh, members=k)
+    local = [0] if k == 1 else [m for m, p in enumerate(member_owners(mesh, k)) if p == jax.process_index()]
     if sources is None:
         if k == 1:
             sources = [make_train_source(base, process_index=jax.process_index(), process_count=jax.process_count())]
         else:
-            sources = [member_source(cfgs[m]) for m in setup.local_members]
+            sources = [member_source(cfgs[m]) for m in local]
     sources = list(sources)
-    if len(sources) != len(setup.local_members):
-        raise ValueError(f"train() got {len(sources)} data sources for this process's {len(setup.local_members)} "
-                         "members")
-    hooks = default_hooks(base) if hooks is None else list(hooks)
     try:
+        if len(sources) != len(local):
+            raise ValueError(f"train() got {len(sources)} data sources for this process's {len(local)} members")
+        # the per-domain sums' length: the most domains of any member (every process compiles the same step)
+        num_domains = max(collectives.allgather_json(max(len(getattr(s, "domain_names", ())) for s in sources)))
+        setup = build_setup(base, mesh, members=k, num_domains=num_domains)
+        hooks = default_hooks(base, members=cfgs if k > 1 else ()) if hooks is None else list(hooks)
         run = open_run(cfgs, setup, sources, log_fn=log_fn, allow_config_change=allow_config_change)
     except BaseException:
         for source in sources:
             source.close()
         raise
+    run.hooks = hooks
     try:
+        for hook in hooks:
+            for m, states in run.hook_states.items():
+                if hook.state_key and hook.state_key in states:
+                    hook.load_state_dict(run, m, states[hook.state_key])
+            hook.at_start(run)
         for step in range(run.step + 1, base.train.steps + 1):
             host = [source.next_batch() for source in run.sources]
             if step == run.meter.start_step + 1:
                 check_batch_shape(host[0], base, k)
             batch = setup.put_batch(host)
+            for hook in hooks:
+                batch = hook.before_step(run, step, batch)
             if k == 1:
                 run.state, metrics = setup.train_step(run.state, batch)
             else:

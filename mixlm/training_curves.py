@@ -4,7 +4,8 @@
     val_loss.png     validation loss against step, one panel per domain (val_loss/<domain>) plus the total
     mixture.png      each run's mixture: one stacked bar per run when every mixture is fixed; else the weights
                      in force stacked against step, one panel per run (config stages, or mixture updates saved
-                     in its newest checkpoint's data state)
+                     in its newest checkpoint's data state; for online mixing the `mixture/<domain>` rows of
+                     metrics.jsonl, the sampling or objective weights its strategy set)
 
 Many runs (a sweep's proxies) stay readable: every run has its own colour and linestyle (run_styles), legends sit
 outside the axes, short series get markers, and when each run has only its final eval the validation panels are
@@ -84,9 +85,35 @@ def _checkpoint_updates(run_dir) -> list[tuple[int, dict[str, float]]]:
             for step, weights in _find_key(state, "mixture_updates") or []]
 
 
-def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
+def online_weights(rows: list[dict]) -> list[tuple[int, dict[str, float]]]:
+    """[(first step, weights)] of an online mixing run's decisions: a `mixture/<domain>` row at step s holds
+    the weights of steps s+1.. (a decision before the first step has s = 0); [] for a run without them."""
+    out = []
+    for row in rows:
+        weights = {k.split("/", 1)[1]: float(v) for k, v in row.items() if k.startswith("mixture/")}
+        if weights:
+            out.append((int(row["step"]), weights))
+    return out
+
+
+def online_label(run_dir: str | Path) -> str:
+    """'doremi, objective weights' from config.yaml's mixing section; '' for a run without online mixing."""
+    from mixlm.config import read_yaml_file
+
+    config = storage.location(run_dir) / "config.yaml"
+    mixing = ((read_yaml_file(config) or {}).get("mixing") or {}) if config.is_file() else {}
+    kind = mixing.get("kind", "static")
+    if kind == "static":
+        return ""
+    apply = mixing.get("apply") or ("objective" if kind == "doremi" else "sampling")
+    return f"{kind}, {apply} weights"
+
+
+def mixture_schedule(run_dir: str | Path, rows: list[dict] | None = None) -> list[tuple[int, dict[str, float]]]:
     """[(first step, normalised weights)] in force over the run: config.yaml's data.mixture (and stages),
-    then the mixture updates saved in the newest checkpoint; [] when the run has no config.yaml or mixture."""
+    then the mixture updates saved in the newest checkpoint; with online mixing, the decisions in `rows`
+    (metrics.jsonl; read when not given) after the configured weights. [] when the run has no config.yaml or
+    mixture."""
     from mixlm.config import read_yaml_file
 
     run_dir = storage.location(run_dir)
@@ -98,6 +125,21 @@ def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
     raw = (read_yaml_file(config) or {}).get("data", {}).get("mixture") or {}
     if not raw:
         return []
+    decisions = online_weights(read_metrics(run_dir) if rows is None else rows)
+    if decisions:
+        first = [] if decisions[0][0] == 0 else _configured_stages(raw, config)[:1]
+        return first + decisions
+    schedule = _configured_stages(raw, config)
+    if not schedule:
+        return []
+    for step, weights in _checkpoint_updates(run_dir):
+        total = sum(weights.values()) or 1.0
+        schedule.append((step, {d: w / total for d, w in weights.items()}))
+    return sorted(schedule, key=lambda s: s[0])
+
+
+def _configured_stages(raw, config: Path) -> list[tuple[int, dict[str, float]]]:
+    """The stages of config.yaml's data.mixture, normalised; [] (with a warning) when it does not parse."""
     from mixlm.data.mixture import parse_mixture
     from mixlm.errors import ConfigError
 
@@ -106,11 +148,7 @@ def mixture_schedule(run_dir: str | Path) -> list[tuple[int, dict[str, float]]]:
     except ConfigError as e:
         warnings.warn(str(e), stacklevel=2)
         return []
-    schedule = [(int(stage.start_step), dict(stage.weights)) for stage in mixture.stages]
-    for step, weights in _checkpoint_updates(run_dir):
-        total = sum(weights.values()) or 1.0
-        schedule.append((step, {d: w / total for d, w in weights.items()}))
-    return sorted(schedule, key=lambda s: s[0])
+    return [(int(stage.start_step), dict(stage.weights)) for stage in mixture.stages]
 
 
 # Up to 10 runs take matplotlib's default colours; more take tab20, then evenly spaced turbo colours, and
@@ -283,7 +321,9 @@ def mixture_figure(runs: dict[str, tuple[Path, list[dict]]], schedules: dict[str
               for step in (start, schedule[i + 1][0] if i + 1 < len(schedule) else last)]
         ys = [[w.get(d, 0.0) for _, w in schedule for _ in (0, 1)] for d in domains]
         ax.stackplot(xs, ys, labels=domains, colors=[colors[d] for d in domains])
-        ax.set(xlabel="step", ylabel="weight", title=f"mixture: {name}", ylim=(0, 1), xlim=(xs[0], xs[-1]))
+        label = online_label(runs[name][0])
+        ax.set(xlabel="step", ylabel="weight", title=f"mixture: {name}" + (f"\n({label})" if label else ""),
+               ylim=(0, 1), xlim=(xs[0], xs[-1]))
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, title="domain")
     return fig
 
@@ -309,7 +349,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, log=None) -> list
         say("val_loss.png not written: no run has validation losses (val_loss rows) in its metrics.jsonl")
     else:
         save(fig, "val_loss.png")
-    schedules = {name: mixture_schedule(run_dir) for name, (run_dir, _) in runs.items()}
+    schedules = {name: mixture_schedule(run_dir, rows) for name, (run_dir, rows) in runs.items()}
     missing = [name for name, s in schedules.items() if not s]
     fig = mixture_figure(runs, schedules)
     if fig is None:

@@ -4,13 +4,15 @@
     run_job(job)                                                             # in-process (one process)
 
 JOB_JSON: {"config": ExperimentConfig.to_dict(), "stop_at": k or null (stop after step k, as on SIGTERM: the
-checkpoint hook saves step k), "update": [step, {domain: weight}] or null (a `set_weights` made by a
-MixtureUpdateHook after that step), "devices": n or null (a mesh over the first n devices), "out": path}.
-The run resumes from the newest checkpoint in train.output_dir, as `mixlm train` does.
+checkpoint hook saves step k), "kill_at": k or null (every process SIGKILLs itself after step k's hooks: no
+checkpoint of it, the run resumes from an earlier one), "update": [step, {domain: weight}] or null (a
+`set_weights` made by a MixtureUpdateHook after that step), "devices": n or null (a mesh over the first n
+devices), "out": path}. The run resumes from the newest checkpoint in train.output_dir, as `mixlm train` does.
 Process 0 writes to `out` {"batches": {step: {key: sha256 of the global array}}, "losses": {step: loss},
-"process_count", "device_count", "start_step", "data_state", "log": the run's messages}. The global array is
-gathered from all processes after `to_global_batch` (what the train step gets), so the row order across
-processes is checked too.
+"process_count", "device_count", "start_step", "data_state", "log": the run's messages, "online": the online
+mixing hook's {history, mismatches, state} (mixing.kind other than static)}; process i > 0 writes its own record
+to `out`.p<i>. The global array is gathered from all processes after `to_global_batch` (what the train step
+gets), so the row order across processes is checked too.
 """
 
 from __future__ import annotations
@@ -60,17 +62,30 @@ def run_job(job: dict) -> dict:
         def after_step(self, run, step):
             run.stop(f"the test's stop at step {step}")
 
-    extra: list = [StopAt()]
+    class KillAt(Hook):
+        """Every process kills itself after step `kill_at` (once all reached it): a crash, not a stop."""
+
+        def due(self, run, step):
+            return step == job.get("kill_at")
+
+        def after_step(self, run, step):
+            import os
+            import signal
+
+            multihost_utils.sync_global_devices("kill")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    extra: list = [StopAt(), KillAt()]
     if job.get("update"):
         at, weights = job["update"]
         extra.insert(0, MixtureUpdateHook(at, lambda stats: weights if stats.step == at else None))
     mesh = make_mesh(cfg.mesh, devices=jax.devices()[: job["devices"]]) if job.get("devices") else None
     log: list[str] = []
+    hooks = default_hooks(cfg, *extra)
+    online = [h for h in hooks if getattr(h, "state_key", "") == "online_mixing"]
     mixlm.setup.to_global_batch = recording_to_global_batch  # what TrainSetup.put_batch places a batch with
     try:
-        result = mixlm.train.train(
-            cfg, mesh=mesh, sources=[source], hooks=default_hooks(cfg, *extra), log_fn=log.append
-        )
+        result = mixlm.train.train(cfg, mesh=mesh, sources=[source], hooks=hooks, log_fn=log.append)
     finally:
         mixlm.setup.to_global_batch = real_to_global_batch
     gathered = multihost_utils.process_allgather(trained, tiled=True)  # one collective for every step and key
@@ -85,6 +100,8 @@ def run_job(job: dict) -> dict:
         "start_step": min(int(s) for s in trained) - 1 if trained else None,
         "data_state": source.get_state(),
         "log": log,
+        "online": {"history": online[0].history, "mismatches": online[0].mismatches, "state": online[0].state}
+        if online else None,
     }
 
 
@@ -98,9 +115,8 @@ def main(argv: list[str]) -> int:
     with open(job_path) as f:
         job = json.load(f)
     record = run_job(job)
-    if process_id == 0:
-        with open(job["out"], "w") as f:
-            json.dump(record, f)
+    with open(job["out"] if process_id == 0 else f"{job['out']}.p{process_id}", "w") as f:
+        json.dump(record, f)
     jax.distributed.shutdown()
     return 0
 

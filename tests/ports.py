@@ -19,10 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(logs: Path, argv_of: Callable[[int, str], list[str]], processes: int) -> Callable[[], list[str]]:
+def launch(logs: Path, argv_of: Callable[[int, str], list[str]], processes: int,
+           exit_code: int = 0) -> Callable[[], list[str]]:
     """Starts `processes` jax.distributed processes on localhost (8 // processes fake devices each, FAST_COMPILE),
     process i running argv_of(i, port) with its output in logs/p<i>.log; returns a function that waits for them
-    (300 s), checks that every one exited 0 (else fails with their logs' tails) and returns their logs."""
+    (300 s), checks that every one exited with `exit_code` (-9: killed by SIGKILL; else fails with their logs'
+    tails) and returns their logs."""
     from conftest import xla_flags
 
     root = str(Path(__file__).resolve().parents[1])
@@ -43,7 +45,7 @@ def launch(logs: Path, argv_of: Callable[[int, str], list[str]], processes: int)
                 if p.poll() is None:
                     p.kill()
         texts = [(logs / f"p{i}.log").read_text() for i in range(processes)]
-        assert [p.returncode for p in procs] == [0] * processes, "\n".join(t[-3000:] for t in texts)
+        assert [p.returncode for p in procs] == [exit_code] * processes, "\n".join(t[-3000:] for t in texts)
         return texts
 
     return wait

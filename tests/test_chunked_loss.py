@@ -115,6 +115,43 @@ def test_train_objective_and_param_gradients_unchanged(family, monkeypatch):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_online_mixing_terms_in_the_chunks_equal_whole_logits(family, monkeypatch):
+    """Online mixing's terms, computed in the same 4 chunks as the loss: per-row objective weights (the objective
+    and every parameter gradient), the unweighted metrics, and each domain's summed loss, tokens and loss in
+    excess of a reference model's equal the whole-logits computation of the same model."""
+    cfg, graphdef, params, batch = tiny_model(family)
+    vocab, z_loss = cfg.vocab_size, 1e-3
+    monkeypatch.setattr(forward, "LOSS_CHUNK_BYTES", 2 * 8 * cfg.padded_vocab_size() * 4)
+    reference = np.random.default_rng(2).normal(np.log(vocab), 0.3, (2, 32))  # near an untrained model's loss
+    batch = {**batch, "loss_weights": jnp.asarray([0.25, 3.0], jnp.float32), "domain_ids": jnp.asarray([1, 0]),
+             "reference_nll": jnp.asarray(reference, jnp.float32)}
+
+    def whole(p):
+        nll, log_z = forward.token_losses(forward.batch_logits(graphdef, p, batch, vocab_size=vocab), batch["targets"])
+        weight = batch["loss_mask"] * batch["loss_weights"][:, None]
+        return jnp.sum((nll + z_loss * jnp.square(log_z)) * weight), nll
+
+    def chunked(p):
+        return batch_sums(graphdef, p, batch, vocab_size=vocab, z_loss=z_loss, num_domains=2)
+
+    objective, (nll_sum, _, tokens, per_domain) = jax.jit(chunked)(params)
+    want, nll = jax.jit(whole)(params)
+    np.testing.assert_allclose(objective, want, **TOL)
+    mask, nll = np.asarray(batch["loss_mask"]), np.asarray(nll)
+    np.testing.assert_allclose(nll_sum, np.sum(nll * mask), **TOL)  # the metrics stay unweighted
+    assert float(tokens) == mask.sum()
+    # row 0 is domain 1, row 1 domain 0
+    np.testing.assert_allclose(per_domain["domain_nll"], np.sum(nll * mask, axis=1)[::-1], **TOL)
+    np.testing.assert_array_equal(per_domain["domain_tokens"], mask.sum(axis=1)[::-1])
+    excess = np.maximum(nll - np.asarray(batch["reference_nll"]), 0.0) * mask
+    np.testing.assert_allclose(per_domain["domain_excess"], excess.sum(axis=1)[::-1], **TOL)
+    assert 0 < excess.sum() < np.sum(nll * mask)  # the reference is above and below the model's loss
+    got, ref = jax.jit(jax.grad(lambda p: chunked(p)[0]))(params), jax.jit(jax.grad(lambda p: whole(p)[0]))(params)
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def _array_shapes(jaxpr) -> list[tuple]:
     """(shape, dtype) of every value in a closed jaxpr and the jaxprs nested in its equations."""
     out = []

@@ -37,7 +37,8 @@ WORKER = textwrap.dedent("""
     for step in range(int(sys.argv[5])):
         for key, local in source.next_batch().items():
             global_array = jax.make_array_from_process_local_data(sharding, local)
-            assert global_array.shape == (cfg.train.global_batch_size, cfg.data.seq_len), global_array.shape
+            want = (cfg.train.global_batch_size,) + (() if key == "domain_ids" else (cfg.data.seq_len,))
+            assert global_array.shape == want, (key, global_array.shape)
             gathered[f"{step}/{key}"] = np.asarray(multihost_utils.process_allgather(global_array, tiled=True))
     if pid == 0:
         np.savez(f"{out}/batches.npz", **gathered)
@@ -100,7 +101,7 @@ def test_two_processes_build_the_same_global_batches(tmp_path):
     gathered = np.load(tmp_path / "batches.npz")
     for step in range(STEPS):
         batch = reference.next_batch()
-        assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+        assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions", "domain_ids"}
         for key, value in batch.items():
             np.testing.assert_array_equal(gathered[f"{step}/{key}"], value, err_msg=f"step {step} {key}")
     for pid in range(2):

@@ -180,3 +180,26 @@ def test_wandb_enabled_without_the_package_is_a_config_error(tmp_path, monkeypat
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match=r"logging.wandb=true needs the wandb package"):
         MetricsLog(tmp_path, total_steps=1, start_step=0, jsonl=False, tensorboard=False, progress=False, wandb=True)
+
+
+def test_an_online_runs_weights_come_from_its_metrics(tmp_path):
+    """Online mixing logs its decisions as mixture/<domain> rows: the schedule and the stacked-area figure follow
+    them (DoReMi's objective weights never reach the source's mixture updates)."""
+    folder = tmp_path / "doremi"
+    _write_run(folder, scale=1.0, mixture={"code": 0.5, "prose": 0.5})
+    decisions = [{"step": step, "mixture/code": 0.5 + step / 400, "mixture/prose": 0.5 - step / 400}
+                 for step in range(0, 101, 20)]
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in decisions))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"data": {"mixture": {"code": 0.5, "prose": 0.5}},
+                                                        "mixing": {"kind": "doremi"}}))
+    schedule = mixture_schedule(folder)
+    assert [s for s, _ in schedule] == [0, 20, 40, 60, 80, 100]
+    assert schedule[2][1] == {"code": 0.6, "prose": 0.4}
+    ado = tmp_path / "ado"  # first decision after step 30: the configured weights before it
+    _write_run(ado, scale=1.0, mixture={"code": 0.25, "prose": 0.75})
+    with open(ado / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 30, "mixture/code": 0.4, "mixture/prose": 0.6}) + "\n")
+    assert mixture_schedule(ado) == [(0, {"code": 0.25, "prose": 0.75}), (30, {"code": 0.4, "prose": 0.6})]
+    written = plot_runs([folder, ado], tmp_path / "plots")
+    assert (tmp_path / "plots" / "mixture.png") in written

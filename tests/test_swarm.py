@@ -115,11 +115,13 @@ def test_each_member_equals_its_separate_run(demo, swarm_run):
     # members really differ (own mixture and seed)
     assert len({round(m.eval["val_loss"], 6) for m in result.members}) == 4
     # the four separate runs compiled their step once: mixture, seeds and output folder are not in the program
-    steps = {id(build_setup(cfg, make_mesh(cfg.mesh)).train_step) for cfg in cfgs}
-    assert len(steps) == 1 and build_setup(cfgs[0], make_mesh(cfgs[0].mesh)).train_step._cache_size() == 1
+    # (the step sums the loss of each of the 4 trained domains: train_loss/<domain>)
+    steps = {id(build_setup(cfg, make_mesh(cfg.mesh), num_domains=4).train_step) for cfg in cfgs}
+    assert len(steps) == 1
+    assert build_setup(cfgs[0], make_mesh(cfgs[0].mesh), num_domains=4).train_step._cache_size() == 1
     other = load_config(demo[2], ["optimizer.lr=0.5"])
-    assert build_setup(other, make_mesh(other.mesh)).train_step is not build_setup(cfgs[0], make_mesh(
-        cfgs[0].mesh)).train_step
+    assert build_setup(other, make_mesh(other.mesh), num_domains=4).train_step is not build_setup(
+        cfgs[0], make_mesh(cfgs[0].mesh), num_domains=4).train_step
 
 
 def test_member_streams_hold_their_mixture_shares(demo):

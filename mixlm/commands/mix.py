@@ -109,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--results", type=Path, nargs="+", required=True, help="CSV(s): index + loss columns (metric/..._val_loss)"
     )
     fit.add_argument(
+        "--runs", type=Path, nargs="+", default=[],
+        help="training run folders added as new runs: each one's mixture (mixture_average.yaml of an online "
+        "mixing run, else its fixed data.mixture) and its final validation losses",
+    )
+    fit.add_argument(
         "--domains", default=None,
         help="today's training domains (comma-separated); runs on a removed domain are dropped, the rest reused",
     )
@@ -265,6 +270,10 @@ def _fit(args: argparse.Namespace) -> int:
 
     pooled = [read_csv(p) for p in args.mixtures]
     results = pool_tables([read_csv(p) for p in args.results])
+    if args.runs:
+        first = int(max(max(t.index_N.max(initial=0) for t in pooled), results.index_N.max(initial=0))) + 1
+        run_mixtures, run_results = _runs_as_tables(args.runs, first)
+        pooled, results = [*pooled, run_mixtures], pool_tables([results, run_results])
     domains = _domains(args)
     mixtures, reused = reuse_runs(pooled, domains)
     if domains is not None or len(pooled) > 1:
@@ -311,6 +320,42 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(f"\nwrote {args.out}/model.json, scatter.png" + (", loss_vs_weight.png" if per_domain else ""))
     return 0
+
+
+def _runs_as_tables(run_dirs: list[Path], first_index: int):
+    """(mixtures, results) Tables of training run folders, one row each from `first_index` on: the weights the
+    run trained on (its mixture_average.yaml when online mixing wrote one, else config.yaml's fixed data.mixture)
+    and its final validation losses (the columns a sweep's results.csv has)."""
+    import numpy as np
+
+    from mixlm.config import read_yaml_file
+    from mixlm.data.mixture import parse_mixture
+    from mixlm.errors import ConfigError
+    from mixlm.mixing import Table, loss_column
+    from mixlm.run_dir import RunDir
+
+    weights, losses = [], []
+    for run in run_dirs:
+        config = read_yaml_file(run / "config.yaml") if (run / "config.yaml").is_file() else None
+        if not isinstance(config, dict):
+            raise ConfigError(f"--runs {run}: no config.yaml (is it a training run's output folder?)")
+        averaged = run / "mixture_average.yaml"
+        raw = read_yaml_file(averaged) if averaged.is_file() else (config.get("data") or {}).get("mixture")
+        mixture = parse_mixture(raw or {}, where=f"--runs {averaged if averaged.is_file() else run / 'config.yaml'}")
+        if len(mixture.stages) > 1:
+            raise ConfigError(f"--runs {run}: a staged mixture and no mixture_average.yaml; the fit takes one mixture")
+        final = RunDir(run).final_eval(int((config.get("train") or {}).get("steps", 0)))
+        if final is None:
+            raise ConfigError(f"--runs {run}: no final validation losses in metrics.jsonl (did the run finish, "
+                              "with eval.batches >= 1?)")
+        weights.append(mixture.stages[0].weights)
+        losses.append({loss_column(k.split("/", 1)[1]) if "/" in k else f"metric/{k}": v for k, v in final.items()})
+    index_N = np.arange(first_index, first_index + len(run_dirs), dtype=np.int64)
+    domains = tuple(dict.fromkeys(d for w in weights for d in w))
+    columns = tuple(dict.fromkeys(c for row in losses for c in row))
+    mixtures = Table(index_N, domains, np.array([[w.get(d, 0.0) for d in domains] for w in weights]))
+    results = Table(index_N, columns, np.array([[row.get(c, np.nan) for c in columns] for row in losses]))
+    return mixtures, results
 
 
 def _is_yaml(path: Path) -> bool:

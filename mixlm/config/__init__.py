@@ -27,6 +27,7 @@ from mixlm.config.schema import (
     ExperimentConfig,
     LoggingConfig,
     MeshConfig,
+    MixingConfig,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
@@ -38,7 +39,8 @@ from mixlm.errors import ConfigError
 
 __all__ = [
     "ATTENTION_IMPLS", "INT32_MAX", "INT64_MAX", "REMAT_POLICIES", "SECTION_TYPES", "CheckpointConfig",
-    "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "LoggingConfig", "MeshConfig", "ModelConfig",
+    "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "LoggingConfig", "MeshConfig", "MixingConfig",
+    "ModelConfig",
     "OptimizerConfig", "ScheduleConfig", "TrainConfig", "closest_keys", "config_diff", "config_from_dict",
     "is_experiment_file", "load_config", "load_config_and_origin", "load_model_config", "load_yaml",
     "parse_override", "read_yaml_file", "save_config", "validate", "validate_for_mesh",

@@ -1,5 +1,5 @@
 """The experiment config's schema: one frozen dataclass per section (model, mesh, optimizer, schedule, data,
-train, checkpoint, eval, logging) with every key's default, and the helpers that name keys in error lines.
+train, checkpoint, eval, logging, mixing) with every key's default, and the helpers that name keys in error lines.
 
 The YAML that fills it is read by mixlm.config.load; the ranges it must respect are mixlm.config.validate's.
 """
@@ -104,6 +104,8 @@ FIELD_BOUNDS: dict[str, Bound] = {
     "eval.limit": Bound(0, why="0 means no limit"),
     "logging.every": Bound(1, why="log every N steps"),
     "logging.peak_flops": Bound(0, why="0 looks the device up"),
+    "mixing.every": Bound(0, why="0 takes the strategy's default"),
+    "mixing.warmup_steps": Bound(0),
 }
 DATA_SOURCES = ("synthetic", "prepared")
 PACKINGS = ("concat", "first_fit")
@@ -286,6 +288,26 @@ class LoggingConfig:
     wandb_project: str = "mixlm"
 
 
+MIXING_KINDS = ("static", "doremi", "ado", "odm", "aioli")  # mixlm.mixing.online.STRATEGIES
+
+
+@dataclass(frozen=True)
+class MixingConfig:
+    """Online mixing (mixlm.mixing.online): the strategy that changes the mixture while training."""
+
+    kind: str = "static"  # static (data.mixture as configured) | doremi | ado | odm | aioli
+    every: int = 0  # steps between updates; 0: the strategy's default (doremi, odm 1; ado 10; aioli 2x its probes)
+    warmup_steps: int = 0  # no update before this step
+    apply: str = ""  # sampling | objective (per-domain loss weights); "": the strategy's own (doremi: objective)
+    options: dict = field(default_factory=dict)  # the strategy's parameters, e.g. {step_size: 1.0, reference: runs/ref}
+
+    def __post_init__(self):
+        if self.kind not in MIXING_KINDS:
+            raise ConfigError(f"mixing.kind={self.kind!r} is not known; use one of {', '.join(MIXING_KINDS)}")
+        if self.apply not in ("", "sampling", "objective"):
+            raise ConfigError(f"mixing.apply={self.apply!r}: expected sampling or objective (or leave it empty)")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -297,6 +319,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -316,6 +339,7 @@ SECTION_TYPES = {
     "checkpoint": CheckpointConfig,
     "eval": EvalConfig,
     "logging": LoggingConfig,
+    "mixing": MixingConfig,
 }
 
 

@@ -74,6 +74,24 @@ def validate(cfg: ExperimentConfig, origin: dict | None = None) -> None:
             if not isinstance(entry, str) or not entry.strip():
                 fail(f"eval.{key}", f"eval.{key}[{i}]: expected {what} (a string), got {short_repr(entry)}; "
                                     f"write eval.{key} as a list of names")
+    if cfg.mixing.kind != "static":
+        _validate_mixing(cfg, fail)
+
+
+def _validate_mixing(cfg: ExperimentConfig, fail) -> None:
+    """The online mixing strategy must build from mixing.* and have what it measures."""
+    from mixlm.mixing.online import strategy_from_config  # numpy only; it imports nothing of mixlm.config
+
+    try:
+        strategy = strategy_from_config(cfg.mixing)
+    except ConfigError as e:
+        fail("mixing.options", str(e))
+    if cfg.data.source != "prepared":
+        fail("mixing.kind", f"mixing.kind={cfg.mixing.kind} mixes domains: it needs data.source=prepared (the "
+                            "synthetic source has one domain)")
+    if strategy.kind == "aioli" and cfg.eval.batches < 1:
+        fail("eval.batches", "mixing.kind=aioli measures each domain's validation loss after every probe: set "
+                             "eval.batches >= 1")
 
 
 # The per-host batch as a data source hands it over: int32 inputs and targets and a float32 loss mask per token.

@@ -64,9 +64,18 @@ def _rows_dataset(split, packing: str, seq_len: int, seed: int, *, train: bool):
     raise ConfigError(f"data.packing={packing!r}: expected 'concat' or 'first_fit'")
 
 
-def rows_to_batch(rows: list, packing: str, seq_len: int) -> dict[str, np.ndarray]:
+def rows_to_batch(rows: list, packing: str, seq_len: int, domain_ids: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
     """Stacks packed rows of seq_len + 1 tokens into {'inputs','targets','loss_mask'[, 'segment_ids',
-    'positions']} of shape [b, seq_len]. A row of None is padding (all zeros, loss_mask 0)."""
+    'positions'][, 'domain_ids']} of shape [b, seq_len] ([b] for domain_ids, int32: each row's domain, when
+    given). A row of None is padding (all zeros, loss_mask 0)."""
+    batch = _stack_rows(rows, packing, seq_len)
+    if domain_ids is not None:
+        batch["domain_ids"] = np.ascontiguousarray(domain_ids, np.int32)
+    return batch
+
+
+def _stack_rows(rows: list, packing: str, seq_len: int) -> dict[str, np.ndarray]:
     if packing == "concat":
         width = seq_len + 1
         tokens = np.stack([r if r is not None else np.full(width, -1, np.int32) for r in rows])
@@ -129,7 +138,8 @@ class HostBatches(grain.MapDataset):
             where = np.flatnonzero(domain == d)
             for i, row in zip(where, self.domain_rows[d]._getitems(element[where].tolist())):
                 rows[i] = row
-        return rows_to_batch(rows, self.packing, self.seq_len)
+        # A row is packed from one domain's stream, so its domain is every one of its segments' domain too.
+        return rows_to_batch(rows, self.packing, self.seq_len, domain_ids=domain)
 
 
 class PreparedMixtureSource:
@@ -189,6 +199,7 @@ class PreparedMixtureSource:
                     f"{dom.train.num_tokens} tokens, not enough for one row of data.seq_len + 1 = "
                     f"{data.seq_len + 1}; prepare more data, lower seq_len or set its weight to 0"
                 )
+        self.schedule: MixtureSchedule | None = None  # set by _use_mixture; each update reuses its stages' counts
         self._use_mixture(self.mixture)
         self._check_repetition_ahead(cfg.train.steps)
         self._warned = [False] * len(self.domains)
@@ -298,15 +309,30 @@ class PreparedMixtureSource:
 
     # ---- the contract ----------------------------------------------------------------------------
     # ---- the mixture in force (online mixing changes it) ---------------------------------------
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        """The domains of the mixture, in the order of the batches' `domain_ids` (sorted)."""
+        return self.mixture.domains
+
+    def natural_weights(self) -> dict[str, float]:
+        """Each domain's share of the mixture's train tokens (the natural mixture, a prior for online mixing)."""
+        tokens = {dom.name: dom.train.num_tokens for dom in self.domains}
+        total = sum(tokens.values()) or 1
+        return {name: n / total for name, n in tokens.items()}
+
     def _use_mixture(self, mixture) -> None:
         self.mixture = mixture
-        self.schedule = MixtureSchedule(mixture, self.global_batch, seed=self.cfg.data.seed)
+        self.schedule = MixtureSchedule(mixture, self.global_batch, seed=self.cfg.data.seed, reuse=self.schedule)
         self._batches = HostBatches(self.train_rows, self.schedule, self.packing, host_batch=self.host_batch,
                                     process_index=self.process_index)
 
     def current_weights(self) -> dict[str, float]:
         """The normalised weights of the next batch."""
         return dict(self.mixture.weights_at(self._step))
+
+    def weights_at(self, step_index: int) -> dict[str, float]:
+        """The normalised weights of batch `step_index` (0-based: the batch optimizer step step_index + 1 trains)."""
+        return dict(self.mixture.weights_at(step_index))
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Online mixing: `weights` ({domain: weight >= 0}, normalised here) from the next batch on. The
@@ -331,7 +357,8 @@ class PreparedMixtureSource:
 
     def next_batch(self) -> dict[str, np.ndarray]:
         """This host's rows of the next global batch: 'inputs', 'targets' int32 [b, L], 'loss_mask' float32
-        [b, L]; with first-fit packing also 'segment_ids' (0 = padding) and 'positions' int32 [b, L]."""
+        [b, L], 'domain_ids' int32 [b] (index into domain_names); with first-fit packing also 'segment_ids'
+        (0 = padding) and 'positions' int32 [b, L]."""
         self._check_repetition(self._step)
         if self._iterator is None:
             self._iterator = self._make_iterator()

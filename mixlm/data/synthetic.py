@@ -36,14 +36,23 @@ class SyntheticSource:
                 out[r, t + 1] = tok
         return out
 
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return (self.domain,)
+
+    def natural_weights(self) -> dict[str, float]:
+        return {self.domain: 1.0}
+
     def next_batch(self) -> dict[str, np.ndarray]:
-        """{'inputs','targets': int32 [b, L], 'loss_mask': float32 [b, L]}; b = this host's rows."""
+        """{'inputs','targets': int32 [b, L], 'loss_mask': float32 [b, L], 'domain_ids': int32 [b] (all 0, the
+        one domain)}; b = this host's rows."""
         seq = self._sequences(self.step, self.batch_size, self.process_index * self.batch_size)
         self.step += 1
         return {
             "inputs": seq[:, :-1],
             "targets": seq[:, 1:],
             "loss_mask": np.ones((self.batch_size, self.seq_len), np.float32),
+            "domain_ids": np.zeros(self.batch_size, np.int32),
         }
 
     def get_state(self) -> dict:
@@ -56,6 +65,9 @@ class SyntheticSource:
         return {self.domain: self.step * self.batch_size * self.process_count * self.seq_len}
 
     def current_weights(self) -> dict[str, float]:
+        return {self.domain: 1.0}
+
+    def weights_at(self, step_index: int) -> dict[str, float]:
         return {self.domain: 1.0}
 
     def set_weights(self, weights: dict[str, float]) -> None:

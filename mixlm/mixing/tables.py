@@ -160,11 +160,9 @@ def write_mixture_yaml(path: str | Path, weights: Mapping[str, float], comment: 
     """Writes `{domain: weight}` (the form `mixlm train` takes as data.mixture), leaving out domains of
     weight 0 (and below NEGLIGIBLE_WEIGHT of the total, see `clean_weights`) so a run never opens data it
     will not read."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     kept = {d: float(f"{w:.10g}") for d, w in clean_weights(weights).items() if w > 0}
     head = "".join(f"# {line}\n" for line in comment.splitlines())
-    path.write_text(head + yaml.safe_dump(kept, sort_keys=False))
+    storage.write_atomic(path, head + yaml.safe_dump(kept, sort_keys=False))  # a run folder may be on a bucket
 
 
 def read_mixture_yaml(path: str | Path) -> dict[str, float]:

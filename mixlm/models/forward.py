@@ -4,13 +4,15 @@ live model and perplexity scoring all call these, so the padded vocabulary is ha
     logits_BxLxV = forward.logits(graphdef, params, tokens_BxL, vocab_size=V)         # float32, V_pad wide
     nll_BxL, log_z_BxL = forward.token_losses(logits_BxLxV, targets_BxL)
     logp_BxLxV = forward.log_probs(graphdef, params, tokens_BxL, vocab_size=V)       # real vocabulary only
-    objective, (nll_sum, z_sum, tokens) = forward.batch_loss_sums(graphdef, params, batch, vocab_size=V,
-                                                                  z_loss=z, layout=layout)  # training / eval
+    objective, (nll_sum, z_sum, tokens, rows) = forward.batch_loss_sums(graphdef, params, batch, vocab_size=V,
+                                                                        z_loss=z, layout=layout)  # training / eval
 
 The training loss never holds the whole [tokens, V_pad] float32 logits: `batch_loss_sums` takes the model's
 final hidden states and LM-head kernel and runs the cross-entropy over chunks of positions (`loss_sums`), each
 chunk's logits computed, used and dropped; its gradient is formed in the same pass (a custom VJP), so the
 backward never recomputes or stores logits. A regmix-1m proxy at 512 x 2048 tokens has 200 GB of fp32 logits.
+The same pass also sums each row's loss and tokens (and its loss in excess of a reference model's) for the
+per-domain training signal, and weights each row's objective by the batch's 'loss_weights' (online mixing).
 
 The embedding and LM head have V_pad >= V rows (padded so the vocabulary shards evenly); ids >= V never
 occur in data, and `logits` gives them -1e9 so every softmax / logsumexp ignores them while the array keeps
@@ -85,21 +87,44 @@ def batch_hidden(graphdef, params: dict, batch: dict, *, layout=None) -> tuple[j
 
 
 def batch_loss_sums(graphdef, params: dict, batch: dict, *, vocab_size: int, z_loss: float, layout=None,
-                    chunk_len: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+                    chunk_len: int | None = None, rows: bool = False
+                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]]:
     """Summed (not averaged) training objective over a batch's unmasked tokens: (nll_sum + z_loss * z_sum,
-    (nll_sum, z_sum, tokens)), z_sum = sum of log(Z)^2; only the objective is differentiable. Chunked over
-    positions (`loss_sums`) for families with `hidden`, whole logits otherwise."""
+    (nll_sum, z_sum, tokens, per_row)), z_sum = sum of log(Z)^2; only the objective is differentiable. Chunked
+    over positions (`loss_sums`) for families with `hidden`, whole logits otherwise.
+
+    A batch's 'loss_weights' [B] multiply each row's objective (nll_sum, z_sum and tokens stay unweighted). With
+    `rows`, per_row holds each row's summed loss and loss tokens {'nll', 'tokens'} [B] (and 'excess' [B], the
+    summed max(nll - reference, 0), when the batch carries a reference model's per-token 'reference_nll'
+    [B, L]); without, it is {}."""
     mask_BxL = batch["loss_mask"].astype(jnp.float32)
+    weight_BxL = mask_BxL * batch["loss_weights"].astype(jnp.float32)[:, None] if "loss_weights" in batch else None
+    reference_BxL = batch.get("reference_nll") if rows else None
     features = batch_hidden(graphdef, params, batch, layout=layout)
     if features is None:
         nll_BxL, log_z_BxL = token_losses(batch_logits(graphdef, params, batch, vocab_size=vocab_size, layout=layout),
                                           batch["targets"])
         nll_sum, z_sum = jnp.sum(nll_BxL * mask_BxL), jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
+        objective = nll_sum + z_loss * z_sum
+        if weight_BxL is not None:
+            objective = jnp.sum((nll_BxL + z_loss * jnp.square(log_z_BxL)) * weight_BxL)
+        per_row = {}
+        if rows:
+            per_row = _row_sums(jax.lax.stop_gradient(nll_BxL), mask_BxL, reference_BxL)
         sums = (jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum))
-        return nll_sum + z_loss * z_sum, (*sums, jnp.sum(mask_BxL))
-    objective, nll_sum, z_sum = loss_sums(*features, batch["targets"], mask_BxL, vocab_size=vocab_size,
-                                          z_loss=z_loss, layout=layout, chunk_len=chunk_len)
-    return objective, (nll_sum, z_sum, jnp.sum(mask_BxL))
+        return objective, (*sums, jnp.sum(mask_BxL), per_row)
+    objective, nll_sum, z_sum, per_row = _loss_parts(*features, batch["targets"], mask_BxL, weight_BxL, reference_BxL,
+                                                     vocab_size=vocab_size, z_loss=z_loss, layout=layout,
+                                                     chunk_len=chunk_len)
+    return objective, (nll_sum, z_sum, jnp.sum(mask_BxL), per_row if rows else {})
+
+
+def _row_sums(nll_BxL: jax.Array, mask_BxL: jax.Array, reference_BxL: jax.Array | None) -> dict[str, jax.Array]:
+    """Each row's summed loss and tokens (and clipped excess over the reference) [B]: metrics, no gradient."""
+    out = {"nll": jnp.sum(nll_BxL * mask_BxL, axis=1), "tokens": jnp.sum(mask_BxL, axis=1)}
+    if reference_BxL is not None:
+        out["excess"] = jnp.sum(jnp.maximum(nll_BxL - reference_BxL, 0.0) * mask_BxL, axis=1)
+    return out
 
 
 @contextlib.contextmanager
@@ -138,6 +163,14 @@ def loss_sums(hidden_BxLxD: jax.Array, kernel_DxV: jax.Array, targets_BxL: jax.A
     objective = nll_sum + z_loss * z_sum. Computed over chunks of `chunk_len` positions (default: the longest
     whose logits fit LOSS_CHUNK_BYTES per device under `layout`); the gradient of the objective with respect to
     hidden and kernel is formed in the same pass. nll_sum and z_sum are metrics: no gradient flows from them."""
+    return _loss_parts(hidden_BxLxD, kernel_DxV, targets_BxL, mask_BxL, None, None, vocab_size=vocab_size,
+                       z_loss=z_loss, layout=layout, chunk_len=chunk_len)[:3]
+
+
+def _loss_parts(hidden_BxLxD, kernel_DxV, targets_BxL, mask_BxL, weight_BxL, reference_BxL, *, vocab_size: int,
+                z_loss: float, layout=None, chunk_len: int | None = None):
+    """loss_sums' (objective, nll_sum, z_sum) with the objective weighted per token by `weight_BxL` (None: the
+    mask), and each row's sums (_row_sums: from the same chunks, no second pass over the logits)."""
     batch, length, _ = hidden_BxLxD.shape
     if chunk_len is None:
         chunk_len = loss_chunk_len_for(batch, length, kernel_DxV.shape[1], layout)
@@ -147,10 +180,12 @@ def loss_sums(hidden_BxLxD: jax.Array, kernel_DxV: jax.Array, targets_BxL: jax.A
     def chunked(x):  # [B, L, ...] -> [L / c, B, c, ...]: chunk i holds positions [i c, (i + 1) c) of every row
         return jnp.moveaxis(x.reshape(batch, length // chunk_len, chunk_len, *x.shape[2:]), 1, 0)
 
-    objective, nll_sum, z_sum = _chunked_loss(chunked(hidden_BxLxD), kernel_DxV, chunked(targets_BxL),
-                                              chunked(mask_BxL.astype(jnp.float32)), vocab_size, float(z_loss),
-                                              layout)
-    return objective, jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum)
+    mask = chunked(mask_BxL.astype(jnp.float32))
+    weight = None if weight_BxL is None else chunked(weight_BxL.astype(jnp.float32))
+    reference = None if reference_BxL is None else chunked(reference_BxL.astype(jnp.float32))
+    objective, nll_sum, z_sum, per_row = _chunked_loss(chunked(hidden_BxLxD), kernel_DxV, chunked(targets_BxL), mask,
+                                                       weight, reference, vocab_size, float(z_loss), layout)
+    return objective, *jax.lax.stop_gradient((nll_sum, z_sum, per_row))
 
 
 def _shards(layout, logical: str, size: int) -> int:
@@ -166,59 +201,75 @@ def _chunk_logits(x_BxCxD, kernel_DxV, vocab_size, layout):
     return mask_padded_vocab(layers.constrain(logits_BxCxV, ("batch", "length", "vocab"), layout), vocab_size)
 
 
-def _chunk_sums(x_BxCxD, kernel_DxV, targets_BxC, mask_BxC, vocab_size, layout):
-    """(nll sum, log(Z)^2 sum, logits, log Z) of one chunk."""
+def _chunk_parts(chunk, kernel_DxV, vocab_size, layout):
+    """One chunk's ((nll sum, log(Z)^2 sum, the objective's weighted nll and log(Z)^2 sums, row sums), weight,
+    logits, log Z); the weight is the mask when the chunk carries none."""
+    x_BxCxD, targets_BxC, mask_BxC, weight_BxC, reference_BxC = chunk
     logits_BxCxV = _chunk_logits(x_BxCxD, kernel_DxV, vocab_size, layout)
     nll_BxC, log_z_BxC = token_losses(logits_BxCxV, targets_BxC)
-    return jnp.sum(nll_BxC * mask_BxC), jnp.sum(jnp.square(log_z_BxC) * mask_BxC), logits_BxCxV, log_z_BxC
+    z_BxC = jnp.square(log_z_BxC)
+    nll, z = jnp.sum(nll_BxC * mask_BxC), jnp.sum(z_BxC * mask_BxC)
+    weighted = (nll, z)
+    if weight_BxC is None:
+        weight_BxC = mask_BxC
+    else:
+        weighted = (jnp.sum(nll_BxC * weight_BxC), jnp.sum(z_BxC * weight_BxC))
+    return (nll, z, *weighted, _row_sums(nll_BxC, mask_BxC, reference_BxC)), weight_BxC, logits_BxCxV, log_z_BxC
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_loss(x_NxBxCxD, kernel_DxV, targets_NxBxC, mask_NxBxC, vocab_size, z_loss, layout):
-    def body(sums, chunk):
-        x_BxCxD, targets_BxC, mask_BxC = chunk
-        nll, z, _, _ = _chunk_sums(x_BxCxD, kernel_DxV, targets_BxC, mask_BxC, vocab_size, layout)
-        return (sums[0] + nll, sums[1] + z), None
-
+def _zero_sums(rows: int, with_reference: bool):
     zero = jnp.zeros((), jnp.float32)
-    (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (x_NxBxCxD, targets_NxBxC, mask_NxBxC))
-    return nll_sum + z_loss * z_sum, nll_sum, z_sum
+    empty = jnp.zeros((rows, 1), jnp.float32)
+    return zero, zero, zero, zero, _row_sums(empty, empty, empty if with_reference else None)
 
 
-def _chunked_loss_fwd(x_NxBxCxD, kernel_DxV, targets_NxBxC, mask_NxBxC, vocab_size, z_loss, layout):
-    """The sums and, chunk by chunk, d objective / d logits = mask * ((1 + 2 z log Z) softmax - onehot)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked_loss(x_NxBxCxD, kernel_DxV, targets_NxBxC, mask_NxBxC, weight_NxBxC, reference_NxBxC, vocab_size,
+                  z_loss, layout):
+    def body(sums, chunk):
+        parts, _, _, _ = _chunk_parts(chunk, kernel_DxV, vocab_size, layout)
+        return jax.tree.map(jnp.add, sums, parts), None
+
+    init = _zero_sums(x_NxBxCxD.shape[1], reference_NxBxC is not None)
+    chunks = (x_NxBxCxD, targets_NxBxC, mask_NxBxC, weight_NxBxC, reference_NxBxC)
+    (nll_sum, z_sum, objective_nll, objective_z, per_row), _ = jax.lax.scan(body, init, chunks)
+    return objective_nll + z_loss * objective_z, nll_sum, z_sum, per_row
+
+
+def _chunked_loss_fwd(x_NxBxCxD, kernel_DxV, targets_NxBxC, mask_NxBxC, weight_NxBxC, reference_NxBxC, vocab_size,
+                      z_loss, layout):
+    """The sums and, chunk by chunk, d objective / d logits = weight * ((1 + 2 z log Z) softmax - onehot)
     pushed through the LM head: dx per chunk, dkernel summed in float32."""
     ids_11V = jnp.arange(kernel_DxV.shape[1]).reshape(1, 1, -1)
 
     def body(carry, chunk):
-        nll_sum, z_sum, dkernel_DxV = carry
-        x_BxCxD, targets_BxC, mask_BxC = chunk
-        nll, z, logits_BxCxV, log_z_BxC = _chunk_sums(x_BxCxD, kernel_DxV, targets_BxC, mask_BxC, vocab_size,
-                                                      layout)
+        sums, dkernel_DxV = carry
+        x_BxCxD, targets_BxC = chunk[0], chunk[1]
+        parts, weight_BxC, logits_BxCxV, log_z_BxC = _chunk_parts(chunk, kernel_DxV, vocab_size, layout)
         probs_BxCxV = jnp.exp(logits_BxCxV - log_z_BxC[..., None])
-        scale_BxC = mask_BxC * (1.0 + 2.0 * z_loss * log_z_BxC)
+        scale_BxC = weight_BxC * (1.0 + 2.0 * z_loss * log_z_BxC)
         dlogits_BxCxV = probs_BxCxV * scale_BxC[..., None] - jnp.where(
-            ids_11V == targets_BxC[..., None], mask_BxC[..., None], 0.0)
+            ids_11V == targets_BxC[..., None], weight_BxC[..., None], 0.0)
         dlogits_BxCxV = dlogits_BxCxV.astype(x_BxCxD.dtype)  # the two matmuls run in the compute dtype
         dx_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, kernel_DxV,
                               preferred_element_type=jnp.float32).astype(x_BxCxD.dtype)
         dkernel_DxV = dkernel_DxV + jnp.einsum("bcd,bcv->dv", x_BxCxD, dlogits_BxCxV,
                                                preferred_element_type=jnp.float32)
-        return (nll_sum + nll, z_sum + z, dkernel_DxV), dx_BxCxD
+        return (jax.tree.map(jnp.add, sums, parts), dkernel_DxV), dx_BxCxD
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jnp.zeros(kernel_DxV.shape, jnp.float32))
-    (nll_sum, z_sum, dkernel_DxV), dx_NxBxCxD = jax.lax.scan(body, init, (x_NxBxCxD, targets_NxBxC, mask_NxBxC))
+    init = (_zero_sums(x_NxBxCxD.shape[1], reference_NxBxC is not None), jnp.zeros(kernel_DxV.shape, jnp.float32))
+    chunks = (x_NxBxCxD, targets_NxBxC, mask_NxBxC, weight_NxBxC, reference_NxBxC)
+    ((nll_sum, z_sum, objective_nll, objective_z, per_row), dkernel_DxV), dx_NxBxCxD = jax.lax.scan(body, init, chunks)
     residuals = (dx_NxBxCxD, dkernel_DxV.astype(kernel_DxV.dtype))
-    return (nll_sum + z_loss * z_sum, nll_sum, z_sum), residuals
+    return (objective_nll + z_loss * objective_z, nll_sum, z_sum, per_row), residuals
 
 
 def _chunked_loss_bwd(vocab_size, z_loss, layout, residuals, cotangents):
-    # nll_sum and z_sum leave loss_sums through stop_gradient: only the objective's cotangent is ever nonzero.
+    # nll_sum, z_sum and the row sums leave loss_sums through stop_gradient: only the objective's cotangent counts.
     d_objective = cotangents[0]
     dx_NxBxCxD, dkernel_DxV = residuals
     return (dx_NxBxCxD * d_objective.astype(dx_NxBxCxD.dtype), dkernel_DxV * d_objective.astype(dkernel_DxV.dtype),
-            None, None)
+            None, None, None, None)
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
