@@ -519,4 +519,4 @@ def _check_online(spec: StudySpec, baseline: BaselineSpec, at: str) -> None:
         load_config(spec.relative(spec.validation.config),
                     [*spec.validation.overrides, f"mixing.kind={baseline.online}", *baseline.overrides])
     except ConfigError as e:
-        raise ConfigError(f"{at}: {e}") from None
+        raise ConfigError(f"{at} (online: {baseline.online}): {e}") from None
