@@ -1,5 +1,5 @@
 """The seed recipes compiled for their TPU pods and GPU hosts with the real compilers on this CPU host (`mixlm plan
---compile-for`, mixlm.compile_plan); writes benchmarks/results/plan_tpu_seed_configs.md (+ .json, one record per
+--compile-for`, mixlm.compiled.plan); writes benchmarks/results/plan_tpu_seed_configs.md (+ .json, one record per
 line, so a rerun with --resume compiles only what is missing).
 
 Each line runs in its own subprocess (`python benchmarks/plan_tpu_seed_configs.py --line N`): the compilers
@@ -94,9 +94,9 @@ def run_swarm(line: Line) -> dict:
     """A swarm of line.members proxies: the fewest micro-batches per member that fit, compiled in turn."""
     import jax
 
-    from mixlm.compile_plan import for_target
-    from mixlm.compile_step import compile_swarm_step, estimate_swarm_step
-    from mixlm.compile_targets import compile_only_devices, resolve_target
+    from mixlm.compiled.plan import for_target
+    from mixlm.compiled.step import compile_swarm_step, estimate_swarm_step
+    from mixlm.compiled.targets import compile_only_devices, resolve_target
     from mixlm.config import load_config
     from mixlm.plan import device_kind
 
@@ -134,7 +134,7 @@ def _flops_per_token(cfg) -> float:
 def run_plan(line: Line) -> dict:
     import jax
 
-    from mixlm.compile_plan import compile_plan
+    from mixlm.compiled.plan import compile_plan
     from mixlm.config import load_config
 
     jax.config.update("jax_platforms", "cpu")
@@ -249,9 +249,9 @@ def analytic_now(records: dict) -> None:
     mixlm.plan on the target's compile-only devices: arithmetic, no compile; records keep their compiles."""
     import jax
 
-    from mixlm.compile_plan import for_target
-    from mixlm.compile_step import with_overrides
-    from mixlm.compile_targets import compile_only_devices, resolve_target
+    from mixlm.compiled.plan import for_target
+    from mixlm.compiled.step import with_overrides
+    from mixlm.compiled.targets import compile_only_devices, resolve_target
     from mixlm.config import load_config
     from mixlm.plan import make_plan
 
@@ -307,7 +307,7 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
          "count for the same mesh. A config that does not fit is refused by the TPU compiler (its message "
          "names the temporaries it needed); the analytic planner's fixes are then compiled in turn and the first "
          "that fits is **proven**. The step time is the TPU compiler's own performance model (`optimal_seconds`), "
-         "corrected for its blind spots as `mixlm plan --compile-for` prints (mixlm.compiler_estimate: a program "
+         "corrected for its blind spots as `mixlm plan --compile-for` prints (mixlm.compiled.estimate: a program "
          "it counts whole, loops timed by differencing, splash attention's flops added): an estimate, not a "
          "measurement. MFU = mixlm.models.flops_per_token x tokens/s over the chips' dense bf16 peak. The GPU "
          "compiler has no cost model: GPU rows give memory only, and their tokens/s, MFU and days are at an "

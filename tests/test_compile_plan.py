@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mixlm.compile_targets import TPU_GENERATIONS, resolve_target, tpu_topology_shape
-from mixlm.compiler_estimate import CompilerEstimate, jaxpr_flops
+from mixlm.compiled.estimate import CompilerEstimate, jaxpr_flops
+from mixlm.compiled.targets import TPU_GENERATIONS, resolve_target, tpu_topology_shape
 from mixlm.config import ConfigError
 
 
@@ -63,7 +63,7 @@ def test_a_cost_model_that_gives_a_negative_time_gives_no_estimate(monkeypatch):
     """Measured: the v5e cost model gave -17.0 s for one layer of gpt2-70m (v5p: 1.6 ms). No estimate then."""
     import types
 
-    from mixlm import compile_step
+    from mixlm.compiled import step as compile_step
     from mixlm.config import load_config
     from mixlm.plan import CompiledMemory
 
