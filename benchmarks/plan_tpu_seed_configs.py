@@ -75,14 +75,14 @@ def lines() -> list[Line]:
         Line("gpt2-70m", "configs/experiments/gpt2-70m.yaml", "h100-1", SCAN, group="gpu", hardware="1 x H100"),
     ]
     # remat none / dots / full and splash vs xla, each with the fewest micro-batches that fit. Run in this order
-    # (--budget may stop it): every recipe's remat=full and attention=xla first, dots_saveable after.
+    # (--budget may stop it): each recipe's remat=full and attention=xla first, dots_saveable after.
     recipes = [("regmix-1b", "configs/experiments/regmix-1b.yaml", "v5p-32"),
                ("dclm-1b", "configs/experiments/dclm-1b.yaml", "v5p-128"),
                ("metarater-1.3b", "configs/experiments/metarater-1.3b-random.yaml", "v5p-64"),
                ("metarater-3.3b", "configs/experiments/metarater-3.3b-random.yaml", "v5p-64"),
                ("gpt2-70m", "configs/experiments/gpt2-70m.yaml", "v5e-8")]
     variants = [(label, config, target, overrides)
-                for overrides in (("model.remat=full",), ("model.attention=xla",)) for label, config, target in recipes]
+                for label, config, target in recipes for overrides in (("model.remat=full",), ("model.attention=xla",))]
     variants += [(label, config, target, ("model.remat=dots_saveable",)) for label, config, target in recipes]
     out += [Line(label, config, target, SCAN + overrides, group="variant")
             for label, config, target, overrides in variants]
@@ -238,21 +238,24 @@ def variant_row(line: Line, r: dict) -> str:
 def proxy_row(line: Line, r: dict) -> str:
     if line.members:
         if not r.get("fits"):
-            return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - |"
+            return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - | - |"
         seconds = r["estimate"]["corrected_seconds"]
         members, steps = line.members, r["steps"]
         mfu = r["flops_per_token"] * r["tokens_per_step"] / seconds / (r["chips"] * r["peak_flops"])
         return (f"| {line.label} | {line.target} | {line.hardware}, {r['grad_accum_steps']} micro-batch(es) | "
                 f"{gib(r['memory']['arguments'] + r['memory']['outputs'] - r['memory']['aliased'] + r['memory']['temp'])} | "
-                f"{_ms(seconds)} | {seconds / members * 1e3:,.2f} | {members * 3600 / (steps * seconds):,.1f} | {mfu:.0%} |")
+                f"- | {_ms(seconds)} | {seconds / members * 1e3:,.2f} | {members * 3600 / (steps * seconds):,.1f} | {mfu:.0%} |")
     steps_r = r["steps"]
     timed = steps_r[0] if r["fits"] else next((s for s in steps_r[1:] if s["fits"]), None)
     if not timed or not timed.get("estimate_corrected_seconds"):
-        return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - |"
+        return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - | - |"
     seconds = timed["estimate_corrected_seconds"]
+    now = r.get("analytic_now", {})
+    analytic = (now.get("configured") if r["fits"] else now.get("fix")) or timed.get("analytic_total")
     fix = "" if r["fits"] else f", `{' '.join(timed['overrides'])}`"
     steps = r["plan"]["steps"]
-    return (f"| {line.label} | {line.target} | {line.hardware}{fix} | {gib(timed['peak'])} | {_ms(seconds)} | "
+    ratio = f"{analytic / timed['peak']:.2f}" if analytic else "-"
+    return (f"| {line.label} | {line.target} | {line.hardware}{fix} | {gib(timed['peak'])} | {ratio} | {_ms(seconds)} | "
             f"{seconds * 1e3:,.2f} | {3600 / (steps * seconds):,.1f} | {timed['timing']['mfu']:.0%} |")
 
 
@@ -358,8 +361,9 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
          "the slice, or a swarm (one train step over a member axis: members vmapped, one per chip over the mesh's data axis, each "
          "micro-batched where its batch does not fit). Proxies/hour = members x 3600 / (steps x step time)."),
         "",
-        "| mode | target | layout | compiled peak GiB | est. ms/step | ms per member-step | proxies/hour | est. MFU |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        ("| mode | target | layout | compiled peak GiB | analytic / compiled (one proxy; a swarm has no analytic "
+         "plan) | est. ms/step | ms per member-step | proxies/hour | est. MFU |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
         *by_group["proxy"],
         "",
         "## GPU hosts as published (GPU compiler: memory; time at an assumed 40% MFU)",
@@ -380,7 +384,7 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--line", type=int, default=None, help=argparse.SUPPRESS)  # worker mode
-    parser.add_argument("--only", default="", help="run the lines whose label or target contains this")
+    parser.add_argument("--only", default="", help="run the lines whose label or target contains this (comma-separated: any of them)")
     parser.add_argument("--group", default="", help="main | variant | proxy | gpu (comma-separated: several)")
     parser.add_argument("--jobs", type=int, default=1, help="lines compiled at once (each holds GBs of memory)")
     parser.add_argument("--resume", action="store_true", help="keep the records already in the .json")
@@ -396,7 +400,7 @@ def main() -> int:
     started = time.time() - float(records.get("_elapsed", 0.0)) if records else time.time()
     groups = set(filter(None, args.group.split(",")))
     chosen = [(i, line) for i, line in enumerate(lines())
-              if (not args.only or args.only in line.label or args.only in line.target)
+              if (not args.only or any(o in line.label or o in line.target for o in args.only.split(",")))
               and (not groups or line.group in groups)]
     lock = threading.Lock()
 
