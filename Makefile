@@ -19,7 +19,7 @@ install: $(STAMP)
 # libtpu (what jax[tpu]==0.10.2 pins; 684 MB) and the CUDA PJRT plugin alone (132 MB download, 402 MB
 # installed; jax[cuda13]'s 3 GB of NVIDIA runtime wheels are not needed to compile). Each in its own folder
 # off the import path: JAX starts every plugin it finds, and on a CPU host an importable libtpu prints TPU
-# warnings and the CUDA plugin a traceback (mixlm.compile_targets loads them only to compile).
+# warnings and the CUDA plugin a traceback (mixlm.compiled.targets loads them only to compile).
 TPU_COMPILER := libtpu==0.0.42.*
 GPU_COMPILER := jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2
 

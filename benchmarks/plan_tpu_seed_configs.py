@@ -1,5 +1,5 @@
 """The seed recipes compiled for their TPU pods and GPU hosts with the real compilers on this CPU host (`mixlm plan
---compile-for`, mixlm.compile_plan); writes benchmarks/results/plan_tpu_seed_configs.md (+ .json, one record per
+--compile-for`, mixlm.compiled.plan); writes benchmarks/results/plan_tpu_seed_configs.md (+ .json, one record per
 line, so a rerun with --resume compiles only what is missing).
 
 Each line runs in its own subprocess (`python benchmarks/plan_tpu_seed_configs.py --line N`): the compilers
@@ -18,7 +18,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,14 +74,18 @@ def lines() -> list[Line]:
              hardware="32 x A800 (as A100 80GB)"),
         Line("gpt2-70m", "configs/experiments/gpt2-70m.yaml", "h100-1", SCAN, group="gpu", hardware="1 x H100"),
     ]
-    # remat none / dots / full and splash vs xla, each with the fewest micro-batches that fit
-    for label, config, target in [("regmix-1b", "configs/experiments/regmix-1b.yaml", "v5p-32"),
-                                  ("gpt2-70m", "configs/experiments/gpt2-70m.yaml", "v5e-8"),
-                                  ("dclm-1b", "configs/experiments/dclm-1b.yaml", "v5p-128"),
-                                  ("metarater-1.3b", "configs/experiments/metarater-1.3b-random.yaml", "v5p-64"),
-                                  ("metarater-3.3b", "configs/experiments/metarater-3.3b-random.yaml", "v5p-64")]:
-        for overrides in (("model.remat=dots_saveable",), ("model.remat=full",), ("model.attention=xla",)):
-            out.append(Line(label, config, target, SCAN + overrides, group="variant"))
+    # remat none / dots / full and splash vs xla, each with the fewest micro-batches that fit. Run in this order
+    # (--budget may stop it): each recipe's remat=full and attention=xla first, dots_saveable after.
+    recipes = [("regmix-1b", "configs/experiments/regmix-1b.yaml", "v5p-32"),
+               ("dclm-1b", "configs/experiments/dclm-1b.yaml", "v5p-128"),
+               ("metarater-1.3b", "configs/experiments/metarater-1.3b-random.yaml", "v5p-64"),
+               ("metarater-3.3b", "configs/experiments/metarater-3.3b-random.yaml", "v5p-64"),
+               ("gpt2-70m", "configs/experiments/gpt2-70m.yaml", "v5e-8")]
+    variants = [(label, config, target, overrides)
+                for label, config, target in recipes for overrides in (("model.remat=full",), ("model.attention=xla",))]
+    variants += [(label, config, target, ("model.remat=dots_saveable",)) for label, config, target in recipes]
+    out += [Line(label, config, target, SCAN + overrides, group="variant")
+            for label, config, target, overrides in variants]
     return out
 
 
@@ -94,9 +100,9 @@ def run_swarm(line: Line) -> dict:
     """A swarm of line.members proxies: the fewest micro-batches per member that fit, compiled in turn."""
     import jax
 
-    from mixlm.compile_plan import for_target
-    from mixlm.compile_step import compile_swarm_step, estimate_swarm_step
-    from mixlm.compile_targets import compile_only_devices, resolve_target
+    from mixlm.compiled.plan import for_target
+    from mixlm.compiled.step import compile_swarm_step, estimate_swarm_step
+    from mixlm.compiled.targets import compile_only_devices, resolve_target
     from mixlm.config import load_config
     from mixlm.plan import device_kind
 
@@ -134,7 +140,7 @@ def _flops_per_token(cfg) -> float:
 def run_plan(line: Line) -> dict:
     import jax
 
-    from mixlm.compile_plan import compile_plan
+    from mixlm.compiled.plan import compile_plan
     from mixlm.config import load_config
 
     jax.config.update("jax_platforms", "cpu")
@@ -212,35 +218,44 @@ def _refused_gib(refusal: str) -> float | None:
 
 
 def variant_row(line: Line, r: dict) -> str:
+    """One variant: the fix it needed (if any), its compiled peak beside the analytic count, the estimate."""
     steps = r["steps"]
     proven = next((s for s in steps[1:] if s["fits"]), None)
     timed = steps[0] if r["fits"] else proven
     fix = "fits as is" if r["fits"] else (f"`{' '.join(proven['overrides'])}`" if proven else "nothing tried fits")
     timing = (timed or {}).get("timing") or {}
-    return (f"| {line.label} | {line.target} | `{' '.join(line.overrides)}` | {fix} | "
-            f"{gib(timed['peak']) if timed else '-'} | {_ms((timed or {}).get('estimate_corrected_seconds'))} | "
-            f"{timing['mfu']:.0%} |" if timing else
-            f"| {line.label} | {line.target} | `{' '.join(line.overrides)}` | {fix} | - | - | - |")
+    now = r.get("analytic_now", {})
+    analytic = (now.get("configured") if r["fits"] else now.get("fix")) or (timed or {}).get("analytic_total")
+    ratio = f"{analytic / timed['peak']:.2f}" if timed and analytic else "-"
+    mfu = f"{timing['mfu']:.0%}" if timing else "-"
+    if timing and not timed.get("estimate_corrected_seconds"):
+        mfu += " (assumed)"  # the cost model gave no usable estimate
+    return (f"| {line.label} | {line.target} | `{' '.join(line.overrides)}` | {fix} | {gib(analytic)} | "
+            f"{gib(timed['peak']) if timed else '-'} | {ratio} | "
+            f"{_ms((timed or {}).get('estimate_corrected_seconds'))} | {mfu} |")
 
 
 def proxy_row(line: Line, r: dict) -> str:
     if line.members:
         if not r.get("fits"):
-            return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - |"
+            return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - | - |"
         seconds = r["estimate"]["corrected_seconds"]
         members, steps = line.members, r["steps"]
         mfu = r["flops_per_token"] * r["tokens_per_step"] / seconds / (r["chips"] * r["peak_flops"])
         return (f"| {line.label} | {line.target} | {line.hardware}, {r['grad_accum_steps']} micro-batch(es) | "
                 f"{gib(r['memory']['arguments'] + r['memory']['outputs'] - r['memory']['aliased'] + r['memory']['temp'])} | "
-                f"{_ms(seconds)} | {seconds / members * 1e3:,.2f} | {members * 3600 / (steps * seconds):,.1f} | {mfu:.0%} |")
+                f"- | {_ms(seconds)} | {seconds / members * 1e3:,.2f} | {members * 3600 / (steps * seconds):,.1f} | {mfu:.0%} |")
     steps_r = r["steps"]
     timed = steps_r[0] if r["fits"] else next((s for s in steps_r[1:] if s["fits"]), None)
     if not timed or not timed.get("estimate_corrected_seconds"):
-        return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - |"
+        return f"| {line.label} | {line.target} | {line.hardware} | does not fit | - | - | - | - | - |"
     seconds = timed["estimate_corrected_seconds"]
+    now = r.get("analytic_now", {})
+    analytic = (now.get("configured") if r["fits"] else now.get("fix")) or timed.get("analytic_total")
     fix = "" if r["fits"] else f", `{' '.join(timed['overrides'])}`"
     steps = r["plan"]["steps"]
-    return (f"| {line.label} | {line.target} | {line.hardware}{fix} | {gib(timed['peak'])} | {_ms(seconds)} | "
+    ratio = f"{analytic / timed['peak']:.2f}" if analytic else "-"
+    return (f"| {line.label} | {line.target} | {line.hardware}{fix} | {gib(timed['peak'])} | {ratio} | {_ms(seconds)} | "
             f"{seconds * 1e3:,.2f} | {3600 / (steps * seconds):,.1f} | {timed['timing']['mfu']:.0%} |")
 
 
@@ -249,9 +264,9 @@ def analytic_now(records: dict) -> None:
     mixlm.plan on the target's compile-only devices: arithmetic, no compile; records keep their compiles."""
     import jax
 
-    from mixlm.compile_plan import for_target
-    from mixlm.compile_step import with_overrides
-    from mixlm.compile_targets import compile_only_devices, resolve_target
+    from mixlm.compiled.plan import for_target
+    from mixlm.compiled.step import with_overrides
+    from mixlm.compiled.targets import compile_only_devices, resolve_target
     from mixlm.config import load_config
     from mixlm.plan import make_plan
 
@@ -270,6 +285,20 @@ def analytic_now(records: dict) -> None:
             totals["fix"] = make_plan(with_overrides(cfg, proven), devices=devices,
                                       device_kind_name=target.device_kind, compile=False).analytic.total
         r["analytic_now"] = totals
+
+
+def _load_text(records: dict) -> str:
+    """The host's 1-min load average as the lines started and ended (recorded per line since it was added;
+    the lines run before that were seen at 3-7 but not recorded)."""
+    loads = [x for r in records.values() if isinstance(r, dict) for x in r.get("load_average", ())]
+    unrecorded = sum(1 for k, r in records.items() if not k.startswith("_") and "load_average" not in r)
+    parts = []
+    if loads:
+        parts.append(f"1-min load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores as each "
+                     f"line started and ended")
+    if unrecorded:
+        parts.append(f"{unrecorded} earlier lines at a load average of 3-7, seen but not recorded")
+    return "; ".join(parts) or "load not recorded"
 
 
 def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
@@ -295,8 +324,8 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
     out = [
         "# The seed recipes compiled for their TPU pods and GPU hosts",
         "",
-        (f"Machine: {describe_machine()}, **shared with other engineers' jobs while this ran (load average 3-7 on "
-         f"2 cores): compile times are inflated and only say which compiles are minutes, not seconds.** Written "
+        (f"Machine: {describe_machine()}, **shared with other engineers' jobs while this ran ({_load_text(records)}): "
+         f"compile times are inflated and only say which compiles are minutes, not seconds.** Written "
          f"by `python benchmarks/plan_tpu_seed_configs.py` ({elapsed / 60:,.0f} min of compiling). Every number "
          "comes from the real compilers on compile-only devices: libtpu 0.0.42 (the TPU compiler jax[tpu]==0.10.2 "
          "pins) and the CUDA 13 PJRT plugin of jax 0.10.2 with mixlm's own H100/A100 specs; nothing was "
@@ -307,7 +336,7 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
          "count for the same mesh. A config that does not fit is refused by the TPU compiler (its message "
          "names the temporaries it needed); the analytic planner's fixes are then compiled in turn and the first "
          "that fits is **proven**. The step time is the TPU compiler's own performance model (`optimal_seconds`), "
-         "corrected for its blind spots as `mixlm plan --compile-for` prints (mixlm.compiler_estimate: a program "
+         "corrected for its blind spots as `mixlm plan --compile-for` prints (mixlm.compiled.estimate: a program "
          "it counts whole, loops timed by differencing, splash attention's flops added): an estimate, not a "
          "measurement. MFU = mixlm.models.flops_per_token x tokens/s over the chips' dense bf16 peak. The GPU "
          "compiler has no cost model: GPU rows give memory only, and their tokens/s, MFU and days are at an "
@@ -321,8 +350,9 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
         "",
         "Each variant with the fewest micro-batches at which the compiler accepts it.",
         "",
-        "| recipe | target | variant | fix needed | compiled peak GiB | est. ms/step | est. MFU |",
-        "|---|---|---|---|---:|---:|---:|",
+        ("| recipe | target | variant | fix needed | analytic GiB/device | compiled peak GiB/device | analytic / "
+         "compiled | est. ms/step | est. MFU |"),
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
         *by_group["variant"],
         "",
         "## The RegMix proxy sweep on a v5p slice, both ways",
@@ -331,8 +361,9 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
          "the slice, or a swarm (one train step over a member axis: members vmapped, one per chip over the mesh's data axis, each "
          "micro-batched where its batch does not fit). Proxies/hour = members x 3600 / (steps x step time)."),
         "",
-        "| mode | target | layout | compiled peak GiB | est. ms/step | ms per member-step | proxies/hour | est. MFU |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        ("| mode | target | layout | compiled peak GiB | analytic / compiled (one proxy; a swarm has no analytic "
+         "plan) | est. ms/step | ms per member-step | proxies/hour | est. MFU |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
         *by_group["proxy"],
         "",
         "## GPU hosts as published (GPU compiler: memory; time at an assumed 40% MFU)",
@@ -353,8 +384,9 @@ def write_markdown(records: dict, elapsed: float, missing: list[Line]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--line", type=int, default=None, help=argparse.SUPPRESS)  # worker mode
-    parser.add_argument("--only", default="", help="run the lines whose label or target contains this")
-    parser.add_argument("--group", default="", help="main | variant | proxy | gpu")
+    parser.add_argument("--only", default="", help="run the lines whose label or target contains this (comma-separated: any of them)")
+    parser.add_argument("--group", default="", help="main | variant | proxy | gpu (comma-separated: several)")
+    parser.add_argument("--jobs", type=int, default=1, help="lines compiled at once (each holds GBs of memory)")
     parser.add_argument("--resume", action="store_true", help="keep the records already in the .json")
     parser.add_argument("--budget", type=float, default=0.0, help="seconds after which no new line starts")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per line")
@@ -366,30 +398,39 @@ def main() -> int:
     store = RESULTS.with_suffix(".json")
     records = json.loads(store.read_text()) if args.resume and store.is_file() else {}
     started = time.time() - float(records.get("_elapsed", 0.0)) if records else time.time()
+    groups = set(filter(None, args.group.split(",")))
     chosen = [(i, line) for i, line in enumerate(lines())
-              if (not args.only or args.only in line.label or args.only in line.target)
-              and (not args.group or line.group == args.group)]
-    for i, line in [] if args.render_only else chosen:
+              if (not args.only or any(o in line.label or o in line.target for o in args.only.split(",")))
+              and (not groups or line.group in groups)]
+    lock = threading.Lock()
+
+    def run(i: int, line: Line) -> None:
         key = line_key(line)
-        if key in records and "error" not in records[key]:
-            continue
         if args.budget and time.time() - started > args.budget:
-            break
-        t = time.time()
+            return
+        t, load_before = time.time(), os.getloadavg()[0]
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
         try:
             done = subprocess.run([sys.executable, __file__, "--line", str(i)], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=args.timeout, check=False)
             if done.returncode:
-                records[key] = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                record = {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
             else:
-                records[key] = json.loads(done.stdout.strip().splitlines()[-1])
+                record = json.loads(done.stdout.strip().splitlines()[-1])
         except subprocess.TimeoutExpired:
-            records[key] = {"error": f"no result within {args.timeout:.0f} s"}
-        status = records[key].get("error", "ok")
-        print(f"[{time.time() - started:6.0f}s] {key}: {status} ({time.time() - t:.0f} s)", flush=True)
-        records["_elapsed"] = time.time() - started
-        store.write_text(json.dumps(records, indent=1, default=str))
+            record = {"error": f"no result within {args.timeout:.0f} s"}
+        record["load_average"] = [load_before, os.getloadavg()[0]]  # 1-min, as the line started and ended
+        with lock:
+            records[key] = record
+            print(f"[{time.time() - started:6.0f}s] {key}: {record.get('error', 'ok')} ({time.time() - t:.0f} s)",
+                  flush=True)
+            records["_elapsed"] = time.time() - started
+            store.write_text(json.dumps(records, indent=1, default=str))
+
+    todo = [] if args.render_only else [(i, line) for i, line in chosen
+                                        if line_key(line) not in records or "error" in records[line_key(line)]]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each line is its own process; the store is ours
+        list(pool.map(lambda item: run(*item), todo))
     missing = [line for line in lines() if line_key(line) not in records or "error" in records[line_key(line)]]
     analytic_now(records)
     RESULTS.with_suffix(".md").write_text(write_markdown(records, time.time() - started, missing))

@@ -7,9 +7,9 @@ import re
 import jax
 import pytest
 
-from mixlm.compile_plan import for_target
-from mixlm.compile_step import compile_train_step
-from mixlm.compile_targets import (
+from mixlm.compiled.plan import for_target
+from mixlm.compiled.step import compile_train_step
+from mixlm.compiled.targets import (
     GPU_SPECS,
     GPU_SPECS_DIR,
     compile_only_devices,

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mixlm.compile_targets import TPU_GENERATIONS, resolve_target, tpu_topology_shape
-from mixlm.compiler_estimate import CompilerEstimate, jaxpr_flops
+from mixlm.compiled.estimate import CompilerEstimate, jaxpr_flops
+from mixlm.compiled.targets import TPU_GENERATIONS, resolve_target, tpu_topology_shape
 from mixlm.config import ConfigError
 
 
@@ -63,7 +63,7 @@ def test_a_cost_model_that_gives_a_negative_time_gives_no_estimate(monkeypatch):
     """Measured: the v5e cost model gave -17.0 s for one layer of gpt2-70m (v5p: 1.6 ms). No estimate then."""
     import types
 
-    from mixlm import compile_step
+    from mixlm.compiled import step as compile_step
     from mixlm.config import load_config
     from mixlm.plan import CompiledMemory
 
@@ -74,3 +74,39 @@ def test_a_cost_model_that_gives_a_negative_time_gives_no_estimate(monkeypatch):
     step = compile_step.CompiledStep((), memory, 1.0, None, 1024, compiler_cost={"flops": 1e9, "optimal_seconds": 0.1})
     out = compile_step._estimate(lambda c: program, cfg, step, 8, ("run",))
     assert out.estimate is None and "-17 s" in out.no_estimate
+
+
+def test_a_plan_whose_cost_model_times_are_negative_reports_the_assumed_mfu(monkeypatch):
+    """gpt2-70m on v5e-8 ended in 'ZeroDivisionError: float division by zero': the v5e cost model gave -13, -20
+    and -16 s for the 1-layer, 2-layer and doubled-chunk programs (measured; -33 s for the whole step), each
+    difference clamped at 0 summed to a 0 s step, and tokens/s divided by it. The plan must say why it has no
+    estimate and fall back to the assumed MFU. The compiler is replaced by those numbers; the rest is real."""
+    import jax
+
+    from mixlm.compiled import plan as compile_plan_module
+    from mixlm.compiled import step as compile_step
+    from mixlm.config import load_config
+    from mixlm.plan import CompiledMemory
+
+    cfg = load_config("configs/experiments/gpt2-70m.yaml", ["model.scan_layers=true", "model.num_layers=2"])
+    monkeypatch.setattr(compile_plan_module, "compile_only_devices", lambda target: jax.devices())
+
+    def compiled(build, cfg, overrides, tokens_per_step):
+        memory = CompiledMemory(params=1 << 20, optimizer=2 << 20, batch=1 << 10, arguments=(3 << 20) + (1 << 10),
+                                outputs=3 << 20, aliased=3 << 20, temp=1 << 30)
+        return compile_step.CompiledStep(tuple(overrides), memory, 1.0, None, tokens_per_step,
+                                         compiler_cost={"flops": 1.49e11, "optimal_seconds": -33.0})
+
+    def timed(build, cfg, num_devices, budget=None, key=()):
+        seconds = -16.0 if budget else {1: -13.0, 2: -20.0}[cfg.model.num_layers]
+        return {"optimal_seconds": seconds, "flops": 1e11 * cfg.model.num_layers}, True
+
+    monkeypatch.setattr(compile_step, "_compile", compiled)
+    monkeypatch.setattr(compile_step, "_timed", timed)
+    report = compile_plan_module.compile_plan(cfg, "v5e-8", name="gpt2-70m")
+    timing = report.to_dict()["steps"][0]["timing"]  # the old code: ZeroDivisionError here
+    assert report.fits and report.configured.estimate is None
+    p = report.plan
+    assert timing["tokens_per_s"] == pytest.approx(0.4 * 8 * p.device.peak_flops / p.flops_per_token)
+    assert timing["mfu"] == pytest.approx(0.4)
+    assert "assumed 40% MFU (the TPU compiler's cost model gave -20 s" in report.to_text()

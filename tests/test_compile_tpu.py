@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from mixlm.cli import main
-from mixlm.compile_step import compile_swarm_step, compile_train_step
-from mixlm.compile_targets import compile_only_devices, resolve_target, tpu_compiler_dir
+from mixlm.compiled.step import compile_swarm_step, compile_train_step
+from mixlm.compiled.targets import compile_only_devices, resolve_target, tpu_compiler_dir
 from mixlm.config import load_config
 
 TPU_COMPILER = importlib.util.find_spec("libtpu") is not None or (tpu_compiler_dir() / "libtpu").is_dir()

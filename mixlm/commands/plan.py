@@ -4,7 +4,7 @@ train, without allocating anything (mixlm.plan). Needs N fake CPU devices: when 
 device set it reruns itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N.
 
 `--compile-for TARGET` (v5p-32, v5e-256, v6e-8, v4-8, v5p:2x2x4, h100-8, a100-32, h200-8) instead compiles
-the real train step with the target's own compiler on compile-only devices (mixlm.compile_plan): the
+the real train step with the target's own compiler on compile-only devices (mixlm.compiled.plan): the
 compiler's per-device memory beside the analytic column, the fixes compiled until one fits, and (TPU) the
 compiler's step-time estimate. No fake CPU devices are needed, so it runs in this process."""
 
@@ -49,8 +49,8 @@ def run_compile_for(args: argparse.Namespace, cfg) -> int:
     """--compile-for: the compiled plan, in this process (JAX stays on the CPU; the target is compile-only)."""
     import jax
 
-    from mixlm.compile_plan import compile_plan
-    from mixlm.compile_step import CompilerError
+    from mixlm.compiled.plan import compile_plan
+    from mixlm.compiled.step import CompilerError
 
     if args.analytic_only:
         from mixlm.config import ConfigError

@@ -130,7 +130,7 @@ def _row_sums(nll_BxL: jax.Array, mask_BxL: jax.Array, reference_BxL: jax.Array 
 @contextlib.contextmanager
 def loss_chunk_budget(budget_bytes: int):
     """Programs traced inside chunk their loss to `budget_bytes` of float32 logits per device instead of
-    LOSS_CHUNK_BYTES (mixlm.compile_plan times a chunk by compiling the step with chunks twice as long). A
+    LOSS_CHUNK_BYTES (mixlm.compiled.plan times a chunk by compiling the step with chunks twice as long). A
     jitted function already traced keeps its chunks: trace a fresh one inside."""
     global LOSS_CHUNK_BYTES
     saved, LOSS_CHUNK_BYTES = LOSS_CHUNK_BYTES, budget_bytes

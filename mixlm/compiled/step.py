@@ -1,6 +1,6 @@
-"""One train step (a run's, or a swarm's) compiled for compile-only devices (mixlm.compile_targets): the target
+"""One train step (a run's, or a swarm's) compiled for compile-only devices (mixlm.compiled.targets): the target
 compiler's per-device memory and, where it has a cost model (TPU), its step time with the blind spots
-corrected (mixlm.compiler_estimate says how).
+corrected (mixlm.compiled.estimate says how).
 
     step = compile_train_step(cfg, devices)              # cfg's model.attention already resolved for the target
     step.memory.peak, step.estimate.corrected_seconds
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from mixlm.compiler_estimate import (
+from mixlm.compiled.estimate import (
     ESTIMATE_OPTIONS,
     CompilerEstimate,
     cost_numbers,
@@ -188,7 +188,7 @@ def _compile_timed(program: StepProgram, num_devices: int, budget: int | None) -
 def _estimate(build: Callable[[ExperimentConfig], StepProgram], cfg: ExperimentConfig, step: CompiledStep,
               num_devices: int, key: tuple) -> CompiledStep:
     """`step` with the compiler's step time put together from small programs it counts whole
-    (mixlm.compiler_estimate): one micro-batch, unrolled, with 1 and 2 layers, and with 1 layer and loss
+    (mixlm.compiled.estimate): one micro-batch, unrolled, with 1 and 2 layers, and with 1 layer and loss
     chunks twice as long. Unchanged without a cost model (GPU) or a compiled step."""
     cost = step.compiler_cost
     if cost is None or step.memory is None:

@@ -14,7 +14,7 @@
 So the step is timed on small programs the count sees whole, compiled with collective matmuls off
 (ESTIMATE_OPTIONS: the same math, its communication not overlapped, so the time errs long) and checked against
 their jaxpr (`jaxpr_flops`: dot_general 2 x out x contracted plus one flop per element of elementwise
-arithmetic and reductions, as XLA counts; within ESTIMATE_MATCH). mixlm.compile_step compiles them: one
+arithmetic and reductions, as XLA counts; within ESTIMATE_MATCH). mixlm.compiled.step compiles them: one
 micro-batch of the config, unrolled, with 1 and with 2 layers, and with 1 layer and loss chunks twice as long.
 
     layer        T(2 layers) - T(1 layer); base = T(1 layer) - layer: embedding, one loss chunk, optimizer

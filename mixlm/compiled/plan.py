@@ -1,6 +1,6 @@
 """`mixlm plan CONFIG --compile-for TARGET`: the config's real train step (mixlm.train.build_setup: its attention,
 remat, scan, grad accumulation, mesh rules, compute dtype) compiled by the TPU or GPU compiler for a slice or
-host that is not here (mixlm.compile_targets), beside the analytic plan (mixlm.plan) of the same mesh.
+host that is not here (mixlm.compiled.targets), beside the analytic plan (mixlm.plan) of the same mesh.
 
     report = compile_plan(cfg, "v5p-32")
     print(report.to_text())
@@ -8,7 +8,7 @@ host that is not here (mixlm.compile_targets), beside the analytic plan (mixlm.p
 The compiled column is the target compiler's own per-device memory (`memory_analysis()`: arguments, outputs,
 aliased, temp). It fits when the compiler accepted it (the TPU compiler refuses a program over its HBM) and
 its peak is within the usable memory. A config that does not fit gets the analytic planner's fixes compiled in
-turn until one fits: that one is proven. The TPU compiler's step-time estimate (mixlm.compiler_estimate, blind
+turn until one fits: that one is proven. The TPU compiler's step-time estimate (mixlm.compiled.estimate, blind
 spots corrected) gives tokens/s, days and MFU; the GPU compiler has no cost model, so GPU targets report those
 at an assumed MFU, as the analytic plan does.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from mixlm.compile_step import CompiledStep, compile_train_step, estimate_train_step, with_overrides
-from mixlm.compile_targets import CompileTarget, compile_only_devices, resolve_target
+from mixlm.compiled.step import CompiledStep, compile_train_step, estimate_train_step, with_overrides
+from mixlm.compiled.targets import CompileTarget, compile_only_devices, resolve_target
 from mixlm.config import ExperimentConfig
 from mixlm.plan import Plan, adam_moment_itemsize, device_kind, fitting_changes, make_plan, model_remat
 
@@ -104,14 +104,14 @@ class CompilePlan:
         return out
 
     def to_text(self) -> str:
-        from mixlm.compile_report import render
+        from mixlm.compiled.report import render
 
         return render(self)
 
 
 def compile_plan(cfg: ExperimentConfig, target_name: str, *, mfu: float = 0.4, name: str = "",
                  try_fixes: bool = True) -> CompilePlan:
-    """Compiles `cfg`'s train step for `target_name` (mixlm.compile_targets), beside the analytic plan on the
+    """Compiles `cfg`'s train step for `target_name` (mixlm.compiled.targets), beside the analytic plan on the
     same mesh; when it does not fit, compiles the analytic planner's fixes until one fits."""
     target = resolve_target(target_name)
     device_kind(target.device_kind)

@@ -1,4 +1,4 @@
-"""The text of `mixlm plan CONFIG --compile-for TARGET` (a mixlm.compile_plan.CompilePlan): per-device memory,
+"""The text of `mixlm plan CONFIG --compile-for TARGET` (a mixlm.compiled.plan.CompilePlan): per-device memory,
 analytic beside compiled, whether it fits, the fixes compiled, and the step time as the compiler estimates it."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the TPU compiler (libtpu) and GPU hosts with the GPU compiler (the CUDA PJRT plu
 Names: `v5p-N` and `v4-N` count TensorCores (two per chip, as Cloud TPU names them), `v5e-N` / `v6e-N`
 count chips; a libtpu topology name (`v5p:2x2x4`) is taken as it is. GPUs: `h100-N`, `h200-N`, `a100-N`
 (SXM, 80 GB), 8 per host; their device descriptions are mixlm's own GpuTargetConfig files in
-mixlm/gpu_specs/.
+mixlm/compiled/gpu_specs/.
 
 The compilers: an installed libtpu / CUDA plugin (`pip install mixlm[tpu]` on a TPU VM, `mixlm[cuda]` on a GPU
 host), else the compile-only installs `make test` puts in <venv>/tpu-compiler and <venv>/gpu-compiler
@@ -48,7 +48,7 @@ TPU_GENERATIONS = {
     "v6e": TpuGeneration("v6e", 2, 1, 8),
 }
 TPU_ALIASES = {"v5litepod": "v5e"}
-# GPU kind (mixlm.plan.DEVICE_MEMORY_GIB key) -> its spec file in mixlm/gpu_specs/
+# GPU kind (mixlm.plan.DEVICE_MEMORY_GIB key) -> its spec file in mixlm/compiled/gpu_specs/
 GPU_SPECS = {"h100": "h100_sxm.txtpb", "h200": "h200_sxm.txtpb", "a100": "a100_sxm_80gb.txtpb"}
 EXAMPLES = "v5p-32, v5e-256, v6e-8, v4-8, v5p:2x2x4, h100-8, a100-32, h200-8"
 
