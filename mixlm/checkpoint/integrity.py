@@ -141,11 +141,22 @@ def is_listed(step_dir: epath.Path) -> bool:
     return (epath.Path(step_dir) / FILE_LIST).exists()
 
 
+_JITTED: dict = {}  # (fn, output sharding) -> its jit: one trace and compile per state shape, not per save
+
+
 def _replicated_jit(fn: Callable, arrays: list):
-    """fn(arrays) jitted with every output replicated on the arrays' mesh (so each process reads them whole)."""
+    """fn(arrays) jitted with every output replicated on the arrays' mesh (so each process reads them whole).
+    `fn` must be a module-level function: its jit is kept, so the next save of the same state compiles nothing."""
     meshes = [a.sharding.mesh for a in arrays if isinstance(getattr(a, "sharding", None), jax.sharding.NamedSharding)]
     out = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec()) if meshes else None
-    return jax.jit(fn, out_shardings=out)(arrays)
+    key = (fn, out)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(fn, out_shardings=out)
+    return _JITTED[key](arrays)
+
+
+def _non_finite_counts(xs: list) -> list:
+    return [jax.numpy.sum(~jax.numpy.isfinite(x)) for x in xs]
 
 
 def non_finite_values(tree) -> dict[str, int]:
@@ -156,8 +167,7 @@ def non_finite_values(tree) -> dict[str, int]:
              if np.issubdtype(x.dtype, np.inexact)]
     if not named:
         return {}
-    counts = _replicated_jit(lambda xs: [jax.numpy.sum(~jax.numpy.isfinite(x)) for x in xs],
-                             [x for _, x in named])
+    counts = _replicated_jit(_non_finite_counts, [x for _, x in named])
     return {name: int(c) for (name, _), c in zip(named, counts) if int(c)}
 
 
@@ -195,6 +205,10 @@ def _device_sums(x):
     return jax.numpy.sum(bits, dtype=np.uint32), jax.numpy.sum(bits * weight, dtype=np.uint32)
 
 
+def _all_device_sums(xs: list) -> list:
+    return [_device_sums(x) for x in xs]
+
+
 def host_value_sum(a: np.ndarray, rows_per_chunk: int = 1 << 16) -> str:
     """The value sum (see VALUE_SUMS) of a host array, as 16 hex digits; computed in chunks of rows so a large
     embedding needs no full-size temporaries."""
@@ -222,7 +236,7 @@ def value_sums(tree) -> dict[str, str]:
     named = [(n, x) for n, x in zip(leaf_names(tree), jax.tree.leaves(tree)) if _summable(x)]
     if not named:
         return {}
-    sums = _replicated_jit(lambda xs: [_device_sums(x) for x in xs], [x for _, x in named])
+    sums = _replicated_jit(_all_device_sums, [x for _, x in named])
     return {n: f"{int(p):08x}{int(w):08x}" for (n, _), (p, w) in zip(named, sums)}
 
 

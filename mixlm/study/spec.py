@@ -484,7 +484,7 @@ def check(spec: StudySpec, where: str) -> None:
 
 def _check_compile_for(spec: StudySpec, where: str) -> None:
     """cost.compile_for names a `--compile-for` target for every device count a training stage holds."""
-    from mixlm.compile_targets import resolve_target
+    from mixlm.compiled.targets import resolve_target
 
     counts = {s.devices or spec.cost.proxy_devices for s in spec.search.scales} | {spec.cost.devices}
     for devices in sorted(counts):
