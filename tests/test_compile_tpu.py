@@ -5,6 +5,7 @@ sharded, gpt2, a swarm step, a topology over 2 hosts), and `mixlm plan --compile
 
 import importlib.util
 import json
+import os
 
 import jax
 import pytest
@@ -51,7 +52,10 @@ def v5p_16():
 
 @pytest.fixture(scope="module")
 def v5p_8():
-    return compile_only_devices(resolve_target("v5p-8"))
+    devices = compile_only_devices(resolve_target("v5p-8"))
+    # libtpu's start-up hints are put back: left set, this process and its workers would look like a TPU VM
+    assert "TPU_ACCELERATOR_TYPE" not in os.environ and "TPU_WORKER_HOSTNAMES" not in os.environ
+    return devices
 
 
 def test_llama_with_splash_remat_scan_and_accumulation_compiles_on_2_hosts(v5p_16):

@@ -32,7 +32,8 @@ def test_only_an_idle_libtpu_on_a_cpu_host_is_kept_from_starting():
 
 @pytest.mark.skipif(not (TPU_COMPILER / "libtpu").is_dir(), reason="make install puts libtpu in .venv/tpu-compiler")
 def test_with_libtpu_installed_mixlm_starts_jax_on_cpu_without_tpu_errors():
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    # a CPU host's environment: this suite's in-process TPU compiles set TPU_ACCELERATOR_TYPE & co. in os.environ
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith("TPU_")}
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(TPU_COMPILER)]), CUDA_VISIBLE_DEVICES="")
 
     def run(code: str) -> subprocess.CompletedProcess:

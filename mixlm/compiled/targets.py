@@ -138,9 +138,6 @@ def _tpu_devices(target: CompileTarget) -> list:
                               f"{tpu_compiler_dir()} (pip install --no-deps --target {tpu_compiler_dir()} "
                               "'libtpu==0.0.42.*', what jax[tpu]==0.10.2 pins)")
         os.environ["TPU_LIBRARY_PATH"] = str(library)  # jax loads libtpu from here when asked for a topology
-    # With no TPU here libtpu asks the cloud metadata server who its workers are and warns; tell it.
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.device_kind}-{target.chips}")
     # libtpu locks /tmp/libtpu_lockfile so two processes never share a TPU; compiling shares none.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     generation = TPU_GENERATIONS[target.device_kind]
@@ -148,10 +145,20 @@ def _tpu_devices(target: CompileTarget) -> list:
     kwargs = {"chip_config_name": generation.chip_config_name}
     if target.hosts == 1:
         kwargs["chips_per_host_bounds"] = shape + [1] * (3 - len(shape))
+    # With no TPU here libtpu asks the cloud metadata server who its workers are and warns; tell it while it
+    # starts, then put the variables back: left set, they would make this process (and every worker it starts)
+    # look like a TPU VM to detect_accelerator.
+    hints = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": f"{target.device_kind}-{target.chips}"}
+    before = {k: os.environ.get(k) for k in hints}
+    os.environ.update({k: v for k, v in hints.items() if before[k] is None})
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kwargs).devices
     except jax.errors.JaxRuntimeError as e:  # libtpu's refusal names its reason
         raise ConfigError(f"--compile-for {target.name}: libtpu refuses topology {target.topology}: {e}") from None
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
     return list(devices)
 
 
