@@ -124,7 +124,19 @@ def test_swarm_step_compiles_one_member_per_chip(v5p_8):
     assert step.tokens_per_step == 4 * B * S
 
 
-def test_plan_compile_for_through_the_cli(tmp_path, capsys):
+def test_plan_compile_for_through_the_cli(tmp_path, capsys, monkeypatch):
+    import mixlm.compiled.plan
+
+    # the text form is the same report rendered: compile once for both calls
+    reports = {}
+    compile_once = mixlm.compiled.plan.compile_plan
+
+    def compile_plan(cfg, target, **kwargs):
+        if target not in reports:
+            reports[target] = compile_once(cfg, target, **kwargs)
+        return reports[target]
+
+    monkeypatch.setattr(mixlm.compiled.plan, "compile_plan", compile_plan)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"family": "llama", "num_layers": L, "d_model": D, "num_heads": H, "mlp_dim": F,
@@ -144,6 +156,7 @@ def test_plan_compile_for_through_the_cli(tmp_path, capsys):
     assert main(["plan", str(path), "--compile-for", "v5p-8"]) == 0
     text = capsys.readouterr().out
     assert "compiled (TPU compiler, libtpu)" in text and "attention splash" in text and "MFU" in text
+    assert list(reports) == ["v5p-8"]
 
 
 def test_a_compiler_failure_is_one_line_and_exit_1(tmp_path, capsys):
