@@ -47,8 +47,11 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; } || \
 	  { echo "make test: tests/test_study.py needs chromium: apt-get install -y chromium" >&2; exit 1; }
 
+# Test files on TEST_WORKERS processes (pytest-xdist; each file whole on one worker, so module fixtures are built
+# once), the slowest files first (tests/conftest.py orders them). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -25,3 +25,14 @@ import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The slowest test files (seconds each on 2 CPU cores, make test's two workers), started first so that no long
+# file begins last while the other worker idles: each file runs whole on one worker (--dist loadfile).
+SLOWEST_FIRST = ("test_study.py", "test_compile_tpu.py", "test_object_store.py", "test_attention.py",
+                 "test_checkpoint.py", "test_online_mixing.py", "test_launch.py", "test_ray_engine.py",
+                 "test_swarm.py", "test_export.py", "test_train.py", "test_scan.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
