@@ -20,13 +20,15 @@ system on a cluster, as the signal tables are), removed at the end:
    `max_candidates` documents remain and are fetched and walked. The greedy fill after it (`fill_candidates`)
    fetches the best `max_candidates` documents per file that still fit what is left, walks them in order up to
    the first file's last fetched key, and repeats until no file has one that fits. `top_fraction` is the same
-   boundary over counts.
+   boundary over counts; mode dsir-resample the same over Gumbel keys (`gumbel_keys`: each file draws from the
+   seed's one stream at its own offset, so the keys are `importance_resample`'s).
 4. Summaries over all and chosen documents: quantiles are order statistics found by the same boundary search
    (batched over every column), interpolated as `np.percentile` does; means are numpy's pairwise sum,
-   rebuilt from per-file sums of its subtrees (`pairwise_sum`).
+   rebuilt from per-file sums of its subtrees (`pairwise_sums`).
 
-The random baseline is the one exception: numpy's permutation of the eligible documents (one int64 each) is
-drawn on the driver, so the bytes match `select_random`; their sizes are fetched in bounded batches.
+Two things still scale with the selection on the driver: the random baseline, whose permutation of the eligible
+documents (one int64 each) is numpy's, drawn there so the bytes match `select_random` (their sizes are fetched in
+batches); and the chosen documents' groups, which `documents.write_records` returns for the mix.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 
 from mixlm.engine import Engine
 from mixlm.selection import SelectionError
+from mixlm.selection.pick import rank_key
 
 WORK = ".pick-work"
 SAMPLES = 64  # values per file and column for splitters
@@ -77,12 +80,6 @@ def _save(work: str, kind: str, k: int, array: np.ndarray) -> None:
 
 def _load(work: str, kind: str, k: int, mmap: bool = False) -> np.ndarray:
     return np.load(_path(work, kind, k), mmap_mode="r" if mmap else None)
-
-
-def keyed(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """The sort key of `percentile_ranks`: better is larger, NaN is -inf (below every number)."""
-    key = values if higher_is_better else -values
-    return np.where(np.isnan(key), -np.inf, key)
 
 
 def _even_sample(sorted_values: np.ndarray, n: int) -> np.ndarray:
@@ -172,7 +169,7 @@ def count_groups(common: tuple[str, RankPlan, Sequence[int]], k: int) -> list[tu
     work, plan, counts = common
     out = []
     for name, direction, splitters in zip(plan.signals, plan.directions, plan.splitters):
-        group, tie = _groups(keyed(_column(work, name, k, counts[k]), direction), splitters)
+        group, tie = _groups(rank_key(_column(work, name, k, counts[k]), direction), splitters)
         out.append((np.bincount(group[~tie], minlength=splitters.size + 1),
                     np.bincount(group[tie], minlength=splitters.size)))
     return out
@@ -183,7 +180,7 @@ def bucket_parts(common: tuple[str, RankPlan, Sequence[int]], k: int) -> list[tu
     work, plan, counts = common
     parts = []
     for name, direction, splitters in zip(plan.signals, plan.directions, plan.splitters):
-        key = keyed(_column(work, name, k, counts[k]), direction)
+        key = rank_key(_column(work, name, k, counts[k]), direction)
         group, tie = _groups(key, splitters)
         rows = np.flatnonzero(~tie)
         order = np.argsort(group[rows], kind="stable")
@@ -219,7 +216,7 @@ def assemble_scores(common: tuple[str, RankPlan, list[float], list[np.ndarray], 
     work, plan, factors, tie_worse, tie_count, n, counts, first_bucket = common
     score = None
     for j, (name, direction, splitters) in enumerate(zip(plan.signals, plan.directions, plan.splitters)):
-        group, tie = _groups(keyed(_column(work, name, k, counts[k]), direction), splitters)
+        group, tie = _groups(rank_key(_column(work, name, k, counts[k]), direction), splitters)
         pct = np.empty(counts[k])
         pct[tie] = (tie_worse[j][group[tie]] + 0.5 * tie_count[j][group[tie]]) / n
         for i in range(splitters.size + 1):
@@ -239,7 +236,7 @@ def rank_scores(engine: Engine, layout: Layout, weights: Sequence, samples: list
     total = sum(w.weight for w in weights)
     splitters = []
     for w in weights:
-        pooled = keyed(np.concatenate([s.get(w.signal, np.zeros(0)) for s in samples] + [np.zeros(0)]),
+        pooled = rank_key(np.concatenate([s.get(w.signal, np.zeros(0)) for s in samples] + [np.zeros(0)]),
                        w.higher_is_better)
         pooled = np.sort(pooled)
         inner = _even_sample(pooled, buckets - 1) if pooled.size else pooled
@@ -309,22 +306,25 @@ class _Sorted:
 
 def probe(common: tuple[str, int], job: tuple[int, list[tuple]]) -> list:
     """An engine task on file k, one answer per request: ("count", name, weighted, cuts) -> [(position, weight
-    before)] per cut; ("sample", name, weighted, lo, hi) -> (documents in [lo, hi), sampled keys [(key, idx)]
-    strictly after its first); ("fetch", name, weighted, lo, hi) -> (keys, indices, weights) in [lo, hi)."""
+    before)] per cut; ("sample", name, weighted, lo, hi) -> (documents in [lo, hi), evenly spaced keys
+    [(key, idx)] among them); ("fetch", name, weighted, lo, hi) -> (keys, indices, weights) in [lo, hi)."""
     work, samples = common
     k, requests = job
     answers = []
+    opened: dict[tuple[str, bool], _Sorted] = {}
     for request in requests:
         what, name, weighted = request[:3]
-        data = _Sorted(work, name, k, weighted)
+        if (name, weighted) not in opened:  # a dataset opened once per task, however many queries ask it
+            opened[name, weighted] = _Sorted(work, name, k, weighted)
+        data = opened[name, weighted]
         if what == "count":
             answers.append([(p, data.weight_before(p)) for p in map(data.position, request[3])])
             continue
         a, b = data.position(request[3]), data.position(request[4])
         if what == "sample":
-            m = min(samples, b - a - 1)
-            at = a + 1 + (np.arange(m) * (b - a - 1)) // max(m, 1) if m > 0 else np.zeros(0, np.int64)
-            answers.append((b - a, [(float(data.key[i]), int(data.idx[i])) for i in np.unique(at)]))
+            m = min(samples, b - a)
+            at = np.unique(a + (np.arange(m) * (b - a)) // max(m, 1))
+            answers.append((b - a, [(float(data.key[i]), int(data.idx[i])) for i in at]))
         else:
             answers.append((np.asarray(data.key[a:b]), np.asarray(data.idx[a:b]), data.weights(a, b)))
     return answers
@@ -380,8 +380,9 @@ def find_boundaries(engine: Engine, layout: Layout, queries: Sequence[tuple[str,
                 result[q] = Boundary(float(key[order][i]), int(idx[order][i]), before_pos[q] + i,
                                      int(weight_before[i]))
                 continue
-            pooled = [(key, index, a[q][0] / max(len(a[q][1]), 1)) for a in answers for key, index in a[q][1]]
-            pooled.sort()
+            # splitters strictly after the range's first entry, so every round leaves some entries out
+            pooled = sorted((key, index, a[q][0] / len(a[q][1])) for a in answers for key, index in a[q][1]
+                            if (key, index) != lo[q])
             cum = np.cumsum([w for _, _, w in pooled])
             picks = np.searchsorted(cum, np.linspace(0, cum[-1], min(splitters, len(pooled)) + 1)[1:], side="left")
             narrow[q] = sorted({pooled[min(i, len(pooled) - 1)][:2] for i in picks})
@@ -399,6 +400,9 @@ def find_boundaries(engine: Engine, layout: Layout, queries: Sequence[tuple[str,
             if (fits[-1] + 1 if fits else 0) < len(cuts):
                 j = fits[-1] + 1 if fits else 0
                 hi[q], last_pos = cuts[j], at[j][0]
+            if last_pos - before_pos[q] >= size[q]:  # splitters lie inside the range: it always shrinks
+                raise RuntimeError(f"pick: the search in {queries[q][0]} did not narrow ({size[q]} entries); "
+                                   "the per-file datasets are not sorted by (key, index)")
             size[q] = last_pos - before_pos[q]
     return result
 
@@ -604,16 +608,17 @@ def _quantile_positions(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """numpy's quantile interpolation (numpy.lib._function_base_impl._lerp), to the bit."""
-    diff_b_a = b - a
-    out = np.add(a, diff_b_a * t)
-    np.subtract(b, diff_b_a * (1 - t), out=out, where=t >= 0.5)
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, as np.percentile gives it (and warns)
+        diff_b_a = b - a
+        out = np.add(a, diff_b_a * t)
+        np.subtract(b, diff_b_a * (1 - t), out=out, where=t >= 0.5)
     return out
 
 
 def summaries(engine: Engine, layout: Layout, sources: list[tuple[str, str | None]], set_names: Sequence[str],
               counts: dict[str, list[dict[str, int]]], max_candidates: int) -> dict[str, dict[str, dict]]:
     """{set: {name: {mean, p10, p50, p90}}} over each set's non-NaN values, as `pick.summarize` computes them."""
-    queries, where = [], []
+    queries: dict[tuple[str, bool, float], int] = {}  # each order statistic asked once
     sums = []
     for s in set_names:
         for name, _ in sources:
@@ -623,13 +628,17 @@ def summaries(engine: Engine, layout: Layout, sources: list[tuple[str, str | Non
             if n:
                 previous, nxt, _ = _quantile_positions(n)
                 for p in np.concatenate([previous, nxt]):
-                    queries.append((f"{s}-{name}", False, float(p)))
-                    where.append((s, name))
-    found = find_boundaries(engine, layout, queries, max_candidates=max_candidates)
+                    queries.setdefault((f"{s}-{name}", False, float(p)), len(queries))
+    found = find_boundaries(engine, layout, list(queries), max_candidates=max_candidates)
     totals = pairwise_sums(engine, layout, sums)
     values: dict[tuple[str, str], list[float]] = {}
-    for at, boundary in zip(where, found):
-        values.setdefault(at, []).append(boundary.key)
+    for s in set_names:
+        for name, _ in sources:
+            n = sum(c[name] for c in counts[s])
+            if n:
+                previous, nxt, _ = _quantile_positions(n)
+                values[(s, name)] = [found[queries[(f"{s}-{name}", False, float(p))]].key
+                                     for p in np.concatenate([previous, nxt])]
     out: dict[str, dict[str, dict]] = {s: {} for s in set_names}
     i = 0
     for s in set_names:
@@ -728,9 +737,10 @@ def select_on_workers(signal_dirs: Sequence[str | Path], weights: Mapping | None
                       budget: float | None, top_fraction: float | None, budget_unit: str | None,
                       random_out: str | Path | None, seed: int, mode: str, resample_signal: str | None,
                       mix_field: str | None, engine: Engine | None, buckets: int = 64,
-                      max_candidates: int = 4096) -> dict:
+                      max_candidates: int = 4096, random_batch: int = 1 << 20) -> dict:
     """`pick.select_documents` (which see) with per-document work in `engine`'s tasks; the same files and report.
-    `buckets`: sort intervals per weighted signal; `max_candidates`: documents fetched at once to the driver."""
+    `buckets`: sort intervals per weighted signal; `max_candidates`: documents fetched at once to the driver;
+    `random_batch`: the random baseline's documents whose sizes are fetched at once."""
     from mixlm import storage
     from mixlm.engine import engine_or_local
     from mixlm.selection import pick
@@ -775,7 +785,7 @@ def select_on_workers(signal_dirs: Sequence[str | Path], weights: Mapping | None
             if random_out is not None:
                 random_budget = budget if budget is not None else sum(units for _, _, units in chosen["top"])
                 rows = random_rows(run_on, layout, size_column, [p for _, p, _ in per_file], random_budget, seed,
-                                   max_candidates)
+                                   random_batch)
                 chosen["rnd"] = run_on.map(
                     functools.partial(chosen_lines, (work, size_column, layout.counts, offsets)),
                     [(k, "rnd", False, rows[k]) for k in files], desc="pick: chosen")

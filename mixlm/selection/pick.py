@@ -11,7 +11,8 @@
 * `importance_resample(log_weights, sizes, budget=..., seed=...)` — DSIR's resampling (Gumbel top-k).
 * `sample_rater_weightings(signals, n, seed, alpha)` — Meta-rater's Dirichlet weightings over raters.
 * `select_documents(signal_dirs, weights, out_dir, ...)` — all of the above over signal tables, writing
-  the chosen documents (and the random baseline) with a report.
+  the chosen documents (and the random baseline) with a report; on a Ray engine the same computation runs in
+  the engine's tasks without whole columns on the driver (`distributed_pick`), writing the same bytes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class SignalWeight:
     higher_is_better: bool
 
 
+def rank_key(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """float64 [n] -> the key percentiles rank by: better is larger, NaN is -inf (below every number)."""
+    key = values if higher_is_better else -values
+    return np.where(np.isnan(key), -np.inf, key)
+
+
 def percentile_ranks(values: np.ndarray, higher_is_better: bool = True) -> np.ndarray:
     """float64 [n] → float64 [n] mid-rank percentiles in (0, 1); the best document is nearest 1.
 
@@ -51,9 +58,7 @@ def percentile_ranks(values: np.ndarray, higher_is_better: bool = True) -> np.nd
     n = values.size
     if n == 0:
         return np.zeros(0)
-    keyed = values if higher_is_better else -values
-    keyed = np.where(np.isnan(keyed), -np.inf, keyed)
-    _, inverse, counts = np.unique(keyed, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(rank_key(values, higher_is_better), return_inverse=True, return_counts=True)
     worse = np.cumsum(counts) - counts
     return (worse[inverse] + 0.5 * counts[inverse]) / n
 
