@@ -26,9 +26,9 @@ system on a cluster, as the signal tables are), removed at the end:
    (batched over every column), interpolated as `np.percentile` does; means are numpy's pairwise sum,
    rebuilt from per-file sums of its subtrees (`pairwise_sums`).
 
-Two things still scale with the selection on the driver: the random baseline, whose permutation of the eligible
+One thing still scales with the corpus on the driver: the random baseline, whose permutation of the eligible
 documents (one int64 each) is numpy's, drawn there so the bytes match `select_random` (their sizes are fetched in
-batches); and the chosen documents' groups, which `documents.write_records` returns for the mix.
+batches). The mix comes from the write tasks, each counting its file's groups (`documents.write_records(mix=)`).
 """
 
 from __future__ import annotations
@@ -698,9 +698,9 @@ def random_rows(engine: Engine, layout: Layout, size_column: str, eligible: Sequ
 # ---- writing -----------------------------------------------------------------------------------------------------
 def chosen_lines(common: tuple[str, str, Sequence[int], Sequence[int]], job: tuple[int, str, Cut, np.ndarray]
                  ) -> tuple[np.ndarray, int, int]:
-    """An engine task: file k's chosen rows (the eligible documents before `cut`, or all when `cut` is None
-    and `extra` carries them, plus `extra` rows), saved as `<set>.rows` and `<set>.lines` (.npz with `line`, as
-    `documents.write_records` reads). Returns (rows, documents, their size)."""
+    """An engine task: file k's chosen rows (the eligible documents before `cut`, all of them when `cut` is None,
+    none when it is False; and the `extra` rows), saved as `<set>-<k>.lines.npz` (`line` and `size`, as
+    `documents.write_records` reads them). Returns (rows, documents, their size)."""
     work, size_column, counts, offsets = common
     k, set_name, cut, extra = job
     sizes = _column(work, size_column, k, counts[k]).astype(np.int64)
@@ -710,24 +710,8 @@ def chosen_lines(common: tuple[str, str, Sequence[int], Sequence[int]], job: tup
         top = np.asarray(data.idx[:data.position(cut)]) - offsets[k]
         rows = np.concatenate([top, rows])
     rows = np.sort(rows)
-    line = _load(work, "line", k)[rows]
-    np.savez(Path(work) / f"{set_name}-{k:06d}.lines.npz", line=line)
+    np.savez(Path(work) / f"{set_name}-{k:06d}.lines.npz", line=_load(work, "line", k)[rows], size=sizes[rows])
     return rows, int(rows.size), int(sizes[rows].sum())
-
-
-def mix_part(common: tuple[str, str, Sequence[int]], job: tuple[int, np.ndarray, list]) -> dict[str, list[int]]:
-    """An engine task: {group: [documents, size]} of file k's chosen documents, groups in first-seen order."""
-    work, size_column, counts = common
-    k, rows, groups_by_line = job
-    sizes = _column(work, size_column, k, counts[k]).astype(np.int64)
-    line = _load(work, "line", k)
-    group_of = dict(groups_by_line)
-    out: dict[str, list[int]] = {}
-    for row in rows.tolist():
-        entry = out.setdefault(group_of[int(line[row])], [0, 0])
-        entry[0] += 1
-        entry[1] += int(sizes[row])
-    return out
 
 
 
@@ -801,21 +785,13 @@ def select_on_workers(signal_dirs: Sequence[str | Path], weights: Mapping | None
                 from mixlm.selection.documents import write_records
 
                 where = Path(where)
-                picked = [(k, rows) for k, (rows, n, _) in zip(files, chosen[s]) if n]
                 jobs = [(layout.files[k], (str(Path(work) / f"{s}-{k:06d}.lines.npz"), np.zeros(0, np.int64)))
-                        for k, _ in picked]
-                groups: dict[str, dict[int, str]] = {}
+                        for k, (_, n, _) in zip(files, chosen[s]) if n]
+                counted: dict[str, list[int]] = {}
                 written = write_records(jobs, where / "documents.jsonl.zst", source_field=pick.SOURCE_FIELD,
-                                        group_field=mix_field, groups=groups, engine=run_on)
-                parts = run_on.map(functools.partial(mix_part, (work, size_column, layout.counts)),
-                                   [(k, rows, list(groups[layout.files[k]].items())) for k, rows in picked],
-                                   desc="pick: mix")
-                mix: dict[str, dict] = {}
-                for part in parts:
-                    for group, (documents, units) in part.items():
-                        entry = mix.setdefault(group, {"documents": 0, budget_unit: 0})
-                        entry["documents"] += documents
-                        entry[budget_unit] += units
+                                        group_field=mix_field, mix=counted, engine=run_on)
+                mix = {group: {"documents": documents, budget_unit: units} for group, (documents, units)
+                       in counted.items()}
                 signals = {name: {"all": stats["all"][name], "selected": stats[s][name]} for name, _ in sources}
                 report = pick.selection_report(extra, signal_dirs, budget_unit, layout.total, int(written), units_in,
                                                sum(u for _, _, u in chosen[s]), mix_field, mix, signals)
