@@ -681,17 +681,18 @@ def random_rows(engine: Engine, layout: Layout, size_column: str, eligible: Sequ
     for a in range(0, permutation.size, batch):
         ranks = permutation[a:a + batch]
         file = np.searchsorted(starts, ranks, side="right") - 1
-        jobs = [(k, ranks[file == k] - starts[k]) for k in np.unique(file).tolist()]
-        got = dict(zip((k for k, _ in jobs), engine.map(run, jobs, desc="pick: random")))
-        place = {k: 0 for k in got}
-        for k in file.tolist():
-            rows, sizes = got[k]
-            size = int(sizes[place[k]])
-            if spent + size > budget:  # searchsorted(cumsum, budget, 'right'): the first that passes ends it
-                return [np.sort(np.concatenate(c + [np.zeros(0, np.int64)])) for c in chosen]
-            spent += size
-            chosen[k].append(rows[place[k]:place[k] + 1])
-            place[k] += 1
+        present = np.unique(file).tolist()
+        rows, sizes = np.empty(ranks.size, np.int64), np.empty(ranks.size, np.int64)
+        for k, (r, z) in zip(present, engine.map(run, [(k, ranks[file == k] - starts[k]) for k in present],
+                                                 desc="pick: random")):
+            rows[file == k], sizes[file == k] = r, z
+        cum = spent + np.cumsum(sizes)
+        take = int(np.searchsorted(cum, budget, side="right"))  # as select_random cuts its cumulative sizes
+        for k in present:
+            chosen[k].append(rows[:take][file[:take] == k])
+        if take < ranks.size:
+            break
+        spent = int(cum[-1])
     return [np.sort(np.concatenate(c + [np.zeros(0, np.int64)])) for c in chosen]
 
 
