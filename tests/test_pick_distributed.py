@@ -34,17 +34,17 @@ def _layout(tmp_path, columns: dict[str, np.ndarray], counts: list[int]) -> tupl
     samples = []
     starts = np.concatenate([[0], np.cumsum(counts)])
     for k, (a, b) in enumerate(itertools.pairwise(starts)):
-        dp._save(str(work), "line", k, np.arange(1, b - a + 1))
+        dp.save_array(str(work), "line", k, np.arange(1, b - a + 1))
         sample = {}
         for name, v in columns.items():
-            dp._save(str(work), f"col-{name}", k, v[a:b])
-            sample[name] = dp._even_sample(np.sort(v[a:b][~np.isnan(v[a:b])]), 8)
+            dp.save_array(str(work), f"col-{name}", k, v[a:b])
+            sample[name] = dp.even_sample(np.sort(v[a:b][~np.isnan(v[a:b])]), 8)
         samples.append(sample)
     return dp.Layout(str(work), tuple(f"file{k}" for k in range(len(counts))), tuple(counts)), samples
 
 
 def _scores(layout: dp.Layout) -> np.ndarray:
-    return np.concatenate([dp._load(layout.work, "score", k) for k in range(len(layout.files))])
+    return np.concatenate([dp.load_array(layout.work, "score", k) for k in range(len(layout.files))])
 
 
 def _table(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
