@@ -1,6 +1,7 @@
 """`select pick` on an engine's workers (mixlm.selection.distributed_pick) against the whole-column functions of
 mixlm.selection.pick: bitwise equal scores, the same top and fill as `top_parts`, the same summaries as
-`summarize`, and `select_documents`' output bytes, with the driver never holding a per-document column."""
+`summarize`, and `pick_documents.select_documents`' output bytes, with the driver never holding a per-document
+column."""
 
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def _outputs(out) -> dict[str, bytes]:
 ])
 def test_select_documents_on_workers_writes_the_bytes_of_the_whole_column_path(signal_dirs, tmp_path, monkeypatch,
                                                                                 kw):
-    from mixlm.selection import pick, signal_tables
+    from mixlm.selection import pick_documents, signal_tables
 
     kw = dict(kw)
     weights = kw.pop("weights")
@@ -190,9 +191,10 @@ def test_select_documents_on_workers_writes_the_bytes_of_the_whole_column_path(s
         for distributed in (False, True):
             if distributed:  # the driver never loads a whole column
                 monkeypatch.setattr(signal_tables, "load_tables", _refuse)
+                monkeypatch.setattr(pick_documents, "load_tables", _refuse)
             out = tmp_path / str(distributed)
-            report = pick.select_documents(signal_dirs, weights, out / "top", random_out=out / "rnd",
-                                           engine=engine, distributed=distributed, **kw)
+            report = pick_documents.select_documents(signal_dirs, weights, out / "top", random_out=out / "rnd",
+                                                     engine=engine, distributed=distributed, **kw)
             reports[distributed] = json.dumps(report).replace(str(out), "OUT")
     assert reports[True] == reports[False]
     assert _outputs(tmp_path / "True") == _outputs(tmp_path / "False")

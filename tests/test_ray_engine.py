@@ -226,7 +226,7 @@ def _no_whole_columns(*args, **kwargs):
 def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engine, tmp_path, monkeypatch):
     from mixlm.cli import main
     from mixlm.selection import signal_tables
-    from mixlm.selection.pick import select_documents
+    from mixlm.selection.pick_documents import select_documents
 
     local = _signals(corpus, tmp_path / "sig-local", LocalEngine(1, progress=False))
     on_ray = _signals(corpus, tmp_path / "sig-ray", FaultyEngine(ray_engine, tmp_path / "faults", "die"))

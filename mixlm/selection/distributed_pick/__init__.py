@@ -1,5 +1,5 @@
 """`select pick` on an engine's workers (mixlm.engine), exact: the same chosen documents and report bytes as
-`pick.select_documents` over whole columns, while the driver holds only per-file counts, splitters and bounded
+`pick_documents.select_documents` over whole columns, while the driver holds only per-file counts, splitters and bounded
 candidate batches, never a per-document column. `select.select_on_workers` runs the whole selection.
 
 Every per-document array lives in per-input-file tasks, in a scratch folder `OUT/.pick-work` (a shared file

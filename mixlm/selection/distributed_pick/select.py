@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mixlm.engine import Engine
-from mixlm.selection import SelectionError
+from mixlm.selection import SelectionError, pick
 from mixlm.selection.distributed_pick.boundary import Cut, SortedDataset
 from mixlm.selection.distributed_pick.budget import budgeted_top, resample_keys
 from mixlm.selection.distributed_pick.random_baseline import random_rows
@@ -43,12 +43,11 @@ def select_on_workers(signal_dirs: Sequence[str | Path], weights: Mapping | None
                       random_out: str | Path | None, seed: int, mode: str, resample_signal: str | None,
                       mix_field: str | None, engine: Engine | None, buckets: int = 64,
                       max_candidates: int = 4096, random_batch: int = 1 << 20) -> dict:
-    """`pick.select_documents` (which see) with per-document work in `engine`'s tasks; the same files and report.
-    `buckets`: sort intervals per weighted signal; `max_candidates`: documents fetched at once to the driver;
-    `random_batch`: the random baseline's documents whose sizes are fetched at once."""
+    """`pick_documents.select_documents` (which see) with per-document work in `engine`'s tasks; the same files
+    and report. `buckets`: sort intervals per weighted signal; `max_candidates`: documents fetched at once to the
+    driver; `random_batch`: the random baseline's documents whose sizes are fetched at once."""
     from mixlm import storage
     from mixlm.engine import engine_or_local
-    from mixlm.selection import pick
 
     if (budget is None) == (top_fraction is None):
         raise SelectionError("give exactly one of a token budget and a top fraction")
