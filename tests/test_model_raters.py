@@ -256,7 +256,8 @@ def test_model_columns_from_worker_processes_equal_the_in_process_ones(models, p
 
 def test_metarater_25_config_runs_on_a_small_pool(models, pool, tmp_path, capsys):
     from mixlm.selection.metarater import parse_raters, weight_spec
-    from mixlm.selection.pick import sample_rater_weightings, select_documents
+    from mixlm.selection.pick import sample_rater_weightings
+    from mixlm.selection.pick_documents import select_documents
     from mixlm.selection.rater_config import load_rater_config
 
     cfg = load_rater_config(CONFIG_25)

@@ -219,8 +219,14 @@ def _without_seconds(report: dict) -> dict:
     return {k: v for k, v in report.items() if k != "seconds"}
 
 
-def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engine, tmp_path):
-    from mixlm.selection.pick import select_documents
+def _no_whole_columns(*args, **kwargs):
+    raise AssertionError("pick on Ray loaded whole signal columns on the driver")
+
+
+def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engine, tmp_path, monkeypatch):
+    from mixlm.cli import main
+    from mixlm.selection import signal_tables
+    from mixlm.selection.pick_documents import select_documents
 
     local = _signals(corpus, tmp_path / "sig-local", LocalEngine(1, progress=False))
     on_ray = _signals(corpus, tmp_path / "sig-ray", FaultyEngine(ray_engine, tmp_path / "faults", "die"))
@@ -233,7 +239,11 @@ def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engin
     picked = {}
     for name, engine in (("local", LocalEngine(2, progress=False)), ("ray", ray_engine)):
         out, signals = tmp_path / f"pick-{name}", tmp_path / f"sig-{name}"
-        report = select_documents([signals], weights, out, budget=4000, random_out=out / "random", engine=engine)
+        with monkeypatch.context() as patch:
+            if name == "ray":  # pick on Ray runs distributed: the driver never holds a per-document column
+                patch.setattr(signal_tables, "load_tables", _no_whole_columns)
+            report = select_documents([signals], weights, out, budget=4000, random_out=out / "random",
+                                      engine=engine)
         report = json.loads(json.dumps(report).replace(str(out), "OUT").replace(str(signals), "SIG"))
         picked[name] = (report, (out / "documents.jsonl.zst").read_bytes(),
                         (out / "random" / "documents.jsonl.zst").read_bytes())
@@ -241,6 +251,20 @@ def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engin
             engine.close()
     assert picked["ray"] == picked["local"]
     assert 0 < picked["ray"][0]["tokens_out"] <= 4000
+    # `mixlm select pick --engine ray` on two signal folders: the bytes of `--engine local`
+    outputs = {}
+    for name in ("local", "ray"):
+        out = tmp_path / f"cli-{name}"
+        with monkeypatch.context() as patch:
+            if name == "ray":
+                patch.setattr(signal_tables, "load_tables", _no_whole_columns)
+            assert main(["select", "pick", "--signals", str(tmp_path / "sig-local"), str(tmp_path / "sig-ray"),
+                         "--weights", json.dumps(weights), "--top-fraction", "0.4", "--out", str(out),
+                         "--random-out", str(out / "random"), "--engine", name]) == 0
+        outputs[name] = {p.relative_to(out): p.read_bytes().replace(str(out).encode(), b"OUT")
+                         for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".mixlm.lock"}
+    assert outputs["ray"] == outputs["local"]
+    assert len(outputs["ray"]) == 4
 
 
 def test_a_classifier_is_loaded_once_per_ray_actor_not_per_shard(corpus, ray_engine, tmp_path):

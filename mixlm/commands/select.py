@@ -418,7 +418,7 @@ def _run(args) -> int:
     if args.action == "pick":
         if args.prepare_out and not args.tokenizer:
             raise SelectionError("--prepare-out needs --tokenizer (the tokenizer to prepare the selection with)")
-        from mixlm.selection.pick import select_documents
+        from mixlm.selection.pick_documents import select_documents
 
         if args.mode == "top" and not args.weights:
             raise SelectionError("--weights is needed with --mode top (or use --mode dsir-resample --signal COL)")

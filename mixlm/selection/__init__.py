@@ -13,7 +13,10 @@ The pieces, each usable alone (the `mixlm select` verb chains them):
   or jsonl) per shard keyed by `file` and `line`; `load_tables(dirs)` reads them back as one `SignalTable`.
 * `score_folder.write_score_folder(inputs, out_dir, scorer)` — the same tables from any batch scorer.
 * `pick` — percentile normalisation, weighted combination, budgeted top-k selection, DSIR's Gumbel
-  top-k resampling, the seeded random baseline, and `sample_rater_weightings` (Meta-rater's Dirichlet).
+  top-k resampling, the seeded random baseline, `sample_rater_weightings` (Meta-rater's Dirichlet) and the
+  selection report's parts; `pick_documents.select_documents` — all of it over signal tables, writing the
+  chosen documents, whole columns in this process or, via `distributed_pick`, in an engine's tasks (Ray)
+  with no whole column on the driver.
 * `classifier` — the DCLM-style filter: hashed uni+bigrams + logistic regression, or fastText (`dclm` preset).
 * `dsir` — DSIR importance weights against target sets (hashed n-gram models); `hashing` — the stable word
   and n-gram hashes DSIR and dedup share.

@@ -134,21 +134,32 @@ def _wanted_lines(lines: Lines) -> np.ndarray:
     return np.asarray(lines, np.int64)
 
 
-def write_part(common: tuple[str, int, str | None, str | None, bool], job: tuple[int, str, Lines]
-               ) -> tuple[int, list[tuple[int, str]]]:
+def _wanted_sizes(lines: Lines) -> dict[int, int]:
+    """{line: size} from a job's .npz (`line` and `size` arrays)."""
+    features, dropped = lines
+    with np.load(features) as z:
+        return dict(zip(np.delete(z["line"], dropped).tolist(), np.delete(z["size"], dropped).tolist()))
+
+
+def write_part(common: tuple[str, int, str | None, str | None, bool | str], job: tuple[int, str, Lines]
+               ) -> tuple[int, list[tuple]]:
     """An engine task: (parts folder, zstd level, source field, group field, want groups), (part number, input
     file, its wanted line numbers, ascending, or where to read them) -> (documents written, [(line, group)] when
-    groups are wanted). Writes the wanted records as one zstd frame, `part-<number>.zst`, whole; a part an
-    earlier run finished for the same lines (its `.json` beside it) is kept."""
+    groups are wanted; with want groups "mix", [(group, documents, size)] in first-seen order instead, the sizes
+    from the `size` array beside `line` in the job's .npz). Writes the wanted records as one zstd frame,
+    `part-<number>.zst`, whole; a part an earlier run finished for the same lines (its `.json` beside it) is
+    kept."""
     import zstandard
 
     folder, level, source_field, group_field, want_groups = common
     number, path, lines = job
+    size_of = _wanted_sizes(lines) if want_groups == "mix" else None
     lines = _wanted_lines(lines)
     part = Path(folder) / f"part-{number:06d}.zst"
     marker = part.with_suffix(".json")
     key = {"input": path, "bytes": Path(path).stat().st_size, "lines": _lines_digest(lines), "level": level,
-           "source_field": source_field, "group_field": group_field if want_groups else None}
+           "source_field": source_field, "group_field": group_field if want_groups else None,
+           **({"mix": True} if size_of is not None else {})}
     if part.is_file() and marker.is_file():
         done = json.loads(marker.read_text())
         if done.get("key") == key:
@@ -176,6 +187,13 @@ def write_part(common: tuple[str, int, str | None, str | None, bool], job: tuple
             else:
                 out.write(line if line.endswith(b"\n") else line + b"\n")
             written += 1
+    if size_of is not None:  # per group, not per record: the driver gets a few numbers per file
+        mix: dict[str, list[int]] = {}
+        for line_number, group in groups:
+            entry = mix.setdefault(group, [0, 0])
+            entry[0] += 1
+            entry[1] += size_of[line_number]
+        groups = [(group, documents, size) for group, (documents, size) in mix.items()]
     storage.write_atomic(marker, json.dumps({"key": key, "written": written, "groups": groups}))
     return written, groups
 
@@ -213,12 +231,15 @@ def write_selected(table: LocatedDocuments, chosen: np.ndarray, out_path: str | 
 
 def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, level: int = 3, *,
                   source_field: str | None = None, group_field: str | None = None,
-                  groups: dict[str, dict[int, str]] | None = None, engine: Engine | None = None) -> int:
+                  groups: dict[str, dict[int, str]] | None = None, mix: dict[str, list[int]] | None = None,
+                  engine: Engine | None = None) -> int:
     """Write the records of each (input file, its wanted lines) in `files`, in that order, into one jsonl.zst;
     returns the number written. Each file is one engine task (default: this process) writing one zstd frame
     in a parts folder beside `out_path` (a rerun keeps finished parts); the frames are then joined in order into
     `out_path`, written whole: one zstd stream of several frames, which every zstd reader reads as one.
-    `groups`, when given, gets {file: {line: its group}} (see `write_selected`)."""
+    `groups`, when given, gets {file: {line: its group}} (see `write_selected`); `mix`, when given instead, gets
+    {group: [documents, size]} in first-seen order, each task counting its own file's (the lines then come as
+    (.npz with `line` and `size`, positions to drop)), so no per-record group reaches this process."""
     import shutil
 
     import zstandard
@@ -227,7 +248,7 @@ def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, leve
     parts = out_path.with_name(f".{out_path.name}.parts")
     parts.mkdir(parents=True, exist_ok=True)
     jobs = [(k, str(path), lines) for k, (path, lines) in enumerate(files)]
-    common = (str(parts), level, source_field, group_field, groups is not None)
+    common = (str(parts), level, source_field, group_field, "mix" if mix is not None else groups is not None)
     with engine_or_local(engine, 1, False) as run_on:
         results = run_on.map(functools.partial(write_part, common), jobs, desc="select: write",
                              count=lambda r: r[0])
@@ -239,7 +260,12 @@ def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, leve
             with open(parts / f"part-{k:06d}.zst", "rb") as part:
                 shutil.copyfileobj(part, out, 1 << 20)
             written += count
-            if groups is not None:
+            if mix is not None:
+                for group, documents, size in part_groups:
+                    entry = mix.setdefault(group, [0, 0])
+                    entry[0] += documents
+                    entry[1] += size
+            elif groups is not None:
                 groups.setdefault(path, {}).update(dict(part_groups))
     shutil.rmtree(parts, ignore_errors=True)
     return written

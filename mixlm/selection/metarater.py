@@ -9,7 +9,7 @@ a regression from the weighting to the proxy's held-out loss, and the weighting 
     result.weights_yaml          # -> mixlm select pick --weights runs/metarater/weights.yaml ...
 
 For weighting i (index i, from 1) the pool's documents are scored and the best kept up to the budget
-(`pick.select_documents` → `selections/<i>/`), prepared as the domain `sel_<i>` under `prepared/`,
+(`pick_documents.select_documents` → `selections/<i>/`), prepared as the domain `sel_<i>` under `prepared/`,
 and a proxy is trained on that domain alone (`runs/<i>/`). Every proxy's mixture also lists the held-out
 domain with weight 0: the trainer evaluates every listed domain, so each proxy is scored on the same
 held-out documents (prepared once, all but one document in its validation split). The held-out set
@@ -156,7 +156,7 @@ def learn_rater_weights(
     from mixlm.proxies import ProxyRun, plan_proxy, run_proxies
     from mixlm.run_config import load_run_config
     from mixlm.run_dir import RunDir
-    from mixlm.selection.pick import select_documents
+    from mixlm.selection.pick_documents import select_documents
 
     names, directions = parse_raters(raters)
     if not names or len(set(names)) != len(names):

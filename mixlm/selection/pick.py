@@ -10,8 +10,9 @@
   the greedy fill after them) and `select_random(sizes, budget, seed)`.
 * `importance_resample(log_weights, sizes, budget=..., seed=...)` — DSIR's resampling (Gumbel top-k).
 * `sample_rater_weightings(signals, n, seed, alpha)` — Meta-rater's Dirichlet weightings over raters.
-* `select_documents(signal_dirs, weights, out_dir, ...)` — all of the above over signal tables, writing
-  the chosen documents (and the random baseline) with a report.
+* `summarize`, `size_column_of`, `selection_report` and the report's other parts — shared by the two ways of
+  running a selection over signal tables (`pick_documents.select_documents`: whole columns in this process, or
+  `distributed_pick` on an engine's workers), so both write the same report.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mixlm import storage
 from mixlm.selection import SelectionError
 from mixlm.selection.signals import DIRECTIONS
 
@@ -41,6 +41,12 @@ class SignalWeight:
     higher_is_better: bool
 
 
+def rank_key(values: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """float64 [n] -> the key percentiles rank by: better is larger, NaN is -inf (below every number)."""
+    key = values if higher_is_better else -values
+    return np.where(np.isnan(key), -np.inf, key)
+
+
 def percentile_ranks(values: np.ndarray, higher_is_better: bool = True) -> np.ndarray:
     """float64 [n] → float64 [n] mid-rank percentiles in (0, 1); the best document is nearest 1.
 
@@ -51,9 +57,7 @@ def percentile_ranks(values: np.ndarray, higher_is_better: bool = True) -> np.nd
     n = values.size
     if n == 0:
         return np.zeros(0)
-    keyed = values if higher_is_better else -values
-    keyed = np.where(np.isnan(keyed), -np.inf, keyed)
-    _, inverse, counts = np.unique(keyed, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(rank_key(values, higher_is_better), return_inverse=True, return_counts=True)
     worse = np.cumsum(counts) - counts
     return (worse[inverse] + 0.5 * counts[inverse]) / n
 
@@ -224,111 +228,65 @@ SELECTION_MODES = ("top", "dsir-resample")
 SOURCE_FIELD = "source_file"  # added to each selected document without it: the input file it came from
 
 
-def select_documents(signal_dirs: Sequence[str | Path], weights: Mapping | None, out_dir: str | Path, *,
-                     budget: float | None = None, top_fraction: float | None = None,
-                     budget_unit: str | None = None, random_out: str | Path | None = None, seed: int = 0,
-                     plot: bool = False, mode: str = "top", resample_signal: str | None = None,
-                     mix_field: str | None = "domain", engine=None) -> dict:
-    """Score the documents of `signal_dirs` with `weights`, keep the best, write them out.
-
-    mode "dsir-resample" instead samples without replacement proportional to exp(`resample_signal`), a log
-    importance weight column such as `dsir_books` (`importance_resample`, seeded by `seed`); `weights` is
-    then unused.
-
-    `budget_unit` (tokens | words | chars) picks the size column; by default tokens, or chars for a
-    `top_fraction` when the tables have no token counts. Writes `out_dir/documents.jsonl.zst` (the
-    chosen input lines, verbatim but for a `source_file` field naming the input file, added where a line
-    has none; parquet rows as JSON) and `out_dir/report.json` (documents and budget units in / out, weights,
-    `score_threshold`: the lowest score of the best documents that fit the budget outright, `fill`: what the
-    greedy fill after them added (documents, units, their scores), `mix`: documents and units per value of
-    `mix_field` (dotted; an input file's name for documents without it), per-signal summaries over all and
-    chosen documents, malformed input lines); with `random_out`, the seeded random baseline with the same
-    budget (the budget, or the units the top selection took when it was a `top_fraction`) in the same
-    layout. Returns the report. `engine` (mixlm.engine; default this process) reads the signal tables and writes
-    the chosen documents, a task per file.
-    """
-    from mixlm.selection.documents import write_selected
-    from mixlm.selection.signal_tables import load_tables
-
-    table = load_tables(signal_dirs, engine=engine)
+def size_column_of(columns: Sequence[str], budget_unit: str | None, top_fraction: float | None
+                   ) -> tuple[str, str]:
+    """(budget unit, the signal column holding each document's size in it); errors say what to compute."""
     if budget_unit is None:
         # A top fraction counts documents; its unit only feeds the report.
-        budget_unit = "tokens" if "num_tokens" in table.columns or top_fraction is None else "chars"
+        budget_unit = "tokens" if "num_tokens" in columns or top_fraction is None else "chars"
     if budget_unit not in BUDGET_COLUMNS:
         raise SelectionError(f"budget unit {budget_unit!r}: use one of {sorted(BUDGET_COLUMNS)}")
     size_column = BUDGET_COLUMNS[budget_unit]
-    if size_column not in table.columns:
+    if size_column not in columns:
         hint = "pass --tokenizer to `mixlm select signals`" if budget_unit == "tokens" else \
             "compute the rule signals (drop --no-rules)"
         raise SelectionError(f"budget unit {budget_unit!r} needs column {size_column!r}, which the signal "
                              f"tables lack: {hint}, or choose another --budget-unit")
-    columns = table.columns
-    sizes = columns[size_column].astype(np.int64)
-    if mode == "top":
-        if weights is None:
-            raise SelectionError("mode 'top' needs --weights")
-        parsed = parse_weights(weights, list(columns))
-        scores = combine_scores(columns, parsed)
-        top, fill = top_parts(scores, sizes, budget=budget, top_fraction=top_fraction)
-        chosen = np.sort(np.concatenate([top, fill]).astype(np.int64))
-        method = {"method": "top", "weights": [asdict(w) for w in parsed],
-                  # the real cutoff: the greedy fill may add small documents of any lower score after it
-                  "score_threshold": float(scores[top].min()) if top.size else None,
-                  "top_documents": int(top.size),
-                  "fill": {"documents": int(fill.size), budget_unit: int(sizes[fill].sum()),
-                           "score_min": float(scores[fill].min()) if fill.size else None,
-                           "score_max": float(scores[fill].max()) if fill.size else None}}
-    elif mode == "dsir-resample":
-        if resample_signal not in columns:
-            raise SelectionError(f"--signal {resample_signal!r}: not a column of the signal tables"
-                                 f"{_closest(str(resample_signal), list(columns))}")
-        parsed = []
-        scores = columns[resample_signal]
-        chosen = importance_resample(scores, sizes, budget=budget, top_fraction=top_fraction, seed=seed)
-        method = {"method": "dsir-resample", "signal": resample_signal, "seed": seed, "score_threshold": None}
-    else:
-        raise SelectionError(f"selection mode {mode!r}: use one of {SELECTION_MODES}")
+    return budget_unit, size_column
 
-    def write(where: str | Path, picked: np.ndarray, extra: dict) -> dict:
-        where = Path(where)
-        groups: dict[int, str] = {}
-        written = write_selected(table, picked, where / "documents.jsonl.zst", source_field=SOURCE_FIELD,
-                                 group_field=mix_field, groups=groups, engine=engine)
-        mix: dict[str, dict] = {}
-        for i, group in groups.items():
-            entry = mix.setdefault(group, {"documents": 0, budget_unit: 0})
-            entry["documents"] += 1
-            entry[budget_unit] += int(sizes[i])
-        report = {
-            **extra,
-            "signal_dirs": [str(d) for d in signal_dirs],
-            "budget_unit": budget_unit,
-            "documents_in": int(sizes.size),
-            "documents_out": int(written),
-            f"{budget_unit}_in": int(sizes.sum()),
-            f"{budget_unit}_out": int(sizes[picked].sum()),
-            "malformed_input_lines": _malformed_lines(signal_dirs),
-            "output": "documents.jsonl.zst",
-            "mix": {"field": mix_field, "groups": dict(sorted(mix.items(), key=lambda kv: -kv[1][budget_unit]))},
-            "signals": summarize({"score": scores, **columns}, picked),
-        }
-        storage.write_json(where / "report.json", report)
-        return report
 
-    report = write(out_dir, chosen, {**method, "budget": budget, "top_fraction": top_fraction})
-    random_chosen = None
-    if random_out is not None:
-        random_budget = budget if budget is not None else int(sizes[chosen].sum())
-        random_chosen = select_random(sizes, random_budget, seed)
-        baseline = write(random_out, random_chosen, {"method": "random", "seed": seed, "budget": random_budget})
-        report["random_baseline"] = {"out": str(random_out), "documents_out": baseline["documents_out"],
-                                     f"{budget_unit}_out": baseline[f"{budget_unit}_out"], "mix": baseline["mix"]}
-        storage.write_json(Path(out_dir) / "report.json", report)
-    if plot:
-        shown = ["score"] + [w.signal for w in parsed] if parsed else ["score"]
-        plot_selection({"score": scores, **columns}, shown, chosen, random_chosen,
-                       Path(out_dir) / "signals.png")
-    return report
+def check_resample_signal(resample_signal: str | None, columns: Sequence[str]) -> None:
+    if resample_signal not in columns:
+        raise SelectionError(f"--signal {resample_signal!r}: not a column of the signal tables"
+                             f"{_closest(str(resample_signal), columns)}")
+
+
+def top_method(parsed: Sequence[SignalWeight], threshold: float | None, top_documents: int, budget_unit: str,
+               fill_documents: int, fill_units: int, fill_min: float | None, fill_max: float | None) -> dict:
+    """The report's account of a top selection."""
+    return {"method": "top", "weights": [asdict(w) for w in parsed],
+            # the real cutoff: the greedy fill may add small documents of any lower score after it
+            "score_threshold": threshold, "top_documents": top_documents,
+            "fill": {"documents": fill_documents, budget_unit: fill_units, "score_min": fill_min,
+                     "score_max": fill_max}}
+
+
+def resample_method(resample_signal: str, seed: int) -> dict:
+    return {"method": "dsir-resample", "signal": resample_signal, "seed": seed, "score_threshold": None}
+
+
+def selection_report(extra: dict, signal_dirs: Sequence[str | Path], budget_unit: str, documents_in: int,
+                     documents_out: int, units_in: int, units_out: int, mix_field: str | None,
+                     mix: dict[str, dict], signals: dict) -> dict:
+    """A selection's report.json, whichever way it was computed."""
+    return {
+        **extra,
+        "signal_dirs": [str(d) for d in signal_dirs],
+        "budget_unit": budget_unit,
+        "documents_in": documents_in,
+        "documents_out": documents_out,
+        f"{budget_unit}_in": units_in,
+        f"{budget_unit}_out": units_out,
+        "malformed_input_lines": _malformed_lines(signal_dirs),
+        "output": "documents.jsonl.zst",
+        "mix": {"field": mix_field, "groups": dict(sorted(mix.items(), key=lambda kv: -kv[1][budget_unit]))},
+        "signals": signals,
+    }
+
+
+def add_random_baseline(report: dict, random_out: str | Path, baseline: dict, budget_unit: str) -> None:
+    report["random_baseline"] = {"out": str(random_out), "documents_out": baseline["documents_out"],
+                                 f"{budget_unit}_out": baseline[f"{budget_unit}_out"], "mix": baseline["mix"]}
 
 
 def _malformed_lines(signal_dirs: Sequence[str | Path]) -> dict[str, int]:

@@ -358,7 +358,9 @@ class SignalTable:
         return int(self.line.size)
 
 
-def _load_dir(d: Path, engine: Engine) -> dict[str, list]:
+def table_entries(d: Path) -> list[tuple[str, str]]:
+    """(input file, its table) of each table of the last `compute_tables` run in `d`; raises when the run never
+    finished there or an input shard is gone or changed size since (lines would no longer match)."""
     report_path = d / "signals_report.json"
     if not report_path.is_file():
         raise SelectionError(f"{d}: no signals_report.json; run (or finish) `mixlm select signals` there")
@@ -370,10 +372,15 @@ def _load_dir(d: Path, engine: Engine) -> dict[str, list]:
         if source.stat().st_size != entry["input_bytes"]:
             raise SelectionError(f"{source} changed since its signals in {d} were computed; "
                                  "rerun `mixlm select signals` on it")
-    tables = engine.map(read_columns, [str(d / entry["table"]) for entry in entries], desc=f"read {d.name}")
+    return [(str(Path(entry["input"])), str(d / entry["table"])) for entry in entries]
+
+
+def _load_dir(d: Path, engine: Engine) -> dict[str, list]:
+    entries = table_entries(d)
+    tables = engine.map(read_columns, [table for _, table in entries], desc=f"read {d.name}")
     parts: dict[str, list] = {}
-    for entry, cols in zip(entries, tables):
-        parts.setdefault(str(Path(entry["input"])), []).append(cols)
+    for (source, _), cols in zip(entries, tables):
+        parts.setdefault(source, []).append(cols)
     return parts
 
 
