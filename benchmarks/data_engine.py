@@ -4,7 +4,7 @@ once), on the same multi-file corpus. Every run writes a fresh output folder (no
 rates, so the load of other jobs on the host lowers them (the load average is recorded). The Ray cluster's start
 is timed once, apart. Also checks that every engine wrote the same bytes.
 
-    python benchmarks/data_engine.py [--files 8] [--docs-per-file 500] [--out benchmarks/results/data_engine.md]
+    python benchmarks/data_engine.py [--files 8] [--docs-per-file 500] [--rounds 3] [--out benchmarks/results/data_engine.md]
 
 The corpus is synthetic pseudo-word prose (benchmarks/selection_throughput.py), tokenized with the gpt-neox
 tokenizer (../shared/data/tokenizers/gpt-neox) when it is there, else with a 8k BPE trained here. Never
@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=8, help="input files (4 domains)")
     parser.add_argument("--docs-per-file", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the 4 setups, alternating; each rate is the median over the rounds")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data_engine.md"))
     parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "tokenizers" / "gpt-neox"),
                         help="tokenizer folder for prepare (default: the shared gpt-neox one; missing: a BPE trained here)")
@@ -108,19 +111,23 @@ def main(argv: list[str] | None = None) -> int:
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
                                                                                       os.environ.get("PYTHONPATH")]))}})
         ray_start = time.perf_counter() - t0
-        rates: dict[tuple[str, str, int], float] = {}
+        runs: dict[tuple[str, str, int], list[float]] = {}
         digests: dict[str, set] = {}
         for name, fn in stages:
-            for kind, workers in SETUPS:
-                out = tmp / "out" / f"{name[:8]}-{kind}-{workers}"
-                with make_engine(kind, workers=workers, progress=False) as engine:
-                    fn(engine, tmp / "warm" / f"{kind}-{workers}")  # warm-up: worker start, imports, model loads
-                    shutil.rmtree(tmp / "warm", ignore_errors=True)
-                    start = time.perf_counter()
-                    n = fn(engine, out)
-                    rates[(name, kind, workers)] = n / (time.perf_counter() - start)
-                digests.setdefault(name, set()).add(_digest(out))
-                print(f"{name}: {kind} x{workers}: {rates[(name, kind, workers)]:,.0f} docs/s", flush=True)
+            for round_ in range(args.rounds):  # the setups alternate, so a change in the host's load hits all
+                for kind, workers in SETUPS:
+                    out = tmp / "out" / f"{name[:8]}-{kind}-{workers}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    with make_engine(kind, workers=workers, progress=False) as engine:
+                        fn(engine, tmp / "warm" / f"{kind}-{workers}")  # warm-up: worker start, imports, models
+                        shutil.rmtree(tmp / "warm", ignore_errors=True)
+                        start = time.perf_counter()
+                        n = fn(engine, out)
+                        runs.setdefault((name, kind, workers), []).append(n / (time.perf_counter() - start))
+                    digests.setdefault(name, set()).add(_digest(out))
+                    print(f"{name}: round {round_ + 1}: {kind} x{workers}: {runs[(name, kind, workers)][-1]:,.0f} "
+                          "docs/s", flush=True)
+        rates = {key: float(statistics.median(values)) for key, values in runs.items()}
         ray.shutdown()
         load_end = os.getloadavg()
     finally:
@@ -136,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/data_engine.py {' '.join(sys.argv[1:] if argv is None else argv)}`.",
         (f"Corpus: {args.files} jsonl files in 4 domains, {args.files * args.docs_per_file:,} synthetic prose "
         f"documents (~919 gpt-neox tokens each); prepare with the {tok_note}. Each rate is documents / wall "
-        "second of one run on a fresh output folder, after a warm-up run with the same engine (worker start, "
-        "imports and model loads excluded). Ray: a local cluster of 2 CPUs (ray.init took "
+        f"second of one run on a fresh output folder, after a warm-up run with the same engine (worker start, "
+        f"imports and model loads excluded), the median of {args.rounds} rounds over the 4 setups in turn. Ray: a local cluster of 2 CPUs (ray.init took "
         f"{ray_start:.1f} s), `workers` = tasks in flight."),
         "",
         ("| stage | local x1 | local x2 | ray x1 | ray x2 | Ray time / local time, x1 | Ray time / local time, x2 "
