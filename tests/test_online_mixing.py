@@ -18,9 +18,11 @@ from mixlm.data import make_train_source
 from mixlm.data.mixture import parse_mixture
 from mixlm.data.prepare import PrepareOptions, prepare_domains
 from mixlm.data.tokenizer import train_tokenizer_from_texts
+from mixlm.errors import ConfigError
 from mixlm.hooks import Hook, default_hooks
 from mixlm.members import member_mesh
-from mixlm.mixing.online import Decision, OnlineMixingHook, OnlineStrategy
+from mixlm.mixing.online import Decision, OnlineMixingHook, OnlineStrategy, strategy_from_config
+from mixlm.mixing.online.hook import check_swarm_strategies
 from mixlm.train import train
 
 VOCAB = 300
@@ -267,3 +269,39 @@ def test_a_swarm_runs_each_members_own_strategy_as_its_separate_run_and_resumes_
     # the step size matters (far beyond the swarm-vs-single tolerance above), and DoReMi starves the noise
     assert max(abs(averages[0][d] - averages[1][d]) for d in UNIFORM) > 0.02, averages
     assert averages[0]["noise"] < 0.1 and averages[1]["noise"] < 0.1 and averages[2] != averages[0], averages
+
+
+def test_a_swarm_naming_two_reference_models_is_refused_before_any_step(prepared, reference, tmp_path):
+    """Members of one swarm are scored by one reference model (one forward of the reference per step): two DoReMi
+    members naming different references are refused in one line, before any step is trained or saved."""
+    other = tmp_path / "other-reference"
+    cfgs = [run_cfg(prepared, tmp_path / f"m{k}", "mixing.kind=doremi",
+                    f"mixing.options={json.dumps({'reference': ref})}", "checkpoint.every=1", steps=2)
+            for k, ref in enumerate([reference, str(other)])]
+    with pytest.raises(ConfigError, match=r"^swarm members name 2 reference models .*share one "
+                                          r"mixing\.options\.reference") as refused:
+        train(cfgs, tmp_path / "swarm", mesh=member_mesh(2, cfgs[0], devices=jax.devices()[:2]), log_fn=quiet)
+    assert "\n" not in str(refused.value)
+    for k in range(2):  # nothing trained, nothing saved
+        member = tmp_path / f"m{k}"
+        assert not list(member.glob("checkpoints/*"))
+        assert not member.joinpath("metrics.jsonl").exists() or not any("loss" in row for row in metrics(member))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_aioli_in_a_swarm_over_several_processes_is_refused(processes):
+    """Aioli evaluates its probes at member-specific steps, which the processes of one swarm cannot line up: a swarm
+    over 2 processes with an Aioli member is refused in one line (ODM and ADO members are not), while on 1 process,
+    or as a single run over 2 processes, it runs."""
+    def strategies(*kinds):
+        return [strategy_from_config(run_cfg(".", ".", f"mixing.kind={kind}", "mixing.every=20").mixing)
+                for kind in kinds]
+
+    assert check_swarm_strategies(strategies("odm", "ado"), processes) == []
+    assert check_swarm_strategies(strategies("aioli"), processes) == []  # a single run
+    if processes == 1:
+        assert check_swarm_strategies(strategies("aioli", "odm"), processes) == []
+    else:
+        with pytest.raises(ConfigError, match=r"^mixing\.kind=aioli evaluates at member-specific steps, which a "
+                                              r"swarm over 2 processes cannot line up; train it in a swarm on one"):
+            check_swarm_strategies(strategies("odm", "aioli"), processes)

@@ -80,6 +80,23 @@ class MemberMixing:
         return dict(zip(self.domains, (total / steps).tolist()))
 
 
+def check_swarm_strategies(strategies: Sequence, processes: int) -> list[str]:
+    """The members' strategies of one run (one: a single run) on `processes` jax processes: raises ConfigError
+    for what one swarm cannot run together; returns the reference model folders they name (at most one)."""
+    if len(strategies) > 1 and processes > 1:
+        measuring = sorted({s.kind for s in strategies if s.measures_validation})
+        if measuring:
+            raise ConfigError(f"mixing.kind={measuring[0]} evaluates at member-specific steps, which a swarm over "
+                              f"{processes} processes cannot line up; train it in a swarm on one process "
+                              "(--shard I/N gives each host its own swarms) or as single runs")
+    references = sorted({s.reference for s in strategies if s.needs_reference})
+    if len(references) > 1:
+        raise ConfigError(f"swarm members name {len(references)} reference models ({', '.join(references)}): "
+                          "members of one swarm share one mixing.options.reference; train the others in "
+                          "another swarm")
+    return references
+
+
 class OnlineMixingHook(Hook):
     """Runs a strategy per member on its cadence. `strategy`: one value every member runs (each with its own
     state), or one per member of a swarm. `apply` (one or one per member): 'sampling' (the source's weights) or
@@ -150,17 +167,7 @@ class OnlineMixingHook(Hook):
     # ---- the hook contract --------------------------------------------------------------------------------
     def at_start(self, run: Run) -> None:
         everyone = [self.member_strategy(m) for m in range(run.members)]
-        if run.members > 1 and jax.process_count() > 1:
-            measuring = sorted({s.kind for s in everyone if s.measures_validation})
-            if measuring:
-                raise ConfigError(f"mixing.kind={measuring[0]} evaluates at member-specific steps, which a swarm over "
-                                  f"{jax.process_count()} processes cannot line up; train it in a swarm on one "
-                                  "process (--shard I/N gives each host its own swarms) or as single runs")
-        references = sorted({s.reference for s in everyone if s.needs_reference})
-        if len(references) > 1:
-            raise ConfigError(f"swarm members name {len(references)} reference models ({', '.join(references)}): "
-                              "members of one swarm share one mixing.options.reference; train the others in "
-                              "another swarm")
+        references = check_swarm_strategies(everyone, jax.process_count())
         if references and self._reference is None:  # a missing reference fails before any step
             self._reference = load_reference(run, references[0])
         due = []
@@ -355,4 +362,4 @@ def load_reference(run: Run, path: str):
     return params, jax.jit(members_loss, out_shardings=setup.batch_sharding(3))
 
 
-__all__ = ["MemberMixing", "OnlineMixingHook", "load_reference"]
+__all__ = ["MemberMixing", "OnlineMixingHook", "check_swarm_strategies", "load_reference"]
