@@ -220,7 +220,7 @@ def _without_seconds(report: dict) -> dict:
 
 
 def _no_whole_columns(*args, **kwargs):
-    raise AssertionError("pick on Ray loaded whole signal columns on the driver")
+    raise AssertionError("a selection on the workers loaded whole signal columns on the driver")
 
 
 def test_signals_and_pick_on_ray_write_the_bytes_of_local_runs(corpus, ray_engine, tmp_path, monkeypatch):
@@ -347,3 +347,64 @@ def test_the_cli_runs_prepare_and_select_on_the_ray_cluster(corpus, local_prepar
     assert main(["select", "dedup", *corpus["files"], "--method", "minhash", "--threshold", "0.7", "--out", str(tmp_path / "d"),
                  "--engine", "ray"]) == 0
     assert "dedup minhash: kept 130 of 137 documents (7 removed)" in capsys.readouterr().out
+
+
+def _stage_files(out: Path) -> dict[str, bytes]:
+    """A select run's documents and reports (without seconds, nor whether a stage was reused)."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        if p.name == "documents.jsonl.zst":
+            files[str(p.relative_to(out))] = p.read_bytes()
+        elif p.name == "report.json":
+            report = _without_seconds(json.loads(p.read_text()))
+            for row in report.get("stages", []):
+                row.pop("seconds"), row.pop("reused")
+            files[str(p.relative_to(out))] = report
+    return files
+
+
+def test_select_run_on_ray_chooses_on_the_workers_a_task_per_file_with_the_bytes_of_local(corpus, ray_engine,
+                                                                                          tmp_path, monkeypatch):
+    """heuristics -> exact dedup -> classifier keep_top_fraction, the cut inside a group of tied scores: the same
+    bytes on both engines, no whole column on the driver, the later stages a task per input file."""
+    import numpy as np
+
+    from mixlm.selection import pick, signal_tables
+    from mixlm.selection.classifier import load_classifier, train_classifier
+    from mixlm.selection.pipeline import run_pipeline
+
+    # "w1.w2" and "w1 w2" are one feature set to the classifier but differ to exact dedup: tied scores
+    ties = [" ".join(t.split()[:k]) + "." + " ".join(t.split()[k:]) for t in corpus["web"][30:33] for k in (1, 2, 3)]
+    (tmp_path / "ties.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ties))
+    files = [*corpus["files"], str(tmp_path / "ties.jsonl")]
+    model = tmp_path / "clf"
+    train_classifier(corpus["web"][:40], [f"def g{i}(y): return y * {i}" for i in range(40)], model)
+    stages = [{"name": "rules", "kind": "heuristics", "rules": [{"signal": "word_count", "min": 8}]},
+              {"name": "exact", "kind": "exact_dedup"}]
+    run = tmp_path / "run"
+    run_pipeline({"stages": stages}, files, run, engine=LocalEngine(1, progress=False))
+    texts = _kept_texts(run / "02-exact" / "documents.jsonl.zst")  # the classifier stage's input, in order
+    scores = load_classifier(model).score(texts)
+    order = np.lexsort((np.arange(len(texts)), -scores))
+    tied = next(i for i in range(len(order) - 1) if scores[order[i]] == scores[order[i + 1]])
+    fraction = (tied + 1.5) / len(texts)  # keeps the first of a tie and not the second
+    stages.append({"name": "clf", "kind": "classifier", "model": str(model), "keep_top_fraction": fraction})
+    outputs = {}
+    for name, engine in (("local", LocalEngine(1, progress=False)), ("ray", ray_engine)):
+        with monkeypatch.context() as patch:  # the choosing runs on the workers: no whole column here
+            patch.setattr(signal_tables, "load_tables", _no_whole_columns)
+            patch.setattr(pick, "select_top", _no_whole_columns)
+            result = run_pipeline({"stages": stages}, files, run, engine=engine)  # local: stages 1-2 reused
+        assert result["output"] == str(run / "03-clf" / "documents.jsonl.zst")
+        # the stages after the first read the previous one's parts: a task (a score table) per input file
+        assert len(list((run / "02-exact" / "parts").glob("*.jsonl.zst"))) == len(files) == 6
+        assert len(list((run / "03-clf" / "scores").glob("*.signals.parquet"))) == len(files)
+        outputs[name] = _stage_files(run)
+        os.rename(run, tmp_path / name)
+    assert outputs["ray"] == outputs["local"]
+    report = outputs["ray"]["03-clf/report.json"]
+    chosen = pick.select_top(scores, np.array([len(t) for t in texts]), top_fraction=fraction)
+    assert report["documents_out"] == chosen.size == tied + 1
+    assert report["score_threshold"] == float(scores[order[tied]]) == float(scores[order[tied + 1]])
+    assert _kept_texts(tmp_path / "ray" / "03-clf" / "documents.jsonl.zst") == [texts[i] for i in chosen]
+    assert outputs["ray"]["01-rules/report.json"]["malformed"] == corpus["malformed"]["web"]

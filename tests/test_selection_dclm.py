@@ -174,3 +174,37 @@ def test_dclm_config_and_classifier_preset(pool, tmp_path):
     # DCLM's settings, with the four overridden
     assert meta["fasttext_options"] == {"lr": 0.5, "ws": 5, "epoch": 20, "minCount": 1, "wordNgrams": 2,
                                         "dim": 16, "bucket": 20000}
+
+
+def test_a_later_stage_reads_the_previous_stage_a_file_per_input_file_or_an_older_stage_whole(pool, tmp_path):
+    import shutil
+
+    from mixlm.selection.pipeline import run_pipeline
+
+    def run(min_words, **kw):
+        stages = [{"name": "rules", "kind": "heuristics", "rules": [{"signal": "word_count", "min": 5}]},
+                  {"name": "exact", "kind": "exact_dedup"},
+                  {"name": "bloom", "kind": "bloom_dedup", "paragraphs": True, "expected_ngrams": 10_000},
+                  {"name": "short", "kind": "heuristics", "rules": [{"signal": "word_count", "min": min_words}]}]
+        return run_pipeline({"stages": stages}, pool["inputs"], tmp_path / "out", **kw)
+
+    def read(stage):
+        return _read(tmp_path / "out" / stage / "documents.jsonl.zst")
+
+    result = run(90)
+    out = tmp_path / "out"
+    assert result["output"] == str(out / "04-short" / "documents.jsonl.zst")
+    # each stage after the first runs a task per input file of the first: a signal table and a part each
+    stages = ("01-rules", "02-exact", "03-bloom", "04-short")
+    assert [len(list((out / s / "parts").glob("*.jsonl.zst"))) for s in stages] == [2] * 4
+    assert len(list((out / "04-short" / "signals").glob("*.signals.parquet"))) == 2
+    for s in stages:
+        assert [t for p in sorted((out / s / "parts").glob("*")) for t in _read(p)] == read(s)
+    kept = read("04-short")
+    # a stage of an older mixlm has no parts: the next stage reads its documents file, as one task
+    shutil.rmtree(out / "03-bloom" / "parts")
+    rerun = run(90)["stages"]
+    assert [s["reused"] for s in rerun] == [True] * 4 and 0 < len(kept) < rerun[3]["documents_in"]
+    shutil.rmtree(out / "04-short")
+    assert run(90)["documents_out"] == len(kept) and read("04-short") == kept
+    assert len(list((out / "04-short" / "signals").glob("*.signals.parquet"))) == 1

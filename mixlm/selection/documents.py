@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -232,14 +233,16 @@ def write_selected(table: LocatedDocuments, chosen: np.ndarray, out_path: str | 
 def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, level: int = 3, *,
                   source_field: str | None = None, group_field: str | None = None,
                   groups: dict[str, dict[int, str]] | None = None, mix: dict[str, list[int]] | None = None,
-                  engine: Engine | None = None) -> int:
+                  engine: Engine | None = None, keep_parts: str | Path | None = None) -> int:
     """Write the records of each (input file, its wanted lines) in `files`, in that order, into one jsonl.zst;
     returns the number written. Each file is one engine task (default: this process) writing one zstd frame
     in a parts folder beside `out_path` (a rerun keeps finished parts); the frames are then joined in order into
     `out_path`, written whole: one zstd stream of several frames, which every zstd reader reads as one.
     `groups`, when given, gets {file: {line: its group}} (see `write_selected`); `mix`, when given instead, gets
     {group: [documents, size]} in first-seen order, each task counting its own file's (the lines then come as
-    (.npz with `line` and `size`, positions to drop)), so no per-record group reaches this process."""
+    (.npz with `line` and `size`, positions to drop)), so no per-record group reaches this process.
+    `keep_parts`, when given, is a folder that gets each frame as its own file too, `part-<k>.jsonl.zst` (its input
+    file's records), so a next stage can read the output a task per input file."""
     import shutil
 
     import zstandard
@@ -267,5 +270,11 @@ def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, leve
                     entry[1] += size
             elif groups is not None:
                 groups.setdefault(path, {}).update(dict(part_groups))
+    if keep_parts is not None:
+        keep = Path(keep_parts)
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir(parents=True)
+        for k, _, _ in jobs:
+            os.replace(parts / f"part-{k:06d}.zst", keep / f"part-{k:06d}.jsonl.zst")
     shutil.rmtree(parts, ignore_errors=True)
     return written

@@ -3,7 +3,11 @@
 A config is YAML: `text_field` (default text) and `stages`, a list of {name, kind, ...options}. Each stage
 reads the documents the previous one kept (the first reads `--input`) and writes
 `OUT/<NN>-<name>/documents.jsonl.zst` (the kept input lines, verbatim) and `report.json` (documents in and
-out, what dropped them, seconds, and a fingerprint of its settings and inputs). Kinds:
+out, what dropped them, seconds, and a fingerprint of its settings and inputs). The same documents are also kept
+a file per input file of the stage, `<stage>/parts/part-<k>.jsonl.zst` (the zstd frames the documents file
+joins), and the next stage reads those, so every stage runs a task per input file of the first (`stage_inputs`).
+Every stage runs on the engine's workers; the heuristics and classifier stages choose there too
+(`stage_choice`), the driver summing per-file counts. Kinds:
 
 * `heuristics` — rules: a preset name (`heuristics.PRESETS`, e.g. refinedweb) or a list of
   {signal, min, max, times}; the rule signals go to `<stage>/signals/` (a signal folder).
@@ -29,6 +33,7 @@ the previous stage's, so a stage after a rebuilt one is rebuilt too); one that d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,8 +45,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
-
 from mixlm import storage
 from mixlm.engine import Engine, engine_or_local
 from mixlm.selection import SelectionError, load_yaml_file
@@ -49,6 +52,7 @@ from mixlm.selection.dedup import BloomSettings
 
 STAGE_KINDS = ("heuristics", "exact_dedup", "minhash_dedup", "bloom_dedup", "classifier")
 DOCUMENTS = "documents.jsonl.zst"
+PARTS = "parts"  # in a stage folder: its documents a file per input file of the stage, the next stage's inputs
 _STAGE_OPTIONS = {
     "heuristics": {"rules"},
     "exact_dedup": set(),
@@ -107,14 +111,14 @@ def _skipped(bad) -> dict:
 
 
 def _dedup(method: str, settings, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine,
-           strict: bool = False) -> dict:
+           strict: bool = False, parts: Path | None = None) -> dict:
     """One dedup method over all of `inputs` (mixlm.selection.corpus_dedup: duplicates found across files, on
     the engine), the kept documents written to `out`."""
     from mixlm.selection.corpus_dedup import dedup_corpus
     from mixlm.selection.documents import write_records
 
     found = dedup_corpus(inputs, out / ".dedup-work", method, settings, engine, text_field=text_field, strict=strict)
-    written = write_records(found.kept(), out / DOCUMENTS, engine=engine)
+    written = write_records(found.kept(), out / DOCUMENTS, engine=engine, keep_parts=parts)
     shutil.rmtree(out / ".dedup-work", ignore_errors=True)
     return {"documents_in": found.documents_in, "documents_out": written,
             "malformed_lines": sum(found.malformed.values()), "malformed": found.malformed,
@@ -122,28 +126,46 @@ def _dedup(method: str, settings, inputs: Sequence[Path], text_field: str, out: 
 
 
 def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
-                     rewrite_fn: Callable[[Iterator[str]], Iterator[str | None]], strict: bool = False) -> dict:
+                     rewrite_fn: Callable[[Iterator[str]], Iterator[str | None]], strict: bool = False,
+                     parts: Path | None = None) -> dict:
     """Runs `rewrite_fn(texts)`, one new text (or None: drop) per document in order, over the documents of
-    `inputs`, and writes each kept document's JSON object with its text field replaced."""
+    `inputs`, and writes each kept document's JSON object with its text field replaced: one zstd stream, or with
+    `parts` a frame per input file, `parts/part-<k>.jsonl.zst`, joined in order (as `write_records` writes)."""
     import zstandard
 
     from mixlm.selection.documents import BadLines, iter_documents
 
     bad = BadLines()
-    pending: deque[dict] = deque()  # the objects whose texts rewrite_fn has read and not yet answered
+    pending: deque[tuple[int, dict]] = deque()  # (file, object) whose texts rewrite_fn has read, not yet answered
 
     def texts() -> Iterator[str]:
-        for path in inputs:
+        for k, path in enumerate(inputs):
             for _, obj, text in iter_documents(path, text_field, bad, strict):
-                pending.append(obj)
+                pending.append((k, obj))
                 yield text
 
     *parents, leaf = text_field.split(".")
     documents_in = documents_out = 0
     tmp = out / (DOCUMENTS + ".tmp")
-    with open(tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as sink:
+    if parts is not None and inputs:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True)
+        targets = [parts / f"part-{k:06d}.jsonl.zst" for k in range(len(inputs))]
+    else:
+        parts, targets = None, [tmp]
+    with contextlib.ExitStack() as files:
+        sinks: list = []
+
+        def sink(k: int):  # the writer of file k's frame; the frames of the files before it are closed, in order
+            while len(sinks) <= min(k, len(targets) - 1):
+                if sinks:
+                    sinks[-1].close()
+                raw = files.enter_context(open(targets[len(sinks)], "wb"))
+                sinks.append(zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False))
+            return sinks[-1]
+
         for new_text in rewrite_fn(texts()):
-            obj = pending.popleft()
+            k, obj = pending.popleft()
             documents_in += 1
             if new_text is None:
                 continue
@@ -151,38 +173,47 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
             for key in parents:
                 target = target[key]
             target[leaf] = new_text
-            sink.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+            sink(k).write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
             documents_out += 1
+        sink(len(targets) - 1).close()  # every file has its frame, the empty ones too
+    if parts is not None:
+        with open(tmp, "wb") as joined:
+            for target in targets:
+                with open(target, "rb") as part:
+                    shutil.copyfileobj(part, joined, 1 << 20)
     os.replace(tmp, out / DOCUMENTS)
     return {"documents_in": documents_in, "documents_out": documents_out, **_skipped(bad)}
 
 
-def bloom_paragraphs(item: tuple[list[str], str, str, BloomSettings, bool]) -> dict:
+def bloom_paragraphs(item: tuple[list[str], str, str, BloomSettings, bool, str | None]) -> dict:
     """An engine task (one: the filter is sequential): `dedup.bloom_dedup_paragraphs` over the documents of all
-    inputs, in order, written to the out folder; returns the stage's report entries."""
+    inputs, in order, written to the out folder (and its parts folder, when given); returns the stage's report
+    entries."""
     from mixlm.selection import dedup
 
-    inputs, text_field, out, bloom, strict = item
+    inputs, text_field, out, bloom, strict, parts = item
     counts: Counter = Counter()
     report = _rewrite_by_text([Path(p) for p in inputs], text_field, Path(out),
-                              lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts), strict)
+                              lambda texts: dedup.bloom_dedup_paragraphs(texts, bloom, counts), strict,
+                              Path(parts) if parts else None)
     return {**report, **{k: counts[k] for k in ("duplicate_documents", "too_short_documents", "paragraphs_removed")}}
 
 
-def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool
-                ) -> dict:
-    from mixlm.selection.documents import write_selected
-    from mixlm.selection.heuristics import apply_rules, describe, parse_rules
-    from mixlm.selection.signal_tables import TableSettings, compute_tables, load_tables
+def _heuristics(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool,
+                parts: Path | None) -> dict:
+    from mixlm.selection.documents import write_records
+    from mixlm.selection.heuristics import describe, parse_rules
+    from mixlm.selection.signal_tables import TableSettings, compute_tables
+    from mixlm.selection.stage_choice import WORK, choose_by_rules
 
     rules = parse_rules(stage.get("rules", "refinedweb"))
     signals = compute_tables(inputs, out / "signals", TableSettings(text_field=text_field), strict=strict,
                              engine=engine)
-    table = load_tables([out / "signals"], engine=engine)
-    keep, dropped = apply_rules(table.columns, rules)
-    write_selected(table, np.flatnonzero(keep), out / DOCUMENTS, engine=engine)
-    return {"documents_in": len(table), "documents_out": int(keep.sum()), "dropped_by": dropped,
-            "rules": describe(rules), "malformed_lines": signals["malformed_lines"],
+    chosen = choose_by_rules(engine, out / "signals", rules, out / WORK)
+    write_records(chosen.jobs, out / DOCUMENTS, engine=engine, keep_parts=parts)
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    return {"documents_in": chosen.documents_in, "documents_out": chosen.documents_out,
+            "dropped_by": chosen.dropped_by, "rules": describe(rules), "malformed_lines": signals["malformed_lines"],
             "malformed": signals["malformed"], "malformed_examples": signals["malformed_examples"]}
 
 
@@ -191,12 +222,12 @@ def _settings(cls, stage: dict):
     return cls(**{k: v for k, v in stage.items() if k in known})
 
 
-def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool
-                ) -> dict:
+def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool,
+                parts: Path | None) -> dict:
     from mixlm.selection.classifier import classifier_preset, train_classifier
-    from mixlm.selection.documents import BadLines, read_texts, write_selected
-    from mixlm.selection.pick import select_top
-    from mixlm.selection.signal_tables import TableSettings, compute_tables, load_tables
+    from mixlm.selection.documents import BadLines, read_texts, write_records
+    from mixlm.selection.signal_tables import TableSettings, compute_tables
+    from mixlm.selection.stage_choice import WORK, choose_by_score
 
     report: dict = {}
     if stage.get("model"):
@@ -218,44 +249,43 @@ def _classifier(stage: dict, inputs: Sequence[Path], text_field: str, out: Path,
     settings = TableSettings(text_field=text_field, rules=False, classifier=str(model_dir),
                              classifier_signal=stage.get("signal"))
     scored = compute_tables(inputs, out / "scores", settings, strict=strict, engine=engine)
-    table = load_tables([out / "scores"], engine=engine)
-    signal = next(k for k in table.columns if k != "num_chars")
-    scores = table.columns[signal]
-    if stage.get("keep_top_fraction") is not None:
-        chosen = select_top(scores, table.columns["num_chars"], top_fraction=stage["keep_top_fraction"])
-    else:
-        chosen = np.flatnonzero(scores >= stage["min_score"])
-    write_selected(table, chosen, out / DOCUMENTS, engine=engine)
-    threshold = float(scores[chosen].min()) if chosen.size else None
-    return {**report, "documents_in": len(table), "documents_out": int(chosen.size), "signal": signal,
-            "score_threshold": threshold,
+    signal, chosen = choose_by_score(engine, out / "scores", out / WORK, top_fraction=stage.get("keep_top_fraction"),
+                                     min_score=stage.get("min_score"))
+    write_records(chosen.jobs, out / DOCUMENTS, engine=engine, keep_parts=parts)
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    return {**report, "documents_in": chosen.documents_in, "documents_out": chosen.documents_out, "signal": signal,
+            "score_threshold": chosen.threshold,
             "malformed_lines": scored["malformed_lines"] + report.get("training_malformed", {}).get("malformed_lines", 0),
             "malformed": scored["malformed"], "malformed_examples": scored["malformed_examples"]}
 
 
-def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool = False
-               ) -> dict:
+def _run_stage(stage: dict, inputs: Sequence[Path], text_field: str, out: Path, engine: Engine, strict: bool = False,
+               keep_parts: bool = False) -> dict:
+    """One stage over `inputs` into `out`; `keep_parts`: also keep the output a file per input file in
+    `out/parts` (`documents.write_records`), for the next stage."""
     from mixlm.selection import dedup
 
     kind = stage["kind"]
+    parts = out / PARTS if keep_parts else None
     if kind == "heuristics":
-        return _heuristics(stage, inputs, text_field, out, engine, strict)
+        return _heuristics(stage, inputs, text_field, out, engine, strict, parts)
     if kind == "exact_dedup":
-        return _dedup("exact", None, inputs, text_field, out, engine, strict)
+        return _dedup("exact", None, inputs, text_field, out, engine, strict, parts)
     if kind == "minhash_dedup":
         settings = _settings(dedup.MinHashSettings, stage)
         bands, rows = settings.bands_rows()
-        return {**_dedup("minhash", settings, inputs, text_field, out, engine, strict), "bands": bands, "rows": rows}
+        return {**_dedup("minhash", settings, inputs, text_field, out, engine, strict, parts), "bands": bands,
+                "rows": rows}
     if kind == "bloom_dedup":
         bloom = _settings(dedup.BloomSettings, stage)
         bits, hashes = bloom.size()
         if bloom.paragraphs:
-            report = engine.map(bloom_paragraphs, [([str(p) for p in inputs], text_field, str(out), bloom, strict)],
-                                desc="dedup bloom: paragraphs")[0]
+            item = ([str(p) for p in inputs], text_field, str(out), bloom, strict, str(parts) if parts else None)
+            report = engine.map(bloom_paragraphs, [item], desc="dedup bloom: paragraphs")[0]
         else:
-            report = _dedup("bloom", bloom, inputs, text_field, out, engine, strict)
+            report = _dedup("bloom", bloom, inputs, text_field, out, engine, strict, parts)
         return {**report, "bloom_bits": bits, "bloom_hashes": hashes}
-    return _classifier(stage, inputs, text_field, out, engine, strict)
+    return _classifier(stage, inputs, text_field, out, engine, strict, parts)
 
 
 _PARTIAL = ".partial.json"  # in a stage's temp folder: the fingerprint of the work in it (an interrupted run's)
@@ -335,13 +365,14 @@ def _run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | 
     from mixlm.selection.documents import resolve_inputs
 
     paths = resolve_inputs(inputs)
+    documents = paths  # what the fingerprint names: the inputs, then the previous stage's documents file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text_field = config.get("text_field", "text")
     summary, previous = [], ""
     for number, stage in enumerate(config["stages"], start=1):
         final = out / f"{number:02d}-{stage['name']}"
-        fingerprint = _fingerprint(stage, paths, text_field, previous)
+        fingerprint = _fingerprint(stage, documents, text_field, previous)
         digest = _digest(fingerprint)
         report_path = final / "report.json"
         old = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -358,7 +389,7 @@ def _run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | 
                 storage.write_json(tmp / _PARTIAL, fingerprint)
             start = time.time()  # an interrupted stage resumes here with the files (shards) it finished
             report = {"stage": stage["name"], "kind": stage["kind"],
-                      **_run_stage(stage, paths, text_field, tmp, engine, strict),
+                      **_run_stage(stage, paths, text_field, tmp, engine, strict, keep_parts=True),
                       "seconds": round(time.time() - start, 3), "fingerprint": fingerprint, "digest": digest}
             (tmp / _PARTIAL).unlink()
             storage.write_json(tmp / "report.json", report)
@@ -379,11 +410,18 @@ def _run_pipeline(config: Mapping, inputs: Sequence[str | Path], out_dir: str | 
         summary.append(row)
         if progress is not None:
             progress(format_row(row))
-        paths, previous = [final / DOCUMENTS], digest
-    result = {"stages": summary, "output": str(paths[0]),
+        paths, documents, previous = stage_inputs(final), [final / DOCUMENTS], digest
+    result = {"stages": summary, "output": str(documents[0]),
               "documents_in": summary[0]["documents_in"], "documents_out": summary[-1]["documents_out"]}
     storage.write_json(out / "report.json", result)
     return result
+
+
+def stage_inputs(stage_dir: Path) -> list[Path]:
+    """The documents of a finished stage as the next stage reads them: its parts, a file per input file of the
+    stage (so the next stage runs a task per file), or its one documents file when it has none (a stage of an
+    older mixlm, or the paragraph Bloom stage, which writes its documents in one pass)."""
+    return sorted((stage_dir / PARTS).glob("part-*.jsonl.zst")) or [stage_dir / DOCUMENTS]
 
 
 def format_row(row: Mapping) -> str:

@@ -1,6 +1,7 @@
 """`select pick` on an engine's workers (mixlm.engine), exact: the same chosen documents and report bytes as
 `pick_documents.select_documents` over whole columns, while the driver holds only per-file counts, splitters and bounded
-candidate batches, never a per-document column. `select.select_on_workers` runs the whole selection.
+candidate batches, never a per-document column. `select.select_on_workers` runs the whole selection;
+`select run`'s classifier stage keeps its `keep_top_fraction` through `budget.budgeted_top` (mixlm.selection.stage_choice).
 
 Every per-document array lives in per-input-file tasks, in a scratch folder `OUT/.pick-work` (a shared file
 system on a cluster, as the signal tables are), removed at the end (`work_files`: its layout and arrays):
