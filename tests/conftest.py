@@ -21,11 +21,12 @@ os.environ["XLA_FLAGS"] = xla_flags(8)
 # One persistent compilation cache for the whole test run (its worker processes and every subprocess they start
 # inherit it): the many tiny runs compile the same programs again and again. A fresh folder per run, removed at
 # the end, so each run still compiles every distinct program once; JAX_COMPILATION_CACHE_DIR= (empty) turns it off.
+# No size limit: with one, JAX keeps access-time files, and one entry written without (a process that had no limit)
+# made every later write fail here. A read that races a write fails to decompress and JAX compiles instead.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixlm-tests-jax-cache-")
     os.environ["MIXLM_TESTS_OWN_JAX_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))  # a size turns on its file lock: no torn reads
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
