@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shlex
 import signal
 import socket
@@ -117,7 +118,7 @@ def run_processes(
     """Starts one process per command (output prefixed [p<i>], and in LOG_DIR/process_<i>.log) and waits.
     `label`: the prefix's letter ([w<i>] for the workers of a TPU slice, launch/tpu.py).
 
-    Every process is polled every POLL_S seconds; the first one found dead with a non-zero code is named on
+    Each process is waited for by its own thread; the first one to end with a non-zero code is named on
     `out` and the others are stopped (SIGTERM, SIGKILL after `stop_grace_s`). Returns 0 when every process
     exits 0, else that first non-zero code (a process killed by signal N counts as 128+N, as in a shell).
     SIGTERM or SIGINT to the launcher is passed on to every process."""
@@ -142,22 +143,27 @@ def run_processes(
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, forward_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-    failed = 0
+    # A thread per process waits for it and queues (index, code) as it ends, so the launcher names the process
+    # that died first: one dying can make its peers abort within milliseconds, before any poll tells them apart.
+    ended: queue.Queue = queue.Queue()
+    for i, proc in enumerate(procs):
+        threading.Thread(target=lambda i=i, proc=proc: ended.put((i, proc.wait())), daemon=True).start()
+    failed, done = 0, 0
     try:
-        while True:
-            codes = [p.poll() for p in procs]  # poll all of them: any(...) would stop at the first live one
-            dead = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
-            if dead is not None:
-                i, failed = dead
-                alive = any(c is None for c in codes)
+        while done < len(procs):
+            try:
+                i, code = ended.get(timeout=POLL_S)  # a timeout, so SIGTERM/SIGINT handlers run meanwhile
+            except queue.Empty:
+                continue
+            done += 1
+            if code != 0:
+                failed = code
+                alive = done < len(procs)
                 out.write(f"[{label}{i}] exited with {failed}" + ("; stopping the others\n" if alive else "\n"))
                 out.flush()
                 if alive:
                     _stop(procs, stop_grace_s)
                 break
-            if all(c is not None for c in codes):
-                break
-            time.sleep(POLL_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

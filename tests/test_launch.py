@@ -584,6 +584,42 @@ def test_a_killed_process_1_is_noticed_and_the_others_are_stopped(tmp_path, p0_i
     assert [p.name for p in tmp_path.glob("term*")] == ["term0"]  # p0 got SIGTERM (and, ignoring it, a kill)
 
 
+FOLLOWER = """import os, sys, time
+marker = sys.argv[1]
+while not os.path.exists(marker):
+    time.sleep(0.0005)
+pid = open(marker).read()
+while True:  # until the leader is dead (a zombie, or gone)
+    try:
+        if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+    except OSError:
+        break
+    time.sleep(0.0005)
+time.sleep(0.02)
+os.abort()  # as a jax.distributed peer aborts on a broken collective
+"""
+LEADER = """import os, signal, sys, time
+time.sleep(0.2)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_process_that_died_first_is_named_though_a_peer_aborts_20ms_later(tmp_path):
+    """Process 1 is killed; process 0, like a peer whose collective broke, aborts 20 ms after it: both are dead
+    before the next poll could tell them apart, and the launcher must still name process 1 (a poll of every
+    process named the lowest index: process 0's SIGABRT, exit 134, hiding the kill). Four rounds."""
+    for round_ in range(4):
+        marker = tmp_path / f"leader-dead-{round_}"
+        commands = [[sys.executable, "-c", FOLLOWER, str(marker)], [sys.executable, "-c", LEADER, str(marker)]]
+        out = io.StringIO()
+        code = run_processes(commands, out=out, stop_grace_s=1.0)
+        assert (code, out.getvalue()) == (128 + signal.SIGKILL, "[p1] exited with -9; stopping the others\n"), round_
+
+
 def _pids_with(*parts: str) -> list[int]:
     """Processes whose command line holds every one of `parts` as an argument (read from /proc)."""
     pids = []
