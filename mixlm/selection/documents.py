@@ -230,6 +230,17 @@ def write_selected(table: LocatedDocuments, chosen: np.ndarray, out_path: str | 
     return written
 
 
+def join_frames(frames: Sequence[Path], out_path: str | Path) -> None:
+    """Write the zstd `frames` (files), in order, into `out_path` as one file, written whole: one zstd stream of
+    several frames, which every zstd reader reads as one."""
+    import shutil
+
+    with storage.atomic_writer(out_path) as out:
+        for frame in frames:
+            with open(frame, "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 20)
+
+
 def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, level: int = 3, *,
                   source_field: str | None = None, group_field: str | None = None,
                   groups: dict[str, dict[int, str]] | None = None, mix: dict[str, list[int]] | None = None,
@@ -255,21 +266,19 @@ def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, leve
     with engine_or_local(engine, 1, False) as run_on:
         results = run_on.map(functools.partial(write_part, common), jobs, desc="select: write",
                              count=lambda r: r[0])
+    if not jobs:  # an empty file: one empty frame
+        (parts / "part-empty.zst").write_bytes(zstandard.ZstdCompressor(level=level).compress(b""))
+    join_frames([parts / f"part-{k:06d}.zst" for k, _, _ in jobs] or [parts / "part-empty.zst"], out_path)
     written = 0
-    with storage.atomic_writer(out_path) as out:
-        if not jobs:
-            out.write(zstandard.ZstdCompressor(level=level).compress(b""))  # an empty file: one empty frame
-        for (k, path, _), (count, part_groups) in zip(jobs, results):
-            with open(parts / f"part-{k:06d}.zst", "rb") as part:
-                shutil.copyfileobj(part, out, 1 << 20)
-            written += count
-            if mix is not None:
-                for group, documents, size in part_groups:
-                    entry = mix.setdefault(group, [0, 0])
-                    entry[0] += documents
-                    entry[1] += size
-            elif groups is not None:
-                groups.setdefault(path, {}).update(dict(part_groups))
+    for (_, path, _), (count, part_groups) in zip(jobs, results):
+        written += count
+        if mix is not None:
+            for group, documents, size in part_groups:
+                entry = mix.setdefault(group, [0, 0])
+                entry[0] += documents
+                entry[1] += size
+        elif groups is not None:
+            groups.setdefault(path, {}).update(dict(part_groups))
     if keep_parts is not None:
         keep = Path(keep_parts)
         shutil.rmtree(keep, ignore_errors=True)

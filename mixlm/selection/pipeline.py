@@ -133,7 +133,7 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
     `parts` a frame per input file, `parts/part-<k>.jsonl.zst`, joined in order (as `write_records` writes)."""
     import zstandard
 
-    from mixlm.selection.documents import BadLines, iter_documents
+    from mixlm.selection.documents import BadLines, iter_documents, join_frames
 
     bad = BadLines()
     pending: deque[tuple[int, dict]] = deque()  # (file, object) whose texts rewrite_fn has read, not yet answered
@@ -177,11 +177,9 @@ def _rewrite_by_text(inputs: Sequence[Path], text_field: str, out: Path,
             documents_out += 1
         sink(len(targets) - 1).close()  # every file has its frame, the empty ones too
     if parts is not None:
-        with open(tmp, "wb") as joined:
-            for target in targets:
-                with open(target, "rb") as part:
-                    shutil.copyfileobj(part, joined, 1 << 20)
-    os.replace(tmp, out / DOCUMENTS)
+        join_frames(targets, out / DOCUMENTS)
+    else:
+        os.replace(tmp, out / DOCUMENTS)
     return {"documents_in": documents_in, "documents_out": documents_out, **_skipped(bad)}
 
 
