@@ -49,6 +49,7 @@ chromium:
 
 # Test files on TEST_WORKERS processes (pytest-xdist; each file whole on one worker, so module fixtures are built
 # once), the slowest files first (tests/conftest.py orders them). TEST_WORKERS=0 runs them in this process.
+# The processes share one JAX compilation cache, fresh for each run (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
