@@ -245,6 +245,10 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
         dots_*         c * ((H + 2K) Dh + 2 D + 2 F [1 F ungated]): the matmul outputs only; the rest of one
                        layer's `none` activations live while it is recomputed
         full           c * D: the block input; one layer's `none` activations live while it is recomputed
+    On TPU with scan_layers, c * D more per layer: the TPU compiler's memory analysis (the temp figure it refuses
+    a program by) counts the scan's stacked block inputs twice over its own buffer assignment — measured on
+    metarater-3.3b at remat=full, v5p-64: 4 and 8 layers give temp 22.13 and 27.16 GiB, buffer assignment 17.14
+    and 19.67 GiB, a layer's stacked input 0.625 GiB (benchmarks/results/plan_tpu_seed_configs_notes.md).
     Outside the layers: the embedding output and final norm (3 c D + n32 D / 2) and the chunked loss's gradient
     of the hidden states, formed in its forward pass (c D); the logits themselves live one chunk at a time
     (loss_workspace_bytes). The counts are those of jax.ad_checkpoint's saved_residuals on a block of
@@ -276,6 +280,8 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
         layers = m.num_layers * dots_layer + max(full_layer - dots_layer, 0)
     else:
         layers = m.num_layers * full_layer
+    if m.scan_layers and _platform(layout) == "tpu":
+        layers += m.num_layers * c * d
     return layers + 4 * c * d + norms32 / 2
 
 

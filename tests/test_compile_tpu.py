@@ -98,6 +98,24 @@ def test_scanned_and_unrolled_give_the_same_corrected_flops(v5p_8):
     assert unrolled.corrected_seconds == pytest.approx(unrolled.seconds, rel=0.1)
 
 
+def test_the_analytic_plan_grows_per_scanned_layer_as_the_compilers_peak(v5p_8):
+    """The TPU compiler's memory analysis (the temp it refuses a program by) counts a scan's stacked block inputs
+    twice; mixlm.plan counts them so. remat=full, where the stack is most of what a layer adds: 4 more layers add
+    as much to the analytic total as to the compiled peak (without the second copy: ~0.8 of it)."""
+    from mixlm.plan import make_plan
+
+    def peak_and_analytic(layers: int) -> tuple[int, int]:
+        cfg = small("model.remat=full", "model.scan_layers=true", f"model.num_layers={layers}", "data.seq_len=1024",
+                    "model.max_seq_len=1024", "train.global_batch_size=64")
+        step = compile_train_step(cfg, v5p_8, estimate=False)
+        return step.memory.peak, make_plan(cfg, devices=v5p_8, device_kind_name="v5p", compile=False).analytic.total
+
+    (compiled2, analytic2), (compiled6, analytic6) = peak_and_analytic(2), peak_and_analytic(6)
+    stacked = 4 * 2 * D * (64 * 1024 // 8)  # 4 layers' bf16 block inputs, the tokens of one chip
+    assert compiled6 - compiled2 > 3 * stacked  # the stack twice, and the layers' params, grads and moments
+    assert analytic6 - analytic2 == pytest.approx(compiled6 - compiled2, rel=0.1)
+
+
 @pytest.mark.parametrize("variant", [
     ("model.num_kv_heads=1", "model.qk_norm=true"),  # splash with MQA, qk-norm
     ("mesh.tensor=2", "model.num_kv_heads=2"),  # heads, MLP and the vocabulary split over tensor
