@@ -58,6 +58,20 @@ def test_param_optimizer_and_gradient_bytes_match_a_hand_count(tiny):
     assert by_remat["full"] < by_remat["dots_saveable"] < by_remat["none"] == plan.analytic.activations
 
 
+def test_a_tpu_device_kind_counts_the_scanned_stack_twice_on_cpu_devices_too(tiny):
+    """`mixlm plan --device-kind v5p` (fake CPU devices) counts what `--compile-for v5p-...` does: with scanned
+    layers, the TPU compiler's temp holds each layer's block input twice (benchmarks/results/
+    plan_tpu_seed_configs_notes.md), c x D per token per layer more than on a GPU."""
+    cfg = load_config(tiny, ["model.scan_layers=true", "model.remat=full", "model.compute_dtype=bfloat16",
+                             "model.attention=xla"])
+    on = {kind: make_plan(cfg, devices=jax.devices()[:8], device_kind_name=kind, compile=False)
+          for kind in ("h100", "v5p")}
+    assert on["v5p"].analytic.activations - on["h100"].analytic.activations == L * 2 * D * (16 * 64 // 8)
+    unscanned = cfg.replace(model=cfg.model.__class__(**{**cfg.model.__dict__, "scan_layers": False}))
+    assert (make_plan(unscanned, devices=jax.devices()[:8], device_kind_name="v5p", compile=False).analytic
+            == make_plan(unscanned, devices=jax.devices()[:8], device_kind_name="h100", compile=False).analytic)
+
+
 def test_flops_tokens_per_second_and_days(tiny):
     from mixlm.models import flops_per_token
 
