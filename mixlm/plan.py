@@ -232,7 +232,7 @@ def _divides(n: int, k: int) -> int:
 
 
 def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, attention: str,
-                               tpu: bool | None = None) -> float:
+                               tpu: bool = False) -> float:
     """Bytes one token keeps on its device for the backward pass, all layers plus embedding and LM head: the
     residuals JAX's autodiff saves (counted with jax.ad_checkpoint's saved_residuals on a regmix-1b block:
     104.5 KB per token per layer with splash; this formula gives 103.5 KB).
@@ -260,7 +260,7 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     of the hidden states, formed in its forward pass (c D); the logits themselves live one chunk at a time
     (loss_workspace_bytes). The counts are those of jax.ad_checkpoint's saved_residuals on a block of
     regmix-1b (104.5 KB per token per layer; this formula 103.5), dclm-1b (145.8; 144.5) and gpt2-70m (44.1;
-    44.1). `tpu`: whether the target is a TPU (default: whether the layout's devices are)."""
+    44.1). `tpu`: whether the target is a TPU (targets_tpu)."""
     m = cfg.model
     c = _itemsize(m.compute_dtype)
     d, f, h, k, dh = m.d_model, m.mlp_dim, m.num_heads, m.kv_heads, m.dim_per_head
@@ -272,7 +272,6 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     norms32 = n32 * d if c < 4 else n32 * d / 2  # a float32 compute dtype needs no float32 copy of the input
     q, kv = h * dh / tp_heads, k * dh / tp_kv
     # A Pallas kernel's operands keep its [.., L, Dh] layout, and a TPU tiles the minor dimension in 128 lanes
-    tpu = _platform(layout) == "tpu" if tpu is None else tpu
     lanes = -(-dh // 128) * 128 if attention == "splash" and tpu else dh
     q_att, kv_att = q * lanes / dh, kv * lanes / dh
     full_layer = (c * (n_d * d + q_att + 2 * kv_att + 2 * q_att + n_f * f / tp_mlp) + norms32
@@ -293,8 +292,10 @@ def activation_bytes_per_token(cfg: ExperimentConfig, layout, *, remat: str, att
     return layers + 4 * c * d + norms32 / 2
 
 
-def _platform(layout) -> str:
-    return layout.mesh.devices.flat[0].platform
+def targets_tpu(layout, device: DeviceKind) -> bool:
+    """Whether the plan is for a TPU: the device kind names one, or the layout's devices are TPUs (compile-only
+    ones from --compile-for)."""
+    return device.is_tpu or layout.mesh.devices.flat[0].platform == "tpu"
 
 
 def loss_workspace_bytes(cfg: ExperimentConfig, layout, grad_accum_steps: int) -> int:
@@ -321,10 +322,9 @@ def _itemsize(dtype_name: str) -> int:
 
 def analytic_memory(cfg: ExperimentConfig, layout, param_shapes, logical_axes, *, moment_itemsize: int = 4,
                     remat: str | None = None, grad_accum_steps: int | None = None,
-                    tpu: bool | None = None) -> MemoryBreakdown:
+                    tpu: bool = False) -> MemoryBreakdown:
     """Per-device bytes on the accelerator (see the module docstring); `remat` and `grad_accum_steps` default
-    to the config's and can be varied to ask what would fit; `tpu`: whether the target is a TPU (default:
-    whether the layout's devices are)."""
+    to the config's and can be varied to ask what would fit; `tpu`: whether the target is a TPU (targets_tpu)."""
     remat = model_remat(cfg) if remat is None else remat
     k = cfg.train.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
     elements = param_elements_per_device(layout, param_shapes, logical_axes)
@@ -419,7 +419,7 @@ def _fitting_micro_batches(cfg, layout, param_shapes, logical_axes, moment_items
         if (rows // k) % shards:
             continue
         mem = analytic_memory(cfg, layout, param_shapes, logical_axes, moment_itemsize=moment_itemsize,
-                              remat=remat, grad_accum_steps=k, tpu=device.is_tpu or None)
+                              remat=remat, grad_accum_steps=k, tpu=targets_tpu(layout, device))
         if mem.total <= device.usable_bytes:
             return k
     return None
@@ -435,7 +435,7 @@ def fitting_changes(cfg, layout, param_shapes, logical_axes, moment_itemsize, de
         if k is None:
             continue
         mem = analytic_memory(cfg, layout, param_shapes, logical_axes, moment_itemsize=moment_itemsize,
-                              remat=remat, grad_accum_steps=k, tpu=device.is_tpu or None)
+                              remat=remat, grad_accum_steps=k, tpu=targets_tpu(layout, device))
         changes = ([f"model.remat={remat}"] if remat != model_remat(cfg) else []) + (
             [f"train.grad_accum_steps={k}"] if k != cfg.train.grad_accum_steps else [])
         if changes:
@@ -473,7 +473,7 @@ def make_plan(cfg: ExperimentConfig, *, devices: Sequence, device_kind_name: str
     replicated = setup.layout.fallbacks(param_shapes, logical_axes)
     moment_itemsize = adam_moment_itemsize(setup.abstract_state.opt_state)
     analytic = analytic_memory(cfg, setup.layout, param_shapes, logical_axes, moment_itemsize=moment_itemsize,
-                               tpu=device.is_tpu or None)
+                               tpu=targets_tpu(setup.layout, device))
     compiled = compiled_memory(setup, abstract_batch(cfg, setup.layout)) if compile else None
     notes = [
         ("analytic = for the accelerator; compiled = XLA:CPU's buffer assignment of the same train step on "

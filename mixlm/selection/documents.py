@@ -232,10 +232,14 @@ def write_selected(table: LocatedDocuments, chosen: np.ndarray, out_path: str | 
 
 def join_frames(frames: Sequence[Path], out_path: str | Path) -> None:
     """Write the zstd `frames` (files), in order, into `out_path` as one file, written whole: one zstd stream of
-    several frames, which every zstd reader reads as one."""
+    several frames, which every zstd reader reads as one (no frames: one empty frame)."""
     import shutil
 
+    import zstandard
+
     with storage.atomic_writer(out_path) as out:
+        if not frames:
+            out.write(zstandard.ZstdCompressor().compress(b""))
         for frame in frames:
             with open(frame, "rb") as part:
                 shutil.copyfileobj(part, out, 1 << 20)
@@ -256,7 +260,6 @@ def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, leve
     file's records), so a next stage can read the output a task per input file."""
     import shutil
 
-    import zstandard
 
     out_path = Path(out_path)
     parts = out_path.with_name(f".{out_path.name}.parts")
@@ -266,9 +269,7 @@ def write_records(files: Sequence[tuple[str, Lines]], out_path: str | Path, leve
     with engine_or_local(engine, 1, False) as run_on:
         results = run_on.map(functools.partial(write_part, common), jobs, desc="select: write",
                              count=lambda r: r[0])
-    if not jobs:  # an empty file: one empty frame
-        (parts / "part-empty.zst").write_bytes(zstandard.ZstdCompressor(level=level).compress(b""))
-    join_frames([parts / f"part-{k:06d}.zst" for k, _, _ in jobs] or [parts / "part-empty.zst"], out_path)
+    join_frames([parts / f"part-{k:06d}.zst" for k, _, _ in jobs], out_path)
     written = 0
     for (_, path, _), (count, part_groups) in zip(jobs, results):
         written += count
